@@ -1,0 +1,57 @@
+from django.contrib import admin
+
+from .models import Gpu, Host, MemorySample
+
+
+class ReadOnlyAdmin(admin.ModelAdmin):
+    """Telemetry is written by workers only."""
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class GpuInline(admin.TabularInline):
+    model = Gpu
+    fields = ["index", "uuid", "name", "state", "memory_used_mib", "memory_total_mib", "updated_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    show_change_link = True
+
+
+@admin.register(Host)
+class HostAdmin(ReadOnlyAdmin):
+    list_display = ["name", "telemetry_backend", "last_seen", "telemetry_error", "llama_server"]
+    search_fields = ["name"]
+    inlines = [GpuInline]
+
+
+@admin.register(Gpu)
+class GpuAdmin(ReadOnlyAdmin):
+    list_display = [
+        "__str__", "uuid", "state", "memory_used_mib", "memory_total_mib", "utilization_pct", "simulated",
+        "updated_at",
+    ]  # fmt: skip
+    list_filter = ["state", "simulated", "host"]
+    search_fields = ["uuid", "name", "host__name"]
+    list_select_related = ["host"]
+
+
+@admin.register(MemorySample)
+class MemorySampleAdmin(ReadOnlyAdmin):
+    list_display = ["taken_at", "gpu", "instance_id", "used_mib", "total_mib"]
+    list_filter = ["gpu__host"]
+    list_select_related = ["gpu__host"]
+    raw_id_fields = ["gpu"]
+    date_hierarchy = None
+    # The table holds millions of rows: no COUNT(*) on every page.
+    show_full_result_count = False
+    list_per_page = 100
+
+    def get_paginator(self, request, queryset, per_page, orphans=0, allow_empty_first_page=True):
+        from .paginators import EstimatedCountPaginator
+
+        return EstimatedCountPaginator(queryset, per_page, orphans, allow_empty_first_page)

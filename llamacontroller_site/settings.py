@@ -1,0 +1,235 @@
+"""Settings for LlamaController. Every knob comes from the environment (see README, .env.example);
+bad values stop start-up with an error naming the variable."""
+
+import os
+import socket
+from pathlib import Path
+
+import dj_database_url
+from django.core.exceptions import ImproperlyConfigured
+
+from .env import envbool, envchoice, envint, envlist, envrange, envstr
+
+BASE_DIR = Path(__file__).resolve().parent.parent
+
+DEBUG = envbool("DEBUG", False)
+
+# The data folder holds the SQLite database, instance logs, the generated secret key and test models.
+DATA_DIR = Path(envstr("LLAMACONTROLLER_DATA_DIR", str(BASE_DIR / "data"))).resolve()
+
+
+def _secret_key() -> str:
+    key = os.environ.get("SECRET_KEY", "").strip()
+    if key:
+        return key
+    # The local run command generates one and keeps it here; a production run sets SECRET_KEY.
+    key_file = DATA_DIR / "secret_key"
+    if key_file.is_file():
+        return key_file.read_text().strip()
+    raise ImproperlyConfigured(
+        "SECRET_KEY is not set (and no generated key exists in LLAMACONTROLLER_DATA_DIR): "
+        "set SECRET_KEY to a long random string"
+    )
+
+
+SECRET_KEY = _secret_key()
+ALLOWED_HOSTS = envlist("ALLOWED_HOSTS", ["127.0.0.1", "localhost"])
+CSRF_TRUSTED_ORIGINS = envlist("CSRF_TRUSTED_ORIGINS", [])
+
+INSTALLED_APPS = [
+    "django.contrib.admin",
+    "django.contrib.auth",
+    "django.contrib.contenttypes",
+    "django.contrib.sessions",
+    "django.contrib.messages",
+    "whitenoise.runserver_nostatic",
+    "django.contrib.staticfiles",
+    "rest_framework",
+    "drf_spectacular",
+    "drf_spectacular_sidecar",
+    "django_htmx",
+    "llamacontroller_site.accounts",
+    "gpus",
+    "models_app",
+]
+
+MIDDLEWARE = [
+    "django.middleware.security.SecurityMiddleware",
+    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "django.contrib.sessions.middleware.SessionMiddleware",
+    "django.middleware.common.CommonMiddleware",
+    "django.middleware.csrf.CsrfViewMiddleware",
+    "django.contrib.auth.middleware.AuthenticationMiddleware",
+    "django.contrib.messages.middleware.MessageMiddleware",
+    "django.middleware.clickjacking.XFrameOptionsMiddleware",
+    "django_htmx.middleware.HtmxMiddleware",
+]
+
+ROOT_URLCONF = "llamacontroller_site.urls"
+
+TEMPLATES = [
+    {
+        "BACKEND": "django.template.backends.django.DjangoTemplates",
+        "DIRS": [BASE_DIR / "templates"],
+        "APP_DIRS": True,
+        "OPTIONS": {
+            "context_processors": [
+                "django.template.context_processors.request",
+                "django.contrib.auth.context_processors.auth",
+                "django.contrib.messages.context_processors.messages",
+            ],
+        },
+    },
+]
+
+WSGI_APPLICATION = "llamacontroller_site.wsgi.application"
+
+# Database: SQLite in the data folder unless DATABASE_URL names another.
+_database_url = envstr("DATABASE_URL", "")
+if _database_url:
+    try:
+        DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=60, conn_health_checks=True)}
+    except Exception as exc:  # dj_database_url raises several types for a malformed URL
+        raise ImproperlyConfigured(f"DATABASE_URL={_database_url!r} is not a database URL: {exc}") from None
+else:
+    DATABASES = {"default": {"ENGINE": "django.db.backends.sqlite3", "NAME": DATA_DIR / "db.sqlite3"}}
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    # Web, worker and beat write at once: WAL, a busy timeout and immediate transactions.
+    DATABASES["default"]["OPTIONS"] = {
+        "transaction_mode": "IMMEDIATE",
+        "timeout": 20,
+        "init_command": "PRAGMA journal_mode=WAL; PRAGMA synchronous=NORMAL;",
+    }
+
+DEFAULT_AUTO_FIELD = "django.db.models.BigAutoField"
+
+AUTH_PASSWORD_VALIDATORS = [
+    {"NAME": "django.contrib.auth.password_validation.UserAttributeSimilarityValidator"},
+    {"NAME": "django.contrib.auth.password_validation.MinimumLengthValidator"},
+    {"NAME": "django.contrib.auth.password_validation.CommonPasswordValidator"},
+    {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
+]
+
+LANGUAGE_CODE = "en-us"
+TIME_ZONE = envstr("TIME_ZONE", "UTC")
+USE_I18N = True
+USE_TZ = True
+
+STATIC_URL = "static/"
+STATIC_ROOT = BASE_DIR / "staticfiles"
+STATICFILES_DIRS = [BASE_DIR / "llamacontroller_site" / "static"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "whitenoise.storage.CompressedManifestStaticFilesStorage"},
+}
+
+LOGIN_URL = "login"
+LOGIN_REDIRECT_URL = "dashboard"
+LOGOUT_REDIRECT_URL = "login"
+
+LOGGING = {
+    "version": 1,
+    "disable_existing_loggers": False,
+    "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
+    "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
+    "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+}
+
+# --- REST API ---------------------------------------------------------------------------------------
+REST_FRAMEWORK = {
+    "DEFAULT_AUTHENTICATION_CLASSES": [
+        "llamacontroller_site.accounts.authentication.BearerTokenAuthentication",
+        "rest_framework.authentication.SessionAuthentication",
+    ],
+    "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
+    "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
+    "DEFAULT_PAGINATION_CLASS": "rest_framework.pagination.LimitOffsetPagination",
+    "PAGE_SIZE": 100,
+}
+SPECTACULAR_SETTINGS = {
+    "TITLE": "LlamaController API",
+    "DESCRIPTION": "Load llama.cpp models onto GPUs and see the memory each one really uses.",
+    "VERSION": "1",
+    "SERVE_INCLUDE_SCHEMA": False,
+    "SWAGGER_UI_DIST": "SIDECAR",
+    "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
+    "REDOC_DIST": "SIDECAR",
+}
+
+# --- Redis and Celery -------------------------------------------------------------------------------
+# REDIS_URL unset: the run command starts an embedded server and records its URL in the data folder,
+# so management commands in another terminal reach the same broker.
+EMBEDDED_REDIS_URL_FILE = DATA_DIR / "embedded-redis.url"
+REDIS_URL = envstr("REDIS_URL", "")
+if not REDIS_URL:
+    REDIS_URL = (
+        EMBEDDED_REDIS_URL_FILE.read_text().strip()
+        if EMBEDDED_REDIS_URL_FILE.is_file()
+        else "redis://127.0.0.1:6379/0"
+    )
+if not REDIS_URL.startswith(("redis://", "rediss://", "unix://")):
+    raise ImproperlyConfigured(f"REDIS_URL={REDIS_URL!r} is not a redis:// URL")
+
+HOST_NAME = envstr("LLAMACONTROLLER_HOST_NAME", socket.gethostname().split(".")[0])
+HOST_QUEUE = f"host.{HOST_NAME}"
+
+GPU_REFRESH_SECONDS = envint("LLAMACONTROLLER_GPU_REFRESH_SECONDS", 15, minimum=1)
+RECONCILE_SECONDS = envint("LLAMACONTROLLER_RECONCILE_SECONDS", 10, minimum=1)
+SAMPLE_RETENTION_DAYS = envint("LLAMACONTROLLER_SAMPLE_RETENTION_DAYS", 30, minimum=1)
+LOAD_TIMEOUT = envint("LLAMACONTROLLER_LOAD_TIMEOUT", 120, minimum=1)
+STOP_TIMEOUT = envint("LLAMACONTROLLER_STOP_TIMEOUT", 10, minimum=1)
+
+CELERY_BROKER_URL = REDIS_URL
+CELERY_RESULT_BACKEND = REDIS_URL
+CELERY_RESULT_EXPIRES = 3600
+CELERY_TASK_SERIALIZER = "json"
+CELERY_RESULT_SERIALIZER = "json"
+CELERY_ACCEPT_CONTENT = ["json"]
+CELERY_TASK_DEFAULT_QUEUE = "default"
+CELERY_TASK_TIME_LIMIT = LOAD_TIMEOUT + STOP_TIMEOUT + 120
+CELERY_TASK_SOFT_TIME_LIMIT = LOAD_TIMEOUT + STOP_TIMEOUT + 60
+CELERY_WORKER_PREFETCH_MULTIPLIER = 1
+CELERY_BROKER_CONNECTION_RETRY_ON_STARTUP = True
+CELERY_BROKER_CONNECTION_TIMEOUT = 3
+CELERY_BROKER_TRANSPORT_OPTIONS = {"socket_connect_timeout": 3, "socket_timeout": 5}
+CELERY_WORKER_HIJACK_ROOT_LOGGER = False
+# Beat as data: each entry expires before the next one is due, so a stalled worker does not pile work up.
+# The dispatchers fan out to the queue of every host (host.<name>).
+CELERY_BEAT_SCHEDULE = {
+    "refresh-gpus": {
+        "task": "gpus.tasks.dispatch_refresh",
+        "schedule": GPU_REFRESH_SECONDS,
+        "options": {"expires": GPU_REFRESH_SECONDS * 0.8},
+    },
+    "reconcile-instances": {
+        "task": "models_app.tasks.dispatch_reconcile",
+        "schedule": RECONCILE_SECONDS,
+        "options": {"expires": RECONCILE_SECONDS * 0.8},
+    },
+    "prune-samples": {
+        "task": "gpus.tasks.prune_samples",
+        "schedule": 24 * 3600,
+        "options": {"expires": 3600},
+    },
+}
+
+# --- The controller's own knobs --------------------------------------------------------------------
+GPU_BACKEND = envchoice("LLAMACONTROLLER_GPU_BACKEND", "auto", ["auto", "nvml", "nvidia-smi", "fake"])
+FAKE_GPUS_FILE = envstr("LLAMACONTROLLER_FAKE_GPUS", "")
+if GPU_BACKEND == "fake" and not FAKE_GPUS_FILE:
+    raise ImproperlyConfigured(
+        "LLAMACONTROLLER_GPU_BACKEND=fake needs LLAMACONTROLLER_FAKE_GPUS (a JSON file describing the GPUs)"
+    )
+GPU_QUERY_TIMEOUT = envint("LLAMACONTROLLER_GPU_QUERY_TIMEOUT", 5, minimum=1)
+GPU_BUSY_MIB = envint("LLAMACONTROLLER_GPU_BUSY_MIB", 30, minimum=0)
+MODEL_DIRS = [
+    Path(p).resolve() for p in envlist("LLAMACONTROLLER_MODEL_DIRS", [str(DATA_DIR / "models")], separator=":")
+]
+LLAMA_SERVER = envstr("LLAMACONTROLLER_LLAMA_SERVER", "")
+LLAMA_SERVER_HOST = envstr("LLAMACONTROLLER_LLAMA_SERVER_HOST", "127.0.0.1")
+PORT_RANGE = envrange("LLAMACONTROLLER_PORT_RANGE", (8081, 8180))
+INSTANCE_LOG_DIR = DATA_DIR / "logs"
+INSTANCE_LOG_MAX_BYTES = envint("LLAMACONTROLLER_LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=4096)
+DASHBOARD_REFRESH_SECONDS = envint("LLAMACONTROLLER_DASHBOARD_REFRESH_SECONDS", 300, minimum=1)
+LOGIN_MAX_FAILURES = envint("LLAMACONTROLLER_LOGIN_MAX_FAILURES", 5, minimum=1)
+LOGIN_LOCKOUT_SECONDS = envint("LLAMACONTROLLER_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)

@@ -1,0 +1,74 @@
+from django.contrib import admin
+
+from .models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
+
+
+@admin.register(LlamaBinary)
+class LlamaBinaryAdmin(admin.ModelAdmin):
+    list_display = ["name", "version", "path", "created_at"]
+    search_fields = ["name", "path", "version"]
+
+
+@admin.register(ModelConfig)
+class ModelConfigAdmin(admin.ModelAdmin):
+    list_display = ["id", "name", "path", "binary", "restart_on_crash", "updated_at"]
+    list_filter = ["restart_on_crash", "binary"]
+    search_fields = ["id", "name", "path"]
+    readonly_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at"]
+
+
+class InstanceGpuInline(admin.TabularInline):
+    model = InstanceGpu
+    fields = ["position", "gpu", "active"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+class InstanceEventInline(admin.TabularInline):
+    model = InstanceEvent
+    fields = ["created_at", "kind", "actor_name", "detail"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    ordering = ["-created_at"]
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+
+@admin.register(GpuInstance)
+class GpuInstanceAdmin(admin.ModelAdmin):
+    list_display = [
+        "id", "model", "host", "gpu_ids", "status", "port", "pid", "memory_used_mb", "memory_total_mb",
+        "memory_source", "owner", "requested_at",
+    ]  # fmt: skip
+    list_filter = ["status", "memory_source", "host", "model"]
+    search_fields = ["model__id", "model__name", "owner__username", "gpu_ids"]
+    list_select_related = ["model", "host", "owner"]
+    raw_id_fields = ["owner"]
+    inlines = [InstanceGpuInline, InstanceEventInline]
+    readonly_fields = [f.name for f in GpuInstance._meta.fields]
+
+    def has_add_permission(self, request):
+        # Loading goes through the lifecycle service (validation, queue), not a raw row.
+        return False
+
+
+@admin.register(InstanceEvent)
+class InstanceEventAdmin(admin.ModelAdmin):
+    list_display = ["created_at", "kind", "actor_name", "instance", "detail"]
+    list_filter = ["kind"]
+    search_fields = ["actor_name", "detail"]
+    list_select_related = ["instance__model", "instance__host"]
+    raw_id_fields = ["instance", "actor"]
+    show_full_result_count = False
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False

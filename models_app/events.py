@@ -1,0 +1,15 @@
+from .models import GpuInstance, InstanceEvent
+
+SYSTEM = "system"
+
+
+def record(kind: str, *, instance: GpuInstance | None = None, actor=None, detail: str = "") -> InstanceEvent:
+    """Write one audit/timeline row. `actor` is a user, or None for the system."""
+    user = actor if actor is not None and getattr(actor, "is_authenticated", False) else None
+    return InstanceEvent.objects.create(
+        instance=instance,
+        kind=kind,
+        actor=user,
+        actor_name=user.get_username() if user else SYSTEM,
+        detail=detail,
+    )

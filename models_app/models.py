@@ -1,0 +1,201 @@
+from django.conf import settings
+from django.db import models
+from django.db.models import Q
+from django.utils import timezone
+
+from gpus.models import Gpu, Host
+
+
+class LlamaBinary(models.Model):
+    """A llama.cpp build (llama-server). Several versions can live side by side; a model may pin one."""
+
+    name = models.CharField(max_length=100, unique=True)
+    path = models.CharField(max_length=500, unique=True)
+    version = models.CharField(max_length=100, blank=True)
+    created_at = models.DateTimeField(auto_now_add=True)
+
+    class Meta:
+        ordering = ["name"]
+
+    def __str__(self) -> str:
+        return f"{self.name} ({self.version or 'unknown version'})"
+
+
+class ModelConfig(models.Model):
+    """The model registry: a GGUF file inside the allowed model folders, the llama-server flags to serve it
+    with, and facts read from its GGUF header."""
+
+    id = models.SlugField(max_length=100, primary_key=True)
+    name = models.CharField(max_length=200)
+    path = models.CharField(max_length=1000, help_text="GGUF file inside LLAMACONTROLLER_MODEL_DIRS.")
+    binary = models.ForeignKey(
+        LlamaBinary, null=True, blank=True, on_delete=models.PROTECT, help_text="Empty: the host's default."
+    )
+    # llama-server flags as data: {"c": 4096, "ngl": 99, "no-mmap": null, "lora": ["a.gguf", "b.gguf"]}
+    cli_params = models.JSONField(default=dict, blank=True)
+    metadata = models.JSONField(default=dict, blank=True, help_text="Free-form, from the registry file.")
+    gguf_metadata = models.JSONField(default=dict, blank=True, help_text="Read from the GGUF header.")
+    file_size_bytes = models.BigIntegerField(null=True, blank=True)
+    restart_on_crash = models.BooleanField(default=False)
+    max_restarts = models.PositiveSmallIntegerField(default=3)
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["name"]
+        verbose_name = "model"
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class GpuInstance(models.Model):
+    """One llama-server process serving one model on one or more GPUs of one host, with the memory it
+    was last measured to use."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        STARTING = "starting", "Starting"
+        RUNNING = "running", "Running"
+        STOPPING = "stopping", "Stopping"
+        STOPPED = "stopped", "Stopped"
+        CRASHED = "crashed", "Crashed"
+        FAILED = "failed", "Failed"
+
+    class MemorySource(models.TextChoices):
+        PROCESS = "process", "Measured per process"
+        DEVICE = "device", "Whole-GPU figure"
+        NONE = "none", "Unknown"
+
+    ACTIVE_STATUSES = (Status.PENDING, Status.STARTING, Status.RUNNING, Status.STOPPING)
+
+    model = models.ForeignKey(ModelConfig, on_delete=models.PROTECT, related_name="instances")
+    host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="instances")
+    gpus = models.ManyToManyField(Gpu, through="InstanceGpu", related_name="instances")
+    gpu_ids = models.CharField(max_length=100, help_text='The seed\'s gpu_id: "0" or "0,1".')
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    owner = models.ForeignKey(
+        settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="instances"
+    )
+    port = models.PositiveIntegerField(null=True, blank=True)
+    pid = models.PositiveIntegerField(null=True, blank=True)
+    process_create_time = models.FloatField(null=True, blank=True, help_text="psutil create_time of pid.")
+    argv = models.JSONField(default=list, blank=True)
+    log_path = models.CharField(max_length=1000, blank=True)
+    requested_at = models.DateTimeField(default=timezone.now)
+    loaded_at = models.DateTimeField(null=True, blank=True)
+    stopped_at = models.DateTimeField(null=True, blank=True)
+    exit_code = models.IntegerField(null=True, blank=True)
+    error = models.TextField(blank=True)
+    restart_count = models.PositiveSmallIntegerField(default=0)
+    # The seed's memory snapshot (MiB), plus where the figure came from and when it was taken.
+    memory_used_mb = models.PositiveIntegerField(null=True, blank=True)
+    memory_total_mb = models.PositiveIntegerField(null=True, blank=True)
+    memory_source = models.CharField(max_length=10, choices=MemorySource.choices, default=MemorySource.NONE)
+    memory_updated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-requested_at"]
+        constraints = [
+            # Two live instances on one host never share a port.
+            models.UniqueConstraint(
+                fields=["host", "port"],
+                condition=Q(status__in=["pending", "starting", "running", "stopping"]) & Q(port__isnull=False),
+                name="instance_unique_active_port",
+            ),
+        ]
+        indexes = [
+            # Dashboard, reconcile and refresh: the active instances (of a host).
+            models.Index(fields=["host", "status"], name="instance_host_status_idx"),
+            # Instance list, newest first.
+            models.Index(fields=["requested_at"], name="instance_requested_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"#{self.pk} {self.model_id} on {self.host_id and self.host.name}:{self.gpu_ids} ({self.status})"
+
+    @property
+    def is_active(self) -> bool:
+        return self.status in self.ACTIVE_STATUSES
+
+    @property
+    def memory_percent(self) -> float | None:
+        if self.memory_source == self.MemorySource.NONE or self.memory_used_mb is None:
+            return None
+        if not self.memory_total_mb:
+            return None
+        return round(self.memory_used_mb * 100 / self.memory_total_mb, 1)
+
+    @property
+    def uptime_seconds(self) -> int | None:
+        if self.status != self.Status.RUNNING or not self.loaded_at:
+            return None
+        return int((timezone.now() - self.loaded_at).total_seconds())
+
+
+class InstanceGpu(models.Model):
+    """An instance's claim on one GPU, in order. `active` mirrors the instance being active, so that the
+    database itself refuses a second active instance on a GPU."""
+
+    instance = models.ForeignKey(GpuInstance, on_delete=models.CASCADE, related_name="gpu_links")
+    gpu = models.ForeignKey(Gpu, on_delete=models.PROTECT, related_name="instance_links")
+    position = models.PositiveSmallIntegerField()
+    active = models.BooleanField(default=True)
+
+    class Meta:
+        ordering = ["instance", "position"]
+        constraints = [
+            models.UniqueConstraint(fields=["gpu"], condition=Q(active=True), name="gpu_one_active_instance"),
+            models.UniqueConstraint(fields=["instance", "gpu"], name="instance_gpu_once"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.instance_id} -> {self.gpu_id} ({'active' if self.active else 'released'})"
+
+
+class InstanceEvent(models.Model):
+    """Audit trail and timeline: who asked for what, when, and what happened. Events that concern no
+    instance (login failures, token changes) have `instance` empty."""
+
+    class Kind(models.TextChoices):
+        REQUESTED = "requested", "Load requested"
+        STARTED = "started", "Process started"
+        HEALTHY = "healthy", "Healthy (running)"
+        MEMORY = "memory", "Memory measured"
+        FAILED = "failed", "Failed"
+        CRASHED = "crashed", "Crashed"
+        RESTARTING = "restarting", "Restarting"
+        UNLOAD_REQUESTED = "unload_requested", "Unload requested"
+        UNLOADED = "unloaded", "Unloaded"
+        SWITCH_REQUESTED = "switch_requested", "Switch requested"
+        ADOPTED = "adopted", "Adopted"
+        KILLED = "killed", "Killed"
+        ORPHAN_KILLED = "orphan_killed", "Orphan process killed"
+        LOGIN_FAILED = "login_failed", "Login failed"
+        LOGIN_LOCKED = "login_locked", "Account locked"
+        TOKEN_CREATED = "token_created", "API token created"
+        TOKEN_REVOKED = "token_revoked", "API token revoked"
+        REGISTRY_CHANGED = "registry_changed", "Model registry changed"
+
+    instance = models.ForeignKey(
+        GpuInstance, null=True, blank=True, on_delete=models.CASCADE, related_name="events"
+    )
+    kind = models.CharField(max_length=20, choices=Kind.choices)
+    actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
+    actor_name = models.CharField(max_length=150, help_text='Username at the time, or "system".')
+    detail = models.TextField(blank=True)
+    created_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["-created_at", "-id"]
+        indexes = [
+            # An instance's timeline.
+            models.Index(fields=["instance", "created_at"], name="event_instance_created_idx"),
+            # The audit list, newest first, filterable by time.
+            models.Index(fields=["created_at"], name="event_created_idx"),
+            # Audit by user.
+            models.Index(fields=["actor", "created_at"], name="event_actor_created_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.created_at:%Y-%m-%d %H:%M:%S} {self.actor_name} {self.kind} #{self.instance_id}"

@@ -1,0 +1,23 @@
+"""Test settings: the real settings module, read with a test environment."""
+
+import os
+import tempfile
+
+_data = tempfile.mkdtemp(prefix="llamacontroller-test-")
+os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
+os.environ.setdefault("LLAMACONTROLLER_DATA_DIR", _data)
+os.environ.setdefault("LLAMACONTROLLER_MODEL_DIRS", os.path.join(_data, "models"))
+os.environ.setdefault("LLAMACONTROLLER_HOST_NAME", "testhost")
+
+from llamacontroller_site.settings import *  # noqa: E402,F403
+from llamacontroller_site.settings import DATABASES  # noqa: E402
+
+PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+STORAGES = {
+    "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
+    "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
+}
+# End-to-end tests run a Celery worker in another process: it must see the same test database,
+# so SQLite's test database is a file, not memory.
+if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
+    DATABASES["default"]["TEST"] = {"NAME": os.path.join(_data, "test-db.sqlite3")}
