@@ -14,7 +14,9 @@ class EstimatedCountPaginator(Paginator):
         query = self.object_list.query
         if connection.vendor == "postgresql" and not query.where:
             with connection.cursor() as cursor:
-                cursor.execute("SELECT reltuples::bigint FROM pg_class WHERE relname = %s", [query.model._meta.db_table])
+                cursor.execute(
+                    "SELECT reltuples::bigint FROM pg_class WHERE relname = %s", [query.model._meta.db_table]
+                )
                 row = cursor.fetchone()
             if row and row[0] > self.CAP:
                 return int(row[0])

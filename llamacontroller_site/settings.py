@@ -88,7 +88,9 @@ WSGI_APPLICATION = "llamacontroller_site.wsgi.application"
 _database_url = envstr("DATABASE_URL", "")
 if _database_url:
     try:
-        DATABASES = {"default": dj_database_url.parse(_database_url, conn_max_age=60, conn_health_checks=True)}
+        DATABASES = {
+            "default": dj_database_url.parse(_database_url, conn_max_age=60, conn_health_checks=True)
+        }
     except Exception as exc:  # dj_database_url raises several types for a malformed URL
         raise ImproperlyConfigured(f"DATABASE_URL={_database_url!r} is not a database URL: {exc}") from None
 else:
@@ -197,7 +199,7 @@ CELERY_WORKER_HIJACK_ROOT_LOGGER = False
 # The dispatchers fan out to the queue of every host (host.<name>).
 CELERY_BEAT_SCHEDULE = {
     "refresh-gpus": {
-        "task": "gpus.tasks.dispatch_refresh",
+        "task": "models_app.tasks.dispatch_refresh",
         "schedule": GPU_REFRESH_SECONDS,
         "options": {"expires": GPU_REFRESH_SECONDS * 0.8},
     },
@@ -223,7 +225,8 @@ if GPU_BACKEND == "fake" and not FAKE_GPUS_FILE:
 GPU_QUERY_TIMEOUT = envint("LLAMACONTROLLER_GPU_QUERY_TIMEOUT", 5, minimum=1)
 GPU_BUSY_MIB = envint("LLAMACONTROLLER_GPU_BUSY_MIB", 30, minimum=0)
 MODEL_DIRS = [
-    Path(p).resolve() for p in envlist("LLAMACONTROLLER_MODEL_DIRS", [str(DATA_DIR / "models")], separator=":")
+    Path(p).resolve()
+    for p in envlist("LLAMACONTROLLER_MODEL_DIRS", [str(DATA_DIR / "models")], separator=":")
 ]
 LLAMA_SERVER = envstr("LLAMACONTROLLER_LLAMA_SERVER", "")
 LLAMA_SERVER_HOST = envstr("LLAMACONTROLLER_LLAMA_SERVER_HOST", "127.0.0.1")

@@ -100,7 +100,8 @@ class GpuInstance(models.Model):
             # Two live instances on one host never share a port.
             models.UniqueConstraint(
                 fields=["host", "port"],
-                condition=Q(status__in=["pending", "starting", "running", "stopping"]) & Q(port__isnull=False),
+                condition=Q(status__in=["pending", "starting", "running", "stopping"])
+                & Q(port__isnull=False),
                 name="instance_unique_active_port",
             ),
         ]
@@ -112,7 +113,9 @@ class GpuInstance(models.Model):
         ]
 
     def __str__(self) -> str:
-        return f"#{self.pk} {self.model_id} on {self.host_id and self.host.name}:{self.gpu_ids} ({self.status})"
+        return (
+            f"#{self.pk} {self.model_id} on {self.host_id and self.host.name}:{self.gpu_ids} ({self.status})"
+        )
 
     @property
     def is_active(self) -> bool:

