@@ -11,9 +11,9 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
 from django.utils import timezone
 
+from .dbutil import update_rows
 from .models import Gpu, Host, MemorySample
 from .telemetry import GpuReading, TelemetryBackend, TelemetryError, get_backend, sample_with_timeout
 
@@ -193,7 +193,7 @@ def refresh_host(host_name: str, claims: list[InstanceClaim], sampled: Sampled |
         logger.warning("GPU query failed on %s: %s", host_name, sampled.error)
         for gpu in gpus:
             gpu.state, gpu.state_reason, gpu.updated_at = Gpu.State.UNAVAILABLE, sampled.error, now
-        Gpu.objects.bulk_update(gpus, ["state", "state_reason", "updated_at"])
+        update_rows(gpus, ["state", "state_reason", "updated_at"])
         return [InstanceMemory(c.instance_id, None, None, "none", None) for c in claims if c.measure]
 
     by_uuid = {r.uuid: r for r in sampled.readings}
@@ -235,9 +235,10 @@ def refresh_host(host_name: str, claims: list[InstanceClaim], sampled: Sampled |
         "index", "name", "simulated", "memory_total_mib", "memory_used_mib", "utilization_pct",
         "processes", "state", "state_reason", "updated_at",
     ]  # fmt: skip
-    with transaction.atomic():
-        Gpu.objects.bulk_update(gpus, fields)
-        MemorySample.objects.bulk_create(samples)
+    # Two statements, each atomic by itself: a transaction around them would add BEGIN/COMMIT round
+    # trips every cycle and protect nothing (a sample without its GPU row update is still true).
+    update_rows(gpus, fields)
+    MemorySample.objects.bulk_create(samples)
     return figures
 
 

@@ -6,7 +6,8 @@ import logging
 import psutil
 
 from gpus import services as gpu_services
-from gpus.telemetry import process_tree_pids
+from gpus.dbutil import update_rows
+from gpus.telemetry import process_trees
 
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu
@@ -42,31 +43,31 @@ def active_claims(host_name: str) -> list[gpu_services.InstanceClaim]:
             instance_id, {"gpus": [], "status": status, "pid": pid, "create_time": create_time}
         )
         entry["gpus"].append(gpu_pk)
-    claims = []
-    for instance_id, entry in by_instance.items():
-        pids = (
-            process_tree_pids(entry["pid"]) if _is_same_process(entry["pid"], entry["create_time"]) else set()
+    live = [e["pid"] for e in by_instance.values() if _is_same_process(e["pid"], e["create_time"])]
+    trees = process_trees(live)
+    return [
+        gpu_services.InstanceClaim(
+            instance_id=instance_id,
+            gpu_pks=tuple(entry["gpus"]),
+            pids=frozenset(trees.get(entry["pid"], ())),
+            measure=entry["status"] in (Status.RUNNING, Status.STOPPING),
         )
-        claims.append(
-            gpu_services.InstanceClaim(
-                instance_id=instance_id,
-                gpu_pks=tuple(entry["gpus"]),
-                pids=frozenset(pids),
-                measure=entry["status"] in (Status.RUNNING, Status.STOPPING),
-            )
-        )
-    return claims
+        for instance_id, entry in by_instance.items()
+    ]
 
 
-def refresh_host_memory(host_name: str) -> list[gpu_services.InstanceMemory]:
+def refresh_host_memory(
+    host_name: str, sampled: gpu_services.Sampled | None = None
+) -> list[gpu_services.InstanceMemory]:
     """One refresh cycle for a host: sample its GPUs once, update GPU rows and samples, and store each
-    running instance's figure. A failed GPU query keeps the last figures and marks them "none" (N/A)."""
+    running instance's figure. A failed GPU query keeps the last figures and marks them "none" (N/A).
+    `sampled`: a GPU sample already taken (the benchmark times the controller's own share)."""
     claims = active_claims(host_name)
-    figures = gpu_services.refresh_host(host_name, claims)
+    figures = gpu_services.refresh_host(host_name, claims, sampled)
     known = [f for f in figures if f.source != GpuInstance.MemorySource.NONE]
     unknown = [f.instance_id for f in figures if f.source == GpuInstance.MemorySource.NONE]
     if known:
-        GpuInstance.objects.bulk_update(
+        update_rows(
             [
                 GpuInstance(
                     pk=f.instance_id,

@@ -10,7 +10,7 @@ from .base import (
     get_backend,
     sample_with_timeout,
 )
-from .procs import process_tree_pids
+from .procs import process_tree_pids, process_trees
 
 __all__ = [
     "GpuProcess",
@@ -20,5 +20,6 @@ __all__ = [
     "TelemetryError",
     "get_backend",
     "process_tree_pids",
+    "process_trees",
     "sample_with_timeout",
 ]

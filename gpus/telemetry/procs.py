@@ -113,3 +113,48 @@ def _cuda_visible_devices_psutil() -> dict[int, list[str]]:
         if tokens:
             found[proc.pid] = tokens
     return found
+
+
+def _parent_map(proc_root: str = "/proc") -> dict[int, list[int]]:
+    """parent pid -> child pids, from one pass over /proc/<pid>/stat."""
+    children: dict[int, list[int]] = {}
+    try:
+        entries = os.listdir(proc_root)
+    except OSError:
+        return children
+    for entry in entries:
+        if not entry.isdigit():
+            continue
+        try:
+            with open(os.path.join(proc_root, entry, "stat"), "rb") as handle:
+                stat = handle.read()
+        except OSError:
+            continue
+        # The command name may contain spaces and parentheses: the fields after its last ")" are plain.
+        fields = stat[stat.rfind(b")") + 2 :].split()
+        if len(fields) > 1:
+            children.setdefault(int(fields[1]), []).append(int(entry))
+    return children
+
+
+def process_trees(pids: list[int], proc_root: str = "/proc") -> dict[int, set[int]]:
+    """Each live pid with all its descendants, from ONE scan of the process table (a refresh asks for
+    many trees at once; psutil's children() rescans every process for each)."""
+    if not pids:
+        return {}
+    if not os.path.isdir(proc_root):
+        return {pid: process_tree_pids(pid) for pid in pids}
+    children = _parent_map(proc_root)
+    trees = {}
+    for root in pids:
+        if not os.path.exists(os.path.join(proc_root, str(root))):
+            trees[root] = set()
+            continue
+        tree, stack = {root}, [root]
+        while stack:
+            for child in children.get(stack.pop(), ()):
+                if child not in tree:
+                    tree.add(child)
+                    stack.append(child)
+        trees[root] = tree
+    return trees

@@ -212,3 +212,24 @@ def test_process_tree_pids(spawn):
     child.kill()
     child.wait()
     assert process_tree_pids(child.pid) == set()
+
+
+def test_process_trees_match_psutil_for_a_real_tree():
+    import subprocess
+    import sys
+
+    from gpus.telemetry import process_tree_pids, process_trees
+
+    code = "import subprocess,sys,time; c=subprocess.Popen(['sleep','30']); print('ok',flush=True); time.sleep(30)"
+    parent = subprocess.Popen([sys.executable, "-c", code], stdout=subprocess.PIPE, text=True)
+    try:
+        assert parent.stdout.readline().strip() == "ok"
+        trees = process_trees([parent.pid, 999_999_999])
+        assert trees[parent.pid] == process_tree_pids(parent.pid)
+        assert len(trees[parent.pid]) == 2
+        assert trees[999_999_999] == set()
+    finally:
+        for pid in process_tree_pids(parent.pid) - {parent.pid}:
+            os.kill(pid, 9)
+        parent.kill()
+        parent.wait()
