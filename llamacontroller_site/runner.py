@@ -140,15 +140,19 @@ class Supervisor:
 
 
 def stop_instances() -> None:
-    """The product stops as a whole: unload this host's models (their processes outlive a worker by
-    design, so that a worker restart does not kill them; a Ctrl-C of the whole product should)."""
+    """The product stops as a whole: unload this host's models. Their processes outlive a worker by design,
+    so that a worker restart does not kill them; a Ctrl-C of the whole product should."""
     from django.conf import settings
 
-    from models_app.lifecycle import stop_host_instances
+    from models_app.lifecycle import unload_instance
+    from models_app.models import GpuInstance
 
-    stopped = stop_host_instances(settings.HOST_NAME, reason="controller shut down")
-    if stopped:
-        say(f"stopped {stopped} model instance(s)")
+    active = GpuInstance.objects.filter(
+        host__name=settings.HOST_NAME, status__in=GpuInstance.ACTIVE_STATUSES
+    ).values_list("id", flat=True)
+    for instance_id in active:
+        unload_instance(instance_id)
+        say(f"unloaded instance {instance_id}")
 
 
 def main() -> int:
