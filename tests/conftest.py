@@ -284,3 +284,13 @@ def _no_leftover_processes():
 
 def which_chromium() -> str | None:
     return shutil.which("chromium") or (Path("/usr/bin/chromium").exists() and "/usr/bin/chromium") or None
+
+
+@pytest.fixture(autouse=True)
+def _fresh_cache():
+    """Cached checks (the dashboard's broker status) must not leak from one test into the next."""
+    from django.core.cache import cache
+
+    cache.clear()
+    yield
+    cache.clear()

@@ -1,1 +1,9 @@
-urlpatterns = []
+from rest_framework.routers import DefaultRouter
+
+from . import views
+
+router = DefaultRouter(trailing_slash=True)
+router.include_root_view = False
+router.register("gpus", views.GpuViewSet, basename="gpu")
+
+urlpatterns = router.urls

@@ -1,5 +1,7 @@
 from django.contrib import admin
 
+from . import roles
+from .forms import LockoutAdminAuthenticationForm
 from .models import ApiToken, LoginFailure
 
 
@@ -26,3 +28,15 @@ class LoginFailureAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+# The admin's own login page honours the lockout too (staff accounts are the ones worth guessing).
+admin.site.login_form = LockoutAdminAuthenticationForm
+
+
+def _admin_site_permission(request) -> bool:
+    # Only the admin role uses the Django admin; a stray is_staff flag on a viewer does not open it.
+    return request.user.is_active and request.user.is_staff and roles.can_administer(request.user)
+
+
+admin.site.has_permission = _admin_site_permission

@@ -5,3 +5,6 @@ class AccountsConfig(AppConfig):
     name = "llamacontroller_site.accounts"
     label = "accounts"
     verbose_name = "Team access"
+
+    def ready(self):
+        from . import schema, signals  # noqa: F401  (login signal receivers, the OpenAPI auth scheme)

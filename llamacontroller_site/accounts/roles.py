@@ -17,7 +17,8 @@ def role_of(user) -> str | None:
     if user.is_superuser:
         role = ADMIN
     else:
-        names = set(user.groups.values_list("name", flat=True))
+        # groups.all() uses a prefetch_related("groups") cache when a list view made one.
+        names = {group.name for group in user.groups.all()}
         role = next((r for r in (ADMIN, OPERATOR, VIEWER) if r in names), None)
     user._llamacontroller_role = role
     return role

@@ -1,0 +1,34 @@
+"""Issuing and revoking API tokens, with the audit events, for the Tokens page and the API alike."""
+
+from django.db import transaction
+from django.utils import timezone
+
+from models_app.events import record
+from models_app.models import InstanceEvent
+
+from .models import ApiToken
+
+
+def issue(*, user, name: str, expires_at=None) -> tuple[ApiToken, str]:
+    """A new token for `user`; returns the row and the raw token, which is never stored."""
+    with transaction.atomic():
+        token, raw = ApiToken.issue(user, name, expires_at=expires_at)
+        expiry = f", expires {expires_at:%Y-%m-%d %H:%M %Z}" if expires_at else ", no expiry"
+        record(InstanceEvent.Kind.TOKEN_CREATED, actor=user, detail=f"token {name!r} ({token.hint}…){expiry}")
+    return token, raw
+
+
+def revoke(*, token: ApiToken, actor) -> bool:
+    """Revoke once; False when it was already revoked (nothing is written then)."""
+    with transaction.atomic():
+        changed = ApiToken.objects.filter(pk=token.pk, revoked_at__isnull=True).update(
+            revoked_at=timezone.now()
+        )
+        if changed:
+            record(
+                InstanceEvent.Kind.TOKEN_REVOKED,
+                actor=actor,
+                detail=f"token {token.name!r} ({token.hint}…) of {token.user.get_username()}",
+            )
+    token.refresh_from_db(fields=["revoked_at"])
+    return bool(changed)

@@ -1,0 +1,53 @@
+from datetime import timedelta
+
+from django.contrib import messages
+from django.contrib.auth import views as auth_views
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.cache import never_cache
+from django.views.decorators.http import require_POST
+
+from . import roles, tokens
+from .decorators import role_required
+from .forms import LockoutAuthenticationForm, TokenCreateForm
+from .models import ApiToken
+
+
+class LoginView(auth_views.LoginView):
+    form_class = LockoutAuthenticationForm
+    template_name = "registration/login.html"
+    redirect_authenticated_user = True
+
+
+@never_cache
+@role_required(roles.can_read)
+def token_list(request):
+    """List the user's own tokens; a POST creates one and shows it this once (never stored, never cached)."""
+    issued = None
+    if request.method == "POST":
+        form = TokenCreateForm(request.POST)
+        if form.is_valid():
+            days = form.cleaned_data["expires_in_days"]
+            expires_at = timezone.now() + timedelta(days=days) if days else None
+            _, issued = tokens.issue(user=request.user, name=form.cleaned_data["name"], expires_at=expires_at)
+            form = TokenCreateForm()
+    else:
+        form = TokenCreateForm()
+    context = {
+        "form": form,
+        "issued": issued,
+        "tokens": ApiToken.objects.filter(user=request.user),
+    }
+    return render(request, "accounts/tokens.html", context, status=400 if form.errors else 200)
+
+
+@require_POST
+@role_required(roles.can_read)
+def token_revoke(request, pk: int):
+    token = get_object_or_404(ApiToken, pk=pk)
+    if token.user_id != request.user.pk and not roles.can_administer(request.user):
+        raise Http404("No such token.")
+    if tokens.revoke(token=token, actor=request.user):
+        messages.success(request, f"Token {token.name!r} revoked.")
+    return redirect("tokens")

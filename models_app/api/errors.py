@@ -1,0 +1,36 @@
+"""The one place where a refused request (services.LoadRefused) becomes an HTTP status and a body, for the
+API and the web views alike."""
+
+from rest_framework import status
+from rest_framework.response import Response
+
+from models_app.services import LoadRefused
+
+STATUS_BY_CODE = {
+    "invalid": status.HTTP_400_BAD_REQUEST,
+    "forbidden": status.HTTP_403_FORBIDDEN,
+    "not_found": status.HTTP_404_NOT_FOUND,
+    "busy": status.HTTP_409_CONFLICT,
+    "unavailable": status.HTTP_503_SERVICE_UNAVAILABLE,
+}
+
+
+def refusal_status(exc: LoadRefused) -> int:
+    return STATUS_BY_CODE.get(exc.code, status.HTTP_400_BAD_REQUEST)
+
+
+def refusal_body(exc: LoadRefused) -> dict:
+    """`{"detail", "code"}`, plus `{<field>: [reason]}` like a DRF validation error when a field is named."""
+    body = {"detail": exc.message, "code": exc.code}
+    if getattr(exc, "field", None):
+        body[exc.field] = [exc.message]
+    return body
+
+
+class RefusalMixin:
+    """For API views: a LoadRefused raised anywhere in the view answers with its mapped status."""
+
+    def handle_exception(self, exc):
+        if isinstance(exc, LoadRefused):
+            return Response(refusal_body(exc), status=refusal_status(exc))
+        return super().handle_exception(exc)

@@ -1,0 +1,101 @@
+from pathlib import Path
+
+from rest_framework import serializers
+
+from models_app.models import GpuInstance, InstanceEvent, ModelConfig
+from models_app.registry import RegistryError, check_cli_params, check_model_path, read_gguf_facts
+
+
+class InstanceSerializer(serializers.ModelSerializer):
+    """The seed's GpuInstanceStatus fields, plus id, memory_percent, the memory figure's source and time,
+    and who owns the instance."""
+
+    gpu_id = serializers.CharField(source="gpu_ids", read_only=True, help_text='"0" or "0,1"')
+    model_id = serializers.CharField(read_only=True)
+    model_name = serializers.CharField(source="model.name", read_only=True)
+    host = serializers.CharField(source="host.name", read_only=True)
+    owner = serializers.SerializerMethodField()
+    uptime_seconds = serializers.IntegerField(read_only=True, allow_null=True)
+    memory_percent = serializers.FloatField(read_only=True, allow_null=True)
+
+    class Meta:
+        model = GpuInstance
+        fields = [
+            "id", "gpu_id", "port", "model_id", "model_name", "status", "loaded_at", "uptime_seconds", "pid",
+            "memory_used_mb", "memory_total_mb", "memory_percent", "memory_source", "memory_updated_at",
+            "owner", "host", "requested_at", "stopped_at", "exit_code", "error",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def get_owner(self, instance) -> str | None:
+        return instance.owner.get_username() if instance.owner else None
+
+
+class LoadSerializer(serializers.Serializer):
+    model_id = serializers.CharField(max_length=100)
+    gpu_id = serializers.CharField(max_length=100, help_text='GPU indexes: "0" or "0,1"')
+    host = serializers.CharField(
+        max_length=100, required=False, help_text="Host name; default: the only host."
+    )
+
+
+class SwitchSerializer(serializers.Serializer):
+    model_id = serializers.CharField(max_length=100)
+
+
+class UnloadGpusSerializer(serializers.Serializer):
+    gpu_id = serializers.CharField(max_length=100)
+    host = serializers.CharField(max_length=100, required=False)
+
+
+class ModelConfigSerializer(serializers.ModelSerializer):
+    """The registry. The path must name a readable GGUF file inside the allowed folders; the header facts
+    and file size are read from it when it is saved."""
+
+    class Meta:
+        model = ModelConfig
+        fields = [
+            "id", "name", "path", "binary", "cli_params", "metadata", "gguf_metadata", "file_size_bytes",
+            "restart_on_crash", "max_restarts", "created_at", "updated_at",
+        ]  # fmt: skip
+        read_only_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at"]
+
+    def get_fields(self):
+        fields = super().get_fields()
+        if self.instance is not None:
+            fields["id"].read_only = True  # the slug is referenced by instances and scripts
+        return fields
+
+    def validate_path(self, value):
+        try:
+            return str(check_model_path(value))
+        except RegistryError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def validate_cli_params(self, value):
+        try:
+            return check_cli_params(value)
+        except RegistryError as exc:
+            raise serializers.ValidationError(str(exc)) from None
+
+    def _with_facts(self, validated_data):
+        if "path" in validated_data:
+            path = Path(validated_data["path"])
+            validated_data["gguf_metadata"] = read_gguf_facts(path)
+            validated_data["file_size_bytes"] = path.stat().st_size
+        return validated_data
+
+    def create(self, validated_data):
+        return super().create(self._with_facts(validated_data))
+
+    def update(self, instance, validated_data):
+        return super().update(instance, self._with_facts(validated_data))
+
+
+class EventSerializer(serializers.ModelSerializer):
+    actor = serializers.CharField(source="actor_name", read_only=True)
+
+    class Meta:
+        model = InstanceEvent
+        fields = ["id", "created_at", "kind", "actor", "actor_id", "instance", "detail"]
+        read_only_fields = fields

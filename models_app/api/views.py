@@ -1,0 +1,200 @@
+from django.db.models import ProtectedError
+from django.utils.dateparse import parse_datetime
+from drf_spectacular.types import OpenApiTypes
+from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
+from rest_framework import mixins, serializers, status, viewsets
+from rest_framework.decorators import action
+from rest_framework.exceptions import PermissionDenied, ValidationError
+from rest_framework.response import Response
+from rest_framework.views import APIView
+
+from llamacontroller_site import health
+from llamacontroller_site.accounts import roles
+from llamacontroller_site.accounts.permissions import IsOperator, IsViewer, ReadViewerWriteAdmin
+from models_app import services
+from models_app.events import record
+from models_app.logtail import read_tail
+from models_app.models import GpuInstance, InstanceEvent, ModelConfig
+
+from .errors import RefusalMixin
+from .serializers import (
+    EventSerializer,
+    InstanceSerializer,
+    LoadSerializer,
+    ModelConfigSerializer,
+    SwitchSerializer,
+)
+
+
+def instance_queryset():
+    """The one base queryset of instances: everything a card or a serializer reads, in one query."""
+    return GpuInstance.objects.select_related("model", "host", "owner")
+
+
+def check_may_manage(user, instance) -> None:
+    if not roles.can_manage_instance(user, instance):
+        raise PermissionDenied("Operators may unload or switch only their own instances; admins any.")
+
+
+class InstanceViewSet(
+    RefusalMixin, mixins.ListModelMixin, mixins.RetrieveModelMixin, viewsets.GenericViewSet
+):
+    """llama-server instances. Create loads a model (202: it starts in the background); unload and switch
+    are actions on an instance. Filters: `?status=running,starting`, `?active=true`, `?host=<name>`."""
+
+    serializer_class = InstanceSerializer
+
+    def get_permissions(self):
+        if self.action in ("create", "unload", "switch"):
+            return [IsOperator()]
+        return [IsViewer()]
+
+    def get_queryset(self):
+        queryset = instance_queryset().order_by("-requested_at", "-id")
+        params = self.request.query_params
+        if params.get("status"):
+            queryset = queryset.filter(status__in=params["status"].split(","))
+        if params.get("active", "").lower() in ("1", "true", "yes"):
+            queryset = queryset.filter(status__in=GpuInstance.ACTIVE_STATUSES)
+        if params.get("host"):
+            queryset = queryset.filter(host__name=params["host"])
+        return queryset
+
+    @extend_schema(request=LoadSerializer, responses={202: InstanceSerializer})
+    def create(self, request):
+        """Load `model_id` on GPUs `gpu_id` ("0" or "0,1"). 400 bad input, 409 busy GPU, 503 broker down."""
+        form = LoadSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        instance = services.request_load(
+            model_id=form.validated_data["model_id"],
+            gpu_spec=form.validated_data["gpu_id"],
+            actor=request.user,
+            host_name=form.validated_data.get("host"),
+        )
+        return Response(self._fresh(instance), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=None, responses={202: InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def unload(self, request, pk=None):
+        instance = self.get_object()
+        check_may_manage(request.user, instance)
+        instance = services.request_unload(instance=instance, actor=request.user)
+        return Response(self._fresh(instance), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(request=SwitchSerializer, responses={202: InstanceSerializer})
+    @action(detail=True, methods=["post"])
+    def switch(self, request, pk=None):
+        """Unload this instance and load `model_id` on the same GPUs; answers the new instance."""
+        instance = self.get_object()
+        check_may_manage(request.user, instance)
+        form = SwitchSerializer(data=request.data)
+        form.is_valid(raise_exception=True)
+        new = services.request_switch(
+            model_id=form.validated_data["model_id"],
+            gpu_spec=instance.gpu_ids,
+            actor=request.user,
+            host_name=instance.host.name,
+        )
+        return Response(self._fresh(new), status=status.HTTP_202_ACCEPTED)
+
+    @extend_schema(
+        parameters=[OpenApiParameter("bytes", int, description="At most this many bytes (default 65536).")],
+        responses=inline_serializer("LogTail", {"id": serializers.IntegerField(), "log": serializers.CharField(),
+                                                "problem": serializers.CharField(allow_null=True)}),
+    )  # fmt: skip
+    @action(detail=True, methods=["get"])
+    def log(self, request, pk=None):
+        """The tail of the instance's llama-server log."""
+        instance = self.get_object()
+        try:
+            max_bytes = min(max(int(request.query_params.get("bytes", 65536)), 1), 1024 * 1024)
+        except ValueError:
+            raise ValidationError({"bytes": ["must be a whole number"]}) from None
+        text, problem = read_tail(instance.log_path, max_bytes)
+        return Response({"id": instance.pk, "log": text, "problem": problem})
+
+    def _fresh(self, instance):
+        return InstanceSerializer(instance_queryset().get(pk=instance.pk)).data
+
+
+class ModelConfigViewSet(viewsets.ModelViewSet):
+    """The model registry: everyone with a role reads it; admins create, change and delete entries."""
+
+    serializer_class = ModelConfigSerializer
+    permission_classes = [ReadViewerWriteAdmin]
+    queryset = ModelConfig.objects.all()
+    lookup_value_regex = "[-a-zA-Z0-9_]+"
+
+    def perform_create(self, serializer):
+        model = serializer.save()
+        record(InstanceEvent.Kind.REGISTRY_CHANGED, actor=self.request.user, detail=f"added {model.pk}")
+
+    def perform_update(self, serializer):
+        model = serializer.save()
+        record(InstanceEvent.Kind.REGISTRY_CHANGED, actor=self.request.user, detail=f"changed {model.pk}")
+
+    def destroy(self, request, *args, **kwargs):
+        model = self.get_object()
+        try:
+            model.delete()
+        except ProtectedError:
+            return Response(
+                {"detail": f"Model {model.pk} has instances (past or present); it cannot be deleted."},
+                status=status.HTTP_409_CONFLICT,
+            )
+        record(InstanceEvent.Kind.REGISTRY_CHANGED, actor=request.user, detail=f"deleted {model.pk}")
+        return Response(status=status.HTTP_204_NO_CONTENT)
+
+
+@extend_schema(
+    parameters=[
+        OpenApiParameter("instance", int),
+        OpenApiParameter("user", str, description="Username of the actor."),
+        OpenApiParameter("kind", str),
+        OpenApiParameter("since", OpenApiTypes.DATETIME),
+        OpenApiParameter("until", OpenApiTypes.DATETIME),
+    ]
+)
+class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
+    """The audit trail, newest first. Admins see every event; other roles see the instance timelines
+    (logins and token changes are admin-only)."""
+
+    serializer_class = EventSerializer
+    permission_classes = [IsViewer]
+
+    def get_queryset(self):
+        queryset = InstanceEvent.objects.all()
+        if not roles.can_administer(self.request.user):
+            queryset = queryset.filter(instance__isnull=False)
+        params = self.request.query_params
+        errors = {}
+        if params.get("instance"):
+            if params["instance"].isdigit():
+                queryset = queryset.filter(instance_id=int(params["instance"]))
+            else:
+                errors["instance"] = ["must be an instance id"]
+        if params.get("user"):
+            queryset = queryset.filter(actor_name=params["user"])
+        if params.get("kind"):
+            queryset = queryset.filter(kind__in=params["kind"].split(","))
+        for name, lookup in (("since", "created_at__gte"), ("until", "created_at__lt")):
+            if params.get(name):
+                moment = parse_datetime(params[name])
+                if moment is None:
+                    errors[name] = ["must be an ISO 8601 date and time, e.g. 2025-01-31T12:00:00Z"]
+                else:
+                    queryset = queryset.filter(**{lookup: moment})
+        if errors:
+            raise ValidationError(errors)
+        return queryset
+
+
+class HealthView(APIView):
+    """Database, broker and worker status; 503 when any of them is down."""
+
+    permission_classes = [IsViewer]
+
+    @extend_schema(responses={200: OpenApiTypes.OBJECT, 503: OpenApiTypes.OBJECT})
+    def get(self, request):
+        # The same checks and body as the public /healthz, behind the API's authentication.
+        return health.healthz(request._request)

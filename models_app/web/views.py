@@ -1,0 +1,280 @@
+"""The dashboard (full page or, for htmx, its partial), the load/unload/switch/kill POSTs, the log page and
+the audit page. Every GET reads only the database; side effects go through models_app.services."""
+
+from datetime import timedelta
+from urllib.parse import urlencode
+
+from django.conf import settings
+from django.contrib import messages
+from django.core.cache import cache
+from django.core.paginator import Paginator
+from django.db import DatabaseError
+from django.db.models import Prefetch
+from django.http import Http404
+from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
+from django.views.decorators.http import require_GET, require_POST
+
+from gpus.models import Gpu
+from llamacontroller_site import health
+from llamacontroller_site.accounts import roles
+from llamacontroller_site.accounts.decorators import role_required
+from models_app import services
+from models_app.api.errors import refusal_status
+from models_app.api.views import instance_queryset
+from models_app.logtail import read_tail
+from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
+
+Status = GpuInstance.Status
+TRANSITIONS = (Status.PENDING, Status.STARTING, Status.STOPPING)
+FAST_REFRESH_SECONDS = 2
+BROKER_CHECK_CACHE_SECONDS = 5
+STOP_EVENT_KINDS = (InstanceEvent.Kind.UNLOAD_REQUESTED, InstanceEvent.Kind.SWITCH_REQUESTED)
+
+
+def _duration(seconds: int | float | None) -> str:
+    if seconds is None:
+        return ""
+    seconds = max(0, int(seconds))
+    days, rest = divmod(seconds, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days} d {hours} h"
+    if hours:
+        return f"{hours} h {minutes:02d} min"
+    if minutes:
+        return f"{minutes} min {secs:02d} s"
+    return f"{secs} s"
+
+
+def _broker_status() -> dict:
+    # Full page loads only, and cached: a dead broker must not cost a timeout on every page view.
+    return cache.get_or_set("dashboard:broker-check", health.check_broker, BROKER_CHECK_CACHE_SECONDS)
+
+
+def _decorate_instance(instance: GpuInstance, user, now) -> None:
+    """Display values for one instance card (computed here, so the template stays plain)."""
+    instance.gpu_count = len(instance.gpu_links.all())
+    instance.can_manage = roles.can_manage_instance(user, instance)
+    instance.in_transition = instance.status in TRANSITIONS
+    instance.uptime_display = _duration(instance.uptime_seconds)
+    instance.elapsed_display = instance.progress = None
+    if not instance.in_transition:
+        return
+    if instance.status == Status.STOPPING:
+        since = instance.stop_events[0].created_at if instance.stop_events else None
+        budget = settings.STOP_TIMEOUT
+    else:
+        since, budget = instance.requested_at, settings.LOAD_TIMEOUT
+    if since is not None:
+        elapsed = (now - since).total_seconds()
+        instance.elapsed_display = _duration(elapsed)
+        # Never 100% before the worker says so: the bar shows time spent against the timeout.
+        instance.progress = min(95, int(elapsed * 100 / budget))
+
+
+def dashboard_context(user) -> dict:
+    """Everything the cards show, in a fixed number of queries whatever the number of GPUs/instances."""
+    now = timezone.now()
+    gpus = list(Gpu.objects.select_related("host"))
+    instances = list(
+        instance_queryset()
+        .filter(status__in=GpuInstance.ACTIVE_STATUSES)
+        .order_by("host__name", "requested_at")
+        .prefetch_related(
+            Prefetch("gpu_links", queryset=InstanceGpu.objects.select_related("gpu")),
+            Prefetch(
+                "events",
+                queryset=InstanceEvent.objects.filter(kind__in=STOP_EVENT_KINDS).order_by("-created_at"),
+                to_attr="stop_events",
+            ),
+        )
+    )
+    # Instances that ended badly in the last hour stay visible, with their error, until someone looks.
+    failures = list(
+        instance_queryset()
+        .filter(status__in=[Status.CRASHED, Status.FAILED], stopped_at__gte=now - timedelta(hours=1))
+        .order_by("-stopped_at")[:5]
+    )
+    holder = {}
+    for instance in instances:
+        _decorate_instance(instance, user, now)
+        for link in instance.gpu_links.all():
+            holder[link.gpu_id] = instance
+    for gpu in gpus:
+        gpu.holder = holder.get(gpu.pk)
+        gpu.other_processes = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
+        gpu.selectable = gpu.holder is None and gpu.state == Gpu.State.IDLE
+    transitioning = any(i.in_transition for i in instances)
+    return {
+        "gpus": gpus,
+        "instances": instances,
+        "failures": failures,
+        "models": list(ModelConfig.objects.only("id", "name")) if roles.can_load(user) else [],
+        "multi_host": len({g.host_id for g in gpus}) > 1,
+        "can_load": roles.can_load(user),
+        "is_admin": roles.can_administer(user),
+        "refresh_seconds": FAST_REFRESH_SECONDS if transitioning else settings.DASHBOARD_REFRESH_SECONDS,
+        "now": now,
+    }
+
+
+def _render_partial(request, flash=None, status=200):
+    try:
+        context = dashboard_context(request.user)
+    except DatabaseError as exc:
+        context, status = {"db_error": str(exc), "refresh_seconds": 5}, 503
+    context["flash"] = flash
+    return render(request, "partials/dashboard_content.html", context, status=status)
+
+
+@role_required(roles.can_read)
+def _dashboard(request):
+    if request.htmx and not request.htmx.boosted:
+        return _render_partial(request)
+    broker = _broker_status()
+    context = {"broker": broker}
+    try:
+        context.update(dashboard_context(request.user))
+        status = 200
+    except DatabaseError as exc:
+        context.update(db_error=str(exc), refresh_seconds=5)
+        status = 503
+    return render(request, "dashboard.html", context, status=status)
+
+
+@require_GET
+def dashboard(request):
+    """The page, or for htmx refreshes the cards only. With the database down even the session cannot
+    be read: answer a plain page that says so instead of a server error."""
+    try:
+        return _dashboard(request)
+    except DatabaseError as exc:
+        return render(request, "database_down.html", {"error": str(exc)}, status=503)
+
+
+def _after_action(request, text: str, status: int = 200):
+    """htmx: the refreshed cards with the message on top. Plain form posts: back to the dashboard."""
+    level = "success" if status < 400 else "error"
+    if request.htmx:
+        return _render_partial(request, flash={"level": level, "text": text}, status=status)
+    messages.add_message(request, messages.SUCCESS if status < 400 else messages.ERROR, text)
+    return redirect("dashboard")
+
+
+def _refused(request, exc):
+    return _after_action(request, exc.message, refusal_status(exc))
+
+
+def _parse_gpu_choice(values: list[str]) -> tuple[str | None, str]:
+    """The toggles send "<host>:<index>"; the service wants one host and "0,1"."""
+    hosts, indexes = set(), []
+    for value in values:
+        host, _, index = value.rpartition(":")
+        hosts.add(host)
+        indexes.append(index)
+    if len(hosts) > 1:
+        raise ValueError("The chosen GPUs are on different hosts; one instance runs on one host.")
+    return (hosts.pop() if hosts else None), ",".join(indexes)
+
+
+@require_POST
+@role_required(roles.can_load)
+def load(request):
+    model_id = request.POST.get("model_id", "")
+    try:
+        host_name, gpu_spec = _parse_gpu_choice(request.POST.getlist("gpu"))
+    except ValueError as exc:
+        return _after_action(request, str(exc), 400)
+    if not gpu_spec:
+        return _after_action(request, "Choose at least one GPU.", 400)
+    try:
+        instance = services.request_load(
+            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name
+        )
+    except services.LoadRefused as exc:
+        return _refused(request, exc)
+    return _after_action(request, f"Loading {model_id} on GPU {instance.gpu_ids} (instance #{instance.pk}).")
+
+
+@require_POST
+@role_required(roles.can_load)
+def unload(request, pk: int):
+    instance = get_object_or_404(instance_queryset(), pk=pk)
+    if not roles.can_manage_instance(request.user, instance):
+        return _after_action(request, "You may unload only your own instances.", 403)
+    try:
+        services.request_unload(instance=instance, actor=request.user)
+    except services.LoadRefused as exc:
+        return _refused(request, exc)
+    return _after_action(request, f"Unloading {instance.model_id} from GPU {instance.gpu_ids}.")
+
+
+@require_POST
+@role_required(roles.can_load)
+def switch(request, pk: int):
+    instance = get_object_or_404(instance_queryset(), pk=pk)
+    if not roles.can_manage_instance(request.user, instance):
+        return _after_action(request, "You may switch only your own instances.", 403)
+    model_id = request.POST.get("model_id", "")
+    try:
+        new = services.request_switch(
+            model_id=model_id, gpu_spec=instance.gpu_ids, actor=request.user, host_name=instance.host.name
+        )
+    except services.LoadRefused as exc:
+        return _refused(request, exc)
+    return _after_action(request, f"Switching GPU {instance.gpu_ids} to {model_id} (instance #{new.pk}).")
+
+
+@require_POST
+@role_required(roles.can_administer)
+def kill_orphan(request, gpu_pk: int, pid: int):
+    gpu = get_object_or_404(Gpu.objects.select_related("host"), pk=gpu_pk)
+    try:
+        services.kill_orphan(host_name=gpu.host.name, pid=pid, actor=request.user)
+    except services.LoadRefused as exc:
+        return _refused(request, exc)
+    return _after_action(request, f"Killing orphan process {pid} on {gpu.host.name} GPU {gpu.index}.")
+
+
+@require_GET
+@role_required(roles.can_read)
+def instance_log(request, pk: int):
+    instance = get_object_or_404(instance_queryset(), pk=pk)
+    text, problem = read_tail(instance.log_path)
+    context = {
+        "instance": instance,
+        "log": text,
+        "problem": problem,
+        "refresh_seconds": FAST_REFRESH_SECONDS if instance.is_active else 30,
+    }
+    template = "partials/log_tail.html" if request.htmx and not request.htmx.boosted else "instance_log.html"
+    return render(request, template, context)
+
+
+EVENTS_PER_PAGE = 50
+
+
+@require_GET
+@role_required(roles.can_administer)
+def events(request):
+    """The audit trail for admins, filterable by instance, user and kind."""
+    queryset = InstanceEvent.objects.select_related("instance")
+    filters = {
+        "instance": request.GET.get("instance", "").strip(),
+        "user": request.GET.get("user", "").strip(),
+        "kind": request.GET.get("kind", "").strip(),
+    }
+    if filters["instance"]:
+        if not filters["instance"].isdigit():
+            raise Http404("No such instance.")
+        queryset = queryset.filter(instance_id=int(filters["instance"]))
+    if filters["user"]:
+        queryset = queryset.filter(actor_name=filters["user"])
+    if filters["kind"]:
+        queryset = queryset.filter(kind=filters["kind"])
+    page = Paginator(queryset, EVENTS_PER_PAGE).get_page(request.GET.get("page"))
+    query = urlencode({k: v for k, v in filters.items() if v})
+    context = {"page": page, "filters": filters, "kinds": InstanceEvent.Kind.choices, "query": query}
+    return render(request, "events.html", context)
