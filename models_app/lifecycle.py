@@ -1,0 +1,587 @@
+"""Running llama-server for an instance: launch, health, stop, adopt. Called by the worker of the instance's
+host (tasks.py); never inside an HTTP request. Every status change goes through state.transition()."""
+
+import logging
+import os
+import signal
+import socket
+import subprocess
+import threading
+import time
+from pathlib import Path
+
+import psutil
+import requests
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from .binaries import BinaryError, require_llama_server
+from .events import record
+from .models import GpuInstance, InstanceEvent
+from .registry import RegistryError, check_model_path, cli_args
+from .state import transition
+
+logger = logging.getLogger(__name__)
+
+Status = GpuInstance.Status
+Kind = InstanceEvent.Kind
+
+# Put in llama-server's environment, so a later worker finds the process even when the one that started it
+# died before recording the pid. The log path tells our processes from another controller's on this machine.
+ENV_INSTANCE_ID = "LLAMACONTROLLER_INSTANCE_ID"
+ENV_INSTANCE_LOG = "LLAMACONTROLLER_INSTANCE_LOG"
+LOG_TAIL_LINES = 20
+PORT_ATTEMPTS = 3  # another program may take the port between our check and llama-server's bind
+EXIT_MARK = "[llamacontroller] llama-server pid {pid} exited with code {code}"
+
+# Processes this process started, so that they are reaped (no zombies) and their exit codes known.
+_children_lock = threading.Lock()
+_exit_codes: dict[int, int] = {}
+
+
+class StartError(Exception):
+    """The load failed; the message is for people. `exit_code` when the process exited."""
+
+    def __init__(self, message: str, exit_code: int | None = None):
+        super().__init__(message)
+        self.exit_code = exit_code
+
+
+class Cancelled(Exception):
+    """The instance left `starting` while we were starting it (an unload or switch came in)."""
+
+
+# --- small process facts -------------------------------------------------------------------------------
+
+
+def log_prefix(host_name: str) -> str:
+    return str(Path(settings.INSTANCE_LOG_DIR) / f"{host_name}-instance-")
+
+
+def log_path_for(instance: GpuInstance) -> Path:
+    return Path(f"{log_prefix(instance.host.name)}{instance.pk}.log")
+
+
+def is_alive(pid: int | None, create_time: float | None) -> bool:
+    """The process with this pid and create-time still runs (a zombie counts as dead)."""
+    if not pid:
+        return False
+    try:
+        proc = psutil.Process(pid)
+        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
+            return False  # the pid was recycled
+        return proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True
+
+
+def create_time_of(pid: int) -> float | None:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error:
+        return None
+
+
+def exit_code_of(pid: int | None, log_path: str) -> int | None:
+    """The exit code if this process (or the worker that started it) saw it: reaped here, or the line the
+    reaper thread appended to the log."""
+    if not pid:
+        return None
+    with _children_lock:
+        if pid in _exit_codes:
+            return _exit_codes[pid]
+    prefix = EXIT_MARK.format(pid=pid, code="")
+    for line in reversed(log_tail(log_path, 5).splitlines()):
+        if line.startswith(prefix):
+            try:
+                return int(line[len(prefix) :].strip())
+            except ValueError:
+                return None
+    return None
+
+
+def log_tail(log_path: str, lines: int = LOG_TAIL_LINES) -> str:
+    if not log_path:
+        return ""
+    try:
+        with open(log_path, "rb") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            handle.seek(max(0, size - 16 * 1024))
+            data = handle.read()
+    except OSError:
+        return ""
+    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
+
+
+def cap_log(log_path: str, max_bytes: int | None = None) -> bool:
+    """Keep a log under the cap by cutting it to its newest half. llama-server appends (O_APPEND), so its
+    next write lands at the new end. Done by the reconcile pass, so it works whoever started the process."""
+    max_bytes = max_bytes or settings.INSTANCE_LOG_MAX_BYTES
+    try:
+        with open(log_path, "r+b") as handle:
+            size = handle.seek(0, os.SEEK_END)
+            if size <= max_bytes:
+                return False
+            handle.seek(size - max_bytes // 2)
+            keep = handle.read()
+            handle.seek(0)
+            handle.write(b"[llamacontroller] log truncated to its last %d bytes\n" % len(keep))
+            handle.write(keep)
+            handle.truncate()
+    except OSError:
+        return False
+    return True
+
+
+def tagged_processes() -> dict[int, tuple[int, str]]:
+    """pid -> (instance id, log path) for every live process carrying our instance tag."""
+    found: dict[int, tuple[int, str]] = {}
+    key_id, key_log = ENV_INSTANCE_ID.encode() + b"=", ENV_INSTANCE_LOG.encode() + b"="
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/environ", "rb") as handle:
+                data = handle.read()
+        except OSError:  # gone, or another user's
+            continue
+        if key_id not in data:
+            continue
+        values = dict(item.split(b"=", 1) for item in data.split(b"\0") if b"=" in item)
+        try:
+            instance_id = int(values[ENV_INSTANCE_ID.encode()])
+        except (KeyError, ValueError):
+            continue
+        if is_alive(int(entry), None):
+            found[int(entry)] = (instance_id, values.get(key_log[:-1], b"").decode("utf-8", "replace"))
+    return found
+
+
+def find_tagged(instance: GpuInstance) -> int | None:
+    """The pid of a live llama-server started for this very instance, if any."""
+    expected = str(log_path_for(instance))
+    for pid, (instance_id, log) in tagged_processes().items():
+        if instance_id == instance.pk and log == expected:
+            return pid
+    return None
+
+
+# --- launch ------------------------------------------------------------------------------------------
+
+
+def launch(argv: list[str], *, env: dict[str, str], log_path: Path) -> tuple[int, float]:
+    """The one place that starts processes: an argument list (no shell), output appended to `log_path`,
+    in its own session so it outlives the worker. Returns (pid, create_time). The process is reaped by a
+    thread of this process when it exits, which also appends its exit code to the log."""
+    log_path.parent.mkdir(parents=True, exist_ok=True)
+    with open(log_path, "ab") as log:
+        log.write(f"[llamacontroller] {timezone.now():%Y-%m-%d %H:%M:%S} starting: {argv!r}\n".encode())
+        log.flush()
+        try:
+            proc = subprocess.Popen(
+                argv,
+                stdin=subprocess.DEVNULL,
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env=env,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except OSError as exc:
+            raise StartError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
+    create_time = create_time_of(proc.pid)
+    threading.Thread(target=_reap, args=(proc, log_path), name=f"reap-{proc.pid}", daemon=True).start()
+    return proc.pid, create_time or time.time()
+
+
+def _reap(proc: subprocess.Popen, log_path: Path) -> None:
+    code = proc.wait()
+    with _children_lock:
+        _exit_codes[proc.pid] = code
+        while len(_exit_codes) > 1000:
+            _exit_codes.pop(next(iter(_exit_codes)))
+    try:
+        with open(log_path, "ab") as log:
+            log.write((EXIT_MARK.format(pid=proc.pid, code=code) + "\n").encode())
+    except OSError:
+        pass
+
+
+def build_argv(binary: str, model_path: str, cli_params: dict, port: int, gpu_count: int) -> list[str]:
+    argv = [binary, *cli_args(cli_params)]
+    argv += ["-m", str(model_path), "--host", settings.LLAMA_SERVER_HOST, "--port", str(port)]
+    if gpu_count > 1 and not {"split-mode", "sm"} & set(cli_params or {}):
+        argv += ["--split-mode", "layer"]
+    return argv
+
+
+def port_is_free(port: int) -> bool:
+    """Nothing listens on the port (a bind test, as llama-server will do)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
+        try:
+            sock.bind((settings.LLAMA_SERVER_HOST, port))
+        except OSError:
+            return False
+    return True
+
+
+def claim_port(instance: GpuInstance, avoid: set[int] = frozenset()) -> int:
+    """A port of PORT_RANGE that no active instance of the host holds and nothing listens on, recorded on
+    the instance. The database's unique constraint settles two workers picking the same port."""
+    low, high = settings.PORT_RANGE
+    held = set(
+        GpuInstance.objects.filter(host_id=instance.host_id, status__in=GpuInstance.ACTIVE_STATUSES)
+        .exclude(pk=instance.pk)
+        .exclude(port=None)
+        .values_list("port", flat=True)
+    )
+    for port in range(low, high + 1):
+        if port in held or port in avoid or not port_is_free(port):
+            continue
+        try:
+            with transaction.atomic():
+                claimed = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(port=port)
+        except IntegrityError:
+            continue  # another worker took it a moment ago
+        if not claimed:
+            raise Cancelled()
+        instance.port = port
+        return port
+    raise StartError(
+        f"no free port in {low}-{high}: every port is held by an instance or in use by another program "
+        "(widen LLAMACONTROLLER_PORT_RANGE)"
+    )
+
+
+def instance_env(instance: GpuInstance, gpu_uuids: list[str], log_path: Path) -> dict[str, str]:
+    env = dict(os.environ)
+    # UUIDs, not indices: CUDA numbers devices fastest-first, NVML by PCI bus.
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_uuids)
+    env[ENV_INSTANCE_ID] = str(instance.pk)
+    env[ENV_INSTANCE_LOG] = str(log_path)
+    return env
+
+
+# --- health --------------------------------------------------------------------------------------------
+
+_http = requests.Session()
+_http.trust_env = False  # never send 127.0.0.1 through a proxy from the environment
+
+
+def health_status(port: int, timeout: float = 1.0) -> int | None:
+    """HTTP status of /health (200 ready, 503 loading), or None when nothing answers."""
+    host = settings.LLAMA_SERVER_HOST
+    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    try:
+        return _http.get(f"http://{host}:{port}/health", timeout=timeout).status_code
+    except requests.RequestException:
+        return None
+
+
+def wait_until_healthy(instance: GpuInstance, deadline: float) -> None:
+    """Poll /health until 200. StartError when the process exits or the deadline passes, Cancelled when
+    the instance leaves `starting`."""
+    pause, next_status_check = 0.02, 0.0
+    while True:
+        if not is_alive(instance.pid, instance.process_create_time):
+            code = _wait_exit_code(instance)
+            raise StartError(f"llama-server exited while loading (exit code {code})", exit_code=code)
+        if health_status(instance.port) == 200:
+            return
+        now = time.monotonic()
+        if now >= next_status_check:
+            if GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).first() != (
+                Status.STARTING
+            ):
+                raise Cancelled()
+            next_status_check = now + 0.5
+        if now >= deadline:
+            raise StartError(f"llama-server did not answer /health with 200 within {settings.LOAD_TIMEOUT}s")
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.05)  # cheap to ask; a slow poll would add to every load
+
+
+def _wait_exit_code(instance: GpuInstance) -> int | None:
+    # The reaper thread records the code a moment after the process exits.
+    for _ in range(20):
+        code = exit_code_of(instance.pid, instance.log_path)
+        if code is not None:
+            return code
+        time.sleep(0.01)
+    return None
+
+
+# --- stop ----------------------------------------------------------------------------------------------
+
+
+def stop_process(pid: int | None, create_time: float | None, timeout: float | None = None) -> bool:
+    """SIGTERM to the process group, SIGKILL after `timeout`. True if the process is gone afterwards."""
+    if not is_alive(pid, create_time):
+        return True
+    timeout = settings.STOP_TIMEOUT if timeout is None else timeout
+    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+        _signal_group(pid, sig)
+        deadline = time.monotonic() + wait
+        while time.monotonic() < deadline:
+            if not is_alive(pid, create_time):
+                return True
+            time.sleep(0.02)
+    return not is_alive(pid, create_time)
+
+
+def _signal_group(pid: int, sig: int) -> None:
+    try:
+        # Started with start_new_session: the pid leads its own group, and the group holds its children.
+        if os.getpgid(pid) == pid:
+            os.killpg(pid, sig)
+        else:
+            os.kill(pid, sig)
+    except ProcessLookupError:
+        pass
+
+
+# --- the load, as the worker runs it -------------------------------------------------------------------
+
+
+def last_change(instance: GpuInstance, kind: str | None = None):
+    """When the instance last changed (its newest event, of `kind` if given)."""
+    events = instance.events.filter(kind=kind) if kind else instance.events.all()
+    event = events.order_by("-created_at", "-id").first()
+    return event.created_at if event else instance.requested_at
+
+
+def fail(instance: GpuInstance, message: str, *, exit_code: int | None = None, expected=None) -> bool:
+    """Mark the instance failed with the message and its log tail; no process is left behind."""
+    if instance.pid:
+        stop_process(instance.pid, instance.process_create_time, timeout=2)
+    tail = log_tail(instance.log_path)
+    error = f"{message}\n--- last lines of the log ---\n{tail}" if tail else message
+    logger.warning("instance %s failed: %s", instance.pk, message)
+    return transition(
+        instance,
+        Status.FAILED,
+        expected=expected or [Status.PENDING, Status.STARTING],
+        event_kind=Kind.FAILED,
+        detail=message,
+        error=error,
+        exit_code=exit_code,
+        stopped_at=timezone.now(),
+    )
+
+
+def load_instance(instance_id: int) -> None:
+    """Start llama-server for a pending instance and see it healthy. Idempotent: an instance that is not
+    pending (already started, running, or stopped) is left alone."""
+    instance = GpuInstance.objects.select_related("model", "host").filter(pk=instance_id).first()
+    if instance is None or instance.status != Status.PENDING:
+        return
+    # A switch hands the GPUs over while the old instances are still stopping: stop them first.
+    stopping = GpuInstance.objects.filter(status=Status.STOPPING, gpu_links__gpu__in=instance.gpus.all())
+    for old in stopping.exclude(pk=instance.pk).distinct():
+        unload_instance(old.pk)
+    where = f"{instance.host.name} GPU {instance.gpu_ids}"
+    if not transition(
+        instance, Status.STARTING, expected=[Status.PENDING], event_kind=Kind.STARTED, detail=f"on {where}"
+    ):
+        return
+    try:
+        _start_and_wait(instance)
+    except Cancelled:
+        _finish_cancelled(instance)
+        return
+    except StartError as exc:
+        fail(instance, str(exc), exit_code=exc.exit_code)
+        return
+    _mark_running(instance, detail=f"pid {instance.pid}, port {instance.port}")
+
+
+def resume_start(instance_id: int) -> None:
+    """Finish a start whose worker died: the process (adopted) is waited for until healthy."""
+    instance = GpuInstance.objects.select_related("model", "host").filter(pk=instance_id).first()
+    if instance is None or instance.status != Status.STARTING or not instance.pid:
+        return
+    started = last_change(instance, Kind.STARTED)
+    remaining = settings.LOAD_TIMEOUT - (timezone.now() - started).total_seconds()
+    try:
+        wait_until_healthy(instance, time.monotonic() + max(remaining, 1.0))
+    except Cancelled:
+        _finish_cancelled(instance)
+        return
+    except StartError as exc:
+        fail(instance, str(exc), exit_code=exc.exit_code, expected=[Status.STARTING])
+        return
+    _mark_running(
+        instance, detail=f"pid {instance.pid}, port {instance.port} (adopted after a worker restart)"
+    )
+
+
+def _start_and_wait(instance: GpuInstance) -> None:
+    model = instance.model
+    try:
+        binary = require_llama_server(model.binary.path if model.binary_id else None)
+    except BinaryError as exc:
+        raise StartError(str(exc)) from None
+    try:
+        model_path = check_model_path(model.path)
+    except RegistryError as exc:
+        raise StartError(f"model file: {exc}") from None
+    uuids = list(instance.gpu_links.order_by("position").values_list("gpu__uuid", flat=True))
+    log_path = log_path_for(instance)
+    deadline = time.monotonic() + settings.LOAD_TIMEOUT
+    tried: set[int] = set()
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = claim_port(instance, avoid=tried)
+        argv = build_argv(binary, str(model_path), model.cli_params, port, len(uuids))
+        pid, create_time = launch(argv, env=instance_env(instance, uuids, log_path), log_path=log_path)
+        recorded = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
+            pid=pid, process_create_time=create_time, argv=argv, log_path=str(log_path)
+        )
+        instance.pid, instance.process_create_time, instance.argv = pid, create_time, argv
+        instance.log_path = str(log_path)
+        if not recorded:
+            raise Cancelled()
+        try:
+            wait_until_healthy(instance, deadline)
+            return
+        except StartError:
+            # Another program took the port between our check and llama-server's bind: try another one.
+            if attempt < PORT_ATTEMPTS and not is_alive(pid, create_time) and not port_is_free(port):
+                logger.warning("instance %s: port %s was taken meanwhile, retrying", instance.pk, port)
+                tried.add(port)
+                continue
+            raise
+
+
+def _mark_running(instance: GpuInstance, *, detail: str) -> None:
+    if not transition(
+        instance,
+        Status.RUNNING,
+        expected=[Status.STARTING],
+        event_kind=Kind.HEALTHY,
+        detail=detail,
+        loaded_at=timezone.now(),
+        error="",
+    ):
+        _finish_cancelled(instance)
+        return
+    from . import memory
+
+    try:
+        memory.measure_after_load(instance)
+    except Exception:  # the figure is a nicety: the model is loaded whatever the GPU query does
+        logger.exception("post-load memory query failed for instance %s", instance.pk)
+
+
+def _finish_cancelled(instance: GpuInstance) -> None:
+    """The instance was asked to stop while starting: finish that stop here."""
+    instance.refresh_from_db()
+    if instance.status == Status.STOPPING:
+        unload_instance(instance.pk)
+    elif instance.pid and not instance.is_active:
+        stop_process(instance.pid, instance.process_create_time, timeout=2)
+
+
+# --- unload --------------------------------------------------------------------------------------------
+
+
+def unload_instance(instance_id: int, actor=None) -> None:
+    """Stop the instance's process and mark it stopped. Idempotent: a stopped instance is left alone."""
+    instance = GpuInstance.objects.select_related("host").filter(pk=instance_id).first()
+    if instance is None:
+        return
+    if instance.status in (Status.PENDING, Status.STARTING, Status.RUNNING):
+        # Called without a request (e.g. the admin's kill): ask first, as a request would.
+        transition(
+            instance,
+            Status.STOPPING,
+            expected=[instance.status],
+            event_kind=Kind.UNLOAD_REQUESTED,
+            actor=actor,
+        )
+    if instance.status != Status.STOPPING:
+        return
+    pids = [(instance.pid, instance.process_create_time)] if instance.pid else []
+    # Launched but not yet recorded (the start was racing this stop): found by its tag.
+    tagged = find_tagged(instance)
+    if tagged and tagged != instance.pid:
+        pids.append((tagged, create_time_of(tagged)))
+    for pid, create_time in pids:
+        if not stop_process(pid, create_time):
+            logger.error("instance %s: pid %s survived SIGKILL", instance.pk, pid)
+    code = exit_code_of(instance.pid, instance.log_path) if instance.pid else None
+    if transition(
+        instance,
+        Status.STOPPED,
+        expected=[Status.STOPPING],
+        event_kind=Kind.UNLOADED,
+        actor=actor,
+        detail=f"exit code {code}" if code is not None else "",
+        stopped_at=timezone.now(),
+        exit_code=code,
+    ):
+        refresh_memory(instance.host.name)
+
+
+def refresh_memory(host_name: str) -> None:
+    """Refresh the host's GPU figures now, so that pages show the change at once."""
+    from . import memory
+
+    try:
+        memory.refresh_host_memory(host_name)
+    except Exception:  # a telemetry hiccup must not undo an unload
+        logger.exception("memory refresh of %s failed", host_name)
+
+
+# --- orphans ------------------------------------------------------------------------------------------
+
+
+def owned_pids(host) -> set[int]:
+    """Every pid in the process trees of the host's active instances."""
+    from gpus.telemetry import process_tree_pids
+
+    owned: set[int] = set()
+    for pid, create_time in GpuInstance.objects.filter(
+        host=host, status__in=GpuInstance.ACTIVE_STATUSES, pid__isnull=False
+    ).values_list("pid", "process_create_time"):
+        if is_alive(pid, create_time):
+            owned |= process_tree_pids(pid)
+    return owned
+
+
+def is_llama_server(proc: psutil.Process) -> bool:
+    try:
+        cmdline = proc.cmdline()
+        return "llama-server" in proc.name() or bool(
+            cmdline and "llama-server" in os.path.basename(cmdline[0])
+        )
+    except psutil.Error:
+        return False
+
+
+def kill_orphan(host, pid: int, actor=None) -> str:
+    """Kill an unowned llama-server (its process group) after checking again that it is one. Returns what
+    was done; writes an ORPHAN_KILLED event when it killed."""
+    try:
+        proc = psutil.Process(pid)
+        create_time = proc.create_time()
+    except psutil.Error:
+        return f"pid {pid} is not running on {host.name}"
+    if not is_llama_server(proc):
+        return f"pid {pid} on {host.name} is not a llama-server: left alone"
+    if pid in owned_pids(host):
+        return f"pid {pid} on {host.name} belongs to an active instance: unload it instead"
+    try:
+        described = " ".join(proc.cmdline())[:300]
+    except psutil.Error:
+        described = "llama-server"
+    stopped = stop_process(pid, create_time)
+    message = f"killed orphan pid {pid} on {host.name}: {described}"
+    if not stopped:
+        message = f"pid {pid} on {host.name} survived SIGKILL: {described}"
+    record(Kind.ORPHAN_KILLED, actor=actor, detail=message)
+    refresh_memory(host.name)
+    return message

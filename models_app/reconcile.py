@@ -1,0 +1,251 @@
+"""Reconcile a host's instances with its processes: when its worker starts and every RECONCILE_SECONDS.
+
+Live processes are adopted, dead ones become `crashed` (and maybe restart), work lost with a killed worker
+is redone, and llama-servers that no active instance owns are reported as orphans."""
+
+import logging
+from collections import Counter
+
+import psutil
+from django.conf import settings
+from django.db import IntegrityError, transaction
+from django.utils import timezone
+
+from gpus.models import Host
+from gpus.telemetry.procs import cuda_visible_devices_by_pid
+
+from . import lifecycle
+from .events import record
+from .models import GpuInstance, InstanceEvent, InstanceGpu
+from .state import transition
+
+logger = logging.getLogger(__name__)
+
+Status = GpuInstance.Status
+Kind = InstanceEvent.Kind
+
+# When this worker process started (imported before the pool forks): whatever an instance last did before
+# that was done by a worker that is gone, so nobody is still working on it.
+WORKER_STARTED_AT = timezone.now()
+# Otherwise work counts as lost only after this long without a change (a load in flight is not lost).
+GRACE_SECONDS = 10
+
+
+def reconcile_host(host_name: str) -> dict[str, int]:
+    """One pass over the host's active instances. Returns a count of what was done, for logs and tests."""
+    host = Host.objects.filter(name=host_name).first()
+    if host is None:
+        return {}
+    done: Counter[str] = Counter()
+    active = GpuInstance.objects.filter(host=host, status__in=GpuInstance.ACTIVE_STATUSES)
+    for instance in active.select_related("model", "host"):
+        if instance.log_path:
+            lifecycle.cap_log(instance.log_path)
+        check = {
+            Status.PENDING: _check_pending,
+            Status.STARTING: _check_starting,
+            Status.RUNNING: _check_running,
+            Status.STOPPING: _check_stopping,
+        }[instance.status]
+        outcome = check(instance)
+        if outcome:
+            done[outcome] += 1
+    for orphan in find_orphans(host):
+        done["orphans"] += 1
+        logger.warning("orphan llama-server on %s: %s", host.name, orphan)
+    return dict(done)
+
+
+def _is_lost(instance: GpuInstance, extra_seconds: float = 0) -> bool:
+    changed = lifecycle.last_change(instance)
+    if changed < WORKER_STARTED_AT:
+        return True
+    return (timezone.now() - changed).total_seconds() > GRACE_SECONDS + extra_seconds
+
+
+def _send(task_name: str, instance: GpuInstance, **options) -> None:
+    from . import tasks
+
+    task = getattr(tasks, task_name)
+    transaction.on_commit(lambda: task.apply_async(args=[instance.pk], queue=instance.host.queue, **options))
+
+
+def _check_running(instance: GpuInstance) -> str | None:
+    if lifecycle.is_alive(instance.pid, instance.process_create_time):
+        if lifecycle.last_change(instance) < WORKER_STARTED_AT:
+            record(
+                Kind.ADOPTED,
+                instance=instance,
+                detail=f"pid {instance.pid} still running after a worker restart",
+            )
+            return "adopted"
+        return None
+    return "crashed" if crash(instance) else None
+
+
+def _check_starting(instance: GpuInstance) -> str | None:
+    if not instance.pid:
+        tagged = lifecycle.find_tagged(instance)
+        if tagged:
+            # The worker died between starting llama-server and recording it.
+            updated = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING, pid=None).update(
+                pid=tagged,
+                process_create_time=lifecycle.create_time_of(tagged),
+                log_path=str(lifecycle.log_path_for(instance)),
+            )
+            if updated:
+                record(Kind.ADOPTED, instance=instance, detail=f"found pid {tagged} by its instance tag")
+                _send("resume_start", instance)
+                return "adopted"
+            return None
+        if not _is_lost(instance):
+            return None
+        # Claimed by a worker that died before starting anything: start over.
+        if transition(
+            instance,
+            Status.PENDING,
+            expected=[Status.STARTING],
+            event_kind=Kind.RESTARTING,
+            detail="the worker was lost before llama-server started; loading again",
+        ):
+            _send("load_model", instance)
+            return "reloaded"
+        return None
+    alive = lifecycle.is_alive(instance.pid, instance.process_create_time)
+    if not alive and _is_lost(instance):
+        code = lifecycle.exit_code_of(instance.pid, instance.log_path)
+        lifecycle.fail(
+            instance, "llama-server exited while loading", exit_code=code, expected=[Status.STARTING]
+        )
+        return "failed"
+    if alive and _is_lost(instance, extra_seconds=settings.LOAD_TIMEOUT):
+        # Nobody waits for it any more (a new worker, or a start past its time): wait for it, or time out.
+        record(Kind.ADOPTED, instance=instance, detail=f"waiting for pid {instance.pid} to become healthy")
+        _send("resume_start", instance)
+        return "adopted"
+    return None
+
+
+def _check_pending(instance: GpuInstance) -> str | None:
+    tagged = lifecycle.find_tagged(instance)
+    if tagged and transition(
+        instance,
+        Status.STARTING,
+        expected=[Status.PENDING],
+        event_kind=Kind.ADOPTED,
+        detail=f"found pid {tagged} by its instance tag",
+        pid=tagged,
+        process_create_time=lifecycle.create_time_of(tagged),
+        log_path=str(lifecycle.log_path_for(instance)),
+    ):
+        _send("resume_start", instance)
+        return "adopted"
+    # A restart waits out its back-off before it counts as lost.
+    backoff = 2**instance.restart_count if instance.restart_count else 0
+    if not tagged and _is_lost(instance, extra_seconds=backoff):
+        _send("load_model", instance)  # the load is idempotent: a duplicate does nothing
+        return "resent"
+    return None
+
+
+def _check_stopping(instance: GpuInstance) -> str | None:
+    if _is_lost(instance, extra_seconds=settings.STOP_TIMEOUT):
+        _send("unload_model", instance)
+        return "resent"
+    return None
+
+
+def crash(instance: GpuInstance) -> bool:
+    """A running instance's process is gone: `crashed` with its exit code and log tail; maybe restart."""
+    code = lifecycle.exit_code_of(instance.pid, instance.log_path)
+    message = f"llama-server (pid {instance.pid}) exited unexpectedly" + (
+        f" with code {code}" if code is not None else ""
+    )
+    tail = lifecycle.log_tail(instance.log_path)
+    if not transition(
+        instance,
+        Status.CRASHED,
+        expected=[Status.RUNNING],
+        event_kind=Kind.CRASHED,
+        detail=message,
+        error=f"{message}\n--- last lines of the log ---\n{tail}" if tail else message,
+        exit_code=code,
+        stopped_at=timezone.now(),
+    ):
+        return False
+    logger.warning("instance %s crashed: %s", instance.pk, message)
+    lifecycle.refresh_memory(instance.host.name)
+    maybe_restart(instance)
+    return True
+
+
+class _Lost(Exception):
+    pass
+
+
+def maybe_restart(instance: GpuInstance) -> bool:
+    """Restart a crashed instance on the same GPUs if its model asks for it, with a growing back-off
+    (2 s, 4 s, 8 s, ...). The GPUs are claimed again first; if someone else took one, it stays crashed."""
+    model = instance.model
+    if not model.restart_on_crash:
+        return False
+    if instance.restart_count >= model.max_restarts:
+        record(
+            Kind.CRASHED,
+            instance=instance,
+            detail=f"not restarted: {instance.restart_count} restarts already",
+        )
+        return False
+    count = instance.restart_count + 1
+    delay = 2**count
+    try:
+        with transaction.atomic():
+            InstanceGpu.objects.filter(instance=instance).update(active=True)
+            if not transition(
+                instance,
+                Status.PENDING,
+                expected=[Status.CRASHED],
+                event_kind=Kind.RESTARTING,
+                detail=f"restart {count} of {model.max_restarts} in {delay}s",
+                restart_count=count,
+                pid=None,
+                process_create_time=None,
+                port=None,
+                loaded_at=None,
+            ):
+                raise _Lost()
+    except IntegrityError:
+        record(Kind.RESTARTING, instance=instance, detail="not restarted: another instance holds its GPU now")
+        return False
+    except _Lost:
+        return False
+    _send("load_model", instance, countdown=delay)
+    return True
+
+
+def find_orphans(host: Host) -> list[dict]:
+    """llama-server processes that no active instance of the host owns: tagged for one of our inactive or
+    unknown instances, or running on our GPUs outside every instance's process tree."""
+    owned = lifecycle.owned_pids(host)
+    gpu_index = dict(host.gpus.values_list("uuid", "index"))
+    our_logs = lifecycle.log_prefix(host.name)
+    tagged = lifecycle.tagged_processes()
+    orphans = []
+    for pid, (instance_id, log) in tagged.items():
+        if log.startswith(our_logs) and pid not in owned:
+            orphans.append(
+                {"pid": pid, "instance_id": instance_id, "reason": "tagged for an inactive instance"}
+            )
+    for pid, tokens in cuda_visible_devices_by_pid().items():
+        on_ours = sorted(gpu_index[t] for t in tokens if t in gpu_index)
+        if not on_ours or pid in owned or pid in tagged:
+            continue
+        try:
+            proc = psutil.Process(pid)
+        except psutil.Error:
+            continue
+        if lifecycle.is_llama_server(proc):
+            orphans.append(
+                {"pid": pid, "instance_id": None, "gpus": on_ours, "reason": "on our GPUs, unowned"}
+            )
+    return orphans

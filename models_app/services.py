@@ -1,0 +1,327 @@
+"""What web, API, admin and CLI call to load, unload and switch models. Requests are validated and
+recorded here, then the work goes to the worker of the GPUs' host; nothing here starts a process.
+
+`actor` is a user (its role is checked) or None for the system (CLI, beat)."""
+
+import logging
+import re
+import threading
+from collections import defaultdict
+
+import redis
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from gpus.models import Gpu, Host
+from llamacontroller_site.accounts.roles import can_administer, can_load, can_manage_instance
+
+from .events import record
+from .models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
+from .registry import RegistryError, check_model_path
+from .state import transition
+
+logger = logging.getLogger(__name__)
+
+Status = GpuInstance.Status
+Kind = InstanceEvent.Kind
+MAX_GPUS_PER_INSTANCE = 64
+
+
+class LoadRefused(Exception):
+    """A request that is not carried out. `code`: "invalid" (HTTP 400), "busy" (409), "forbidden" (403),
+    "not_found" (404), "unavailable" (503: the task queue is unreachable). `field` names the bad input."""
+
+    def __init__(self, message: str, *, field: str | None = None, code: str = "invalid"):
+        super().__init__(message)
+        self.message = message
+        self.field = field
+        self.code = code
+
+
+# --- validation --------------------------------------------------------------------------------------
+
+_GPU_ID = re.compile(r"[0-9]+")
+
+
+def parse_gpu_spec(spec) -> list[int]:
+    """ "0,1" -> [0, 1]. Refuses empty, negative, non-numeric and repeated ids."""
+    text = "" if spec is None else str(spec).strip()
+    if not text:
+        raise LoadRefused("no GPU given: use an index such as 0, or 0,1", field="gpu_id")
+    ids: list[int] = []
+    for raw in text.split(","):
+        token = raw.strip()
+        if not token:
+            raise LoadRefused(f"GPU list {text!r} has an empty entry", field="gpu_id")
+        if not _GPU_ID.fullmatch(token):
+            what = "negative" if re.fullmatch(r"-[0-9]+", token) else "not a number"
+            raise LoadRefused(f"GPU id {token!r} is {what}: use indices such as 0 or 0,1", field="gpu_id")
+        value = int(token)
+        if value in ids:
+            raise LoadRefused(f"GPU {value} is listed twice in {text!r}", field="gpu_id")
+        ids.append(value)
+    if len(ids) > MAX_GPUS_PER_INSTANCE:
+        raise LoadRefused(f"at most {MAX_GPUS_PER_INSTANCE} GPUs per instance", field="gpu_id")
+    return ids
+
+
+def _check_actor(allowed: bool, actor, what: str) -> None:
+    if actor is not None and not allowed:
+        raise LoadRefused(f"{actor.get_username()} may not {what}", code="forbidden")
+
+
+def _model(model_id: str) -> ModelConfig:
+    model = ModelConfig.objects.filter(pk=str(model_id or "")).select_related("binary").first()
+    if model is None:
+        raise LoadRefused(f"unknown model {model_id!r}", field="model_id")
+    try:
+        check_model_path(model.path)
+    except RegistryError as exc:
+        raise LoadRefused(f"model {model.pk}: {exc}", field="model_id") from None
+    return model
+
+
+def resolve_gpus(indices: list[int], host_name: str | None) -> tuple[Host, list[Gpu]]:
+    """The host and its GPUs with these indices, in the order asked. Without a host name, the one host
+    that has GPUs with all these indices."""
+    wanted = ",".join(str(i) for i in indices)
+    if host_name:
+        host = Host.objects.filter(name=host_name).first()
+        if host is None:
+            raise LoadRefused(f"unknown host {host_name!r}", field="host")
+        found = {gpu.index: gpu for gpu in Gpu.objects.filter(host=host, index__in=indices)}
+        missing = [i for i in indices if i not in found]
+        if missing:
+            raise LoadRefused(f"host {host.name} has no GPU {missing[0]}", field="gpu_id")
+        return host, [found[i] for i in indices]
+    by_host: dict[str, dict[int, Gpu]] = defaultdict(dict)
+    for gpu in Gpu.objects.filter(index__in=indices).select_related("host"):
+        by_host[gpu.host.name][gpu.index] = gpu
+    complete = sorted(name for name, found in by_host.items() if len(found) == len(indices))
+    if len(complete) == 1:
+        found = by_host[complete[0]]
+        return found[indices[0]].host, [found[i] for i in indices]
+    if complete:
+        raise LoadRefused(
+            f"GPU {wanted} exists on several hosts ({', '.join(complete)}): say which host", field="host"
+        )
+    known = {i for found in by_host.values() for i in found}
+    unknown = [i for i in indices if i not in known]
+    if unknown:
+        raise LoadRefused(f"unknown GPU {unknown[0]}", field="gpu_id")
+    raise LoadRefused(f"GPUs {wanted} are not on one host: an instance uses GPUs of one host", field="gpu_id")
+
+
+def _holders(gpus: list[Gpu]) -> list[InstanceGpu]:
+    return list(
+        InstanceGpu.objects.filter(gpu__in=gpus, active=True).select_related("instance__model", "gpu")
+    )
+
+
+def _busy(gpus: list[Gpu]) -> LoadRefused:
+    holders = _holders(gpus)
+    if not holders:  # released in the meantime: still, the request lost the race
+        return LoadRefused(
+            "GPU busy: another request claimed it at the same moment", field="gpu_id", code="busy"
+        )
+    link = holders[0]
+    return LoadRefused(
+        f"GPU busy: GPU {link.gpu.index} on {link.gpu.host.name} is held by instance #{link.instance_id} "
+        f"({link.instance.model_id}, {link.instance.status}); unload or switch it first",
+        field="gpu_id",
+        code="busy",
+    )
+
+
+# --- the broker ----------------------------------------------------------------------------------------
+
+_redis_lock = threading.Lock()
+_redis_clients: dict[str, redis.Redis] = {}
+
+
+def check_broker() -> None:
+    """A fast ping, before anything is written: a request the worker would never see is refused."""
+    url = settings.CELERY_BROKER_URL
+    with _redis_lock:
+        client = _redis_clients.get(url)
+        if client is None:
+            client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+            _redis_clients[url] = client
+    try:
+        client.ping()
+    except redis.RedisError as exc:
+        raise LoadRefused(f"the task queue (Redis) is unreachable: {exc}", code="unavailable") from None
+
+
+def _send(task_name: str, args: list, queue: str, instance_id: int | None = None) -> None:
+    from . import tasks
+
+    try:
+        getattr(tasks, task_name).apply_async(
+            args=args, queue=queue, retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2}
+        )
+    except Exception as exc:  # the broker went away between the ping and the commit
+        logger.exception("could not queue %s%s", task_name, args)
+        instance = GpuInstance.objects.filter(pk=instance_id).first() if instance_id else None
+        if instance is not None and task_name == "load_model":
+            message = f"could not queue the load: {exc}"
+            transition(
+                instance, Status.FAILED, expected=[Status.PENDING], event_kind=Kind.FAILED,
+                detail=message, error=message,
+            )  # fmt: skip
+        # A lost unload is redone by the reconcile pass (the instance stays `stopping`).
+
+
+def _actor_id(actor) -> int | None:
+    return actor.pk if actor is not None and getattr(actor, "is_authenticated", False) else None
+
+
+# --- load ----------------------------------------------------------------------------------------------
+
+
+def _create_pending(model, host, gpus, actor, *, event_kind: str, detail: str) -> GpuInstance:
+    """Insert the instance and its GPU claims; the partial unique index refuses a GPU already held."""
+    owner = actor if _actor_id(actor) else None
+    instance = GpuInstance.objects.create(
+        model=model, host=host, gpu_ids=",".join(str(g.index) for g in gpus), owner=owner
+    )
+    try:
+        with transaction.atomic():
+            InstanceGpu.objects.bulk_create(
+                [InstanceGpu(instance=instance, gpu=gpu, position=n) for n, gpu in enumerate(gpus)]
+            )
+    except IntegrityError:
+        raise _Busy() from None
+    record(event_kind, instance=instance, actor=actor, detail=detail)
+    transaction.on_commit(lambda: _send("load_model", [instance.pk], host.queue, instance.pk))
+    return instance
+
+
+class _Busy(Exception):
+    pass
+
+
+def request_load(*, model_id: str, gpu_spec: str, actor, host_name: str | None = None) -> GpuInstance:
+    """Validate, create a pending instance holding the GPUs, and (on commit) queue its load."""
+    _check_actor(can_load(actor), actor, "load models")
+    model = _model(model_id)
+    host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
+    if _holders(gpus):
+        raise _busy(gpus)
+    check_broker()
+    try:
+        with transaction.atomic():
+            return _create_pending(
+                model, host, gpus, actor, event_kind=Kind.REQUESTED,
+                detail=f"load {model.pk} on {host.name} GPU {','.join(str(g.index) for g in gpus)}",
+            )  # fmt: skip
+    except _Busy:
+        raise _busy(gpus) from None
+
+
+# --- unload --------------------------------------------------------------------------------------------
+
+
+def request_unload(*, instance: GpuInstance, actor) -> GpuInstance:
+    """Mark the instance stopping and queue the stop. Asking again while it stops is not an error."""
+    _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")
+    instance.refresh_from_db()
+    if instance.status == Status.STOPPING:
+        return instance
+    if not instance.is_active:
+        raise LoadRefused(f"instance #{instance.pk} is not loaded (it is {instance.status})")
+    check_broker()
+    with transaction.atomic():
+        if not transition(
+            instance,
+            Status.STOPPING,
+            expected=[Status.PENDING, Status.STARTING, Status.RUNNING],
+            event_kind=Kind.UNLOAD_REQUESTED,
+            actor=actor,
+        ):
+            instance.refresh_from_db()
+            if instance.status == Status.STOPPING:
+                return instance
+            raise LoadRefused(f"instance #{instance.pk} is not loaded (it is {instance.status})")
+        args = [instance.pk, _actor_id(actor)]
+        queue = instance.host.queue
+        transaction.on_commit(lambda: _send("unload_model", args, queue))
+    return instance
+
+
+def _active_on(gpus: list[Gpu]) -> list[GpuInstance]:
+    ids = {link.instance_id for link in _holders(gpus)}
+    return list(GpuInstance.objects.filter(pk__in=ids).select_related("model", "host").order_by("pk"))
+
+
+def request_unload_gpus(*, gpu_spec: str, actor, host_name: str | None = None) -> list[GpuInstance]:
+    """Unload whatever runs on these GPUs. The actor must be allowed to manage every one of them."""
+    host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
+    instances = _active_on(gpus)
+    if not instances:
+        raise LoadRefused(
+            f"nothing is loaded on {host.name} GPU {gpu_spec}", field="gpu_id", code="not_found"
+        )
+    for instance in instances:
+        _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")
+    return [request_unload(instance=instance, actor=actor) for instance in instances]
+
+
+# --- switch --------------------------------------------------------------------------------------------
+
+
+def request_switch(*, model_id: str, gpu_spec: str, actor, host_name: str | None = None) -> GpuInstance:
+    """Unload what runs on these GPUs and load `model_id` there, as one request. The GPUs pass to the new
+    instance at once (so nobody else takes them in between); its load stops the old processes first."""
+    _check_actor(can_load(actor), actor, "load models")
+    model = _model(model_id)
+    host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
+    old = _active_on(gpus)
+    for instance in old:
+        _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")
+    check_broker()
+    spec = ",".join(str(g.index) for g in gpus)
+    replaced = ", ".join(f"#{i.pk} ({i.model_id})" for i in old) or "nothing"
+    try:
+        with transaction.atomic():
+            for instance in old:
+                if instance.status != Status.STOPPING and not transition(
+                    instance,
+                    Status.STOPPING,
+                    expected=[Status.PENDING, Status.STARTING, Status.RUNNING],
+                    event_kind=Kind.SWITCH_REQUESTED,
+                    actor=actor,
+                    detail=f"switching {host.name} GPU {spec} to {model.pk}",
+                ):
+                    raise _Busy()
+                InstanceGpu.objects.filter(instance=instance, active=True).update(active=False)
+            return _create_pending(
+                model, host, gpus, actor, event_kind=Kind.SWITCH_REQUESTED,
+                detail=f"switch {host.name} GPU {spec} to {model.pk}, replacing {replaced}",
+            )  # fmt: skip
+    except _Busy:
+        raise _busy(gpus) from None
+
+
+# --- orphans -------------------------------------------------------------------------------------------
+
+
+def kill_orphan(*, host_name: str, pid: int, actor) -> None:
+    """Ask the host's worker to kill an unowned llama-server; it checks again before killing."""
+    _check_actor(can_administer(actor), actor, "kill processes")
+    host = Host.objects.filter(name=host_name).first()
+    if host is None:
+        raise LoadRefused(f"unknown host {host_name!r}", field="host", code="not_found")
+    try:
+        pid = int(pid)
+    except (TypeError, ValueError):
+        raise LoadRefused(f"pid {pid!r} is not a number", field="pid") from None
+    if pid <= 1:
+        raise LoadRefused(f"pid {pid} is not a process that can be killed", field="pid")
+    check_broker()
+    from . import tasks
+
+    try:
+        tasks.kill_orphan.apply_async(args=[host.name, pid, _actor_id(actor)], queue=host.queue)
+    except Exception as exc:  # the broker went away since the ping
+        raise LoadRefused(f"the task queue (Redis) is unreachable: {exc}", code="unavailable") from None

@@ -1,0 +1,101 @@
+"""Celery tasks: thin. Arguments are ids; a task re-fetches what it needs, returns quietly if the row is gone,
+and calls lifecycle/reconcile/memory. Lifecycle and refresh tasks run on the queue of the host that owns
+the GPUs (`host.<name>`); the dispatchers run anywhere and fan out to every host."""
+
+import logging
+
+from celery import shared_task
+from celery.signals import worker_ready
+from django.conf import settings
+from django.contrib.auth import get_user_model
+from django.db import connections
+
+from gpus.models import Host
+
+from . import binaries, lifecycle, reconcile
+
+logger = logging.getLogger(__name__)
+
+
+def _user(actor_id: int | None):
+    return get_user_model().objects.filter(pk=actor_id).first() if actor_id else None
+
+
+@shared_task(name="models_app.tasks.load_model", ignore_result=True)
+def load_model(instance_id: int) -> None:
+    lifecycle.load_instance(instance_id)
+
+
+@shared_task(name="models_app.tasks.resume_start", ignore_result=True)
+def resume_start(instance_id: int) -> None:
+    lifecycle.resume_start(instance_id)
+
+
+@shared_task(name="models_app.tasks.unload_model", ignore_result=True)
+def unload_model(instance_id: int, actor_id: int | None = None) -> None:
+    lifecycle.unload_instance(instance_id, actor=_user(actor_id))
+
+
+@shared_task(name="models_app.tasks.kill_orphan", ignore_result=True)
+def kill_orphan(host_name: str, pid: int, actor_id: int | None = None) -> str | None:
+    host = Host.objects.filter(name=host_name).first()
+    if host is None:
+        return None
+    message = lifecycle.kill_orphan(host, pid, actor=_user(actor_id))
+    logger.info(message)
+    return message
+
+
+@shared_task(name="models_app.tasks.reconcile_host", ignore_result=True)
+def reconcile_host(host_name: str) -> dict:
+    return reconcile.reconcile_host(host_name)
+
+
+@shared_task(name="models_app.tasks.refresh_host", ignore_result=True)
+def refresh_host(host_name: str) -> None:
+    from . import memory
+
+    memory.refresh_host_memory(host_name)
+
+
+@shared_task(name="models_app.tasks.dispatch_refresh", ignore_result=True)
+def dispatch_refresh() -> int:
+    """Beat: one GPU refresh per host, expiring before the next one is due."""
+    hosts = list(Host.objects.all())
+    for host in hosts:
+        refresh_host.apply_async(
+            args=[host.name], queue=host.queue, expires=settings.GPU_REFRESH_SECONDS * 0.8
+        )
+    return len(hosts)
+
+
+@shared_task(name="models_app.tasks.dispatch_reconcile", ignore_result=True)
+def dispatch_reconcile() -> int:
+    """Beat: one reconcile pass per host, expiring before the next one is due."""
+    hosts = list(Host.objects.all())
+    for host in hosts:
+        reconcile_host.apply_async(
+            args=[host.name], queue=host.queue, expires=settings.RECONCILE_SECONDS * 0.8
+        )
+    return len(hosts)
+
+
+@worker_ready.connect
+def on_worker_ready(sender=None, **kwargs) -> None:
+    """A host's worker starts: register the host and its GPUs, find llama-server, reconcile."""
+    queues = getattr(getattr(sender, "app", None), "amqp", None)
+    consumed = getattr(getattr(queues, "queues", None), "consume_from", None)
+    if consumed and settings.HOST_QUEUE not in consumed:
+        return  # a worker for the default queue only: it owns no GPUs
+    try:
+        from gpus.services import register_host
+
+        host = register_host(settings.HOST_NAME)
+        binaries.store_on_host(host)
+        if host.llama_server_error:
+            logger.error("%s: %s", host.name, host.llama_server_error)
+        logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
+    except Exception:  # a failed start-up check must not stop the worker; the next reconcile tries again
+        logger.exception("start-up of the %s worker failed", settings.HOST_NAME)
+    finally:
+        connections.close_all()

@@ -1,0 +1,64 @@
+"""Fixtures for the lifecycle unit tests: captured enqueues, a stand-in llama-server, process cleanup."""
+
+import contextlib
+import os
+import shutil
+import signal
+
+import psutil
+import pytest
+
+
+@pytest.fixture
+def sent(monkeypatch):
+    """Tasks sent by the code under test, as (task name, args, options); nothing reaches Redis."""
+    from models_app import tasks
+
+    calls = []
+    for name in (
+        "load_model",
+        "unload_model",
+        "resume_start",
+        "kill_orphan",
+        "refresh_host",
+        "reconcile_host",
+    ):
+        task = getattr(tasks, name)
+
+        def fake_apply_async(args=None, kwargs=None, _name=name, **options):
+            calls.append((_name, list(args or []), options))
+
+        monkeypatch.setattr(task, "apply_async", fake_apply_async)
+    return calls
+
+
+@pytest.fixture
+def fake_llama(tmp_path):
+    """A copy of `sleep` named llama-server: a real process that looks like one to `ps` and psutil."""
+    path = tmp_path / "bin" / "llama-server"
+    path.parent.mkdir()
+    shutil.copy(shutil.which("sleep"), path)
+    return str(path)
+
+
+@pytest.fixture
+def reap():
+    """Process groups to kill at teardown, whatever the test did."""
+    pids: list[int] = []
+    yield pids
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(pid, signal.SIGKILL)
+        with contextlib.suppress(psutil.Error, ChildProcessError):
+            psutil.Process(pid).wait(timeout=5)
+
+
+@pytest.fixture
+def no_stray_servers(settings):
+    """Kill any llama-server a test started for this data folder (tagged with one of our log paths)."""
+    yield
+    from models_app import lifecycle
+
+    for pid, (_, log) in lifecycle.tagged_processes().items():
+        if log.startswith(str(settings.INSTANCE_LOG_DIR)):
+            lifecycle.stop_process(pid, None, timeout=2)

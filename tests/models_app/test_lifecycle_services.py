@@ -1,0 +1,232 @@
+"""The service layer: validation, permissions, the GPU claim and what gets queued."""
+
+import pytest
+from django.db import IntegrityError, transaction
+
+from gpus.models import Gpu, Host
+from models_app import services
+from models_app.models import GpuInstance, InstanceEvent, InstanceGpu
+from models_app.services import LoadRefused, parse_gpu_spec
+
+Status = GpuInstance.Status
+Kind = InstanceEvent.Kind
+
+
+@pytest.mark.parametrize(("spec", "ids"), [("0", [0]), ("0,1", [0, 1]), (" 1 , 0 ", [1, 0]), (3, [3])])
+def test_lifecycle_parse_gpu_spec(spec, ids):
+    assert parse_gpu_spec(spec) == ids
+
+
+@pytest.mark.parametrize(
+    ("spec", "says"),
+    [
+        ("", "no GPU"),
+        (None, "no GPU"),
+        ("0,,1", "empty entry"),
+        ("0,", "empty entry"),
+        ("-1", "negative"),
+        ("a", "not a number"),
+        ("1.5", "not a number"),
+        ("²", "not a number"),
+        ("0,0", "listed twice"),
+    ],
+)
+def test_lifecycle_parse_gpu_spec_refuses(spec, says):
+    with pytest.raises(LoadRefused) as refused:
+        parse_gpu_spec(spec)
+    assert refused.value.field == "gpu_id"
+    assert refused.value.code == "invalid"
+    assert says in refused.value.message
+
+
+def test_lifecycle_request_load_creates_pending_and_queues(
+    fake_gpus, tiny_model, users, sent, django_capture_on_commit_callbacks
+):
+    with django_capture_on_commit_callbacks(execute=True):
+        instance = services.request_load(model_id="tiny", gpu_spec="1,0", actor=users["operator"])
+    assert instance.status == Status.PENDING
+    assert instance.gpu_ids == "1,0"
+    assert instance.owner == users["operator"]
+    links = list(instance.gpu_links.order_by("position").values_list("gpu__index", "active"))
+    assert links == [(1, True), (0, True)]
+    assert sent == [
+        (
+            "load_model",
+            [instance.pk],
+            {"queue": "host.testhost", "retry": True, "retry_policy": sent[0][2]["retry_policy"]},
+        )
+    ]
+    event = instance.events.get()
+    assert (event.kind, event.actor_name) == (Kind.REQUESTED, "operator")
+
+
+def test_lifecycle_request_load_as_system(fake_gpus, tiny_model, sent):
+    instance = services.request_load(model_id="tiny", gpu_spec="0", actor=None)
+    assert instance.owner is None
+    assert instance.events.get().actor_name == "system"
+
+
+@pytest.mark.parametrize(
+    ("kwargs", "field", "says"),
+    [
+        ({"model_id": "nope", "gpu_spec": "0"}, "model_id", "unknown model"),
+        ({"model_id": "tiny", "gpu_spec": "7"}, "gpu_id", "unknown GPU 7"),
+        ({"model_id": "tiny", "gpu_spec": "x"}, "gpu_id", "not a number"),
+        ({"model_id": "tiny", "gpu_spec": "0", "host_name": "elsewhere"}, "host", "unknown host"),
+    ],
+)
+def test_lifecycle_request_load_validation(fake_gpus, tiny_model, users, kwargs, field, says):
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(actor=users["admin"], **kwargs)
+    assert (refused.value.field, refused.value.code) == (field, "invalid")
+    assert says in refused.value.message
+    assert not GpuInstance.objects.exists()
+
+
+def test_lifecycle_request_load_missing_model_file(fake_gpus, tiny_model, settings):
+    tiny_model.path = str(settings.MODEL_DIRS[0] / "gone.gguf")
+    tiny_model.save()
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(model_id="tiny", gpu_spec="0", actor=None)
+    assert refused.value.field == "model_id"
+    assert "file not found" in refused.value.message
+
+
+def test_lifecycle_request_load_hosts(fake_gpus, tiny_model):
+    other = Host.objects.create(name="other")
+    Gpu.objects.create(host=other, index=0, uuid="GPU-other-0", name="x", memory_total_mib=100)
+    # GPU 0 exists on both hosts: the host must be named.
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(model_id="tiny", gpu_spec="0", actor=None)
+    assert refused.value.field == "host"
+    assert services.request_load(model_id="tiny", gpu_spec="0", actor=None, host_name="other").host == other
+    # GPU 1 only on testhost; "0,1" is complete only there.
+    assert services.request_load(model_id="tiny", gpu_spec="1", actor=None).host == fake_gpus.host
+    Gpu.objects.create(host=other, index=2, uuid="GPU-other-2", name="x", memory_total_mib=100)
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(model_id="tiny", gpu_spec="1,2", actor=None)
+    assert refused.value.field == "gpu_id"
+    assert "not on one host" in refused.value.message
+
+
+@pytest.mark.parametrize("who", ["viewer", "outsider"])
+def test_lifecycle_request_load_forbidden(fake_gpus, tiny_model, users, who):
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(model_id="tiny", gpu_spec="0", actor=users[who])
+    assert refused.value.code == "forbidden"
+    assert not GpuInstance.objects.exists()
+
+
+def test_lifecycle_request_load_busy(fake_gpus, tiny_model, users):
+    first = services.request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"])
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(model_id="tiny", gpu_spec="1", actor=users["operator2"])
+    assert refused.value.code == "busy"
+    assert "GPU busy" in refused.value.message
+    assert f"#{first.pk}" in refused.value.message
+    assert GpuInstance.objects.count() == 1
+
+
+def test_lifecycle_gpu_claim_is_guarded_by_the_database(fake_gpus, tiny_model):
+    """The pre-check is for the message; the partial unique index is the guarantee."""
+    first = services.request_load(model_id="tiny", gpu_spec="0", actor=None)
+    second = GpuInstance.objects.create(model=tiny_model, host=fake_gpus.host, gpu_ids="0")
+    with pytest.raises(IntegrityError), transaction.atomic():
+        InstanceGpu.objects.create(instance=second, gpu=fake_gpus.gpus[0], position=0)
+    assert first.gpu_links.get().active
+
+
+def test_lifecycle_request_load_broker_down(fake_gpus, tiny_model, settings):
+    settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(model_id="tiny", gpu_spec="0", actor=None)
+    assert refused.value.code == "unavailable"
+    assert not GpuInstance.objects.exists()
+    assert not InstanceEvent.objects.exists()
+
+
+def test_lifecycle_failed_enqueue_marks_failed(
+    fake_gpus, tiny_model, monkeypatch, django_capture_on_commit_callbacks
+):
+    from models_app import tasks
+
+    def broken(*args, **kwargs):
+        raise ConnectionError("broker went away")
+
+    monkeypatch.setattr(tasks.load_model, "apply_async", broken)
+    with django_capture_on_commit_callbacks(execute=True):
+        instance = services.request_load(model_id="tiny", gpu_spec="0", actor=None)
+    instance.refresh_from_db()
+    assert instance.status == Status.FAILED
+    assert "could not queue the load" in instance.error
+    assert not instance.gpu_links.filter(active=True).exists()
+
+
+def test_lifecycle_unload_permissions(fake_gpus, tiny_model, users, sent, django_capture_on_commit_callbacks):
+    mine = services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
+    for who in ("operator2", "viewer", "outsider"):
+        with pytest.raises(LoadRefused) as refused:
+            services.request_unload(instance=mine, actor=users[who])
+        assert refused.value.code == "forbidden"
+    with django_capture_on_commit_callbacks(execute=True):
+        services.request_unload(instance=mine, actor=users["operator"])
+    mine.refresh_from_db()
+    assert mine.status == Status.STOPPING
+    assert ("unload_model", [mine.pk, users["operator"].pk]) == sent[-1][:2]
+    assert mine.events.filter(kind=Kind.UNLOAD_REQUESTED, actor_name="operator").exists()
+    # Asking again while it stops is fine; the GPU is still held until it has stopped.
+    assert services.request_unload(instance=mine, actor=users["admin"]).status == Status.STOPPING
+    assert mine.gpu_links.get().active
+
+    theirs = services.request_load(model_id="tiny", gpu_spec="1", actor=users["operator2"])
+    services.request_unload(instance=theirs, actor=users["admin"])  # admins manage everything
+    system = GpuInstance.objects.create(
+        model=tiny_model, host=fake_gpus.host, gpu_ids="1", status=Status.STOPPED
+    )
+    with pytest.raises(LoadRefused) as refused:
+        services.request_unload(instance=system, actor=None)
+    assert "not loaded" in refused.value.message
+
+
+def test_lifecycle_unload_gpus(fake_gpus, tiny_model, users):
+    with pytest.raises(LoadRefused) as refused:
+        services.request_unload_gpus(gpu_spec="0", actor=None)
+    assert refused.value.code == "not_found"
+    loaded = services.request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"])
+    with pytest.raises(LoadRefused):
+        services.request_unload_gpus(gpu_spec="1", actor=users["operator2"])
+    assert [i.pk for i in services.request_unload_gpus(gpu_spec="1", actor=users["operator"])] == [loaded.pk]
+
+
+def test_lifecycle_switch_hands_gpus_over(
+    fake_gpus, tiny_model, users, sent, django_capture_on_commit_callbacks
+):
+    old = services.request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"])
+    with pytest.raises(LoadRefused) as refused:
+        services.request_switch(model_id="tiny", gpu_spec="0", actor=users["operator2"])
+    assert refused.value.code == "forbidden"
+    with django_capture_on_commit_callbacks(execute=True):
+        new = services.request_switch(model_id="tiny", gpu_spec="0", actor=users["operator"])
+    old.refresh_from_db()
+    assert old.status == Status.STOPPING
+    assert not old.gpu_links.filter(active=True).exists()
+    assert new.status == Status.PENDING
+    assert list(new.gpu_links.values_list("gpu__index", "active")) == [(0, True)]
+    assert old.events.filter(kind=Kind.SWITCH_REQUESTED).exists()
+    assert new.events.filter(kind=Kind.SWITCH_REQUESTED).exists()
+    assert sent[-1][:2] == ("load_model", [new.pk])
+    # GPU 1 was freed with the old instance.
+    assert services.request_load(model_id="tiny", gpu_spec="1", actor=None).status == Status.PENDING
+
+
+def test_lifecycle_kill_orphan_service(fake_gpus, users, sent):
+    with pytest.raises(LoadRefused) as refused:
+        services.kill_orphan(host_name="testhost", pid=1234, actor=users["operator"])
+    assert refused.value.code == "forbidden"
+    with pytest.raises(LoadRefused) as refused:
+        services.kill_orphan(host_name="nowhere", pid=1234, actor=users["admin"])
+    assert refused.value.code == "not_found"
+    with pytest.raises(LoadRefused):
+        services.kill_orphan(host_name="testhost", pid="x", actor=users["admin"])
+    services.kill_orphan(host_name="testhost", pid=1234, actor=users["admin"])
+    assert sent == [("kill_orphan", ["testhost", 1234, users["admin"].pk], {"queue": "host.testhost"})]
