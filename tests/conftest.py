@@ -295,3 +295,27 @@ def _fresh_cache():
     cache.clear()
     yield
     cache.clear()
+
+
+@pytest.fixture
+def child_on_gpus():
+    """A real process 'on' fake GPUs (CUDA_VISIBLE_DEVICES) whose memory grows by 64 MiB per line on stdin."""
+    children = []
+
+    def start(visible: str) -> subprocess.Popen:
+        code = (
+            "import sys\nheld=[bytearray(32*1024*1024)]\nprint('ready', flush=True)\n"
+            "for line in sys.stdin:\n    held.append(bytearray(64*1024*1024)); print('grew', flush=True)\n"
+        )
+        env = {"CUDA_VISIBLE_DEVICES": visible, "PATH": "/usr/bin:/bin"}
+        child = subprocess.Popen(
+            [sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
+        )
+        assert child.stdout.readline().strip() == "ready"
+        children.append(child)
+        return child
+
+    yield start
+    for child in children:
+        child.kill()
+        child.wait()

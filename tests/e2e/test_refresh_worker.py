@@ -9,7 +9,7 @@ from gpus.models import Gpu, Host
 from llamacontroller_site.celery import app
 from models_app.models import GpuInstance
 from tests.conftest import FAKE_GPU_UUIDS, HOST_NAME
-from tests.gpus.test_refresh import child_on_gpus, grow, running_instance  # noqa: F401 (fixture)
+from tests.helpers import grow, running_instance
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -29,7 +29,7 @@ def refresh_through_worker(timeout: float = 30.0):
 
 def test_refresh_task_on_a_real_worker_shows_memory_growth(
     start_worker, fake_gpus, tiny_model, child_on_gpus
-):  # noqa: F811
+):
     child = child_on_gpus(FAKE_GPU_UUIDS[0])
     instance = running_instance(fake_gpus.host, tiny_model, fake_gpus.gpus[:1], pid=child.pid)
     start_worker()
@@ -47,7 +47,7 @@ def test_refresh_task_on_a_real_worker_shows_memory_growth(
     assert instance.memory_updated_at > taken
 
 
-def test_worker_survives_a_failing_driver_and_recovers(start_worker, fake_gpus, tiny_model, child_on_gpus):  # noqa: F811
+def test_worker_survives_a_failing_driver_and_recovers(start_worker, fake_gpus, tiny_model, child_on_gpus):
     child = child_on_gpus(FAKE_GPU_UUIDS[1])
     instance = running_instance(fake_gpus.host, tiny_model, fake_gpus.gpus[1:], pid=child.pid)
     start_worker()

@@ -30,7 +30,9 @@ def test_admin_pages(client, users, fake_gpus, url_name, model_admin, kind):
         assert response.status_code == 200
 
 
-def test_sample_changelist_does_not_count_the_whole_table(admin_client, fake_gpus, django_assert_max_num_queries):
+def test_sample_changelist_does_not_count_the_whole_table(
+    admin_client, fake_gpus, django_assert_max_num_queries
+):
     from gpus import services
 
     for _ in range(3):

@@ -12,7 +12,11 @@ CASES = [
     ("DEBUG", "yes", "DEBUG='yes' is not a boolean"),
     ("LLAMACONTROLLER_PORT_RANGE", "abc", "LLAMACONTROLLER_PORT_RANGE='abc' is not a port range"),
     ("LLAMACONTROLLER_PORT_RANGE", "9000-8000", "LLAMACONTROLLER_PORT_RANGE='9000-8000'"),
-    ("LLAMACONTROLLER_GPU_REFRESH_SECONDS", "fast", "LLAMACONTROLLER_GPU_REFRESH_SECONDS='fast' is not an integer"),
+    (
+        "LLAMACONTROLLER_GPU_REFRESH_SECONDS",
+        "fast",
+        "LLAMACONTROLLER_GPU_REFRESH_SECONDS='fast' is not an integer",
+    ),
     ("LLAMACONTROLLER_RECONCILE_SECONDS", "0", "LLAMACONTROLLER_RECONCILE_SECONDS=0 is below the minimum"),
     ("LLAMACONTROLLER_GPU_BACKEND", "cuda", "LLAMACONTROLLER_GPU_BACKEND='cuda' is not one of"),
     ("DATABASE_URL", "nonsense://x", "DATABASE_URL='nonsense://x'"),

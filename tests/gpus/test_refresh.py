@@ -2,8 +2,6 @@
 
 import json
 import logging
-import subprocess
-import sys
 import time
 from datetime import timedelta
 
@@ -17,8 +15,9 @@ from gpus import services
 from gpus.models import Gpu, MemorySample
 from gpus.telemetry import GpuProcess, GpuReading
 from models_app.memory import refresh_host_memory
-from models_app.models import GpuInstance, InstanceGpu, ModelConfig
+from models_app.models import GpuInstance, ModelConfig
 from tests.conftest import FAKE_GPU_UUIDS, HOST_NAME, write_fake_gpu_file
+from tests.helpers import grow, running_instance
 
 MIB = 1024 * 1024
 
@@ -40,7 +39,9 @@ class TestAttribution:
 
     def test_multi_gpu_sums_used_and_total(self):
         readings = {
-            1: reading("a", total=8000, processes=[GpuProcess(10, "llama-server", 300), GpuProcess(99, "x", 5000)]),
+            1: reading(
+                "a", total=8000, processes=[GpuProcess(10, "llama-server", 300), GpuProcess(99, "x", 5000)]
+            ),
             2: reading("b", total=16000, processes=[GpuProcess(10, "llama-server", 200)]),
         }
         figure = services.attribute(self.claim([1, 2], {10}), readings, "now")
@@ -67,52 +68,6 @@ class TestAttribution:
 @pytest.fixture
 def tiny_row(db, tiny_model_file):
     return ModelConfig.objects.create(id="tiny", name="Tiny", path=str(tiny_model_file))
-
-
-def running_instance(host, model, gpus, pid=None):
-    create_time = psutil.Process(pid).create_time() if pid else None
-    instance = GpuInstance.objects.create(
-        model=model,
-        host=host,
-        gpu_ids=",".join(str(g.index) for g in gpus),
-        status=GpuInstance.Status.RUNNING,
-        pid=pid,
-        process_create_time=create_time,
-        loaded_at=timezone.now(),
-    )
-    for position, gpu in enumerate(gpus):
-        InstanceGpu.objects.create(instance=instance, gpu=gpu, position=position)
-    return instance
-
-
-@pytest.fixture
-def child_on_gpus():
-    """A real process 'on' fake GPUs (CUDA_VISIBLE_DEVICES) whose memory grows by 64 MiB per line on stdin."""
-    children = []
-
-    def start(visible: str) -> subprocess.Popen:
-        code = (
-            "import sys\nheld=[bytearray(32*1024*1024)]\nprint('ready', flush=True)\n"
-            "for line in sys.stdin:\n    held.append(bytearray(64*1024*1024)); print('grew', flush=True)\n"
-        )
-        env = {"CUDA_VISIBLE_DEVICES": visible, "PATH": "/usr/bin:/bin"}
-        child = subprocess.Popen(
-            [sys.executable, "-c", code], env=env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True
-        )
-        assert child.stdout.readline().strip() == "ready"
-        children.append(child)
-        return child
-
-    yield start
-    for child in children:
-        child.kill()
-        child.wait()
-
-
-def grow(child):
-    child.stdin.write("more\n")
-    child.stdin.flush()
-    assert child.stdout.readline().strip() == "grew"
 
 
 def test_refresh_attributes_real_process_memory_and_sets_states(fake_gpus, tiny_row, child_on_gpus):
@@ -155,14 +110,18 @@ def test_memory_growth_shows_after_the_next_refresh(fake_gpus, tiny_row, child_o
 
 def test_occupied_by_others_lists_foreign_processes(fake_gpus):
     data = json.loads(fake_gpus.path.read_text())
-    data["gpus"][1]["foreign_processes"] = [{"pid": 4242, "name": "someone-elses-training.py", "used_mib": 9000}]
+    data["gpus"][1]["foreign_processes"] = [
+        {"pid": 4242, "name": "someone-elses-training.py", "used_mib": 9000}
+    ]
     fake_gpus.path.write_text(json.dumps(data))
 
     refresh_host_memory(HOST_NAME)
 
     gpu1 = Gpu.objects.get(index=1)
     assert gpu1.state == "occupied_by_others"
-    assert gpu1.processes[0]["owner"] == "foreign" and gpu1.processes[0]["name"] == "someone-elses-training.py"
+    assert (
+        gpu1.processes[0]["owner"] == "foreign" and gpu1.processes[0]["name"] == "someone-elses-training.py"
+    )
     assert "someone-elses-training.py" in gpu1.state_reason
     assert Gpu.objects.get(index=0).state == "idle"
 
