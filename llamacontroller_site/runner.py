@@ -197,9 +197,7 @@ def main() -> int:
             celery + ["worker", "-Q", f"default,{settings.HOST_QUEUE}", "-n", f"{settings.HOST_NAME}@%h",
                       "-c", "4", "-l", "INFO"],
         )  # fmt: skip
-        supervisor.start(
-            "beat", celery + ["beat", "-l", "INFO", "-s", str(data_dir / "celerybeat-schedule")]
-        )
+        supervisor.start("beat", celery + ["beat", "-l", "INFO", "-s", str(data_dir / "celerybeat-schedule")])
         say(f"LlamaController is running on http://{BIND}/  (Ctrl-C stops everything)")
         while not stopping:
             exited = supervisor.first_exited()

@@ -134,6 +134,8 @@ def import_registry(file_path: Path, *, dry_run: bool = False) -> ImportReport:
                     setattr(current, name, values[name])
                 current.save()
         if not dry_run and (report.created or report.updated):
-            detail = f"import {Path(file_path).name}: created {report.created}, updated {sorted(report.updated)}"
+            detail = (
+                f"import {Path(file_path).name}: created {report.created}, updated {sorted(report.updated)}"
+            )
             record(InstanceEvent.Kind.REGISTRY_CHANGED, detail=detail)
     return report

@@ -17,7 +17,9 @@ class Command(BaseCommand):
             report = import_registry(file, dry_run=dry_run)
         except ImportRejected as exc:
             lines = "\n".join(f"  - {problem}" for problem in exc.problems)
-            raise CommandError(f"{file}: nothing imported, {len(exc.problems)} problem(s):\n{lines}") from None
+            raise CommandError(
+                f"{file}: nothing imported, {len(exc.problems)} problem(s):\n{lines}"
+            ) from None
         prefix = "would be " if dry_run else ""
         for model_id in report.created:
             self.stdout.write(f"{prefix}created  {model_id}")

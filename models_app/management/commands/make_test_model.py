@@ -6,7 +6,9 @@ from models_app.testmodel import write_tiny_model
 
 
 class Command(BaseCommand):
-    help = "Write a tiny valid llama GGUF (2 layers, random weights, ~0.5 MB) that llama-server loads at once."
+    help = (
+        "Write a tiny valid llama GGUF (2 layers, random weights, ~0.5 MB) that llama-server loads at once."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("path", type=Path)
