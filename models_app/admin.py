@@ -1,5 +1,8 @@
 from django.contrib import admin, messages
 
+from gpus.admin import GpuAdmin
+from gpus.models import Gpu
+
 from .models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
 
 
@@ -93,3 +96,38 @@ class InstanceEventAdmin(admin.ModelAdmin):
 
     def has_change_permission(self, request, obj=None):
         return False
+
+
+class GpuWithOrphanKillAdmin(GpuAdmin):
+    """The GPU admin plus the lifecycle's orphan kill. Registered from here because `gpus` does not know
+    about llama-server instances (dependencies point one way: models_app -> gpus)."""
+
+    list_display = [*GpuAdmin.list_display, "orphan_pids"]
+    actions = ["kill_orphans"]
+
+    @admin.display(description="Orphan llama-server PIDs")
+    def orphan_pids(self, gpu) -> str:
+        return ", ".join(str(p["pid"]) for p in gpu.processes if p.get("owner") == "orphan") or "-"
+
+    @admin.action(description="Kill orphan llama-server processes on the selected GPUs")
+    def kill_orphans(self, request, queryset):
+        from .services import LoadRefused, kill_orphan
+
+        asked = 0
+        for gpu in queryset.select_related("host"):
+            for process in gpu.processes:
+                if process.get("owner") != "orphan" or not process.get("pid"):
+                    continue
+                try:
+                    kill_orphan(host_name=gpu.host.name, pid=process["pid"], actor=request.user)
+                    asked += 1
+                except LoadRefused as exc:
+                    self.message_user(request, f"PID {process['pid']}: {exc.message}", messages.ERROR)
+        if asked:
+            self.message_user(request, f"Kill requested for {asked} orphan process(es).", messages.SUCCESS)
+        else:
+            self.message_user(request, "No orphan processes on the selected GPUs.", messages.WARNING)
+
+
+admin.site.unregister(Gpu)
+admin.site.register(Gpu, GpuWithOrphanKillAdmin)

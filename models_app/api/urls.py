@@ -16,5 +16,6 @@ urlpatterns = [
     path("models/load", compat.ModelsLoadView.as_view(), name="compat-models-load"),
     path("models/unload", compat.ModelsUnloadView.as_view(), name="compat-models-unload"),
     path("health/", views.HealthView.as_view(), name="api-health"),
+    path("gpus/<int:gpu_pk>/orphans/<int:pid>/kill/", views.OrphanKillView.as_view(), name="orphan-kill-api"),
     *router.urls,
 ]

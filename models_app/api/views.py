@@ -1,4 +1,5 @@
 from django.db.models import ProtectedError
+from django.shortcuts import get_object_or_404
 from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -8,9 +9,10 @@ from rest_framework.exceptions import PermissionDenied, ValidationError
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from gpus.models import Gpu
 from llamacontroller_site import health
 from llamacontroller_site.accounts import roles
-from llamacontroller_site.accounts.permissions import IsOperator, IsViewer, ReadViewerWriteAdmin
+from llamacontroller_site.accounts.permissions import IsAdminRole, IsOperator, IsViewer, ReadViewerWriteAdmin
 from models_app import services
 from models_app.events import record
 from models_app.logtail import read_tail
@@ -198,3 +200,19 @@ class HealthView(APIView):
     def get(self, request):
         # The same checks and body as the public /healthz, behind the API's authentication.
         return health.healthz(request._request)
+
+
+class OrphanKillView(RefusalMixin, APIView):
+    """Kill a llama-server process on this GPU that no instance owns (admins). 202: the host's worker checks
+    again that the process is an unowned llama-server, then kills its process group."""
+
+    permission_classes = [IsAdminRole]
+
+    @extend_schema(request=None, responses={202: OpenApiTypes.OBJECT})
+    def post(self, request, gpu_pk: int, pid: int):
+        gpu = get_object_or_404(Gpu.objects.select_related("host"), pk=gpu_pk)
+        services.kill_orphan(host_name=gpu.host.name, pid=pid, actor=request.user)
+        return Response(
+            {"detail": f"killing orphan process {pid} on {gpu.host.name} GPU {gpu.index}"},
+            status=status.HTTP_202_ACCEPTED,
+        )
