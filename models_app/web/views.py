@@ -15,7 +15,7 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
-from gpus.models import Gpu
+from gpus.models import Gpu, Host
 from llamacontroller_site import health
 from llamacontroller_site.accounts import roles
 from llamacontroller_site.accounts.decorators import role_required
@@ -107,7 +107,10 @@ def dashboard_context(user) -> dict:
         gpu.other_processes = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
         gpu.selectable = gpu.holder is None and gpu.state == Gpu.State.IDLE
     transitioning = any(i.in_transition for i in instances)
+    # A host whose llama-server is missing, or whose GPU query fails, says so on top of the page.
+    host_problems = list(Host.objects.exclude(llama_server_error="", telemetry_error=""))
     return {
+        "host_problems": host_problems,
         "gpus": gpus,
         "instances": instances,
         "failures": failures,

@@ -226,3 +226,18 @@ def test_events_page_lists_and_filters(client, users, fake_gpus, tiny_model):
     assert "load tiny" in page and "username &#x27;x&#x27;" in page
     page = client.get("/events/?user=operator").content.decode()
     assert "load tiny" in page and "username &#x27;x&#x27;" not in page
+
+
+@pytest.mark.django_db
+def test_dashboard_reports_a_missing_llama_server_and_a_failing_gpu_query(client, users, fake_gpus, settings):
+    from models_app.binaries import store_on_host
+
+    settings.LLAMA_SERVER = "/nonexistent/llama-server"
+    store_on_host(fake_gpus.host)
+    fake_gpus.host.telemetry_error = "NVML: Driver Not Loaded"
+    fake_gpus.host.save()
+    client.force_login(users["viewer"])
+    page = client.get("/").content.decode()
+    assert "testhost: llama-server is not usable." in page
+    assert "llama-server not found at /nonexistent/llama-server" in page
+    assert "testhost: the GPU query failed." in page and "NVML: Driver Not Loaded" in page
