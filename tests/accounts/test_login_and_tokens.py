@@ -145,3 +145,27 @@ def test_users_api_refuses_weak_passwords_and_deactivates_on_delete(users):
     assert response.status_code == 204
     users["viewer"].refresh_from_db()
     assert users["viewer"].is_active is False
+
+
+@pytest.mark.django_db
+def test_last_use_is_recorded_to_the_minute_without_a_write_per_request(client, users):
+    from datetime import timedelta
+
+    from django.db import connection
+    from django.test.utils import CaptureQueriesContext
+    from django.utils import timezone
+
+    from llamacontroller_site.accounts.models import ApiToken
+
+    token, raw = ApiToken.issue(users["viewer"], "script")
+    headers = {"HTTP_AUTHORIZATION": f"Bearer {raw}"}
+    assert client.get("/api/v1/gpus/", **headers).status_code == 200
+    first = ApiToken.objects.get(pk=token.pk).last_used_at
+    with CaptureQueriesContext(connection) as queries:
+        assert client.get("/api/v1/gpus/", **headers).status_code == 200
+    assert not [q for q in queries.captured_queries if q["sql"].startswith("UPDATE")]
+    assert ApiToken.objects.get(pk=token.pk).last_used_at == first
+
+    ApiToken.objects.filter(pk=token.pk).update(last_used_at=timezone.now() - timedelta(minutes=2))
+    client.get("/api/v1/gpus/", **headers)
+    assert ApiToken.objects.get(pk=token.pk).last_used_at > first
