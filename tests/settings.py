@@ -21,6 +21,10 @@ from llamacontroller_site.settings import *  # noqa: E402,F403
 from llamacontroller_site.settings import DATABASES  # noqa: E402
 
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
+# No collectstatic in tests: WhiteNoise serves from the finders, and its root exists (no warning per request).
+STATIC_ROOT = os.path.join(_data, "static")
+os.makedirs(STATIC_ROOT, exist_ok=True)
+WHITENOISE_USE_FINDERS = True
 STORAGES = {
     "default": {"BACKEND": "django.core.files.storage.FileSystemStorage"},
     "staticfiles": {"BACKEND": "django.contrib.staticfiles.storage.StaticFilesStorage"},
