@@ -179,13 +179,16 @@ def main() -> None:
                 raise RuntimeError(f"the worker did not start; see {worker_log}")
         rows = []
         for model_id, path, params in models:
-            print(f"{model_id}: {args.runs} controller loads...", flush=True)
+            print(f"{model_id}: {args.runs} controller loads and bare starts, interleaved...", flush=True)
             with open(os.devnull, "w") as quiet:
                 call_command("load", model_id, "--gpu", "0", "--wait", stdout=quiet)  # warm-up
             from models_app.models import GpuInstance
 
             unload(GpuInstance.objects.filter(status="running").get())
-            controller, memory_query = [], []
+            port = settings.PORT_RANGE[1]
+            argv = build_argv(settings.LLAMA_SERVER, str(path), params, port, 1)
+            # Interleaved, so that the machine's ups and downs fall on both sides alike.
+            controller, memory_query, bare = [], [], []
             for _ in range(args.runs):
                 elapsed, instance = controller_load(model_id)
                 controller.append(elapsed)
@@ -193,10 +196,7 @@ def main() -> None:
                 memory.measure_after_load(instance)
                 memory_query.append(time.perf_counter() - started)
                 unload(instance)
-            print(f"{model_id}: {args.runs} bare starts...", flush=True)
-            port = settings.PORT_RANGE[1]
-            argv = build_argv(settings.LLAMA_SERVER, str(path), params, port, 1)
-            bare = [bare_start(argv, data / f"bare-{model_id}.log", port) for _ in range(args.runs)]
+                bare.append(bare_start(argv, data / f"bare-{model_id}.log", port))
             rows.append((model_id, median_ms(controller), median_ms(bare), median_ms(memory_query)))
     finally:
         worker.terminate()

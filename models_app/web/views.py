@@ -22,6 +22,7 @@ from llamacontroller_site.accounts.decorators import role_required
 from models_app import services
 from models_app.api.errors import refusal_status
 from models_app.api.views import instance_queryset
+from models_app.formatting import format_duration
 from models_app.logtail import read_tail
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
 
@@ -30,22 +31,6 @@ TRANSITIONS = (Status.PENDING, Status.STARTING, Status.STOPPING)
 FAST_REFRESH_SECONDS = 2
 BROKER_CHECK_CACHE_SECONDS = 5
 STOP_EVENT_KINDS = (InstanceEvent.Kind.UNLOAD_REQUESTED, InstanceEvent.Kind.SWITCH_REQUESTED)
-
-
-def _duration(seconds: int | float | None) -> str:
-    if seconds is None:
-        return ""
-    seconds = max(0, int(seconds))
-    days, rest = divmod(seconds, 86400)
-    hours, rest = divmod(rest, 3600)
-    minutes, secs = divmod(rest, 60)
-    if days:
-        return f"{days} d {hours} h"
-    if hours:
-        return f"{hours} h {minutes:02d} min"
-    if minutes:
-        return f"{minutes} min {secs:02d} s"
-    return f"{secs} s"
 
 
 def _broker_status() -> dict:
@@ -58,7 +43,7 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
     instance.gpu_count = len(instance.gpu_links.all())
     instance.can_manage = roles.can_manage_instance(user, instance)
     instance.in_transition = instance.status in TRANSITIONS
-    instance.uptime_display = _duration(instance.uptime_seconds)
+    instance.uptime_display = format_duration(instance.uptime_seconds)
     instance.elapsed_display = instance.progress = None
     if not instance.in_transition:
         return
@@ -69,7 +54,7 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
         since, budget = instance.requested_at, settings.LOAD_TIMEOUT
     if since is not None:
         elapsed = (now - since).total_seconds()
-        instance.elapsed_display = _duration(elapsed)
+        instance.elapsed_display = format_duration(elapsed)
         # Never 100% before the worker says so: the bar shows time spent against the timeout.
         instance.progress = min(95, int(elapsed * 100 / budget))
 

@@ -51,3 +51,20 @@ def describe(instance: GpuInstance) -> str:
     if instance.error:
         text += f"\n{instance.error}"
     return text
+
+
+def request_and_report(
+    command, request, *, model: str, gpu: str, host: str | None, user: str | None, wait: bool
+):
+    """load and switch: call the service, then report the request or, with --wait, the outcome."""
+    try:
+        instance = request(model_id=model, gpu_spec=gpu, actor=actor_from(user), host_name=host)
+    except LoadRefused as exc:
+        raise refused(exc) from None
+    if not wait:
+        command.stdout.write(f"requested: {describe(instance)}")
+        return
+    instance = wait_for(instance, (GpuInstance.Status.RUNNING,))
+    if instance.status != GpuInstance.Status.RUNNING:
+        raise CommandError(describe(instance))
+    command.stdout.write(describe(instance))

@@ -1,9 +1,8 @@
-from django.core.management.base import BaseCommand, CommandError
+from django.core.management.base import BaseCommand
 
-from models_app.models import GpuInstance
-from models_app.services import LoadRefused, request_load
+from models_app.services import request_load
 
-from ._lifecycle import actor_from, add_common_arguments, describe, refused, wait_for
+from ._lifecycle import add_common_arguments, request_and_report
 
 
 class Command(BaseCommand):
@@ -14,14 +13,4 @@ class Command(BaseCommand):
         add_common_arguments(parser)
 
     def handle(self, model, gpu, host, user, wait, **options):
-        try:
-            instance = request_load(model_id=model, gpu_spec=gpu, actor=actor_from(user), host_name=host)
-        except LoadRefused as exc:
-            raise refused(exc) from None
-        if not wait:
-            self.stdout.write(f"requested: {describe(instance)}")
-            return
-        instance = wait_for(instance, (GpuInstance.Status.RUNNING,))
-        if instance.status != GpuInstance.Status.RUNNING:
-            raise CommandError(describe(instance))
-        self.stdout.write(describe(instance))
+        request_and_report(self, request_load, model=model, gpu=gpu, host=host, user=user, wait=wait)

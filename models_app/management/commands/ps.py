@@ -1,23 +1,9 @@
 from django.core.management.base import BaseCommand
 
+from models_app.formatting import format_duration
 from models_app.models import GpuInstance
 
 COLUMNS = ["ID", "MODEL", "GPUS", "PORT", "STATUS", "UPTIME", "MEMORY", "OWNER"]
-
-
-def uptime(seconds: int | None) -> str:
-    if seconds is None:
-        return "-"
-    minutes, secs = divmod(seconds, 60)
-    hours, minutes = divmod(minutes, 60)
-    days, hours = divmod(hours, 24)
-    if days:
-        return f"{days}d {hours}h"
-    if hours:
-        return f"{hours}h {minutes}m"
-    if minutes:
-        return f"{minutes}m {secs}s"
-    return f"{secs}s"
 
 
 def memory(instance: GpuInstance) -> str:
@@ -49,7 +35,7 @@ class Command(BaseCommand):
                 f"{i.host.name}:{i.gpu_ids}" if several_hosts else i.gpu_ids,
                 str(i.port or "-"),
                 i.status,
-                uptime(i.uptime_seconds),
+                format_duration(i.uptime_seconds),
                 memory(i),
                 i.owner.get_username() if i.owner else "system",
             ]
