@@ -235,8 +235,6 @@ def refresh_host(host_name: str, claims: list[InstanceClaim], sampled: Sampled |
         "index", "name", "simulated", "memory_total_mib", "memory_used_mib", "utilization_pct",
         "processes", "state", "state_reason", "updated_at",
     ]  # fmt: skip
-    # Two statements, each atomic by itself: a transaction around them would add BEGIN/COMMIT round
-    # trips every cycle and protect nothing (a sample without its GPU row update is still true).
     update_rows(gpus, fields)
     MemorySample.objects.bulk_create(samples)
     return figures

@@ -4,6 +4,7 @@ values), and the figures written back onto the instances."""
 import logging
 
 import psutil
+from django.db import transaction
 
 from gpus import services as gpu_services
 from gpus.dbutil import update_rows
@@ -62,8 +63,16 @@ def refresh_host_memory(
     """One refresh cycle for a host: sample its GPUs once, update GPU rows and samples, and store each
     running instance's figure. A failed GPU query keeps the last figures and marks them "none" (N/A).
     `sampled`: a GPU sample already taken (the benchmark times the controller's own share)."""
+    sampled = sampled or gpu_services.sample_gpus()  # the GPU query runs outside any transaction
     claims = active_claims(host_name)
-    figures = gpu_services.refresh_host(host_name, claims, sampled)
+    # One transaction for the cycle's writes: one commit (one WAL flush) instead of one per statement.
+    with transaction.atomic():
+        figures = gpu_services.refresh_host(host_name, claims, sampled)
+        _store_figures(figures)
+    return figures
+
+
+def _store_figures(figures: list[gpu_services.InstanceMemory]) -> None:
     known = [f for f in figures if f.source != GpuInstance.MemorySource.NONE]
     unknown = [f.instance_id for f in figures if f.source == GpuInstance.MemorySource.NONE]
     if known:
@@ -82,7 +91,6 @@ def refresh_host_memory(
         )
     if unknown:
         GpuInstance.objects.filter(pk__in=unknown).update(memory_source=GpuInstance.MemorySource.NONE)
-    return figures
 
 
 def measure_after_load(instance: GpuInstance) -> None:

@@ -192,7 +192,8 @@ def queries_for_one_refresh(count, settings, tmp_path, model, host_name):
     refresh_host_memory(host_name)  # warm: inventory created
     with CaptureQueriesContext(connection) as queries:
         refresh_host_memory(host_name)
-    return len(queries)
+    # The cycle's transaction shows up as a savepoint here (the test runs inside a transaction).
+    return len([q for q in queries.captured_queries if "SAVEPOINT" not in q["sql"]])
 
 
 def test_query_count_does_not_grow_with_gpus_and_instances(db, settings, tmp_path, tiny_row):
