@@ -178,6 +178,35 @@ def run_load(url: str, headers: dict, cookies: dict, clients: int, total: int) -
     }
 
 
+def run_wrk(url: str, headers: dict, cookies: dict, connections: int = 50, seconds: int = 10) -> dict | None:
+    """The same load from wrk (a C client, when installed): the Python client above spends much of the two
+    cores itself. wrk reports p50/p90/p99, not p95. Bounded: `seconds` long, loopback only."""
+    import re
+    import shutil
+
+    if shutil.which("wrk") is None:
+        return None
+    argv = ["wrk", "-t", "2", "-c", str(connections), "-d", f"{seconds}s", "--latency", url]
+    for name, value in headers.items():
+        argv[1:1] = ["-H", f"{name}: {value}"]
+    if cookies:
+        argv[1:1] = ["-H", "Cookie: " + "; ".join(f"{k}={v}" for k, v in cookies.items())]
+    out = subprocess.run(argv, capture_output=True, text=True, timeout=seconds + 30).stdout
+
+    def latency_ms(percent: str) -> float:
+        value, unit = re.search(rf"^\s+{percent}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    return {
+        "p50": latency_ms("50"),
+        "p90": latency_ms("90"),
+        "p99": latency_ms("99"),
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "errors": int(non_2xx.group(1)) if non_2xx else 0,
+    }
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -202,7 +231,7 @@ def main():
         ("GET /api/v1/instances/", f"{base}/api/v1/instances/", {"Authorization": f"Bearer {token}"}, {}),
         ("dashboard partial", f"{base}/", {"HX-Request": "true"}, {"sessionid": session_key}),
     ]
-    rows = []
+    rows, wrk_rows = [], []
     log = open(Path(data_dir) / "gunicorn.log", "ab")  # noqa: SIM115
     server = start_gunicorn(env, port, log)
     try:
@@ -218,6 +247,9 @@ def main():
                 for clients, total in REQUESTS.items():
                     result = run_load(target, headers, cookies, clients, total)
                     rows.append((label, history, samples, clients, result))
+                wrk = run_wrk(target, headers, cookies)
+                if wrk:
+                    wrk_rows.append((label, history, samples, wrk))
     finally:
         server.terminate()
         server.wait(10)
@@ -234,6 +266,14 @@ def main():
     for label, history, samples, clients, r in rows:
         print(f"{label:<24} {history:<8} {samples:>10,} {clients:>7} {r['p50']:>8.1f} {r['p95']:>8.1f} "
               f"{r['rps']:>8.0f} {r['errors']:>6}")  # fmt: skip
+    if wrk_rows:
+        print("\nthe same at 50 connections from wrk (C client, 10 s each)\n")
+        header = f"{'endpoint':<24} {'history':<8} {'p50 ms':>8} {'p90 ms':>8} {'p99 ms':>8} {'req/s':>8} {'errors':>6}"
+        print(header)
+        print("-" * len(header))
+        for label, history, _samples, r in wrk_rows:
+            print(f"{label:<24} {history:<8} {r['p50']:>8.1f} {r['p90']:>8.1f} {r['p99']:>8.1f} "
+                  f"{r['rps']:>8.0f} {r['errors']:>6}")  # fmt: skip
 
 
 if __name__ == "__main__":
