@@ -120,7 +120,10 @@ class ModelsLoadView(APIView):
     @extend_schema(request=LoadSerializer, responses=OpenApiTypes.OBJECT)
     def post(self, request):
         """Load `model_id` on `gpu_id` (default "0"). `success` means accepted: poll gpu/status."""
-        data = {"gpu_id": "0", **request.data} if hasattr(request.data, "keys") else request.data
+        data = request.data
+        if hasattr(data, "keys"):  # JSON object or form fields (a QueryDict: copy() keeps single values)
+            data = data.copy()
+            data.setdefault("gpu_id", "0")
         form = LoadSerializer(data=data)
         form.is_valid(raise_exception=True)
         gpu_id, model_id = form.validated_data["gpu_id"], form.validated_data["model_id"]

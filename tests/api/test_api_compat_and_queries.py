@@ -102,3 +102,15 @@ def test_schema_and_docs_are_served_locally(client):
     assert client.get("/api/schema/").status_code == 200
     page = client.get("/api/docs/").content.decode()
     assert "cdn" not in page.lower() and "/static/drf_spectacular_sidecar/" in page
+
+
+def test_compat_load_accepts_form_fields_and_defaults_to_gpu_0(
+    users, fake_gpus, tiny_model, django_capture_on_commit_callbacks
+):
+    client = APIClient()
+    client.force_login(users["operator"])
+    response = client.post("/api/v1/models/load", {"model_id": "tiny", "gpu_id": "0,0"})
+    assert response.status_code == 400 and "gpu_id" in response.json()
+    with django_capture_on_commit_callbacks(execute=False):
+        response = client.post("/api/v1/models/load", {"model_id": "tiny"})
+    assert response.status_code == 200 and response.json()["gpu_id"] == "0"
