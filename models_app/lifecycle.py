@@ -3,15 +3,10 @@ host (tasks.py); never inside an HTTP request. Every status change goes through 
 
 import logging
 import os
-import signal
-import socket
-import subprocess
-import threading
 import time
 from pathlib import Path
 
 import psutil
-import requests
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
@@ -19,6 +14,21 @@ from django.utils import timezone
 from .binaries import BinaryError, require_llama_server
 from .events import record
 from .models import GpuInstance, InstanceEvent
+from .processes import (
+    ENV_INSTANCE_ID,
+    ENV_INSTANCE_LOG,
+    StartError,
+    create_time_of,
+    exit_code_of,
+    health_status,
+    is_alive,
+    is_llama_server,
+    launch,
+    log_tail,
+    port_is_free,
+    stop_process,
+    tagged_processes,
+)
 from .registry import RegistryError, check_model_path, cli_args
 from .state import transition
 
@@ -27,32 +37,14 @@ logger = logging.getLogger(__name__)
 Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
 
-# Put in llama-server's environment, so a later worker finds the process even when the one that started it
-# died before recording the pid. The log path tells our processes from another controller's on this machine.
-ENV_INSTANCE_ID = "LLAMACONTROLLER_INSTANCE_ID"
-ENV_INSTANCE_LOG = "LLAMACONTROLLER_INSTANCE_LOG"
-LOG_TAIL_LINES = 20
 PORT_ATTEMPTS = 3  # another program may take the port between our check and llama-server's bind
-EXIT_MARK = "[llamacontroller] llama-server pid {pid} exited with code {code}"
-
-# Processes this process started, so that they are reaped (no zombies) and their exit codes known.
-_children_lock = threading.Lock()
-_exit_codes: dict[int, int] = {}
-
-
-class StartError(Exception):
-    """The load failed; the message is for people. `exit_code` when the process exited."""
-
-    def __init__(self, message: str, exit_code: int | None = None):
-        super().__init__(message)
-        self.exit_code = exit_code
 
 
 class Cancelled(Exception):
     """The instance left `starting` while we were starting it (an unload or switch came in)."""
 
 
-# --- small process facts -------------------------------------------------------------------------------
+# --- log files and tags --------------------------------------------------------------------------------
 
 
 def log_prefix(host_name: str) -> str:
@@ -61,103 +53,6 @@ def log_prefix(host_name: str) -> str:
 
 def log_path_for(instance: GpuInstance) -> Path:
     return Path(f"{log_prefix(instance.host.name)}{instance.pk}.log")
-
-
-def is_alive(pid: int | None, create_time: float | None) -> bool:
-    """The process with this pid and create-time still runs (a zombie counts as dead)."""
-    if not pid:
-        return False
-    try:
-        proc = psutil.Process(pid)
-        if create_time is not None and abs(proc.create_time() - create_time) > 1.0:
-            return False  # the pid was recycled
-        return proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-    except psutil.AccessDenied:
-        return True
-
-
-def create_time_of(pid: int) -> float | None:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error:
-        return None
-
-
-def exit_code_of(pid: int | None, log_path: str) -> int | None:
-    """The exit code if this process (or the worker that started it) saw it: reaped here, or the line the
-    reaper thread appended to the log."""
-    if not pid:
-        return None
-    with _children_lock:
-        if pid in _exit_codes:
-            return _exit_codes[pid]
-    prefix = EXIT_MARK.format(pid=pid, code="")
-    for line in reversed(log_tail(log_path, 5).splitlines()):
-        if line.startswith(prefix):
-            try:
-                return int(line[len(prefix) :].strip())
-            except ValueError:
-                return None
-    return None
-
-
-def log_tail(log_path: str, lines: int = LOG_TAIL_LINES) -> str:
-    if not log_path:
-        return ""
-    try:
-        with open(log_path, "rb") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            handle.seek(max(0, size - 16 * 1024))
-            data = handle.read()
-    except OSError:
-        return ""
-    return "\n".join(data.decode("utf-8", "replace").splitlines()[-lines:])
-
-
-def cap_log(log_path: str, max_bytes: int | None = None) -> bool:
-    """Keep a log under the cap by cutting it to its newest half. llama-server appends (O_APPEND), so its
-    next write lands at the new end. Done by the reconcile pass, so it works whoever started the process."""
-    max_bytes = max_bytes or settings.INSTANCE_LOG_MAX_BYTES
-    try:
-        with open(log_path, "r+b") as handle:
-            size = handle.seek(0, os.SEEK_END)
-            if size <= max_bytes:
-                return False
-            handle.seek(size - max_bytes // 2)
-            keep = handle.read()
-            handle.seek(0)
-            handle.write(b"[llamacontroller] log truncated to its last %d bytes\n" % len(keep))
-            handle.write(keep)
-            handle.truncate()
-    except OSError:
-        return False
-    return True
-
-
-def tagged_processes() -> dict[int, tuple[int, str]]:
-    """pid -> (instance id, log path) for every live process carrying our instance tag."""
-    found: dict[int, tuple[int, str]] = {}
-    key_id, key_log = ENV_INSTANCE_ID.encode() + b"=", ENV_INSTANCE_LOG.encode() + b"="
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                data = handle.read()
-        except OSError:  # gone, or another user's
-            continue
-        if key_id not in data:
-            continue
-        values = dict(item.split(b"=", 1) for item in data.split(b"\0") if b"=" in item)
-        try:
-            instance_id = int(values[ENV_INSTANCE_ID.encode()])
-        except (KeyError, ValueError):
-            continue
-        if is_alive(int(entry), None):
-            found[int(entry)] = (instance_id, values.get(key_log[:-1], b"").decode("utf-8", "replace"))
-    return found
 
 
 def find_tagged(instance: GpuInstance) -> int | None:
@@ -169,45 +64,7 @@ def find_tagged(instance: GpuInstance) -> int | None:
     return None
 
 
-# --- launch ------------------------------------------------------------------------------------------
-
-
-def launch(argv: list[str], *, env: dict[str, str], log_path: Path) -> tuple[int, float]:
-    """The one place that starts processes: an argument list (no shell), output appended to `log_path`,
-    in its own session so it outlives the worker. Returns (pid, create_time). The process is reaped by a
-    thread of this process when it exits, which also appends its exit code to the log."""
-    log_path.parent.mkdir(parents=True, exist_ok=True)
-    with open(log_path, "ab") as log:
-        log.write(f"[llamacontroller] {timezone.now():%Y-%m-%d %H:%M:%S} starting: {argv!r}\n".encode())
-        log.flush()
-        try:
-            proc = subprocess.Popen(
-                argv,
-                stdin=subprocess.DEVNULL,
-                stdout=log,
-                stderr=subprocess.STDOUT,
-                env=env,
-                start_new_session=True,
-                close_fds=True,
-            )
-        except OSError as exc:
-            raise StartError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
-    create_time = create_time_of(proc.pid)
-    threading.Thread(target=_reap, args=(proc, log_path), name=f"reap-{proc.pid}", daemon=True).start()
-    return proc.pid, create_time or time.time()
-
-
-def _reap(proc: subprocess.Popen, log_path: Path) -> None:
-    code = proc.wait()
-    with _children_lock:
-        _exit_codes[proc.pid] = code
-        while len(_exit_codes) > 1000:
-            _exit_codes.pop(next(iter(_exit_codes)))
-    try:
-        with open(log_path, "ab") as log:
-            log.write((EXIT_MARK.format(pid=proc.pid, code=code) + "\n").encode())
-    except OSError:
-        pass
+# --- argument list, port, environment ---------------------------------------------------------------
 
 
 def build_argv(binary: str, model_path: str, cli_params: dict, port: int, gpu_count: int) -> list[str]:
@@ -216,17 +73,6 @@ def build_argv(binary: str, model_path: str, cli_params: dict, port: int, gpu_co
     if gpu_count > 1 and not {"split-mode", "sm"} & set(cli_params or {}):
         argv += ["--split-mode", "layer"]
     return argv
-
-
-def port_is_free(port: int) -> bool:
-    """Nothing listens on the port (a bind test, as llama-server will do)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # TIME_WAIT leftovers do not count
-        try:
-            sock.bind((settings.LLAMA_SERVER_HOST, port))
-        except OSError:
-            return False
-    return True
 
 
 def claim_port(instance: GpuInstance, avoid: set[int] = frozenset()) -> int:
@@ -268,19 +114,6 @@ def instance_env(instance: GpuInstance, gpu_uuids: list[str], log_path: Path) ->
 
 # --- health --------------------------------------------------------------------------------------------
 
-_http = requests.Session()
-_http.trust_env = False  # never send 127.0.0.1 through a proxy from the environment
-
-
-def health_status(port: int, timeout: float = 1.0) -> int | None:
-    """HTTP status of /health (200 ready, 503 loading), or None when nothing answers."""
-    host = settings.LLAMA_SERVER_HOST
-    host = "127.0.0.1" if host in ("0.0.0.0", "") else host
-    try:
-        return _http.get(f"http://{host}:{port}/health", timeout=timeout).status_code
-    except requests.RequestException:
-        return None
-
 
 def wait_until_healthy(instance: GpuInstance, deadline: float) -> None:
     """Poll /health until 200. StartError when the process exits or the deadline passes, Cancelled when
@@ -313,35 +146,6 @@ def _wait_exit_code(instance: GpuInstance) -> int | None:
             return code
         time.sleep(0.01)
     return None
-
-
-# --- stop ----------------------------------------------------------------------------------------------
-
-
-def stop_process(pid: int | None, create_time: float | None, timeout: float | None = None) -> bool:
-    """SIGTERM to the process group, SIGKILL after `timeout`. True if the process is gone afterwards."""
-    if not is_alive(pid, create_time):
-        return True
-    timeout = settings.STOP_TIMEOUT if timeout is None else timeout
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        _signal_group(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not is_alive(pid, create_time):
-                return True
-            time.sleep(0.02)
-    return not is_alive(pid, create_time)
-
-
-def _signal_group(pid: int, sig: int) -> None:
-    try:
-        # Started with start_new_session: the pid leads its own group, and the group holds its children.
-        if os.getpgid(pid) == pid:
-            os.killpg(pid, sig)
-        else:
-            os.kill(pid, sig)
-    except ProcessLookupError:
-        pass
 
 
 # --- the load, as the worker runs it -------------------------------------------------------------------
@@ -550,16 +354,6 @@ def owned_pids(host) -> set[int]:
         if is_alive(pid, create_time):
             owned |= process_tree_pids(pid)
     return owned
-
-
-def is_llama_server(proc: psutil.Process) -> bool:
-    try:
-        cmdline = proc.cmdline()
-        return "llama-server" in proc.name() or bool(
-            cmdline and "llama-server" in os.path.basename(cmdline[0])
-        )
-    except psutil.Error:
-        return False
 
 
 def kill_orphan(host, pid: int, actor=None) -> str:

@@ -14,7 +14,7 @@ from django.utils import timezone
 from gpus.models import Host
 from gpus.telemetry.procs import cuda_visible_devices_by_pid
 
-from . import lifecycle
+from . import lifecycle, processes
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu
 from .state import transition
@@ -40,7 +40,7 @@ def reconcile_host(host_name: str) -> dict[str, int]:
     active = GpuInstance.objects.filter(host=host, status__in=GpuInstance.ACTIVE_STATUSES)
     for instance in active.select_related("model", "host"):
         if instance.log_path:
-            lifecycle.cap_log(instance.log_path)
+            processes.cap_log(instance.log_path)
         check = {
             Status.PENDING: _check_pending,
             Status.STARTING: _check_starting,
@@ -71,7 +71,7 @@ def _send(task_name: str, instance: GpuInstance, **options) -> None:
 
 
 def _check_running(instance: GpuInstance) -> str | None:
-    if lifecycle.is_alive(instance.pid, instance.process_create_time):
+    if processes.is_alive(instance.pid, instance.process_create_time):
         if lifecycle.last_change(instance) < WORKER_STARTED_AT:
             record(
                 Kind.ADOPTED,
@@ -90,7 +90,7 @@ def _check_starting(instance: GpuInstance) -> str | None:
             # The worker died between starting llama-server and recording it.
             updated = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING, pid=None).update(
                 pid=tagged,
-                process_create_time=lifecycle.create_time_of(tagged),
+                process_create_time=processes.create_time_of(tagged),
                 log_path=str(lifecycle.log_path_for(instance)),
             )
             if updated:
@@ -111,9 +111,9 @@ def _check_starting(instance: GpuInstance) -> str | None:
             _send("load_model", instance)
             return "reloaded"
         return None
-    alive = lifecycle.is_alive(instance.pid, instance.process_create_time)
+    alive = processes.is_alive(instance.pid, instance.process_create_time)
     if not alive and _is_lost(instance):
-        code = lifecycle.exit_code_of(instance.pid, instance.log_path)
+        code = processes.exit_code_of(instance.pid, instance.log_path)
         lifecycle.fail(
             instance, "llama-server exited while loading", exit_code=code, expected=[Status.STARTING]
         )
@@ -135,7 +135,7 @@ def _check_pending(instance: GpuInstance) -> str | None:
         event_kind=Kind.ADOPTED,
         detail=f"found pid {tagged} by its instance tag",
         pid=tagged,
-        process_create_time=lifecycle.create_time_of(tagged),
+        process_create_time=processes.create_time_of(tagged),
         log_path=str(lifecycle.log_path_for(instance)),
     ):
         _send("resume_start", instance)
@@ -157,11 +157,11 @@ def _check_stopping(instance: GpuInstance) -> str | None:
 
 def crash(instance: GpuInstance) -> bool:
     """A running instance's process is gone: `crashed` with its exit code and log tail; maybe restart."""
-    code = lifecycle.exit_code_of(instance.pid, instance.log_path)
+    code = processes.exit_code_of(instance.pid, instance.log_path)
     message = f"llama-server (pid {instance.pid}) exited unexpectedly" + (
         f" with code {code}" if code is not None else ""
     )
-    tail = lifecycle.log_tail(instance.log_path)
+    tail = processes.log_tail(instance.log_path)
     if not transition(
         instance,
         Status.CRASHED,
@@ -229,7 +229,7 @@ def find_orphans(host: Host) -> list[dict]:
     owned = lifecycle.owned_pids(host)
     gpu_index = dict(host.gpus.values_list("uuid", "index"))
     our_logs = lifecycle.log_prefix(host.name)
-    tagged = lifecycle.tagged_processes()
+    tagged = processes.tagged_processes()
     orphans = []
     for pid, (instance_id, log) in tagged.items():
         if log.startswith(our_logs) and pid not in owned:
@@ -244,7 +244,7 @@ def find_orphans(host: Host) -> list[dict]:
             proc = psutil.Process(pid)
         except psutil.Error:
             continue
-        if lifecycle.is_llama_server(proc):
+        if processes.is_llama_server(proc):
             orphans.append(
                 {"pid": pid, "instance_id": None, "gpus": on_ours, "reason": "on our GPUs, unowned"}
             )

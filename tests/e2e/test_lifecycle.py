@@ -17,7 +17,7 @@ from django.core.management import call_command
 from django.db import connection
 
 from gpus.models import Gpu
-from models_app import lifecycle, tasks
+from models_app import processes, tasks
 from models_app.memory import refresh_host_memory
 from models_app.models import GpuInstance, InstanceEvent, LlamaBinary
 from models_app.services import LoadRefused, request_load, request_switch, request_unload
@@ -53,7 +53,7 @@ def wait_until(check, timeout=30.0, what="condition"):
 def our_servers(settings) -> dict[int, int]:
     """pid -> instance id of every live llama-server started for this test run's data folder."""
     prefix = str(settings.INSTANCE_LOG_DIR)
-    return {pid: iid for pid, (iid, log) in lifecycle.tagged_processes().items() if log.startswith(prefix)}
+    return {pid: iid for pid, (iid, log) in processes.tagged_processes().items() if log.startswith(prefix)}
 
 
 def ps_output() -> str:
@@ -67,7 +67,7 @@ def ps_output() -> str:
 def unload_and_check(instance, settings):
     request_unload(instance=instance, actor=None)
     wait_for(instance, Status.STOPPED)
-    assert not lifecycle.is_alive(instance.pid, instance.process_create_time)
+    assert not processes.is_alive(instance.pid, instance.process_create_time)
     assert instance.pid not in our_servers(settings)
     return instance
 
@@ -77,7 +77,7 @@ def worker(celery_worker, settings):
     yield celery_worker
     # Whatever a test left (it should have unloaded): stop it, so no process outlives the test.
     for pid in our_servers(settings):
-        lifecycle.stop_process(pid, None, timeout=2)
+        processes.stop_process(pid, None, timeout=2)
 
 
 @pytest.fixture
@@ -179,7 +179,7 @@ def test_lifecycle_seed_4_telemetry_failure_during_load(worker, fake_gpus, tiny_
     assert instance.memory_source == "none"
     assert instance.memory_percent is None
     assert "N/A" in next(line for line in ps_output().splitlines() if line.startswith(str(instance.pk)))
-    assert lifecycle.health_status(instance.port) == 200  # the model serves regardless
+    assert processes.health_status(instance.port) == 200  # the model serves regardless
 
     fake_gpus.write(fail=None)
     refresh_host_memory("testhost")
@@ -282,7 +282,7 @@ def test_lifecycle_worker_killed_mid_load_converges(
         instance.refresh_from_db()
         assert instance.status == Status.STARTING
         first.kill()
-        assert lifecycle.is_alive(instance.pid, instance.process_create_time)  # it outlives its worker
+        assert processes.is_alive(instance.pid, instance.process_create_time)  # it outlives its worker
 
         start_worker()
         instance = wait_for(instance, Status.RUNNING, Status.FAILED, timeout=30)
@@ -290,7 +290,7 @@ def test_lifecycle_worker_killed_mid_load_converges(
         assert GpuInstance.objects.count() == 1
         assert our_servers(settings) == {instance.pid: instance.pk}  # no duplicate, no orphan
         assert instance.events.filter(kind=InstanceEvent.Kind.ADOPTED).exists()
-        assert lifecycle.health_status(instance.port) == 200
+        assert processes.health_status(instance.port) == 200
         unload_and_check(instance, settings)
         wait_until(lambda: not psutil.pid_exists(instance.pid) or _reaped(instance.pid), what="reaping")
     finally:

@@ -57,8 +57,8 @@ def reap():
 def no_stray_servers(settings):
     """Kill any llama-server a test started for this data folder (tagged with one of our log paths)."""
     yield
-    from models_app import lifecycle
+    from models_app import processes
 
-    for pid, (_, log) in lifecycle.tagged_processes().items():
+    for pid, (_, log) in processes.tagged_processes().items():
         if log.startswith(str(settings.INSTANCE_LOG_DIR)):
-            lifecycle.stop_process(pid, None, timeout=2)
+            processes.stop_process(pid, None, timeout=2)

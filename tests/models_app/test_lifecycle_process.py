@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from models_app import binaries, lifecycle, tasks
+from models_app import binaries, lifecycle, processes, tasks
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary
 from models_app.services import request_load
 
@@ -49,11 +49,11 @@ def test_lifecycle_port_picking(fake_gpus, tiny_model, settings):
     )
     try:
         # port: something listens; port + 1: held by an instance; port + 2 is free (unless the OS took it).
-        if lifecycle.port_is_free(port + 2):
+        if processes.port_is_free(port + 2):
             assert lifecycle.claim_port(instance) == port + 2
             assert GpuInstance.objects.get(pk=instance.pk).port == port + 2
             instance.port = None
-            with pytest.raises(lifecycle.StartError, match="no free port"):
+            with pytest.raises(processes.StartError, match="no free port"):
                 lifecycle.claim_port(instance, avoid={port + 2})
         holder.status = Status.STOPPED
         holder.save()
@@ -87,7 +87,7 @@ def test_lifecycle_binary_resolution(settings, tmp_path, monkeypatch):
 
 def test_lifecycle_launch_log_and_exit_code(tmp_path, reap):
     log = tmp_path / "logs" / "x.log"
-    pid, create_time = lifecycle.launch(
+    pid, create_time = processes.launch(
         [
             sys.executable,
             "-c",
@@ -99,46 +99,46 @@ def test_lifecycle_launch_log_and_exit_code(tmp_path, reap):
     reap.append(pid)
     assert abs(create_time - psutil.Process(pid).create_time()) < 0.01 if psutil.pid_exists(pid) else True
     deadline = time.monotonic() + 10
-    while lifecycle.exit_code_of(pid, str(log)) is None and time.monotonic() < deadline:
+    while processes.exit_code_of(pid, str(log)) is None and time.monotonic() < deadline:
         time.sleep(0.02)
-    assert lifecycle.exit_code_of(pid, str(log)) == 3
+    assert processes.exit_code_of(pid, str(log)) == 3
     text = log.read_text()
     assert "hello True" in text  # its own session and process group
     assert "exited with code 3" in text
     assert not psutil.pid_exists(pid)  # reaped: no zombie left
-    with pytest.raises(lifecycle.StartError, match="cannot start"):
-        lifecycle.launch([str(tmp_path / "nothing")], env={}, log_path=log)
+    with pytest.raises(processes.StartError, match="cannot start"):
+        processes.launch([str(tmp_path / "nothing")], env={}, log_path=log)
 
 
 def test_lifecycle_stop_process_group(fake_llama, tmp_path, reap):
     # A process that ignores SIGTERM is killed after the timeout.
     script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('R' + 'EADY', flush=True); time.sleep(60)"
-    pid, create_time = lifecycle.launch(
+    pid, create_time = processes.launch(
         [sys.executable, "-c", script], env=dict(os.environ), log_path=tmp_path / "l"
     )
     reap.append(pid)
     while "READY" not in (tmp_path / "l").read_text():
         time.sleep(0.02)
     started = time.monotonic()
-    assert lifecycle.stop_process(pid, create_time, timeout=0.5)
+    assert processes.stop_process(pid, create_time, timeout=0.5)
     assert 0.5 <= time.monotonic() - started < 5
-    assert not lifecycle.is_alive(pid, create_time)
+    assert not processes.is_alive(pid, create_time)
     # A pid with another create-time is not ours: left alone.
-    pid, create_time = lifecycle.launch([fake_llama, "60"], env=dict(os.environ), log_path=tmp_path / "l")
+    pid, create_time = processes.launch([fake_llama, "60"], env=dict(os.environ), log_path=tmp_path / "l")
     reap.append(pid)
-    assert not lifecycle.is_alive(pid, create_time + 100)
-    assert lifecycle.stop_process(pid, create_time + 100)
-    assert lifecycle.is_alive(pid, create_time)
+    assert not processes.is_alive(pid, create_time + 100)
+    assert processes.stop_process(pid, create_time + 100)
+    assert processes.is_alive(pid, create_time)
 
 
 def test_lifecycle_cap_log(tmp_path):
     log = tmp_path / "big.log"
     log.write_bytes(b"".join(b"line %05d\n" % i for i in range(2000)))
-    assert lifecycle.cap_log(str(log), max_bytes=4096)
+    assert processes.cap_log(str(log), max_bytes=4096)
     data = log.read_bytes()
     assert len(data) < 4096
     assert data.endswith(b"line 01999\n")
-    assert not lifecycle.cap_log(str(log), max_bytes=4096)
+    assert not processes.cap_log(str(log), max_bytes=4096)
 
 
 # --- the load and unload flows with the real llama-server ----------------------------------------------
@@ -163,7 +163,7 @@ def test_lifecycle_load_and_unload_as_plain_functions(loadable, users):
     assert proc.cmdline() == instance.argv
     assert instance.argv[-2:] == ["--split-mode", "layer"]
     assert os.getpgid(instance.pid) == instance.pid
-    assert lifecycle.health_status(instance.port) == 200
+    assert processes.health_status(instance.port) == 200
     assert instance.memory_source in ("process", "device")
     assert 0 < instance.memory_used_mb < instance.memory_total_mb == 2 * loadable.gpus[0].memory_total_mib
     kinds = list(instance.events.order_by("created_at", "id").values_list("kind", flat=True))
@@ -175,7 +175,7 @@ def test_lifecycle_load_and_unload_as_plain_functions(loadable, users):
     tasks.unload_model(instance.pk, users["operator"].pk)
     instance.refresh_from_db()
     assert instance.status == Status.STOPPED
-    assert not lifecycle.is_alive(instance.pid, instance.process_create_time)
+    assert not processes.is_alive(instance.pid, instance.process_create_time)
     assert not InstanceGpu.objects.filter(instance=instance, active=True).exists()
     assert instance.events.filter(kind=Kind.UNLOADED, actor_name="operator").exists()
     tasks.unload_model(instance.pk)  # idempotent
@@ -192,7 +192,7 @@ def test_lifecycle_bad_model_file_fails(loadable, tiny_model, settings):
     assert instance.status == Status.FAILED
     assert "exited while loading" in instance.error
     assert "last lines of the log" in instance.error
-    assert not lifecycle.is_alive(instance.pid, instance.process_create_time)
+    assert not processes.is_alive(instance.pid, instance.process_create_time)
     assert not instance.gpu_links.filter(active=True).exists()
 
 
@@ -244,6 +244,6 @@ def test_lifecycle_switch_flow(loadable):
     old.refresh_from_db()
     new.refresh_from_db()
     assert old.status == Status.STOPPED
-    assert not lifecycle.is_alive(old.pid, old.process_create_time)
+    assert not processes.is_alive(old.pid, old.process_create_time)
     assert new.status == Status.RUNNING, new.error
     tasks.unload_model(new.pk)

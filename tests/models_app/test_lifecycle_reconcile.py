@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from models_app import lifecycle, reconcile
+from models_app import lifecycle, processes, reconcile
 from models_app.models import GpuInstance, InstanceEvent
 from models_app.services import request_load
 
@@ -35,10 +35,10 @@ def _age(instance, seconds=60):
 
 def _wait_dead(instance, timeout=15):
     deadline = time.monotonic() + timeout
-    while lifecycle.is_alive(instance.pid, instance.process_create_time) and time.monotonic() < deadline:
+    while processes.is_alive(instance.pid, instance.process_create_time) and time.monotonic() < deadline:
         time.sleep(0.02)
     # and the reaper thread has appended the exit code
-    while lifecycle.exit_code_of(instance.pid, instance.log_path) is None and time.monotonic() < deadline:
+    while processes.exit_code_of(instance.pid, instance.log_path) is None and time.monotonic() < deadline:
         time.sleep(0.02)
 
 
@@ -46,7 +46,7 @@ def _running(fake_gpus, argv, tmp_path, reap, **fields):
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     log = lifecycle.log_path_for(instance)
     env = lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log)
-    pid, create_time = lifecycle.launch(argv, env=env, log_path=log)
+    pid, create_time = processes.launch(argv, env=env, log_path=log)
     reap.append(pid)
     GpuInstance.objects.filter(pk=instance.pk).update(
         status=Status.RUNNING,
@@ -121,7 +121,7 @@ def test_lifecycle_started_but_unrecorded_process_is_adopted(
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     GpuInstance.objects.filter(pk=instance.pk).update(status=Status.STARTING)
     log = lifecycle.log_path_for(instance)
-    pid, _ = lifecycle.launch(
+    pid, _ = processes.launch(
         [fake_llama, "60"], env=lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
     )
     reap.append(pid)
@@ -138,10 +138,10 @@ def test_lifecycle_orphans_found_and_killed(fake_gpus, tiny_model, fake_llama, t
     GpuInstance.objects.filter(pk=stopped.pk).update(status=Status.STOPPED)
     stopped.gpu_links.update(active=False)
     log = lifecycle.log_path_for(stopped)
-    tagged, _ = lifecycle.launch(
+    tagged, _ = processes.launch(
         [fake_llama, "60"], env=lifecycle.instance_env(stopped, [fake_gpus.gpus[1].uuid], log), log_path=log
     )
-    untagged, _ = lifecycle.launch(
+    untagged, _ = processes.launch(
         [fake_llama, "60"], env={**os.environ, "CUDA_VISIBLE_DEVICES": fake_gpus.gpus[1].uuid}, log_path=log
     )
     owned = _running(fake_gpus, [fake_llama, "60"], tmp_path, reap)
@@ -155,11 +155,11 @@ def test_lifecycle_orphans_found_and_killed(fake_gpus, tiny_model, fake_llama, t
     assert "belongs to an active instance" in lifecycle.kill_orphan(
         fake_gpus.host, owned.pid, actor=users["admin"]
     )
-    assert lifecycle.is_alive(owned.pid, owned.process_create_time)
+    assert processes.is_alive(owned.pid, owned.process_create_time)
     assert "not a llama-server" in lifecycle.kill_orphan(fake_gpus.host, os.getpid())
     message = lifecycle.kill_orphan(fake_gpus.host, untagged, actor=users["admin"])
     assert message.startswith(f"killed orphan pid {untagged}")
-    assert not lifecycle.is_alive(untagged, None)
+    assert not processes.is_alive(untagged, None)
     event = InstanceEvent.objects.get(kind=Kind.ORPHAN_KILLED)
     assert (event.actor_name, event.instance) == ("admin", None)
 
@@ -170,11 +170,11 @@ def test_lifecycle_unload_finds_unrecorded_process(fake_gpus, tiny_model, fake_l
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     GpuInstance.objects.filter(pk=instance.pk).update(status=status)
     log = lifecycle.log_path_for(instance)
-    pid, create_time = lifecycle.launch(
+    pid, create_time = processes.launch(
         [fake_llama, "60"], env=lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
     )
     reap.append(pid)
     lifecycle.unload_instance(instance.pk)
     instance.refresh_from_db()
     assert instance.status == Status.STOPPED
-    assert not lifecycle.is_alive(pid, create_time)
+    assert not processes.is_alive(pid, create_time)
