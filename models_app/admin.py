@@ -1,4 +1,7 @@
+from django import forms
 from django.contrib import admin, messages
+from django.shortcuts import redirect
+from django.template.response import TemplateResponse
 
 from gpus.admin import GpuAdmin
 from gpus.models import Gpu
@@ -43,6 +46,12 @@ class InstanceEventInline(admin.TabularInline):
         return False
 
 
+class LoadForm(forms.Form):
+    model = forms.ModelChoiceField(queryset=ModelConfig.objects.all())
+    gpu_id = forms.CharField(label="GPUs", help_text='GPU indices on one host: "0" or "0,1".')
+    host = forms.CharField(required=False, help_text="Only needed when several hosts have these indices.")
+
+
 @admin.register(GpuInstance)
 class GpuInstanceAdmin(admin.ModelAdmin):
     list_display = [
@@ -57,9 +66,34 @@ class GpuInstanceAdmin(admin.ModelAdmin):
     readonly_fields = [f.name for f in GpuInstance._meta.fields]
     actions = ["unload_selected"]
 
-    def has_add_permission(self, request):
-        # Loading goes through the lifecycle service (validation, queue), not a raw row.
-        return False
+    def add_view(self, request, form_url="", extra_context=None):
+        """ "Add" loads a model: the same validation, queue and audit as the dashboard, never a raw row."""
+        from .services import LoadRefused, request_load
+
+        form = LoadForm(request.POST or None)
+        if request.method == "POST" and form.is_valid():
+            data = form.cleaned_data
+            try:
+                instance = request_load(
+                    model_id=data["model"].pk,
+                    gpu_spec=data["gpu_id"],
+                    actor=request.user,
+                    host_name=data["host"] or None,
+                )
+            except LoadRefused as exc:
+                field = {"model_id": "model"}.get(exc.field, exc.field)
+                form.add_error(field if field in form.fields else None, exc.message)
+            else:
+                self.message_user(request, f"Loading {instance}.", messages.SUCCESS)
+                return redirect("admin:models_app_gpuinstance_change", instance.pk)
+        context = {
+            **self.admin_site.each_context(request),
+            "title": "Load a model",
+            "form": form,
+            "opts": self.model._meta,
+            **(extra_context or {}),
+        }
+        return TemplateResponse(request, "admin/models_app/gpuinstance/load.html", context)
 
     @admin.action(description="Unload selected instances")
     def unload_selected(self, request, queryset):

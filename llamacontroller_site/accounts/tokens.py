@@ -9,12 +9,14 @@ from models_app.models import InstanceEvent
 from .models import ApiToken
 
 
-def issue(*, user, name: str, expires_at=None) -> tuple[ApiToken, str]:
-    """A new token for `user`; returns the row and the raw token, which is never stored."""
+def issue(*, user, name: str, expires_at=None, actor=None) -> tuple[ApiToken, str]:
+    """A new token for `user` (issued by `actor`, default the user); returns the row and the raw token,
+    which is never stored."""
     with transaction.atomic():
         token, raw = ApiToken.issue(user, name, expires_at=expires_at)
         expiry = f", expires {expires_at:%Y-%m-%d %H:%M %Z}" if expires_at else ", no expiry"
-        record(InstanceEvent.Kind.TOKEN_CREATED, actor=user, detail=f"token {name!r} ({token.hint}…){expiry}")
+        detail = f"token {name!r} ({token.hint}…) for {user.get_username()}{expiry}"
+        record(InstanceEvent.Kind.TOKEN_CREATED, actor=actor or user, detail=detail)
     return token, raw
 
 
