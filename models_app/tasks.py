@@ -3,12 +3,14 @@ and calls lifecycle/reconcile/memory. Lifecycle and refresh tasks run on the que
 the GPUs (`host.<name>`); the dispatchers run anywhere and fan out to every host."""
 
 import logging
+from datetime import timedelta
 
 from celery import shared_task
 from celery.signals import worker_ready
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connections
+from django.utils import timezone
 
 from gpus.models import Host
 
@@ -58,10 +60,20 @@ def refresh_host(host_name: str) -> None:
     memory.refresh_host_memory(host_name)
 
 
+# A host whose worker has not been heard of for this long gets no periodic tasks: expired messages are
+# dropped only when a worker takes them, so a dead host's queue would otherwise grow without end. A worker
+# that comes back registers its host at start, and the tasks resume.
+HOST_SILENT_AFTER = timedelta(minutes=5)
+
+
+def live_hosts() -> list[Host]:
+    return list(Host.objects.filter(last_seen__gte=timezone.now() - HOST_SILENT_AFTER))
+
+
 @shared_task(name="models_app.tasks.dispatch_refresh", ignore_result=True)
 def dispatch_refresh() -> int:
-    """Beat: one GPU refresh per host, expiring before the next one is due."""
-    hosts = list(Host.objects.all())
+    """Beat: one GPU refresh per live host, expiring before the next one is due."""
+    hosts = live_hosts()
     for host in hosts:
         refresh_host.apply_async(
             args=[host.name], queue=host.queue, expires=settings.GPU_REFRESH_SECONDS * 0.8
@@ -71,8 +83,8 @@ def dispatch_refresh() -> int:
 
 @shared_task(name="models_app.tasks.dispatch_reconcile", ignore_result=True)
 def dispatch_reconcile() -> int:
-    """Beat: one reconcile pass per host, expiring before the next one is due."""
-    hosts = list(Host.objects.all())
+    """Beat: one reconcile pass per live host, expiring before the next one is due."""
+    hosts = live_hosts()
     for host in hosts:
         reconcile_host.apply_async(
             args=[host.name], queue=host.queue, expires=settings.RECONCILE_SECONDS * 0.8

@@ -230,3 +230,29 @@ def test_lifecycle_kill_orphan_service(fake_gpus, users, sent):
         services.kill_orphan(host_name="testhost", pid="x", actor=users["admin"])
     services.kill_orphan(host_name="testhost", pid=1234, actor=users["admin"])
     assert sent == [("kill_orphan", ["testhost", 1234, users["admin"].pk], {"queue": "host.testhost"})]
+
+
+def test_dispatchers_fan_out_to_live_hosts_only(fake_gpus, sent, settings):
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    from gpus.models import Host
+    from models_app import tasks
+
+    Host.objects.create(name="gone", last_seen=timezone.now() - timedelta(hours=1))
+    Host.objects.create(name="never-seen")
+    assert tasks.dispatch_refresh() == 1
+    assert tasks.dispatch_reconcile() == 1
+    assert sent == [
+        (
+            "refresh_host",
+            ["testhost"],
+            {"queue": "host.testhost", "expires": settings.GPU_REFRESH_SECONDS * 0.8},
+        ),
+        (
+            "reconcile_host",
+            ["testhost"],
+            {"queue": "host.testhost", "expires": settings.RECONCILE_SECONDS * 0.8},
+        ),
+    ]
