@@ -2,6 +2,7 @@ from django.contrib.auth import get_user_model
 from drf_spectacular.utils import extend_schema
 from rest_framework import mixins, status, viewsets
 from rest_framework.decorators import action
+from rest_framework.exceptions import ValidationError
 from rest_framework.response import Response
 
 from . import tokens
@@ -48,6 +49,8 @@ class UserViewSet(viewsets.ModelViewSet):
     queryset = get_user_model().objects.prefetch_related("groups").order_by("username")
 
     def perform_destroy(self, instance):
+        if instance.pk == self.request.user.pk:
+            raise ValidationError({"detail": "you cannot deactivate yourself"})
         instance.is_active = False
         instance.save(update_fields=["is_active"])
 

@@ -67,6 +67,13 @@ class UserSerializer(serializers.ModelSerializer):
         return data
 
     def validate(self, attrs):
+        request = self.context.get("request")
+        if self.instance is not None and request is not None and self.instance.pk == request.user.pk:
+            # An admin who locks themselves out may leave nobody able to administer the team.
+            if attrs.get("is_active") is False:
+                raise serializers.ValidationError({"is_active": ["you cannot deactivate yourself"]})
+            if "role" in attrs and attrs["role"] != roles.role_of(self.instance):
+                raise serializers.ValidationError({"role": ["you cannot change your own role"]})
         password = attrs.get("password")
         if self.instance is None and not password:
             raise serializers.ValidationError({"password": ["required when creating a user"]})

@@ -78,6 +78,13 @@ class ModelConfigSerializer(serializers.ModelSerializer):
         except RegistryError as exc:
             raise serializers.ValidationError(str(exc)) from None
 
+    def validate_metadata(self, value):
+        if value is None:
+            return {}
+        if not isinstance(value, dict):
+            raise serializers.ValidationError("metadata must be a JSON object")
+        return value
+
     def _with_facts(self, validated_data):
         if "path" in validated_data:
             path = Path(validated_data["path"])

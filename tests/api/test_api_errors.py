@@ -180,3 +180,37 @@ def test_event_filters_validate(users):
     client.force_login(users["admin"])
     assert client.get("/api/v1/events/?since=yesterday").status_code == 400
     assert client.get("/api/v1/events/?instance=abc").status_code == 400
+
+
+@pytest.mark.parametrize(("field", "value"), [("metadata", None), ("metadata", [1, 2]), ("cli_params", None)])
+def test_model_update_with_null_or_wrong_json_never_500(users, tiny_model, field, value):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_login(users["admin"])
+    body = {"name": "Tiny", "path": tiny_model.path, field: value}
+    response = client.put(f"/api/v1/models/{tiny_model.pk}/", body, format="json")
+    assert response.status_code in (200, 400), response.content
+    tiny_model.refresh_from_db()
+    assert isinstance(tiny_model.metadata, dict) and isinstance(tiny_model.cli_params, dict)
+    if value == [1, 2]:
+        assert response.status_code == 400 and "metadata" in response.json()
+
+
+def test_an_admin_cannot_lock_themselves_out(users):
+    from rest_framework.test import APIClient
+
+    admin = users["admin"]
+    client = APIClient()
+    client.force_login(admin)
+    url = f"/api/v1/users/{admin.pk}/"
+    assert client.patch(url, {"is_active": False}, format="json").status_code == 400
+    assert client.patch(url, {"role": "viewer"}, format="json").status_code == 400
+    assert client.delete(url).status_code == 400
+    admin.refresh_from_db()
+    assert admin.is_active and admin.is_superuser
+    # Other users, yes.
+    assert (
+        client.patch(f"/api/v1/users/{users['viewer'].pk}/", {"is_active": False}, format="json").status_code
+        == 200
+    )
