@@ -11,7 +11,6 @@ sends a bounded number of requests."""
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -116,12 +115,6 @@ def insert_history() -> int:
         return cursor.fetchone()[0]
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 def start_gunicorn(env: dict, port: int, log) -> subprocess.Popen:
     argv = [sys.executable, "-m", "gunicorn", "llamacontroller_site.wsgi", "-b", f"127.0.0.1:{port}",
             "-w", "2", "--threads", "4", "--access-logfile", "-"]  # fmt: skip
@@ -224,6 +217,8 @@ def main():
     setup_django()
     token, session_key = seed()
     from django.db import connection
+
+    from llamacontroller_site.embedded_redis import free_port
 
     port = free_port()
     base = f"http://127.0.0.1:{port}"

@@ -1,5 +1,6 @@
 """GET /healthz: database, broker and worker status as JSON; 200 when all is well, 503 otherwise."""
 
+import threading
 from datetime import timedelta
 
 import redis
@@ -20,13 +21,28 @@ def check_database() -> dict:
         return {"ok": False, "error": str(exc)}
 
 
-def check_broker() -> dict:
+_broker_lock = threading.Lock()
+_broker_clients: dict[str, redis.Redis] = {}
+
+
+def broker_error(url: str) -> str | None:
+    """Why the broker at `url` does not answer a ping within a second, or None when it does. One client
+    (and its connection pool) per URL and process, so a request pays one round trip, not a connect."""
+    with _broker_lock:
+        client = _broker_clients.get(url)
+        if client is None:
+            client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
+            _broker_clients[url] = client
     try:
-        client = redis.Redis.from_url(settings.REDIS_URL, socket_connect_timeout=1, socket_timeout=1)
         client.ping()
-        return {"ok": True}
-    except Exception as exc:
-        return {"ok": False, "error": f"broker unreachable: {exc}"}
+    except Exception as exc:  # a malformed URL raises other types than RedisError
+        return str(exc)
+    return None
+
+
+def check_broker() -> dict:
+    error = broker_error(settings.REDIS_URL)
+    return {"ok": True} if error is None else {"ok": False, "error": f"broker unreachable: {error}"}
 
 
 def check_workers() -> dict:

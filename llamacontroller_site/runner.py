@@ -86,7 +86,7 @@ def register_test_model() -> None:
     from django.conf import settings
 
     from models_app.models import ModelConfig
-    from models_app.registry import read_gguf_facts
+    from models_app.registry import file_facts
     from models_app.testmodel import write_tiny_model
 
     path = Path(settings.MODEL_DIRS[0]) / "tiny-test-llama.gguf"
@@ -98,8 +98,7 @@ def register_test_model() -> None:
             name="Tiny test llama (random weights)",
             path=str(path),
             cli_params={"c": 512},
-            gguf_metadata=read_gguf_facts(path),
-            file_size_bytes=path.stat().st_size,
+            **file_facts(path),
         )
         say(f"registered the test model {path}")
 

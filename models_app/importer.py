@@ -21,7 +21,7 @@ from django.utils.text import slugify
 
 from .events import record
 from .models import InstanceEvent, ModelConfig
-from .registry import RegistryError, check_cli_params, check_model_path, read_gguf_facts
+from .registry import RegistryError, check_cli_params, check_model_path, file_facts
 
 
 class ImportRejected(Exception):
@@ -112,8 +112,7 @@ def parse_registry_file(file_path: Path) -> list[dict]:
 def import_registry(file_path: Path, *, dry_run: bool = False) -> ImportReport:
     entries = parse_registry_file(file_path)
     for values in entries:  # header facts are read before the transaction: file I/O stays outside it
-        values["gguf_metadata"] = read_gguf_facts(Path(values["path"]))
-        values["file_size_bytes"] = Path(values["path"]).stat().st_size
+        values.update(file_facts(Path(values["path"])))
     report = ImportReport()
     with transaction.atomic():
         existing = ModelConfig.objects.in_bulk([v["id"] for v in entries])

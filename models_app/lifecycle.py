@@ -344,16 +344,14 @@ def refresh_memory(host_name: str) -> None:
 
 
 def owned_pids(host) -> set[int]:
-    """Every pid in the process trees of the host's active instances."""
-    from gpus.telemetry import process_tree_pids
+    """Every pid in the process trees of the host's active instances (one scan of the process table)."""
+    from gpus.telemetry import process_trees
 
-    owned: set[int] = set()
-    for pid, create_time in GpuInstance.objects.filter(
+    rows = GpuInstance.objects.filter(
         host=host, status__in=GpuInstance.ACTIVE_STATUSES, pid__isnull=False
-    ).values_list("pid", "process_create_time"):
-        if is_alive(pid, create_time):
-            owned |= process_tree_pids(pid)
-    return owned
+    ).values_list("pid", "process_create_time")
+    live = [pid for pid, create_time in rows if is_alive(pid, create_time)]
+    return set().union(*process_trees(live).values())
 
 
 def kill_orphan(host, pid: int, actor=None) -> str:

@@ -3,7 +3,6 @@ values), and the figures written back onto the instances."""
 
 import logging
 
-import psutil
 from django.db import transaction
 
 from gpus import services as gpu_services
@@ -12,21 +11,11 @@ from gpus.telemetry import process_trees
 
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu
+from .processes import is_alive
 
 logger = logging.getLogger(__name__)
 
 Status = GpuInstance.Status
-
-
-def _is_same_process(pid: int | None, create_time: float | None) -> bool:
-    if not pid:
-        return False
-    try:
-        started = psutil.Process(pid).create_time()
-    except psutil.Error:
-        return False
-    # A recycled pid has another create-time.
-    return create_time is None or abs(started - create_time) < 1.0
 
 
 def active_claims(host_name: str) -> list[gpu_services.InstanceClaim]:
@@ -44,7 +33,7 @@ def active_claims(host_name: str) -> list[gpu_services.InstanceClaim]:
             instance_id, {"gpus": [], "status": status, "pid": pid, "create_time": create_time}
         )
         entry["gpus"].append(gpu_pk)
-    live = [e["pid"] for e in by_instance.values() if _is_same_process(e["pid"], e["create_time"])]
+    live = [e["pid"] for e in by_instance.values() if is_alive(e["pid"], e["create_time"])]
     trees = process_trees(live)
     return [
         gpu_services.InstanceClaim(

@@ -80,6 +80,11 @@ def cli_args(params: dict) -> list[str]:
     return args
 
 
+def file_facts(path: Path) -> dict:
+    """The registry fields read from a model file: its GGUF header facts and its size."""
+    return {"gguf_metadata": read_gguf_facts(path), "file_size_bytes": Path(path).stat().st_size}
+
+
 def read_gguf_facts(path: Path) -> dict:
     """A few header facts (architecture, layers, context, parameters); {} when the header is unreadable."""
     from gguf import GGUFReader

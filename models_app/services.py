@@ -5,14 +5,13 @@ recorded here, then the work goes to the worker of the GPUs' host; nothing here 
 
 import logging
 import re
-import threading
 from collections import defaultdict
 
-import redis
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from gpus.models import Gpu, Host
+from llamacontroller_site import health
 from llamacontroller_site.accounts.roles import can_administer, can_load, can_manage_instance
 
 from .events import record
@@ -135,22 +134,12 @@ def _busy(gpus: list[Gpu]) -> LoadRefused:
 
 # --- the broker ----------------------------------------------------------------------------------------
 
-_redis_lock = threading.Lock()
-_redis_clients: dict[str, redis.Redis] = {}
-
 
 def check_broker() -> None:
     """A fast ping, before anything is written: a request the worker would never see is refused."""
-    url = settings.CELERY_BROKER_URL
-    with _redis_lock:
-        client = _redis_clients.get(url)
-        if client is None:
-            client = redis.Redis.from_url(url, socket_connect_timeout=1, socket_timeout=1)
-            _redis_clients[url] = client
-    try:
-        client.ping()
-    except redis.RedisError as exc:
-        raise LoadRefused(f"the task queue (Redis) is unreachable: {exc}", code="unavailable") from None
+    error = health.broker_error(settings.CELERY_BROKER_URL)
+    if error is not None:
+        raise LoadRefused(f"the task queue (Redis) is unreachable: {error}", code="unavailable")
 
 
 def _send(task_name: str, args: list, queue: str, instance_id: int | None = None) -> None:

@@ -114,15 +114,14 @@ def tiny_model_file():
 @pytest.fixture
 def tiny_model(db, tiny_model_file):
     from models_app.models import ModelConfig
-    from models_app.registry import read_gguf_facts
+    from models_app.registry import file_facts
 
     return ModelConfig.objects.create(
         id="tiny",
         name="Tiny test llama",
         path=str(tiny_model_file),
         cli_params={"c": 256, "t": 1},
-        gguf_metadata=read_gguf_facts(tiny_model_file),
-        file_size_bytes=tiny_model_file.stat().st_size,
+        **file_facts(tiny_model_file),
     )
 
 

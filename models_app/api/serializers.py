@@ -3,7 +3,7 @@ from pathlib import Path
 from rest_framework import serializers
 
 from models_app.models import GpuInstance, InstanceEvent, ModelConfig
-from models_app.registry import RegistryError, check_cli_params, check_model_path, read_gguf_facts
+from models_app.registry import RegistryError, check_cli_params, check_model_path, file_facts
 
 
 class InstanceSerializer(serializers.ModelSerializer):
@@ -88,8 +88,7 @@ class ModelConfigSerializer(serializers.ModelSerializer):
     def _with_facts(self, validated_data):
         if "path" in validated_data:
             path = Path(validated_data["path"])
-            validated_data["gguf_metadata"] = read_gguf_facts(path)
-            validated_data["file_size_bytes"] = path.stat().st_size
+            validated_data.update(file_facts(path))
         return validated_data
 
     def create(self, validated_data):
