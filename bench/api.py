@@ -61,8 +61,8 @@ def seed() -> tuple[str, str]:
     from django.core.management import call_command
     from django.utils import timezone
 
+    from accounts.models import ApiToken
     from gpus.models import Gpu, Host
-    from llamacontroller_site.accounts.models import ApiToken
     from models_app.models import GpuInstance, InstanceGpu, ModelConfig
 
     call_command("migrate", verbosity=0)

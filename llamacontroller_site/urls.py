@@ -7,7 +7,7 @@ from .health import healthz
 api_v1 = [
     path("", include("gpus.api.urls")),
     path("", include("models_app.api.urls")),
-    path("", include("llamacontroller_site.accounts.api_urls")),
+    path("", include("accounts.api_urls")),
 ]
 
 urlpatterns = [
@@ -16,6 +16,6 @@ urlpatterns = [
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
-    path("accounts/", include("llamacontroller_site.accounts.urls")),
+    path("accounts/", include("accounts.urls")),
     path("", include("models_app.web.urls")),
 ]

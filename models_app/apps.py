@@ -4,3 +4,10 @@ from django.apps import AppConfig
 class ModelsAppConfig(AppConfig):
     name = "models_app"
     verbose_name = "Models and instances"
+
+    def ready(self):
+        from accounts.audit import account_event
+
+        from .events import record_account_event
+
+        account_event.connect(record_account_event, dispatch_uid="models_app.record_account_event")

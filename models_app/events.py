@@ -13,3 +13,8 @@ def record(kind: str, *, instance: GpuInstance | None = None, actor=None, detail
         actor_name=user.get_username() if user else SYSTEM,
         detail=detail,
     )
+
+
+def record_account_event(sender, *, kind: str, actor=None, detail: str = "", **kwargs) -> None:
+    """Receiver of accounts' audit signal: logins, tokens and user changes join the audit trail."""
+    record(kind, actor=actor, detail=detail)

@@ -7,18 +7,36 @@ from gpus.models import Gpu, Host
 
 
 class LlamaBinary(models.Model):
-    """A llama.cpp build (llama-server). Several versions can live side by side; a model may pin one."""
+    """A llama-server build that a host's worker found in its own configuration (LLAMACONTROLLER_LLAMA_SERVER,
+    PATH, the built one, LLAMACONTROLLER_LLAMA_SERVER_DIRS) and verified with `--version`. People choose
+    among these; nobody types a path. `catalogue` is the binary's own `--help`, parsed: every spelling of
+    every flag, whether it takes a value and whether that value is a file. Refreshed when the file changes."""
 
-    name = models.CharField(max_length=100, unique=True)
-    path = models.CharField(max_length=500, unique=True)
-    version = models.CharField(max_length=100, blank=True)
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="llama_binaries")
+    name = models.CharField(max_length=100, help_text="A label, unique per host.")
+    path = models.CharField(max_length=500)
+    version = models.CharField(max_length=100, blank=True, help_text='e.g. "b6123".')
+    version_text = models.TextField(blank=True, help_text="What --version printed.")
+    is_default = models.BooleanField(
+        default=False, help_text="The host's llama-server when a model pins none."
+    )
+    file_size = models.BigIntegerField(null=True, blank=True)
+    file_mtime = models.FloatField(null=True, blank=True)
+    catalogue = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True, help_text="Why it could not be verified, if it could not.")
+    discovered_at = models.DateTimeField(default=timezone.now)
     created_at = models.DateTimeField(auto_now_add=True)
 
     class Meta:
-        ordering = ["name"]
+        ordering = ["host__name", "name"]
+        verbose_name = "llama-server binary"
+        constraints = [
+            models.UniqueConstraint(fields=["host", "path"], name="binary_unique_host_path"),
+            models.UniqueConstraint(fields=["host", "name"], name="binary_unique_host_name"),
+        ]
 
     def __str__(self) -> str:
-        return f"{self.name} ({self.version or 'unknown version'})"
+        return f"{self.name} on {self.host_id and self.host.name} ({self.version or 'unknown version'})"
 
 
 class ModelConfig(models.Model):
@@ -93,6 +111,11 @@ class GpuInstance(models.Model):
     memory_total_mb = models.PositiveIntegerField(null=True, blank=True)
     memory_source = models.CharField(max_length=10, choices=MemorySource.choices, default=MemorySource.NONE)
     memory_updated_at = models.DateTimeField(null=True, blank=True)
+    # llama-server's --api-key: only the controller (health checks, the gateway) may call the instance.
+    # Never shown in the UI or the API.
+    api_key = models.CharField(max_length=64, blank=True, editable=False)
+    # The worker watching a start renews this; past it, reconcile treats the start as abandoned.
+    lease_expires_at = models.DateTimeField(null=True, blank=True)
 
     class Meta:
         ordering = ["-requested_at"]
@@ -179,6 +202,10 @@ class InstanceEvent(models.Model):
         TOKEN_CREATED = "token_created", "API token created"
         TOKEN_REVOKED = "token_revoked", "API token revoked"
         REGISTRY_CHANGED = "registry_changed", "Model registry changed"
+        TOKEN_CHANGED = "token_changed", "API token changed"
+        USER_CHANGED = "user_changed", "User changed"
+        INSTANCE_DELETED = "instance_deleted", "Instance record deleted"
+        HOST_LOST = "host_lost", "Host did not answer"
 
     instance = models.ForeignKey(
         GpuInstance, null=True, blank=True, on_delete=models.CASCADE, related_name="events"

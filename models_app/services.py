@@ -10,9 +10,9 @@ from collections import defaultdict
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
+from accounts.roles import can_administer, can_load, can_manage_instance
 from gpus.models import Gpu, Host
-from llamacontroller_site import health
-from llamacontroller_site.accounts.roles import can_administer, can_load, can_manage_instance
+from models_app import health
 
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
@@ -137,7 +137,7 @@ def _busy(gpus: list[Gpu]) -> LoadRefused:
 
 def check_broker() -> None:
     """A fast ping, before anything is written: a request the worker would never see is refused."""
-    error = health.broker_error(settings.CELERY_BROKER_URL)
+    error = health.broker_error(settings.CELERY_BROKER_URL, max_age=0)
     if error is not None:
         raise LoadRefused(f"the task queue (Redis) is unreachable: {error}", code="unavailable")
 

@@ -1,7 +1,7 @@
 from rest_framework import viewsets
 
+from accounts.permissions import IsViewer
 from gpus.models import Gpu
-from llamacontroller_site.accounts.permissions import IsViewer
 
 from .serializers import GpuSerializer
 

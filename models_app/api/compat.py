@@ -8,8 +8,8 @@ from rest_framework import status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
+from accounts.permissions import IsOperator, IsViewer
 from gpus.models import Gpu
-from llamacontroller_site.accounts.permissions import IsOperator, IsViewer
 from models_app import services
 from models_app.models import GpuInstance, InstanceGpu, ModelConfig
 

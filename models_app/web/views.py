@@ -15,11 +15,10 @@ from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
 
+from accounts import roles
+from accounts.decorators import role_required
 from gpus.models import Gpu, Host
-from llamacontroller_site import health
-from llamacontroller_site.accounts import roles
-from llamacontroller_site.accounts.decorators import role_required
-from models_app import services
+from models_app import health, services
 from models_app.api.errors import refusal_status
 from models_app.api.views import instance_queryset
 from models_app.formatting import format_duration

@@ -7,7 +7,7 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from llamacontroller_site.accounts.models import ApiToken, LoginFailure
+from accounts.models import ApiToken, LoginFailure
 from models_app.models import InstanceEvent
 
 
@@ -155,7 +155,7 @@ def test_last_use_is_recorded_to_the_minute_without_a_write_per_request(client, 
     from django.test.utils import CaptureQueriesContext
     from django.utils import timezone
 
-    from llamacontroller_site.accounts.models import ApiToken
+    from accounts.models import ApiToken
 
     token, raw = ApiToken.issue(users["viewer"], "script")
     headers = {"HTTP_AUTHORIZATION": f"Bearer {raw}"}

@@ -1,7 +1,7 @@
 import pytest
 from django.utils import timezone
 
-from llamacontroller_site.accounts.models import ApiToken
+from accounts.models import ApiToken
 from models_app.models import ModelConfig
 
 

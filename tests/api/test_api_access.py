@@ -3,7 +3,7 @@
 import pytest
 from rest_framework.test import APIClient
 
-from llamacontroller_site.accounts.models import ApiToken
+from accounts.models import ApiToken
 from tests.api.factories import make_instance
 
 IDENTITIES = ["anonymous", "outsider", "viewer", "operator", "operator2", "admin",

@@ -64,7 +64,7 @@ def test_admin_add_instance_loads_through_the_lifecycle(
 
 
 def test_admin_issues_a_token_shown_once_and_revokes_it(client, users):
-    from llamacontroller_site.accounts.models import ApiToken, hash_token
+    from accounts.models import ApiToken, hash_token
     from models_app.models import InstanceEvent
 
     client.force_login(users["admin"])

@@ -82,7 +82,7 @@ def test_csrf_is_enforced_on_session_posts(users, fake_gpus, tiny_model):
 def test_csrf_is_enforced_on_session_api_posts_but_not_token_posts(users, fake_gpus, tiny_model):
     from rest_framework.test import APIClient
 
-    from llamacontroller_site.accounts.models import ApiToken
+    from accounts.models import ApiToken
 
     client = APIClient(enforce_csrf_checks=True)
     client.force_login(users["operator"])

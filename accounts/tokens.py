@@ -3,9 +3,7 @@
 from django.db import transaction
 from django.utils import timezone
 
-from models_app.events import record
-from models_app.models import InstanceEvent
-
+from . import audit
 from .models import ApiToken
 
 
@@ -16,7 +14,7 @@ def issue(*, user, name: str, expires_at=None, actor=None) -> tuple[ApiToken, st
         token, raw = ApiToken.issue(user, name, expires_at=expires_at)
         expiry = f", expires {expires_at:%Y-%m-%d %H:%M %Z}" if expires_at else ", no expiry"
         detail = f"token {name!r} ({token.hint}…) for {user.get_username()}{expiry}"
-        record(InstanceEvent.Kind.TOKEN_CREATED, actor=actor or user, detail=detail)
+        audit.emit(audit.TOKEN_CREATED, actor=actor or user, detail=detail)
     return token, raw
 
 
@@ -27,8 +25,8 @@ def revoke(*, token: ApiToken, actor) -> bool:
             revoked_at=timezone.now()
         )
         if changed:
-            record(
-                InstanceEvent.Kind.TOKEN_REVOKED,
+            audit.emit(
+                audit.TOKEN_REVOKED,
                 actor=actor,
                 detail=f"token {token.name!r} ({token.hint}…) of {token.user.get_username()}",
             )

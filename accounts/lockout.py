@@ -7,9 +7,7 @@ from datetime import datetime, timedelta
 from django.conf import settings
 from django.utils import timezone
 
-from models_app.events import record
-from models_app.models import InstanceEvent
-
+from . import audit
 from .models import LoginFailure
 
 
@@ -37,11 +35,11 @@ def record_failure(username: str, ip_address: str | None) -> None:
     username = (username or "")[:150]
     LoginFailure.objects.create(username=username, ip_address=ip_address or None)
     source = f" from {ip_address}" if ip_address else ""
-    record(InstanceEvent.Kind.LOGIN_FAILED, detail=f"username {username!r}{source}")
+    audit.emit(audit.LOGIN_FAILED, detail=f"username {username!r}{source}")
     until = locked_until(username)
     if until is not None:
-        record(
-            InstanceEvent.Kind.LOGIN_LOCKED,
+        audit.emit(
+            audit.LOGIN_LOCKED,
             detail=f"username {username!r} locked until {until:%Y-%m-%d %H:%M:%S %Z}",
         )
 
