@@ -24,6 +24,7 @@ logger = logging.getLogger(__name__)
 Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
 MAX_GPUS_PER_INSTANCE = 64
+MAX_GPU_INDEX = 1023  # larger ids are refused before they reach the database (30 digits overflowed it)
 
 
 class LoadRefused(Exception):
@@ -55,6 +56,10 @@ def parse_gpu_spec(spec) -> list[int]:
         if not _GPU_ID.fullmatch(token):
             what = "negative" if re.fullmatch(r"-[0-9]+", token) else "not a number"
             raise LoadRefused(f"GPU id {token!r} is {what}: use indices such as 0 or 0,1", field="gpu_id")
+        if len(token.lstrip("0")) > len(str(MAX_GPU_INDEX)) or int(token) > MAX_GPU_INDEX:
+            raise LoadRefused(
+                f"GPU id {token!r} is too large: GPU indices go up to {MAX_GPU_INDEX}", field="gpu_id"
+            )
         value = int(token)
         if value in ids:
             raise LoadRefused(f"GPU {value} is listed twice in {text!r}", field="gpu_id")

@@ -1,5 +1,9 @@
+import re
+from datetime import UTC, datetime
+
 from django.db.models import ProtectedError
 from django.shortcuts import get_object_or_404
+from django.utils import timezone
 from django.utils.dateparse import parse_datetime
 from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import OpenApiParameter, extend_schema, inline_serializer
@@ -147,9 +151,29 @@ class ModelConfigViewSet(viewsets.ModelViewSet):
         return Response(status=status.HTTP_204_NO_CONTENT)
 
 
+_ID = re.compile(r"[0-9]{1,19}", re.ASCII)
+MAX_ID = 2**63 - 1  # BigAutoField
+
+
+def parse_moment(text: str) -> datetime | None:
+    """An ISO 8601 date and time (naive: the server's time zone), or None when the text is not one, names
+    a day or hour that does not exist (2025-13-45), or lies outside years 1 to 9999 once in UTC."""
+    try:
+        moment = parse_datetime(text)
+        if moment is not None:
+            if timezone.is_naive(moment):
+                moment = timezone.make_aware(moment)
+            moment.astimezone(UTC)
+    except (ValueError, OverflowError):
+        return None
+    return moment
+
+
 @extend_schema(
     parameters=[
-        OpenApiParameter("instance", int),
+        OpenApiParameter(
+            "instance", {"type": "integer", "minimum": 1, "maximum": MAX_ID}, description="Instance id."
+        ),
         OpenApiParameter("user", str, description="Username of the actor."),
         OpenApiParameter("kind", str),
         OpenApiParameter("since", OpenApiTypes.DATETIME),
@@ -170,7 +194,8 @@ class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
         params = self.request.query_params
         errors = {}
         if params.get("instance"):
-            if params["instance"].isdigit():
+            # ASCII digits only ("²".isdigit() is true), and no longer than the largest id.
+            if _ID.fullmatch(params["instance"]) and int(params["instance"]) <= MAX_ID:
                 queryset = queryset.filter(instance_id=int(params["instance"]))
             else:
                 errors["instance"] = ["must be an instance id"]
@@ -180,7 +205,7 @@ class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             queryset = queryset.filter(kind__in=params["kind"].split(","))
         for name, lookup in (("since", "created_at__gte"), ("until", "created_at__lt")):
             if params.get(name):
-                moment = parse_datetime(params[name])
+                moment = parse_moment(params[name])
                 if moment is None:
                     errors[name] = ["must be an ISO 8601 date and time, e.g. 2025-01-31T12:00:00Z"]
                 else:
