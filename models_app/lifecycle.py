@@ -4,6 +4,7 @@ host (tasks.py); never inside an HTTP request. Every status change goes through 
 import logging
 import os
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import psutil
@@ -42,6 +43,36 @@ PORT_ATTEMPTS = 3  # another program may take the port between our check and lla
 
 class Cancelled(Exception):
     """The instance left `starting` while we were starting it (an unload or switch came in)."""
+
+
+# --- the lease -----------------------------------------------------------------------------------------
+# The worker that loads, resumes or stops an instance keeps `lease_expires_at` in the future while it works;
+# reconcile treats an instance whose lease ran out as abandoned (its worker died) and converges it at once.
+
+
+def lease_seconds() -> float:
+    """About one reconcile interval (2 s to 10 s): an abandoned start is noticed by the pass after next."""
+    return float(max(2, min(settings.RECONCILE_SECONDS, 10)))
+
+
+def lease_until(extra: float = 0.0):
+    return timezone.now() + timedelta(seconds=lease_seconds() + extra)
+
+
+def renew_lease(instance: GpuInstance, status: str = Status.STARTING) -> bool:
+    """Push the lease forward while the instance is still in `status`; False when it left it."""
+    until = lease_until()
+    renewed = GpuInstance.objects.filter(pk=instance.pk, status=status).update(lease_expires_at=until)
+    if renewed:
+        instance.lease_expires_at = until
+    return bool(renewed)
+
+
+def lease_expired(instance: GpuInstance) -> bool | None:
+    """True when a lease was held and ran out, False while one is held, None when there is none."""
+    if instance.lease_expires_at is None:
+        return None
+    return instance.lease_expires_at <= timezone.now()
 
 
 # --- log files and tags --------------------------------------------------------------------------------
@@ -116,9 +147,10 @@ def instance_env(instance: GpuInstance, gpu_uuids: list[str], log_path: Path) ->
 
 
 def wait_until_healthy(instance: GpuInstance, deadline: float) -> None:
-    """Poll /health until 200. StartError when the process exits or the deadline passes, Cancelled when
-    the instance leaves `starting`."""
-    pause, next_status_check = 0.02, 0.0
+    """Poll /health until 200, renewing the instance's lease as it goes. StartError when the process exits
+    or the deadline passes, Cancelled when the instance leaves `starting`."""
+    pause, next_renewal = 0.02, 0.0
+    renew_every = min(1.0, lease_seconds() / 4)
     while True:
         if not is_alive(instance.pid, instance.process_create_time):
             code = _wait_exit_code(instance)
@@ -126,12 +158,10 @@ def wait_until_healthy(instance: GpuInstance, deadline: float) -> None:
         if health_status(instance.port) == 200:
             return
         now = time.monotonic()
-        if now >= next_status_check:
-            if GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).first() != (
-                Status.STARTING
-            ):
+        if now >= next_renewal:
+            if not renew_lease(instance):
                 raise Cancelled()
-            next_status_check = now + 0.5
+            next_renewal = now + renew_every
         if now >= deadline:
             raise StartError(f"llama-server did not answer /health with 200 within {settings.LOAD_TIMEOUT}s")
         time.sleep(pause)
@@ -158,10 +188,34 @@ def last_change(instance: GpuInstance, kind: str | None = None):
     return event.created_at if event else instance.requested_at
 
 
-def fail(instance: GpuInstance, message: str, *, exit_code: int | None = None, expected=None) -> bool:
-    """Mark the instance failed with the message and its log tail; no process is left behind."""
-    if instance.pid:
-        stop_process(instance.pid, instance.process_create_time, timeout=2)
+def stop(pid: int, create_time: float | None, timeout: float | None = None) -> str | None:
+    """Stop the process (group). None when it is gone, else why it is not."""
+    try:
+        if stop_process(pid, create_time, timeout=timeout):
+            return None
+    except PermissionError as exc:
+        return f"not allowed to stop pid {pid}: {exc.strerror or exc}"
+    return f"pid {pid} survived SIGKILL"
+
+
+def fail(
+    instance: GpuInstance,
+    message: str,
+    *,
+    exit_code: int | None = None,
+    expected=None,
+    event_kind: str = Kind.FAILED,
+) -> bool:
+    """Mark the instance failed with the message and its log tail; no process is left behind (or the
+    message says why one is)."""
+    pids = [(instance.pid, instance.process_create_time)] if instance.pid else []
+    tagged = find_tagged(instance) if instance.host_id else None
+    if tagged and tagged != instance.pid:
+        pids.append((tagged, create_time_of(tagged)))
+    for pid, create_time in pids:
+        problem = stop(pid, create_time, timeout=2)
+        if problem:
+            message = f"{message}; {problem}"
     tail = log_tail(instance.log_path)
     error = f"{message}\n--- last lines of the log ---\n{tail}" if tail else message
     logger.warning("instance %s failed: %s", instance.pk, message)
@@ -169,12 +223,17 @@ def fail(instance: GpuInstance, message: str, *, exit_code: int | None = None, e
         instance,
         Status.FAILED,
         expected=expected or [Status.PENDING, Status.STARTING],
-        event_kind=Kind.FAILED,
+        event_kind=event_kind,
         detail=message,
         error=error,
         exit_code=exit_code,
         stopped_at=timezone.now(),
+        lease_expires_at=None,
     )
+
+
+def _unexpected(exc: Exception) -> str:
+    return f"unexpected error: {type(exc).__name__}: {exc}"
 
 
 def load_instance(instance_id: int) -> None:
@@ -183,19 +242,34 @@ def load_instance(instance_id: int) -> None:
     instance = GpuInstance.objects.select_related("model", "host").filter(pk=instance_id).first()
     if instance is None or instance.status != Status.PENDING:
         return
-    # A switch hands the GPUs over while the old instances are still stopping: stop them first.
+    try:
+        _load(instance)
+    except Exception as exc:  # whatever went wrong, the instance ends in a definite state
+        logger.exception("load of instance %s failed", instance.pk)
+        fail(instance, _unexpected(exc))
+
+
+def _load(instance: GpuInstance) -> None:
+    # A switch hands the GPUs over while the old instances are still stopping: stop them first, holding a
+    # lease on the new one for as long as that may take.
     stopping = GpuInstance.objects.filter(status=Status.STOPPING, gpu_links__gpu__in=instance.gpus.all())
-    for old in stopping.exclude(pk=instance.pk).distinct():
-        unload_instance(old.pk)
+    old_ones = list(stopping.exclude(pk=instance.pk).distinct().values_list("pk", flat=True))
+    if old_ones:
+        GpuInstance.objects.filter(pk=instance.pk, status=Status.PENDING).update(
+            lease_expires_at=lease_until(len(old_ones) * (settings.STOP_TIMEOUT + 10))
+        )
+    for old in old_ones:
+        unload_instance(old)
     where = f"{instance.host.name} GPU {instance.gpu_ids}"
     if not transition(
-        instance, Status.STARTING, expected=[Status.PENDING], event_kind=Kind.STARTED, detail=f"on {where}"
-    ):
+        instance, Status.STARTING, expected=[Status.PENDING], event_kind=Kind.STARTED, detail=f"on {where}",
+        lease_expires_at=lease_until(),
+    ):  # fmt: skip
         return
     try:
         _start_and_wait(instance)
-    except Cancelled:
-        _finish_cancelled(instance)
+    except Cancelled as cancelled:
+        _finish_cancelled(instance, launched=cancelled.args[0] if cancelled.args else None)
         return
     except StartError as exc:
         fail(instance, str(exc), exit_code=exc.exit_code)
@@ -208,9 +282,8 @@ def resume_start(instance_id: int) -> None:
     instance = GpuInstance.objects.select_related("model", "host").filter(pk=instance_id).first()
     if instance is None or instance.status != Status.STARTING or not instance.pid:
         return
-    started = last_change(instance, Kind.STARTED)
-    remaining = settings.LOAD_TIMEOUT - (timezone.now() - started).total_seconds()
     try:
+        remaining = settings.LOAD_TIMEOUT - seconds_since_start(instance)
         wait_until_healthy(instance, time.monotonic() + max(remaining, 1.0))
     except Cancelled:
         _finish_cancelled(instance)
@@ -218,9 +291,17 @@ def resume_start(instance_id: int) -> None:
     except StartError as exc:
         fail(instance, str(exc), exit_code=exc.exit_code, expected=[Status.STARTING])
         return
+    except Exception as exc:
+        logger.exception("resumed start of instance %s failed", instance.pk)
+        fail(instance, _unexpected(exc), expected=[Status.STARTING])
+        return
     _mark_running(
         instance, detail=f"pid {instance.pid}, port {instance.port} (adopted after a worker restart)"
     )
+
+
+def seconds_since_start(instance: GpuInstance) -> float:
+    return (timezone.now() - last_change(instance, Kind.STARTED)).total_seconds()
 
 
 def _start_and_wait(instance: GpuInstance) -> None:
@@ -242,12 +323,13 @@ def _start_and_wait(instance: GpuInstance) -> None:
         argv = build_argv(binary, str(model_path), model.cli_params, port, len(uuids))
         pid, create_time = launch(argv, env=instance_env(instance, uuids, log_path), log_path=log_path)
         recorded = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
-            pid=pid, process_create_time=create_time, argv=argv, log_path=str(log_path)
-        )
+            pid=pid, process_create_time=create_time, argv=argv, log_path=str(log_path),
+            lease_expires_at=lease_until(),
+        )  # fmt: skip
+        if not recorded:
+            raise Cancelled((pid, create_time))  # an unload came first: this process is nobody's
         instance.pid, instance.process_create_time, instance.argv = pid, create_time, argv
         instance.log_path = str(log_path)
-        if not recorded:
-            raise Cancelled()
         try:
             wait_until_healthy(instance, deadline)
             return
@@ -260,6 +342,11 @@ def _start_and_wait(instance: GpuInstance) -> None:
             raise
 
 
+def adopt_running(instance: GpuInstance) -> None:
+    """A start whose worker was lost, found healthy: it runs."""
+    _mark_running(instance, detail=f"pid {instance.pid}, port {instance.port} (adopted: its worker was lost)")
+
+
 def _mark_running(instance: GpuInstance, *, detail: str) -> None:
     if not transition(
         instance,
@@ -269,6 +356,7 @@ def _mark_running(instance: GpuInstance, *, detail: str) -> None:
         detail=detail,
         loaded_at=timezone.now(),
         error="",
+        lease_expires_at=None,
     ):
         _finish_cancelled(instance)
         return
@@ -280,13 +368,18 @@ def _mark_running(instance: GpuInstance, *, detail: str) -> None:
         logger.exception("post-load memory query failed for instance %s", instance.pk)
 
 
-def _finish_cancelled(instance: GpuInstance) -> None:
-    """The instance was asked to stop while starting: finish that stop here."""
+def _finish_cancelled(instance: GpuInstance, launched: tuple[int, float] | None = None) -> None:
+    """The instance was asked to stop while starting: finish that stop here. `launched`: a process this
+    start launched but could not record (the unload had already run): nobody else will stop it."""
     instance.refresh_from_db()
+    if launched and launched[0] != instance.pid:
+        problem = stop(*launched, timeout=2)
+        if problem:
+            logger.error("instance %s: %s", instance.pk, problem)
     if instance.status == Status.STOPPING:
         unload_instance(instance.pk)
     elif instance.pid and not instance.is_active:
-        stop_process(instance.pid, instance.process_create_time, timeout=2)
+        stop(instance.pid, instance.process_create_time, timeout=2)
 
 
 # --- unload --------------------------------------------------------------------------------------------
@@ -297,6 +390,14 @@ def unload_instance(instance_id: int, actor=None) -> None:
     instance = GpuInstance.objects.select_related("host").filter(pk=instance_id).first()
     if instance is None:
         return
+    try:
+        _unload(instance, actor)
+    except Exception as exc:  # whatever went wrong, the instance does not stay `stopping`
+        logger.exception("unload of instance %s failed", instance.pk)
+        _unload_failed(instance, _unexpected(exc), actor)
+
+
+def _unload(instance: GpuInstance, actor) -> None:
     if instance.status in (Status.PENDING, Status.STARTING, Status.RUNNING):
         # Called without a request (e.g. the admin's kill): ask first, as a request would.
         transition(
@@ -308,14 +409,19 @@ def unload_instance(instance_id: int, actor=None) -> None:
         )
     if instance.status != Status.STOPPING:
         return
+    # The stop may take STOP_TIMEOUT and then the SIGKILL's wait: hold the instance that long.
+    GpuInstance.objects.filter(pk=instance.pk, status=Status.STOPPING).update(
+        lease_expires_at=lease_until(settings.STOP_TIMEOUT + 5)
+    )
     pids = [(instance.pid, instance.process_create_time)] if instance.pid else []
     # Launched but not yet recorded (the start was racing this stop): found by its tag.
     tagged = find_tagged(instance)
     if tagged and tagged != instance.pid:
         pids.append((tagged, create_time_of(tagged)))
-    for pid, create_time in pids:
-        if not stop_process(pid, create_time):
-            logger.error("instance %s: pid %s survived SIGKILL", instance.pk, pid)
+    problems = [problem for pid, create_time in pids if (problem := stop(pid, create_time))]
+    if problems:
+        _unload_failed(instance, "could not stop llama-server: " + "; ".join(problems), actor)
+        return
     code = exit_code_of(instance.pid, instance.log_path) if instance.pid else None
     if transition(
         instance,
@@ -326,6 +432,23 @@ def unload_instance(instance_id: int, actor=None) -> None:
         detail=f"exit code {code}" if code is not None else "",
         stopped_at=timezone.now(),
         exit_code=code,
+        lease_expires_at=None,
+    ):
+        refresh_memory(instance.host.name)
+
+
+def _unload_failed(instance: GpuInstance, message: str, actor) -> None:
+    logger.error("instance %s: %s", instance.pk, message)
+    if transition(
+        instance,
+        Status.FAILED,
+        expected=[Status.STOPPING],
+        event_kind=Kind.FAILED,
+        actor=actor,
+        detail=message,
+        error=message,
+        stopped_at=timezone.now(),
+        lease_expires_at=None,
     ):
         refresh_memory(instance.host.name)
 
@@ -370,10 +493,10 @@ def kill_orphan(host, pid: int, actor=None) -> str:
         described = " ".join(proc.cmdline())[:300]
     except psutil.Error:
         described = "llama-server"
-    stopped = stop_process(pid, create_time)
+    problem = stop(pid, create_time)
     message = f"killed orphan pid {pid} on {host.name}: {described}"
-    if not stopped:
-        message = f"pid {pid} on {host.name} survived SIGKILL: {described}"
+    if problem:
+        message = f"{problem} on {host.name}: {described}"
     record(Kind.ORPHAN_KILLED, actor=actor, detail=message)
     refresh_memory(host.name)
     return message

@@ -24,11 +24,16 @@ logger = logging.getLogger(__name__)
 Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
 
-# When this worker process started (imported before the pool forks): whatever an instance last did before
-# that was done by a worker that is gone, so nobody is still working on it.
+# When this worker process started (imported before the pool forks): a running instance whose last change
+# is older was started by a worker that is gone (adopted), and work that holds no lease and last changed
+# before it was lost with that worker.
 WORKER_STARTED_AT = timezone.now()
-# Otherwise work counts as lost only after this long without a change (a load in flight is not lost).
+# Work that holds no lease (a load waiting in the queue) counts as lost after this long without a change.
 GRACE_SECONDS = 10
+# A load or unload is sent again at most this often (each wait twice the one before); then it is given up:
+# the instance fails (a load) or is stopped by the reconcile pass itself (an unload).
+MAX_RESENDS = 3
+RESENT = "sent again"  # how the events of a resend begin: they are counted
 
 
 def reconcile_host(host_name: str) -> dict[str, int]:
@@ -57,10 +62,33 @@ def reconcile_host(host_name: str) -> dict[str, int]:
 
 
 def _is_lost(instance: GpuInstance, extra_seconds: float = 0) -> bool:
+    """Nobody works on the instance any more. A lease settles it: held, somebody does; run out, nobody
+    does. Without one (waiting in the queue), it is lost after the grace time or a worker restart."""
+    expired = lifecycle.lease_expired(instance)
+    if expired is not None:
+        return expired
     changed = lifecycle.last_change(instance)
     if changed < WORKER_STARTED_AT:
         return True
     return (timezone.now() - changed).total_seconds() > GRACE_SECONDS + extra_seconds
+
+
+def _resends(instance: GpuInstance) -> int:
+    return instance.events.filter(detail__startswith=RESENT).count()
+
+
+def _resend(instance: GpuInstance, task_name: str, event_kind: str, what: str) -> str | None:
+    """Send the task again unless it was sent MAX_RESENDS times already; None when it was."""
+    count = _resends(instance)
+    if count >= MAX_RESENDS:
+        return None
+    record(
+        event_kind,
+        instance=instance,
+        detail=f"{RESENT} to {instance.host.queue}: no worker took the {what} ({count + 1} of {MAX_RESENDS})",
+    )
+    _send(task_name, instance)
+    return "resent"
 
 
 def _send(task_name: str, instance: GpuInstance, **options) -> None:
@@ -84,6 +112,10 @@ def _check_running(instance: GpuInstance) -> str | None:
 
 
 def _check_starting(instance: GpuInstance) -> str | None:
+    """A start whose worker holds its lease is left alone; an abandoned one converges in this pass: the
+    process is adopted (running if healthy, else watched by a new task), or the instance fails."""
+    if not _is_lost(instance):
+        return None
     if not instance.pid:
         tagged = lifecycle.find_tagged(instance)
         if tagged:
@@ -93,36 +125,60 @@ def _check_starting(instance: GpuInstance) -> str | None:
                 process_create_time=processes.create_time_of(tagged),
                 log_path=str(lifecycle.log_path_for(instance)),
             )
-            if updated:
-                record(Kind.ADOPTED, instance=instance, detail=f"found pid {tagged} by its instance tag")
-                _send("resume_start", instance)
-                return "adopted"
-            return None
-        if not _is_lost(instance):
-            return None
-        # Claimed by a worker that died before starting anything: start over.
-        if transition(
-            instance,
-            Status.PENDING,
-            expected=[Status.STARTING],
-            event_kind=Kind.RESTARTING,
-            detail="the worker was lost before llama-server started; loading again",
-        ):
-            _send("load_model", instance)
-            return "reloaded"
-        return None
-    alive = processes.is_alive(instance.pid, instance.process_create_time)
-    if not alive and _is_lost(instance):
+            if not updated:
+                return None
+            record(Kind.ADOPTED, instance=instance, detail=f"found pid {tagged} by its instance tag")
+            instance.refresh_from_db()
+        else:
+            return _start_over(instance)
+    if not processes.is_alive(instance.pid, instance.process_create_time):
         code = processes.exit_code_of(instance.pid, instance.log_path)
         lifecycle.fail(
-            instance, "llama-server exited while loading", exit_code=code, expected=[Status.STARTING]
+            instance,
+            "llama-server exited while loading, and the worker that started it was lost",
+            exit_code=code,
+            expected=[Status.STARTING],
         )
         return "failed"
-    if alive and _is_lost(instance, extra_seconds=settings.LOAD_TIMEOUT):
-        # Nobody waits for it any more (a new worker, or a start past its time): wait for it, or time out.
-        record(Kind.ADOPTED, instance=instance, detail=f"waiting for pid {instance.pid} to become healthy")
-        _send("resume_start", instance)
+    if instance.port and processes.health_status(instance.port) == 200:
+        lifecycle.adopt_running(instance)
         return "adopted"
+    if lifecycle.seconds_since_start(instance) > settings.LOAD_TIMEOUT:
+        lifecycle.fail(
+            instance,
+            f"llama-server did not answer /health with 200 within {settings.LOAD_TIMEOUT}s",
+            expected=[Status.STARTING],
+        )
+        return "failed"
+    # Alive, still loading: a new task watches it, and holds the lease from now on.
+    if not GpuInstance.objects.filter(
+        pk=instance.pk, status=Status.STARTING, lease_expires_at=instance.lease_expires_at
+    ).update(lease_expires_at=lifecycle.lease_until(lifecycle.lease_seconds())):
+        return None
+    record(Kind.ADOPTED, instance=instance, detail=f"waiting for pid {instance.pid} to become healthy")
+    _send("resume_start", instance)
+    return "adopted"
+
+
+def _start_over(instance: GpuInstance) -> str | None:
+    """Claimed by a worker that died before starting anything: load again, a limited number of times."""
+    if _resends(instance) >= MAX_RESENDS:
+        lifecycle.fail(
+            instance,
+            f"the worker did not take the load (sent {MAX_RESENDS + 1} times)",
+            expected=[Status.STARTING],
+        )
+        return "failed"
+    if transition(
+        instance,
+        Status.PENDING,
+        expected=[Status.STARTING],
+        event_kind=Kind.RESTARTING,
+        detail=f"{RESENT}: the worker was lost before llama-server started; loading again",
+        lease_expires_at=None,
+    ):
+        _send("load_model", instance)
+        return "reloaded"
     return None
 
 
@@ -140,19 +196,32 @@ def _check_pending(instance: GpuInstance) -> str | None:
     ):
         _send("resume_start", instance)
         return "adopted"
-    # A restart waits out its back-off before it counts as lost.
+    if tagged:
+        return None
+    # A restart waits out its back-off before it counts as lost; each resend waits twice as long.
     backoff = 2**instance.restart_count if instance.restart_count else 0
-    if not tagged and _is_lost(instance, extra_seconds=backoff):
-        _send("load_model", instance)  # the load is idempotent: a duplicate does nothing
+    resends = _resends(instance)
+    if not _is_lost(instance, extra_seconds=backoff + GRACE_SECONDS * (2**resends - 1)):
+        return None
+    # The load is idempotent: a duplicate does nothing.
+    if _resend(instance, "load_model", Kind.REQUESTED, "load"):
         return "resent"
-    return None
+    lifecycle.fail(
+        instance,
+        f"the worker did not take the load (sent {MAX_RESENDS + 1} times)",
+        expected=[Status.PENDING],
+    )
+    return "failed"
 
 
 def _check_stopping(instance: GpuInstance) -> str | None:
-    if _is_lost(instance, extra_seconds=settings.STOP_TIMEOUT):
-        _send("unload_model", instance)
+    if not _is_lost(instance, extra_seconds=settings.STOP_TIMEOUT):
+        return None
+    if _resend(instance, "unload_model", Kind.UNLOAD_REQUESTED, "unload"):
         return "resent"
-    return None
+    # Nobody takes the unload: this pass runs on the host's worker, so it stops the process itself.
+    lifecycle.unload_instance(instance.pk)
+    return "stopped"
 
 
 def crash(instance: GpuInstance) -> bool:

@@ -119,7 +119,7 @@ def test_lifecycle_started_but_unrecorded_process_is_adopted(
 ):
     """The worker died between starting llama-server and recording its pid: found by its tag."""
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
-    GpuInstance.objects.filter(pk=instance.pk).update(status=Status.STARTING)
+    GpuInstance.objects.filter(pk=instance.pk).update(status=Status.STARTING, lease_expires_at=timezone.now())
     log = lifecycle.log_path_for(instance)
     pid, _ = processes.launch(
         [fake_llama, "60"], env=lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
