@@ -46,20 +46,3 @@ class ApiToken(models.Model):
         if self.revoked_at is not None:
             return False
         return self.expires_at is None or self.expires_at > timezone.now()
-
-
-class LoginFailure(models.Model):
-    """A failed login, counted per username to lock an account for a while after repeated failures."""
-
-    username = models.CharField(max_length=150)
-    ip_address = models.GenericIPAddressField(null=True, blank=True)
-    created_at = models.DateTimeField(default=timezone.now)
-
-    class Meta:
-        indexes = [
-            # Lockout check: failures of one username within the lockout window.
-            models.Index(fields=["username", "created_at"], name="loginfailure_user_created_idx"),
-        ]
-
-    def __str__(self) -> str:
-        return f"{self.username} at {self.created_at}"

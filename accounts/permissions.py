@@ -36,3 +36,16 @@ class ReadViewerWriteAdmin(BasePermission):
         if request.method in SAFE_METHODS:
             return roles.can_read(request.user)
         return roles.can_administer(request.user)
+
+
+class PersonPresent(BasePermission):
+    """Credentials change only with a person present: an API token (request.auth) may read, but creating,
+    changing or deactivating users — passwords, roles, activation — needs a logged-in session. A leaked
+    token must not be able to lock the owner out or make itself a new admin."""
+
+    message = (
+        "Changing users (passwords, roles, activation) needs a logged-in session; an API token may only read."
+    )
+
+    def has_permission(self, request, view):
+        return request.method in SAFE_METHODS or request.auth is None

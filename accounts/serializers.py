@@ -1,11 +1,10 @@
 from django.contrib.auth import get_user_model
-from django.contrib.auth.models import Group
 from django.contrib.auth.password_validation import validate_password
 from django.db import transaction
 from django.utils import timezone
 from rest_framework import serializers
 
-from . import roles
+from . import roles, users
 from .models import ApiToken
 
 User = get_user_model()
@@ -34,31 +33,21 @@ class IssuedTokenSerializer(ApiTokenSerializer):
         fields = [*ApiTokenSerializer.Meta.fields, "token"]
 
 
-def set_role(user, role: str | None) -> None:
-    """Put `user` in exactly one role group. Admins are made staff and superuser: the admin role is
-    "everything" (registry, users, other people's instances, the Django admin), which is what superuser
-    means, and it cannot drift out of date as models gain permissions the way a copied permission list
-    would. Leaving the admin role takes both away again."""
-    groups = Group.objects.filter(name__in=roles.ROLES)
-    user.groups.remove(*groups)
-    if role:
-        user.groups.add(Group.objects.get(name=role))
-    is_admin = role == roles.ADMIN
-    if user.is_staff != is_admin or user.is_superuser != is_admin:
-        user.is_staff = user.is_superuser = is_admin
-        user.save(update_fields=["is_staff", "is_superuser"])
-    user.__dict__.pop("_llamacontroller_role", None)
-
-
 class UserSerializer(serializers.ModelSerializer):
     # Written here, read from the groups (see to_representation); null means no role at all.
     role = serializers.ChoiceField(choices=[*roles.ROLES], allow_null=True, required=False, write_only=True)
     password = serializers.CharField(write_only=True, required=False, style={"input_type": "password"})
+    current_password = serializers.CharField(
+        write_only=True,
+        required=False,
+        style={"input_type": "password"},
+        help_text="Your current password: required to change your own password.",
+    )
 
     class Meta:
         model = User
         fields = ["id", "username", "email", "first_name", "last_name", "is_active", "is_staff", "role",
-                  "password", "last_login", "date_joined"]  # fmt: skip
+                  "password", "current_password", "last_login", "date_joined"]  # fmt: skip
         read_only_fields = ["is_staff", "last_login", "date_joined"]
 
     def to_representation(self, instance):
@@ -75,6 +64,12 @@ class UserSerializer(serializers.ModelSerializer):
             if "role" in attrs and attrs["role"] != roles.role_of(self.instance):
                 raise serializers.ValidationError({"role": ["you cannot change your own role"]})
         password = attrs.get("password")
+        current = attrs.pop("current_password", None)
+        own = self.instance is not None and request is not None and self.instance.pk == request.user.pk
+        if password and own and not self.instance.check_password(current or ""):
+            # A stolen session (or an unattended screen) must not be enough to take the account over.
+            problem = "wrong password" if current else "required to change your own password"
+            raise serializers.ValidationError({"current_password": [problem]})
         if self.instance is None and not password:
             raise serializers.ValidationError({"password": ["required when creating a user"]})
         if password:
@@ -89,6 +84,10 @@ class UserSerializer(serializers.ModelSerializer):
                 ) from None
         return attrs
 
+    def _actor(self):
+        request = self.context.get("request")
+        return request.user if request is not None else None
+
     @transaction.atomic
     def create(self, validated_data):
         role = validated_data.pop("role", roles.VIEWER)
@@ -96,11 +95,13 @@ class UserSerializer(serializers.ModelSerializer):
         user = User(**validated_data)
         user.set_password(password)
         user.save()
-        set_role(user, role)
+        users.set_role(user, role)
+        users.record_created(user, actor=self._actor())
         return user
 
     @transaction.atomic
     def update(self, instance, validated_data):
+        before = users.snapshot(instance)
         role_given = "role" in validated_data
         role = validated_data.pop("role", None)
         password = validated_data.pop("password", None)
@@ -110,5 +111,6 @@ class UserSerializer(serializers.ModelSerializer):
             instance.set_password(password)
         instance.save()
         if role_given:
-            set_role(instance, role)
+            users.set_role(instance, role)
+        users.record_change(instance, before, actor=self._actor())
         return instance

@@ -1,16 +1,44 @@
-"""Failed and successful logins, wherever they happen (login page, admin login), feed the lockout."""
+"""Failed logins and lockouts, wherever they happen (login page, admin login), join the audit trail.
+django-axes counts them and decides the lock; these receivers only announce them (see audit.py)."""
 
-from django.contrib.auth.signals import user_logged_in, user_login_failed
+from axes.signals import user_locked_out
+from django.conf import settings
+from django.contrib.auth.signals import user_login_failed
 from django.dispatch import receiver
 
-from . import lockout
+from . import audit
 
 
-@receiver(user_login_failed)
-def count_failed_login(sender, credentials, request=None, **kwargs):
-    lockout.record_failure(credentials.get("username", ""), lockout.client_ip(request))
+def _refused_while_locked(request) -> bool:
+    # axes' backend flags a request it refused because the lock was already on; the handler then counts
+    # nothing (AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT=False) and leaves the failure count unset.
+    # Such refusals are not audited one by one, so a stranger hammering the form cannot flood the trail.
+    return bool(getattr(request, "axes_locked_out", False)) and (
+        getattr(request, "axes_failures_since_start", None) is None
+    )
 
 
-@receiver(user_logged_in)
-def forget_failed_logins(sender, request, user, **kwargs):
-    lockout.clear_failures(user.get_username())
+def _source(request) -> str:
+    address = getattr(request, "axes_ip_address", None) or (
+        request.META.get("REMOTE_ADDR") if request else None
+    )
+    return f" from {address}" if address else ""
+
+
+@receiver(user_login_failed, dispatch_uid="accounts.audit_failed_login")
+def audit_failed_login(sender, credentials, request=None, **kwargs):
+    if request is not None and _refused_while_locked(request):
+        return
+    username = str(credentials.get("username", ""))[:150]
+    audit.emit(audit.LOGIN_FAILED, detail=f"username {username!r}{_source(request)}")
+
+
+@receiver(user_locked_out, dispatch_uid="accounts.audit_lockout")
+def audit_lockout(sender, request, username, ip_address, **kwargs):
+    if _refused_while_locked(request):
+        return
+    minutes = max(1, round(settings.AXES_COOLOFF_TIME.total_seconds() / 60))
+    audit.emit(
+        audit.LOGIN_LOCKED,
+        detail=f"username {str(username or '')[:150]!r} locked{_source(request)} for {minutes} min",
+    )

@@ -32,3 +32,30 @@ def revoke(*, token: ApiToken, actor) -> bool:
             )
     token.refresh_from_db(fields=["revoked_at"])
     return bool(changed)
+
+
+def rename(*, token: ApiToken, name: str, actor) -> bool:
+    """The one thing that may change on an issued token; its user and expiry are fixed at issue."""
+    old = ApiToken.objects.filter(pk=token.pk).values_list("name", flat=True).first()
+    if old is None or old == name:
+        return False
+    with transaction.atomic():
+        ApiToken.objects.filter(pk=token.pk).update(name=name)
+        audit.emit(
+            audit.TOKEN_CHANGED,
+            actor=actor,
+            detail=f"token {old!r} ({token.hint}…) of {token.user.get_username()} renamed to {name!r}",
+        )
+    token.name = name
+    return True
+
+
+def delete(*, token: ApiToken, actor) -> None:
+    """Deleting the row (the admin's delete): the token stops working, and the event says who did it."""
+    with transaction.atomic():
+        audit.emit(
+            audit.TOKEN_REVOKED,
+            actor=actor,
+            detail=f"token {token.name!r} ({token.hint}…) of {token.user.get_username()} deleted",
+        )
+        token.delete()

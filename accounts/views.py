@@ -2,22 +2,42 @@ from datetime import timedelta
 
 from django.contrib import messages
 from django.contrib.auth import views as auth_views
+from django.db import transaction
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.cache import never_cache
 from django.views.decorators.http import require_POST
 
-from . import roles, tokens
+from . import audit, roles, tokens
 from .decorators import role_required
-from .forms import LockoutAuthenticationForm, TokenCreateForm
+from .forms import TokenCreateForm
 from .models import ApiToken
 
 
 class LoginView(auth_views.LoginView):
-    form_class = LockoutAuthenticationForm
+    # Throttled by django-axes (see throttle.py): its backend refuses a locked (username, address) pair.
     template_name = "registration/login.html"
     redirect_authenticated_user = True
+
+
+class PasswordChangeView(auth_views.PasswordChangeView):
+    """Change your own password: the current one is asked for, the session stays logged in, and the
+    change is an event."""
+
+    template_name = "registration/password_change_form.html"
+    success_url = "/"
+
+    def form_valid(self, form):
+        with transaction.atomic():
+            response = super().form_valid(form)
+            audit.emit(
+                audit.USER_CHANGED,
+                actor=self.request.user,
+                detail=f"user {self.request.user.get_username()!r}: password set (own, current password given)",
+            )
+        messages.success(self.request, "Your password was changed.")
+        return response
 
 
 @never_cache

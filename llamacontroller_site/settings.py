@@ -3,6 +3,7 @@ bad values stop start-up with an error naming the variable."""
 
 import os
 import socket
+from datetime import timedelta
 from pathlib import Path
 
 import dj_database_url
@@ -48,6 +49,7 @@ INSTALLED_APPS = [
     "drf_spectacular",
     "drf_spectacular_sidecar",
     "django_htmx",
+    "axes",
     "accounts",
     "gpus",
     "models_app",
@@ -63,6 +65,8 @@ MIDDLEWARE = [
     "django.contrib.messages.middleware.MessageMiddleware",
     "django.middleware.clickjacking.XFrameOptionsMiddleware",
     "django_htmx.middleware.HtmxMiddleware",
+    # Last: turns a refused login (a locked username and address) into the "locked" page.
+    "axes.middleware.AxesMiddleware",
 ]
 
 ROOT_URLCONF = "llamacontroller_site.urls"
@@ -112,6 +116,12 @@ AUTH_PASSWORD_VALIDATORS = [
     {"NAME": "django.contrib.auth.password_validation.NumericPasswordValidator"},
 ]
 
+# axes first: it refuses a locked (username, address) pair before any password is checked.
+AUTHENTICATION_BACKENDS = [
+    "axes.backends.AxesStandaloneBackend",
+    "django.contrib.auth.backends.ModelBackend",
+]
+
 LANGUAGE_CODE = "en-us"
 TIME_ZONE = envstr("TIME_ZONE", "UTC")
 USE_I18N = True
@@ -135,6 +145,8 @@ LOGGING = {
     "formatters": {"plain": {"format": "%(asctime)s %(levelname)s %(name)s: %(message)s"}},
     "handlers": {"console": {"class": "logging.StreamHandler", "formatter": "plain"}},
     "root": {"handlers": ["console"], "level": envstr("LOG_LEVEL", "INFO")},
+    # axes narrates every login at INFO; its warnings (failures, lockouts) are what an operator reads.
+    "loggers": {"axes": {"level": "WARNING"}},
 }
 
 # --- REST API ---------------------------------------------------------------------------------------
@@ -229,6 +241,10 @@ MODEL_DIRS = [
     for p in envlist("LLAMACONTROLLER_MODEL_DIRS", [str(DATA_DIR / "models")], separator=":")
 ]
 LLAMA_SERVER = envstr("LLAMACONTROLLER_LLAMA_SERVER", "")
+# Folders of allowed llama-server builds (`:`-separated): workers offer every llama-server* in them.
+LLAMA_SERVER_DIRS = [
+    Path(p).resolve() for p in envlist("LLAMACONTROLLER_LLAMA_SERVER_DIRS", [], separator=":")
+]
 LLAMA_SERVER_HOST = envstr("LLAMACONTROLLER_LLAMA_SERVER_HOST", "127.0.0.1")
 PORT_RANGE = envrange("LLAMACONTROLLER_PORT_RANGE", (8081, 8180))
 INSTANCE_LOG_DIR = DATA_DIR / "logs"
@@ -236,3 +252,40 @@ INSTANCE_LOG_MAX_BYTES = envint("LLAMACONTROLLER_LOG_MAX_BYTES", 10 * 1024 * 102
 DASHBOARD_REFRESH_SECONDS = envint("LLAMACONTROLLER_DASHBOARD_REFRESH_SECONDS", 300, minimum=1)
 LOGIN_MAX_FAILURES = envint("LLAMACONTROLLER_LOGIN_MAX_FAILURES", 5, minimum=1)
 LOGIN_LOCKOUT_SECONDS = envint("LLAMACONTROLLER_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
+# Proxies in front of the web server that append to X-Forwarded-For (0: REMOTE_ADDR is the client).
+PROXY_COUNT = envint("LLAMACONTROLLER_PROXY_COUNT", 0, minimum=0)
+
+# --- Login throttling (django-axes) -----------------------------------------------------------------
+# Locked per (username, address): a stranger guessing the admin's password locks only that pair, and the
+# admin still logs in from their own address. `manage.py axes_reset_username NAME` lifts a lock at once.
+AXES_LOCKOUT_PARAMETERS = [["username", "ip_address"]]
+AXES_FAILURE_LIMIT = LOGIN_MAX_FAILURES
+AXES_COOLOFF_TIME = timedelta(seconds=LOGIN_LOCKOUT_SECONDS)
+AXES_RESET_ON_SUCCESS = True
+# Attempts refused while locked do not extend the lock, so it always ends LOGIN_LOCKOUT_SECONDS after
+# the failure that set it.
+AXES_RESET_COOL_OFF_ON_FAILURE_DURING_LOCKOUT = False
+AXES_CLIENT_IP_CALLABLE = "accounts.throttle.client_ip"
+AXES_LOCKOUT_CALLABLE = "accounts.throttle.lockout_response"
+# Failed logins are audit events (InstanceEvent); axes keeps only the live counters, not a login log.
+AXES_DISABLE_ACCESS_LOG = True
+AXES_VERBOSE = False
+
+# --- HTTPS ------------------------------------------------------------------------------------------
+# LLAMACONTROLLER_HTTPS=1: users reach the site over HTTPS, usually through a TLS-terminating proxy that
+# sets X-Forwarded-Proto (and overwrites any the client sent). Cookies are then never sent in clear,
+# browsers are told to stay on HTTPS (HSTS), and plain-HTTP requests are redirected.
+HTTPS = envbool("LLAMACONTROLLER_HTTPS", False)
+if HTTPS:
+    SESSION_COOKIE_SECURE = True
+    CSRF_COOKIE_SECURE = True
+    SECURE_PROXY_SSL_HEADER = ("HTTP_X_FORWARDED_PROTO", "https")
+    SECURE_SSL_REDIRECT = True
+    # A probe on the host itself may ask over plain HTTP.
+    SECURE_REDIRECT_EXEMPT = [r"^healthz$"]
+    SECURE_HSTS_SECONDS = envint("LLAMACONTROLLER_HSTS_SECONDS", 31536000, minimum=0)
+    # Subdomains (and preload lists) commit every host of the domain to HTTPS: the domain owner's call.
+    SECURE_HSTS_INCLUDE_SUBDOMAINS = envbool("LLAMACONTROLLER_HSTS_INCLUDE_SUBDOMAINS", False)
+    SILENCED_SYSTEM_CHECKS = ["security.W021"]
+    if not SECURE_HSTS_INCLUDE_SUBDOMAINS:
+        SILENCED_SYSTEM_CHECKS.append("security.W005")

@@ -1,4 +1,4 @@
-"""Login, lockout, logout, API tokens (page and API), users and roles."""
+"""Login, logout, API tokens (page and API), users and roles. Lockout: test_lockout.py."""
 
 from datetime import timedelta
 
@@ -7,7 +7,7 @@ from django.test import Client
 from django.utils import timezone
 from rest_framework.test import APIClient
 
-from accounts.models import ApiToken, LoginFailure
+from accounts.models import ApiToken
 from models_app.models import InstanceEvent
 
 
@@ -28,35 +28,6 @@ def test_login_and_logout(client, users):
 def test_login_page_uses_local_assets(client):
     page = client.get("/accounts/login/").content.decode()
     assert "/static/css/app.css" in page and "cdn" not in page.lower()
-
-
-def test_lockout_after_repeated_failures(client, users, settings):
-    settings.LOGIN_MAX_FAILURES = 3
-    settings.LOGIN_LOCKOUT_SECONDS = 600
-    for _ in range(3):
-        response = login(client, "operator", "wrong")
-        assert response.status_code == 200 and "locked" not in response.content.decode()
-    response = login(client, "operator", "pw-operator-123")  # the right password, but locked
-    assert response.status_code == 200
-    assert "locked" in response.content.decode()
-    assert "_auth_user_id" not in client.session
-    assert InstanceEvent.objects.filter(kind="login_failed").count() == 3
-    assert InstanceEvent.objects.filter(kind="login_locked").count() == 1
-    # Other accounts are not affected.
-    assert login(Client(), "viewer", "pw-viewer-123").status_code == 302
-
-    # Once the window has passed, the right password works again and the failures are forgotten.
-    LoginFailure.objects.update(created_at=timezone.now() - timedelta(seconds=601))
-    assert login(client, "operator", "pw-operator-123").status_code == 302
-    assert not LoginFailure.objects.filter(username="operator").exists()
-
-
-def test_admin_login_honours_the_lockout(client, users, settings):
-    settings.LOGIN_MAX_FAILURES = 2
-    for _ in range(2):
-        client.post("/admin/login/", {"username": "admin", "password": "nope"})
-    response = client.post("/admin/login/", {"username": "admin", "password": "pw-admin-123"})
-    assert response.status_code == 200 and "locked" in response.content.decode()
 
 
 def test_admin_site_is_for_admins_only(client, users):
@@ -125,7 +96,7 @@ def test_users_api_sets_role_and_staff(users, role, staff):
     assert response.status_code == 201, response.json()
     assert response.json()["role"] == role and response.json()["is_staff"] is staff
     client = Client()
-    assert client.login(username="new", password="a-long-password-42")
+    assert login(client, "new", "a-long-password-42").status_code == 302
     assert client.get("/admin/").status_code == (200 if staff else 302)
 
     # Demoting an admin takes the admin site away again.
