@@ -2,7 +2,7 @@
 host (tasks.py); never inside an HTTP request. Every status change goes through state.transition()."""
 
 import logging
-import os
+import secrets
 import time
 from datetime import timedelta
 from pathlib import Path
@@ -12,10 +12,12 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
-from .binaries import BinaryError, require_llama_server
+from .binaries import BinaryError, binary_for_load, catalogue_for, catalogue_of_path
 from .events import record
+from .flags import Catalogue
 from .models import GpuInstance, InstanceEvent
 from .processes import (
+    ENV_API_KEY,
     ENV_INSTANCE_ID,
     ENV_INSTANCE_LOG,
     StartError,
@@ -27,6 +29,7 @@ from .processes import (
     launch,
     log_tail,
     port_is_free,
+    scrubbed_env,
     stop_process,
     tagged_processes,
 )
@@ -98,10 +101,27 @@ def find_tagged(instance: GpuInstance) -> int | None:
 # --- argument list, port, environment ---------------------------------------------------------------
 
 
-def build_argv(binary: str, model_path: str, cli_params: dict, port: int, gpu_count: int) -> list[str]:
-    argv = [binary, *cli_args(cli_params)]
+def build_argv(
+    binary: str,
+    model_path: str,
+    cli_params: dict,
+    port: int,
+    gpu_count: int,
+    *,
+    catalogue: Catalogue | None = None,
+    alias: str = "",
+) -> list[str]:
+    """llama-server's argument list: the registry's flags in the spellings the binary knows (RegistryError
+    when one is refused), then what the controller owns: model, address, port and the model id as alias.
+    The API key goes in the environment (instance_env), never in the argument list that `ps` shows."""
+    catalogue = catalogue or Catalogue(catalogue_of_path(binary))
+    argv = [binary, *cli_args(cli_params, catalogue, model_path)]
     argv += ["-m", str(model_path), "--host", settings.LLAMA_SERVER_HOST, "--port", str(port)]
-    if gpu_count > 1 and not {"split-mode", "sm"} & set(cli_params or {}):
+    if alias:
+        argv += ["--alias", alias]
+    split = catalogue.by_spelling.get("--split-mode")
+    used = [catalogue.resolve(name).option for name in cli_params or {}]
+    if gpu_count > 1 and split is not None and split not in used:
         argv += ["--split-mode", "layer"]
     return argv
 
@@ -135,11 +155,15 @@ def claim_port(instance: GpuInstance, avoid: set[int] = frozenset()) -> int:
 
 
 def instance_env(instance: GpuInstance, gpu_uuids: list[str], log_path: Path) -> dict[str, str]:
-    env = dict(os.environ)
+    """The scrubbed environment (processes.scrubbed_env: no secrets of the controller) plus the GPUs, the
+    instance's tags and its API key."""
+    env = scrubbed_env()
     # UUIDs, not indices: CUDA numbers devices fastest-first, NVML by PCI bus.
     env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_uuids)
     env[ENV_INSTANCE_ID] = str(instance.pk)
     env[ENV_INSTANCE_LOG] = str(log_path)
+    if instance.api_key:
+        env[ENV_API_KEY] = instance.api_key
     return env
 
 
@@ -307,20 +331,34 @@ def seconds_since_start(instance: GpuInstance) -> float:
 def _start_and_wait(instance: GpuInstance) -> None:
     model = instance.model
     try:
-        binary = require_llama_server(model.binary.path if model.binary_id else None)
+        binary = binary_for_load(instance.host, model.binary if model.binary_id else None)
     except BinaryError as exc:
         raise StartError(str(exc)) from None
+    catalogue = catalogue_for(binary)
     try:
         model_path = check_model_path(model.path)
     except RegistryError as exc:
         raise StartError(f"model file: {exc}") from None
+    try:  # the flags were checked when the entry was saved; the binary may have changed since
+        cli_args(model.cli_params, catalogue, model_path)
+    except RegistryError as exc:
+        raise StartError(f"cli_params: {exc}") from None
+    # Only the controller may call the instance: a fresh key per start, never shown to people.
+    instance.api_key = secrets.token_urlsafe(32)
+    if not GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
+        api_key=instance.api_key
+    ):
+        raise Cancelled()
     uuids = list(instance.gpu_links.order_by("position").values_list("gpu__uuid", flat=True))
     log_path = log_path_for(instance)
     deadline = time.monotonic() + settings.LOAD_TIMEOUT
     tried: set[int] = set()
     for attempt in range(1, PORT_ATTEMPTS + 1):
         port = claim_port(instance, avoid=tried)
-        argv = build_argv(binary, str(model_path), model.cli_params, port, len(uuids))
+        argv = build_argv(
+            binary.path, str(model_path), model.cli_params, port, len(uuids), catalogue=catalogue,
+            alias=model.pk,
+        )  # fmt: skip
         pid, create_time = launch(argv, env=instance_env(instance, uuids, log_path), log_path=log_path)
         recorded = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
             pid=pid, process_create_time=create_time, argv=argv, log_path=str(log_path),

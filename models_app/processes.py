@@ -19,6 +19,38 @@ from django.utils import timezone
 # died before recording the pid. The log path tells our processes from another controller's on this machine.
 ENV_INSTANCE_ID = "LLAMACONTROLLER_INSTANCE_ID"
 ENV_INSTANCE_LOG = "LLAMACONTROLLER_INSTANCE_LOG"
+# llama-server reads its API key from here (`--api-key`'s environment variable): unlike the argument
+# list, a process's environment is readable only by its own user.
+ENV_API_KEY = "LLAMA_API_KEY"
+
+# The only variables llama-server inherits from the worker. The worker's own environment holds the
+# controller's secrets (SECRET_KEY, DATABASE_URL, REDIS_URL, the admin password) and LLAMA_ARG_* /
+# HF_TOKEN would set llama-server flags behind the registry's back; none of them may reach the server.
+ENV_KEEP = {"PATH", "HOME", "USER", "LOGNAME", "LANG", "LANGUAGE", "TZ", "TMPDIR", "LD_LIBRARY_PATH"}
+ENV_KEEP_PREFIXES = (
+    "LC_",  # locale
+    "CUDA_",  # NVIDIA runtime (CUDA_VISIBLE_DEVICES itself is set per instance)
+    "NVIDIA_",  # container runtime hints
+    "GGML_",  # ggml's own switches (GGML_CUDA_*, GGML_VK_*, ...)
+    "HIP_",  # AMD ROCm: HIP_VISIBLE_DEVICES, ...
+    "ROCR_",
+    "HSA_",
+    "OMP_",  # thread pools of BLAS builds
+)
+# Test runs tag every process they start so that teardown can find leftovers (tests/conftest.py).
+ENV_KEEP_TEST = "LLAMACONTROLLER_TEST_RUN"
+
+
+def scrubbed_env(source: dict[str, str] | None = None) -> dict[str, str]:
+    """The part of `source` (default: this process's environment) that llama-server may see."""
+    source = os.environ if source is None else source
+    return {
+        name: value
+        for name, value in source.items()
+        if name in ENV_KEEP or name.startswith(ENV_KEEP_PREFIXES) or name == ENV_KEEP_TEST
+    }
+
+
 LOG_TAIL_LINES = 20
 EXIT_MARK = "[llamacontroller] llama-server pid {pid} exited with code {code}"
 

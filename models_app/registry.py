@@ -1,46 +1,89 @@
 """The model registry's rules: model files live inside the allowed folders, llama-server flags are data
-with validated names, and GGUF headers give the facts shown to people."""
+checked against the binary's own flag catalogue (models_app/flags.py) and an allowlist, and GGUF headers
+give the facts shown to people.
+
+Flag rules (README, "llama-server binaries and flags"): a name resolves to a spelling the binary knows;
+flags the controller sets, flags that reach the network or run programs, and flags that write files are
+refused; every value that names an input file must resolve inside LLAMACONTROLLER_MODEL_DIRS, as the
+model path must."""
 
 import re
 from pathlib import Path
 
 from django.conf import settings
 
-FLAG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9-]*$")
-# Set by the controller for every instance; a registry entry may not override them.
-RESERVED_FLAGS = {"m", "model", "host", "port", "mmproj-url", "hf-repo", "hf-file", "hf-token", "model-url"}
+from .flags import Catalogue, FlagError
+
+FLAG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+
+# Set by the controller for every instance (model, address, API key, log, alias, the HTTP root).
+OWNED_FLAGS = {
+    "--model", "--host", "--port", "--api-key", "--api-key-file", "--log-file", "--path", "--alias",
+    "--ssl-key-file", "--ssl-cert-file", "--api-prefix", "--reuse-port", "--log-disable",
+}  # fmt: skip
+# Print something and exit: an instance would never become healthy.
+EXIT_FLAGS = {"--help", "--usage", "--version", "--completion-bash", "--list-devices", "--cache-list"}
+# Fetch from (or compute on) other machines; the controller serves local files only.
+NETWORK_FLAGS = {"--docker-repo", "--offline", "--rpc", "--hf-token"}
+NETWORK_PREFIXES = ("--hf-", "-hf", "--spec-draft-hf")
+# Let the model run programs, read the filesystem or call other hosts, or run the router that starts
+# servers of its own.
+TOOL_FLAGS = {
+    "--tools", "--tools-runtime", "--agent", "--mcp-servers-config", "--mcp-servers-json", "--ui-mcp-proxy",
+    "--webui-mcp-proxy", "--video-ffmpeg-dir", "--models-dir", "--models-preset",
+}  # fmt: skip
+# Write files on the host. Refused rather than redirected: a path the controller picked would still be a
+# place that requests could fill (slot saves), and nothing in the controller cleans it up.
+WRITE_FLAGS = {"--slot-save-path", "--lookup-cache-dynamic", "--log-prompts-dir", "--prompt-cache"}
 
 
 class RegistryError(ValueError):
     """A registry entry that cannot be accepted; the message says what is wrong."""
 
 
-def check_model_path(raw: str) -> Path:
-    """The resolved path of a readable .gguf file inside LLAMACONTROLLER_MODEL_DIRS."""
+def check_allowed_path(raw: str, *, base: Path | None = None, directory: bool = False) -> Path:
+    """The resolved path (symlinks followed) of an existing, readable file (or folder) inside
+    LLAMACONTROLLER_MODEL_DIRS. Relative paths are relative to `base`."""
     if not raw or not str(raw).strip():
         raise RegistryError("path is empty")
     path = Path(raw).expanduser()
-    if path.suffix.lower() != ".gguf":
-        raise RegistryError(f"{raw}: not a .gguf file")
+    if not path.is_absolute() and base is not None:
+        path = base / path
     resolved = path.resolve()
     if not any(resolved.is_relative_to(folder) for folder in settings.MODEL_DIRS):
         allowed = ", ".join(str(f) for f in settings.MODEL_DIRS)
         raise RegistryError(f"{raw}: outside the allowed model folders ({allowed})")
     if not resolved.exists():
-        raise RegistryError(f"{raw}: file not found")
+        raise RegistryError(f"{raw}: {'folder' if directory else 'file'} not found")
+    if directory:
+        if not resolved.is_dir():
+            raise RegistryError(f"{raw}: not a folder")
+        return resolved
     if not resolved.is_file():
         raise RegistryError(f"{raw}: not a regular file")
     try:
-        with resolved.open("rb") as handle:
-            magic = handle.read(4)
+        with resolved.open("rb"):
+            pass
     except OSError as exc:
         raise RegistryError(f"{raw}: not readable ({exc.strerror})") from None
+    return resolved
+
+
+def check_model_path(raw: str) -> Path:
+    """The resolved path of a readable .gguf file inside LLAMACONTROLLER_MODEL_DIRS."""
+    if not raw or not str(raw).strip():
+        raise RegistryError("path is empty")
+    if Path(raw).suffix.lower() != ".gguf":
+        raise RegistryError(f"{raw}: not a .gguf file")
+    resolved = check_allowed_path(raw)
+    with resolved.open("rb") as handle:
+        magic = handle.read(4)
     if magic != b"GGUF":
         raise RegistryError(f"{raw}: not a GGUF file (bad magic bytes)")
     return resolved
 
 
-def check_cli_params(params) -> dict:
+def check_params_shape(params) -> dict:
     """Flag names are plain words (`c`, `n-gpu-layers`), values scalars or lists of scalars."""
     if params is None:
         return {}
@@ -51,8 +94,6 @@ def check_cli_params(params) -> dict:
             raise RegistryError(
                 f"bad flag name {name!r}: use letters, digits and dashes, without leading dashes"
             )
-        if name in RESERVED_FLAGS:
-            raise RegistryError(f"flag {name!r} is set by the controller and cannot be configured")
         values = value if isinstance(value, list) else [value]
         if isinstance(value, list) and not value:
             raise RegistryError(f"flag {name!r}: an empty list")
@@ -64,20 +105,88 @@ def check_cli_params(params) -> dict:
     return params
 
 
-def cli_args(params: dict) -> list[str]:
-    """`{"c": 4096, "no-mmap": None, "lora": ["a", "b"]}` -> `["-c", "4096", "--no-mmap", "--lora", "a",
-    "--lora", "b"]`. One-letter names take one dash. True is a bare flag, False leaves it out."""
+def refusal(option: dict) -> str | None:
+    """Why the allowlist refuses this catalogue option, or None when it may be configured."""
+    names = set(option["names"])
+    if names & OWNED_FLAGS:
+        return "is set by the controller and cannot be configured"
+    if names & EXIT_FLAGS:
+        return "prints and exits: it is not a server setting"
+    help_text = option.get("help", "").lower()
+    if (
+        names & NETWORK_FLAGS
+        or any(n.startswith(NETWORK_PREFIXES) or n.endswith("-url") for n in names)
+        or "download" in help_text
+    ):
+        return "fetches from the network; put the files inside the model folders instead"
+    if names & TOOL_FLAGS:
+        return "lets the server run programs, reach other hosts or start servers of its own"
+    if names & WRITE_FLAGS:
+        return "writes files on the host and is not allowed"
+    return None
+
+
+def _file_value(name: str, option: dict, value: str, base: Path | None) -> str:
+    """A file flag's value with every path checked and made absolute. `a.gguf,b.gguf` lists several;
+    `FNAME:SCALE` (the *-scaled flags) carries a scale after the last colon."""
+    scaled = ":" in option.get("metavar", "")
+    checked = []
+    for part in value.split(","):
+        path, scale = part, ""
+        if scaled and ":" in part:
+            path, scale = part.rsplit(":", 1)
+            scale = f":{scale}"
+        try:
+            resolved = check_allowed_path(path.strip(), base=base, directory=option.get("directory", False))
+        except RegistryError as exc:
+            raise RegistryError(f"flag '{name}': {exc}") from None
+        checked.append(f"{resolved}{scale}")
+    return ",".join(checked)
+
+
+def cli_args(params, catalogue: Catalogue, model_path: str | Path | None = None) -> list[str]:
+    """`{"c": 4096, "ngl": 99, "lora": ["a.gguf", "b.gguf"]}` -> `["-c", "4096", "-ngl", "99", "--lora",
+    "/models/a.gguf", "--lora", "/models/b.gguf"]`: each name in the spelling the binary knows, checked
+    against the allowlist; null (or true) gives a bare switch, false leaves it out, a list repeats the flag.
+    Relative file values are relative to the model file's folder. RegistryError says what is wrong."""
+    base = Path(model_path).parent if model_path else (settings.MODEL_DIRS or [None])[0]
     args: list[str] = []
-    for name, value in check_cli_params(params).items():
-        flag = f"-{name}" if len(name) == 1 else f"--{name}"
-        for item in value if isinstance(value, list) else [value]:
-            if item is None or item is True:
-                args.append(flag)
-            elif item is False:
-                continue
-            else:
-                args.extend([flag, str(item)])
+    for name, value in check_params_shape(params).items():
+        try:
+            flag = catalogue.resolve(name)
+            reason = refusal(flag.option)
+            if reason:
+                raise RegistryError(f"flag '{name}' ({flag.spelling}) {reason}")
+            occurrences = catalogue.value_words(name, flag, value)
+        except FlagError as exc:
+            raise RegistryError(str(exc)) from None
+        for words in occurrences or []:
+            if flag.option.get("file") and words:
+                words = [_file_value(name, flag.option, words[0], base)]
+            args += [flag.spelling, *words]
     return args
+
+
+def used_options(params, catalogue: Catalogue) -> list[dict]:
+    """The catalogue options that cli_params set (after cli_args accepted them)."""
+    return [catalogue.resolve(name).option for name in (params or {})]
+
+
+def check_cli_params(params, *, binary=None, model_path: str | Path | None = None) -> dict:
+    """Accept cli_params only when every flag passes cli_args against the catalogue of each llama-server
+    the entry may run on (its pinned binary, else every host's default)."""
+    from .binaries import BinaryError, catalogues_for_model
+
+    params = check_params_shape(params)
+    if not params:
+        return params
+    try:
+        catalogues = catalogues_for_model(binary)
+    except BinaryError as exc:
+        raise RegistryError(f"cannot check the flags: {exc}") from None
+    for catalogue in catalogues:
+        cli_args(params, catalogue, model_path)
+    return params
 
 
 def file_facts(path: Path) -> dict:
