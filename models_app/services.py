@@ -137,6 +137,35 @@ def _busy(gpus: list[Gpu]) -> LoadRefused:
     )
 
 
+def check_gpu_state(gpus: list[Gpu], *, force: bool) -> str:
+    """Refuse GPUs the telemetry says cannot be used: `unavailable` always (with the reason), and
+    `occupied_by_others` unless `force`, naming the foreign processes. Returns what a forced load goes
+    over, for the event ("" when nothing)."""
+    forced = []
+    for gpu in gpus:
+        where = f"GPU {gpu.index} on {gpu.host.name}"
+        if gpu.state == Gpu.State.UNAVAILABLE:
+            reason = gpu.state_reason or "the GPU query failed"
+            raise LoadRefused(f"{where} is unavailable: {reason}", field="gpu_id", code="busy")
+        if gpu.state == Gpu.State.OCCUPIED_BY_OTHERS:
+            foreign = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
+            named = (
+                ", ".join(
+                    f"{p.get('name') or '?'} (pid {p.get('pid')}, {p.get('used_mib')} MiB)"
+                    for p in foreign[:5]
+                )
+                or f"{gpu.memory_used_mib} MiB used by processes not visible here"
+            )
+            if not force:
+                raise LoadRefused(
+                    f"{where} is occupied by other processes: {named}; load with force to use it anyway",
+                    field="gpu_id",
+                    code="busy",
+                )
+            forced.append(f"{where}: {named}")
+    return "; ".join(forced)
+
+
 # --- the broker ----------------------------------------------------------------------------------------
 
 
@@ -195,20 +224,24 @@ class _Busy(Exception):
     pass
 
 
-def request_load(*, model_id: str, gpu_spec: str, actor, host_name: str | None = None) -> GpuInstance:
-    """Validate, create a pending instance holding the GPUs, and (on commit) queue its load."""
+def request_load(
+    *, model_id: str, gpu_spec: str, actor, host_name: str | None = None, force: bool = False
+) -> GpuInstance:
+    """Validate, create a pending instance holding the GPUs, and (on commit) queue its load. `force`: load
+    onto GPUs that other processes occupy (recorded in the event)."""
     _check_actor(can_load(actor), actor, "load models")
     model = _model(model_id)
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
     if _holders(gpus):
         raise _busy(gpus)
+    forced = check_gpu_state(gpus, force=force)
     check_broker()
+    detail = f"load {model.pk} on {host.name} GPU {','.join(str(g.index) for g in gpus)}"
+    if forced:
+        detail += f" (forced over other processes: {forced})"
     try:
         with transaction.atomic():
-            return _create_pending(
-                model, host, gpus, actor, event_kind=Kind.REQUESTED,
-                detail=f"load {model.pk} on {host.name} GPU {','.join(str(g.index) for g in gpus)}",
-            )  # fmt: skip
+            return _create_pending(model, host, gpus, actor, event_kind=Kind.REQUESTED, detail=detail)
     except _Busy:
         raise _busy(gpus) from None
 
@@ -232,6 +265,7 @@ def request_unload(*, instance: GpuInstance, actor) -> GpuInstance:
             expected=[Status.PENDING, Status.STARTING, Status.RUNNING],
             event_kind=Kind.UNLOAD_REQUESTED,
             actor=actor,
+            lease_expires_at=None,
         ):
             instance.refresh_from_db()
             if instance.status == Status.STOPPING:
@@ -264,7 +298,9 @@ def request_unload_gpus(*, gpu_spec: str, actor, host_name: str | None = None) -
 # --- switch --------------------------------------------------------------------------------------------
 
 
-def request_switch(*, model_id: str, gpu_spec: str, actor, host_name: str | None = None) -> GpuInstance:
+def request_switch(
+    *, model_id: str, gpu_spec: str, actor, host_name: str | None = None, force: bool = False
+) -> GpuInstance:
     """Unload what runs on these GPUs and load `model_id` there, as one request. The GPUs pass to the new
     instance at once (so nobody else takes them in between); its load stops the old processes first."""
     _check_actor(can_load(actor), actor, "load models")
@@ -273,9 +309,12 @@ def request_switch(*, model_id: str, gpu_spec: str, actor, host_name: str | None
     old = _active_on(gpus)
     for instance in old:
         _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")
+    forced = check_gpu_state(gpus, force=force)
     check_broker()
     spec = ",".join(str(g.index) for g in gpus)
     replaced = ", ".join(f"#{i.pk} ({i.model_id})" for i in old) or "nothing"
+    if forced:
+        replaced += f" (forced over other processes: {forced})"
     try:
         with transaction.atomic():
             for instance in old:
@@ -286,6 +325,7 @@ def request_switch(*, model_id: str, gpu_spec: str, actor, host_name: str | None
                     event_kind=Kind.SWITCH_REQUESTED,
                     actor=actor,
                     detail=f"switching {host.name} GPU {spec} to {model.pk}",
+                    lease_expires_at=None,
                 ):
                     raise _Busy()
                 InstanceGpu.objects.filter(instance=instance, active=True).update(active=False)
