@@ -50,6 +50,7 @@ class LoadForm(forms.Form):
     model = forms.ModelChoiceField(queryset=ModelConfig.objects.all())
     gpu_id = forms.CharField(label="GPUs", help_text='GPU indices on one host: "0" or "0,1".')
     host = forms.CharField(required=False, help_text="Only needed when several hosts have these indices.")
+    force = forms.BooleanField(required=False, help_text="Load even onto GPUs that other processes occupy.")
 
 
 @admin.register(GpuInstance)
@@ -79,6 +80,7 @@ class GpuInstanceAdmin(admin.ModelAdmin):
                     gpu_spec=data["gpu_id"],
                     actor=request.user,
                     host_name=data["host"] or None,
+                    force=data["force"],
                 )
             except LoadRefused as exc:
                 field = {"model_id": "model"}.get(exc.field, exc.field)

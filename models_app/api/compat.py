@@ -133,6 +133,7 @@ class ModelsLoadView(APIView):
                 gpu_spec=gpu_id,
                 actor=request.user,
                 host_name=form.validated_data.get("host"),
+                force=form.validated_data.get("force", False),
             )
         except services.LoadRefused as exc:
             return _compat_refusal(exc, gpu_id, model_id)

@@ -37,10 +37,12 @@ class LoadSerializer(serializers.Serializer):
     host = serializers.CharField(
         max_length=100, required=False, help_text="Host name; default: the only host."
     )
+    force = serializers.BooleanField(default=False, help_text="Load even onto GPUs others occupy.")
 
 
 class SwitchSerializer(serializers.Serializer):
     model_id = serializers.CharField(max_length=100)
+    force = serializers.BooleanField(default=False, help_text="Load even onto GPUs others occupy.")
 
 
 class UnloadGpusSerializer(serializers.Serializer):

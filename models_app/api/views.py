@@ -75,6 +75,7 @@ class InstanceViewSet(
             gpu_spec=form.validated_data["gpu_id"],
             actor=request.user,
             host_name=form.validated_data.get("host"),
+            force=form.validated_data.get("force", False),
         )
         return Response(self._fresh(instance), status=status.HTTP_202_ACCEPTED)
 
@@ -99,6 +100,7 @@ class InstanceViewSet(
             gpu_spec=instance.gpu_ids,
             actor=request.user,
             host_name=instance.host.name,
+            force=form.validated_data.get("force", False),
         )
         return Response(self._fresh(new), status=status.HTTP_202_ACCEPTED)
 

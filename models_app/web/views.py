@@ -89,7 +89,8 @@ def dashboard_context(user) -> dict:
     for gpu in gpus:
         gpu.holder = holder.get(gpu.pk)
         gpu.other_processes = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
-        gpu.selectable = gpu.holder is None and gpu.state == Gpu.State.IDLE
+        # Occupied by others: selectable, but the load needs "force" (the server checks it).
+        gpu.selectable = gpu.holder is None and gpu.state in (Gpu.State.IDLE, Gpu.State.OCCUPIED_BY_OTHERS)
     transitioning = any(i.in_transition for i in instances)
     # A host whose llama-server is missing, or whose GPU query fails, says so on top of the page.
     host_problems = list(Host.objects.exclude(llama_server_error="", telemetry_error=""))
@@ -100,6 +101,7 @@ def dashboard_context(user) -> dict:
         "failures": failures,
         "models": list(ModelConfig.objects.only("id", "name")) if roles.can_load(user) else [],
         "multi_host": len({g.host_id for g in gpus}) > 1,
+        "any_occupied": any(g.selectable and g.state == Gpu.State.OCCUPIED_BY_OTHERS for g in gpus),
         "can_load": roles.can_load(user),
         "is_admin": roles.can_administer(user),
         "refresh_seconds": FAST_REFRESH_SECONDS if transitioning else settings.DASHBOARD_REFRESH_SECONDS,
@@ -178,8 +180,9 @@ def load(request):
         return _after_action(request, "Choose at least one GPU.", 400)
     try:
         instance = services.request_load(
-            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name
-        )
+            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name,
+            force=bool(request.POST.get("force")),
+        )  # fmt: skip
     except services.LoadRefused as exc:
         return _refused(request, exc)
     return _after_action(request, f"Loading {model_id} on GPU {instance.gpu_ids} (instance #{instance.pk}).")
@@ -207,8 +210,9 @@ def switch(request, pk: int):
     model_id = request.POST.get("model_id", "")
     try:
         new = services.request_switch(
-            model_id=model_id, gpu_spec=instance.gpu_ids, actor=request.user, host_name=instance.host.name
-        )
+            model_id=model_id, gpu_spec=instance.gpu_ids, actor=request.user, host_name=instance.host.name,
+            force=bool(request.POST.get("force")),
+        )  # fmt: skip
     except services.LoadRefused as exc:
         return _refused(request, exc)
     return _after_action(request, f"Switching GPU {instance.gpu_ids} to {model_id} (instance #{new.pk}).")

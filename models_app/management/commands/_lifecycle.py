@@ -53,12 +53,19 @@ def describe(instance: GpuInstance) -> str:
     return text
 
 
+def add_force_argument(parser) -> None:
+    parser.add_argument(
+        "--force", action="store_true", help="Load even onto GPUs that other processes occupy (recorded)."
+    )
+
+
 def request_and_report(
-    command, request, *, model: str, gpu: str, host: str | None, user: str | None, wait: bool
-):
+    command, request, *, model: str, gpu: str, host: str | None, user: str | None, wait: bool,
+    force: bool = False,
+):  # fmt: skip
     """load and switch: call the service, then report the request or, with --wait, the outcome."""
     try:
-        instance = request(model_id=model, gpu_spec=gpu, actor=actor_from(user), host_name=host)
+        instance = request(model_id=model, gpu_spec=gpu, actor=actor_from(user), host_name=host, force=force)
     except LoadRefused as exc:
         raise refused(exc) from None
     if not wait:

@@ -2,7 +2,7 @@ from django.core.management.base import BaseCommand
 
 from models_app.services import request_switch
 
-from ._lifecycle import add_common_arguments, request_and_report
+from ._lifecycle import add_common_arguments, add_force_argument, request_and_report
 
 
 class Command(BaseCommand):
@@ -11,6 +11,9 @@ class Command(BaseCommand):
     def add_arguments(self, parser):
         parser.add_argument("model", help="Model id from the registry.")
         add_common_arguments(parser)
+        add_force_argument(parser)
 
-    def handle(self, model, gpu, host, user, wait, **options):
-        request_and_report(self, request_switch, model=model, gpu=gpu, host=host, user=user, wait=wait)
+    def handle(self, model, gpu, host, user, wait, force, **options):
+        request_and_report(
+            self, request_switch, model=model, gpu=gpu, host=host, user=user, wait=wait, force=force
+        )
