@@ -11,12 +11,73 @@ from .models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary, ModelC
 
 @admin.register(LlamaBinary)
 class LlamaBinaryAdmin(admin.ModelAdmin):
-    list_display = ["name", "version", "path", "created_at"]
+    """Read-only: workers discover and verify binaries from their own configuration; nobody types a path."""
+
+    list_display = ["name", "host", "version", "is_default", "error", "discovered_at"]
+    list_filter = ["host", "is_default"]
     search_fields = ["name", "path", "version"]
+    list_select_related = ["host"]
+    exclude = ["catalogue"]
+    readonly_fields = ["flag_count"]
+
+    @admin.display(description="flags in its catalogue")
+    def flag_count(self, binary) -> int:
+        return len(binary.catalogue.get("options", []))
+
+    def has_add_permission(self, request):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
+class ModelConfigForm(forms.ModelForm):
+    """The registry's rules, as in the API and the YAML import: the path inside the model folders, the
+    flags known to the llama-server(s) the entry runs on and allowed."""
+
+    class Meta:
+        model = ModelConfig
+        fields = [
+            "id",
+            "name",
+            "path",
+            "binary",
+            "cli_params",
+            "metadata",
+            "restart_on_crash",
+            "max_restarts",
+        ]
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if "binary" in self.fields:
+            self.fields["binary"].queryset = LlamaBinary.objects.filter(error="").select_related("host")
+
+    def clean_path(self):
+        from .registry import RegistryError, check_model_path
+
+        try:
+            return str(check_model_path(self.cleaned_data["path"]))
+        except RegistryError as exc:
+            raise forms.ValidationError(str(exc)) from None
+
+    def clean(self):
+        from .registry import RegistryError, check_cli_params
+
+        cleaned = super().clean()
+        if "cli_params" in cleaned and not self.has_error("path"):
+            try:
+                check_cli_params(
+                    cleaned["cli_params"], binary=cleaned.get("binary"), model_path=cleaned.get("path")
+                )
+            except RegistryError as exc:
+                self.add_error("cli_params", str(exc))
+        return cleaned
 
 
 @admin.register(ModelConfig)
 class ModelConfigAdmin(admin.ModelAdmin):
+    form = ModelConfigForm
     list_display = ["id", "name", "path", "binary", "restart_on_crash", "updated_at"]
     list_filter = ["restart_on_crash", "binary"]
     search_fields = ["id", "name", "path"]
@@ -64,7 +125,9 @@ class GpuInstanceAdmin(admin.ModelAdmin):
     list_select_related = ["model", "host", "owner"]
     raw_id_fields = ["owner"]
     inlines = [InstanceGpuInline, InstanceEventInline]
-    readonly_fields = [f.name for f in GpuInstance._meta.fields]
+    # The instance's API key is for the controller only: never shown.
+    exclude = ["api_key"]
+    readonly_fields = [f.name for f in GpuInstance._meta.fields if f.name != "api_key"]
     actions = ["unload_selected"]
 
     def add_view(self, request, form_url="", extra_context=None):
