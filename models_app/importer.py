@@ -5,7 +5,7 @@
         name: Tiny llama
         path: models/tiny.gguf          # relative paths are relative to the YAML file
         parameters:
-          cli_params: {c: 4096, ngl: 99, no-mmap: null, lora: [a.gguf, b.gguf]}
+          cli_params: {c: 4096, ngl: 99, fa: "on", lora: [a.gguf, b.gguf]}   # files: next to the model
           restart_on_crash: false       # optional
           max_restarts: 3               # optional
         metadata: {family: llama}
@@ -61,7 +61,8 @@ def _entry_values(entry, position: int, base: Path) -> dict:
         path = base / path
     try:
         resolved = check_model_path(str(path))
-        cli_params = check_cli_params(parameters.get("cli_params"))
+        # Checked against the flag catalogue of every host's default llama-server.
+        cli_params = check_cli_params(parameters.get("cli_params"), model_path=resolved)
     except RegistryError as exc:
         raise RegistryError(f"{label}: {exc}") from None
     restart = parameters.get("restart_on_crash", False)

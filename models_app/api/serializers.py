@@ -3,7 +3,13 @@ from pathlib import Path
 from rest_framework import serializers
 
 from models_app.models import GpuInstance, InstanceEvent, ModelConfig
-from models_app.registry import RegistryError, check_cli_params, check_model_path, file_facts
+from models_app.registry import (
+    RegistryError,
+    check_cli_params,
+    check_model_path,
+    check_params_shape,
+    file_facts,
+)
 
 
 class InstanceSerializer(serializers.ModelSerializer):
@@ -76,9 +82,26 @@ class ModelConfigSerializer(serializers.ModelSerializer):
 
     def validate_cli_params(self, value):
         try:
-            return check_cli_params(value)
+            return check_params_shape(value)
         except RegistryError as exc:
             raise serializers.ValidationError(str(exc)) from None
+
+    def validate_binary(self, value):
+        if value is not None and value.error:
+            raise serializers.ValidationError(f"{value.name} is not usable: {value.error}")
+        return value
+
+    def validate(self, attrs):
+        # The flags against the catalogue of the llama-server(s) the entry will run on.
+        current = self.instance
+        params = attrs.get("cli_params", current.cli_params if current else {})
+        binary = attrs.get("binary", current.binary if current else None)
+        path = attrs.get("path", current.path if current else None)
+        try:
+            check_cli_params(params, binary=binary, model_path=path)
+        except RegistryError as exc:
+            raise serializers.ValidationError({"cli_params": str(exc)}) from None
+        return attrs
 
     def validate_metadata(self, value):
         if value is None:

@@ -271,7 +271,7 @@ def test_lifecycle_worker_killed_mid_load_converges(
     wrapper = tmp_path / "slow-llama-server"
     wrapper.write_text(f'#!/bin/sh\nsleep 2\nexec "{llama_server_path}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
-    tiny_model.binary = LlamaBinary.objects.create(name="slow", path=str(wrapper))
+    tiny_model.binary = LlamaBinary.objects.create(host=fake_gpus.host, name="slow", path=str(wrapper))
     tiny_model.save()
     settings.LLAMA_SERVER = str(llama_server_path)
     _set_child_subreaper(True)
@@ -319,7 +319,9 @@ def test_lifecycle_bad_model_file_fails(worker, fake_gpus, tiny_model, settings)
 
 
 def test_lifecycle_missing_binary_fails(worker, fake_gpus, tiny_model, tmp_path, settings):
-    tiny_model.binary = LlamaBinary.objects.create(name="missing", path=str(tmp_path / "llama-server"))
+    tiny_model.binary = LlamaBinary.objects.create(
+        host=fake_gpus.host, name="missing", path=str(tmp_path / "llama-server")
+    )
     tiny_model.save()
     instance = wait_for(
         request_load(model_id="tiny", gpu_spec="0", actor=None), Status.FAILED, Status.RUNNING

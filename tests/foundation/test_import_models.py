@@ -16,6 +16,9 @@ def model_dir():
     folder = Path(settings.MODEL_DIRS[0])
     write_tiny_model(folder / "a.gguf")
     write_tiny_model(folder / "b.gguf", seed=1)
+    # LoRA files named by model-a's flags: input files must exist inside the model folders.
+    write_tiny_model(folder / "x.gguf", seed=2)
+    write_tiny_model(folder / "y.gguf", seed=3)
     return folder
 
 
@@ -38,7 +41,7 @@ GOOD = [
         "id": "model-a",
         "name": "Model A",
         "path": None,
-        "parameters": {"cli_params": {"c": 4096, "ngl": 99, "no-mmap": None, "lora": ["x.gguf", "y.gguf"]}},
+        "parameters": {"cli_params": {"c": 4096, "ngl": 99, "no-warmup": None, "lora": ["x.gguf", "y.gguf"]}},
         "metadata": {"family": "llama"},
     },
     {"id": "model-b", "name": "Model B", "path": None},
@@ -58,7 +61,7 @@ def test_good_file_creates_then_updates_then_reports_unchanged(tmp_path, model_d
     out = run(path)
     assert "2 created, 0 updated, 0 unchanged" in out
     a = ModelConfig.objects.get(id="model-a")
-    assert a.cli_params["lora"] == ["x.gguf", "y.gguf"] and a.cli_params["no-mmap"] is None
+    assert a.cli_params["lora"] == ["x.gguf", "y.gguf"] and a.cli_params["no-warmup"] is None
     assert a.gguf_metadata["architecture"] == "llama" and a.gguf_metadata["block_count"] == 2
     assert InstanceEvent.objects.filter(kind="registry_changed").count() == 1
 

@@ -17,17 +17,27 @@ Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
 
 
-def test_lifecycle_build_argv(settings):
-    params = {"c": 256, "ngl": 99, "no-mmap": None, "lora": ["a.gguf", "b.gguf"], "flash-attn": False}
-    argv = lifecycle.build_argv("/bin/llama-server", "/m/x.gguf", params, 8090, 1)
+def test_lifecycle_build_argv(settings, llama_server_path, tiny_model_file):
+    # Names take the spelling the binary knows (`ngl` -> `-ngl`: `--ngl` made llama-server exit), file values
+    # are checked and made absolute (relative to the model's folder), and the controller adds its own flags.
+    lora = tiny_model_file.parent / "lora-a.gguf"
+    lora.write_bytes(tiny_model_file.read_bytes())
+    params = {
+        "c": 256,
+        "ngl": 99,
+        "no-warmup": None,
+        "lora": ["lora-a.gguf", str(lora)],
+        "no-kv-offload": False,
+    }
+    argv = lifecycle.build_argv(llama_server_path, str(tiny_model_file), params, 8090, 1, alias="tiny")
     assert argv == [
-        "/bin/llama-server", "-c", "256", "--ngl", "99", "--no-mmap", "--lora", "a.gguf", "--lora", "b.gguf",
-        "-m", "/m/x.gguf", "--host", "127.0.0.1", "--port", "8090",
+        llama_server_path, "-c", "256", "-ngl", "99", "--no-warmup", "--lora", str(lora), "--lora", str(lora),
+        "-m", str(tiny_model_file), "--host", "127.0.0.1", "--port", "8090", "--alias", "tiny",
     ]  # fmt: skip
-    assert lifecycle.build_argv("/b", "/m.gguf", {}, 8090, 2)[-2:] == ["--split-mode", "layer"]
-    assert "layer" not in lifecycle.build_argv("/b", "/m.gguf", {"sm": "row"}, 8090, 2)
+    assert lifecycle.build_argv(llama_server_path, "/m.gguf", {}, 8090, 2)[-2:] == ["--split-mode", "layer"]
+    assert "layer" not in lifecycle.build_argv(llama_server_path, "/m.gguf", {"sm": "row"}, 8090, 2)
     settings.LLAMA_SERVER_HOST = "0.0.0.0"
-    assert "0.0.0.0" in lifecycle.build_argv("/b", "/m.gguf", {}, 8090, 1)
+    assert "0.0.0.0" in lifecycle.build_argv(llama_server_path, "/m.gguf", {}, 8090, 1)
 
 
 def _listening_socket():
@@ -197,7 +207,9 @@ def test_lifecycle_bad_model_file_fails(loadable, tiny_model, settings):
 
 
 def test_lifecycle_missing_binary_fails(loadable, tiny_model, tmp_path):
-    tiny_model.binary = LlamaBinary.objects.create(name="gone", path=str(tmp_path / "no-such-llama-server"))
+    tiny_model.binary = LlamaBinary.objects.create(
+        host=loadable.host, name="gone", path=str(tmp_path / "no-such-llama-server")
+    )
     tiny_model.save()
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     tasks.load_model(instance.pk)
