@@ -250,3 +250,22 @@ def prune_samples(*, older_than_days: int | None = None, batch_size: int = 10_00
         if not ids:
             return deleted
         deleted += MemorySample.objects.filter(id__in=ids).delete()[0]
+
+
+# --- hosts that went quiet -------------------------------------------------------------------------
+
+
+def mark_host_lost(host: Host, reason: str) -> int:
+    """The host's worker went quiet: its GPUs are unavailable with `reason` until the host answers again
+    (its next refresh sets their state from a reading) or an admin clears them. Returns the GPUs marked."""
+    return Gpu.objects.filter(host=host).update(
+        state=Gpu.State.UNAVAILABLE, state_reason=reason, updated_at=timezone.now()
+    )
+
+
+def clear_host_lost(host: Host, reason_prefix: str) -> int:
+    """An admin clears the marks that `mark_host_lost` left (reason beginning with `reason_prefix`): the
+    GPUs count as idle until the host's next refresh. Returns the GPUs cleared."""
+    return Gpu.objects.filter(
+        host=host, state=Gpu.State.UNAVAILABLE, state_reason__startswith=reason_prefix
+    ).update(state=Gpu.State.IDLE, state_reason="", processes=[], updated_at=timezone.now())

@@ -192,6 +192,15 @@ RECONCILE_SECONDS = envint("LLAMACONTROLLER_RECONCILE_SECONDS", 10, minimum=1)
 SAMPLE_RETENTION_DAYS = envint("LLAMACONTROLLER_SAMPLE_RETENTION_DAYS", 30, minimum=1)
 LOAD_TIMEOUT = envint("LLAMACONTROLLER_LOAD_TIMEOUT", 120, minimum=1)
 STOP_TIMEOUT = envint("LLAMACONTROLLER_STOP_TIMEOUT", 10, minimum=1)
+# A host whose worker has not been heard of (GPU refresh, reconcile) for this long is lost: its pending and
+# stopping instances fail and its GPUs become unavailable until it answers again or an admin clears them.
+HOST_TIMEOUT_SECONDS = envint("LLAMACONTROLLER_HOST_TIMEOUT_SECONDS", 300, minimum=1)
+if HOST_TIMEOUT_SECONDS < 2 * max(GPU_REFRESH_SECONDS, RECONCILE_SECONDS):
+    raise ImproperlyConfigured(
+        f"LLAMACONTROLLER_HOST_TIMEOUT_SECONDS={HOST_TIMEOUT_SECONDS} must be at least twice the GPU refresh "
+        "and reconcile intervals: those are the host's heartbeat"
+    )
+HOST_CHECK_SECONDS = max(1, min(30, HOST_TIMEOUT_SECONDS // 4))
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
@@ -219,6 +228,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "models_app.tasks.dispatch_reconcile",
         "schedule": RECONCILE_SECONDS,
         "options": {"expires": RECONCILE_SECONDS * 0.8},
+    },
+    "check-hosts": {
+        "task": "models_app.tasks.check_hosts",
+        "schedule": HOST_CHECK_SECONDS,
+        "options": {"expires": HOST_CHECK_SECONDS * 0.8},
     },
     "prune-samples": {
         "task": "gpus.tasks.prune_samples",

@@ -41,6 +41,8 @@ def reconcile_host(host_name: str) -> dict[str, int]:
     host = Host.objects.filter(name=host_name).first()
     if host is None:
         return {}
+    # A reconcile pass is a heartbeat of the host's worker, as a GPU refresh is (see hosts.py).
+    Host.objects.filter(pk=host.pk).update(last_seen=timezone.now())
     done: Counter[str] = Counter()
     active = GpuInstance.objects.filter(host=host, status__in=GpuInstance.ACTIVE_STATUSES)
     for instance in active.select_related("model", "host"):

@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from gpus.models import Host
 
-from . import binaries, lifecycle, reconcile
+from . import binaries, hosts, lifecycle, reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -90,6 +90,12 @@ def dispatch_reconcile() -> int:
             args=[host.name], queue=host.queue, expires=settings.RECONCILE_SECONDS * 0.8
         )
     return len(hosts)
+
+
+@shared_task(name="models_app.tasks.check_hosts", ignore_result=True)
+def check_hosts() -> dict:
+    """Beat, on the default queue: work sent to hosts that went quiet fails, and their GPUs are marked."""
+    return hosts.check_hosts()
 
 
 @worker_ready.connect
