@@ -100,7 +100,8 @@ def check_hosts() -> dict:
 
 @worker_ready.connect
 def on_worker_ready(sender=None, **kwargs) -> None:
-    """A host's worker starts: register the host and its GPUs, find llama-server, reconcile."""
+    """A host's worker starts: register the host and its GPUs, discover and verify its llama-server
+    binaries (with their flag catalogues), reconcile."""
     queues = getattr(getattr(sender, "app", None), "amqp", None)
     consumed = getattr(getattr(queues, "queues", None), "consume_from", None)
     if consumed and settings.HOST_QUEUE not in consumed:
@@ -109,7 +110,10 @@ def on_worker_ready(sender=None, **kwargs) -> None:
         from gpus.services import register_host
 
         host = register_host(settings.HOST_NAME)
+        # The only way a binary enters the registry: found in this host's configuration and verified.
         binaries.store_on_host(host)
+        for binary in host.llama_binaries.all():
+            logger.info("%s: llama-server %s %s", host.name, binary.path, binary.error or binary.version)
         if host.llama_server_error:
             logger.error("%s: %s", host.name, host.llama_server_error)
         logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
