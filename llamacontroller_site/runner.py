@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from llamacontroller_site.private_files import create_private, private_secret, write_private
+
 REPO = Path(__file__).resolve().parent.parent
 BIND = os.environ.get("LLAMACONTROLLER_BIND", "127.0.0.1:8000")
 
@@ -21,12 +23,12 @@ def say(message: str) -> None:
 
 def prepare_environment(data_dir: Path) -> None:
     """Everything the settings read must be in place before Django starts."""
-    data_dir.mkdir(parents=True, exist_ok=True)
+    # A new data folder is the owner's alone: it holds the database, the secret key and the Redis password.
+    data_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
     os.environ["LLAMACONTROLLER_DATA_DIR"] = str(data_dir)
     key_file = data_dir / "secret_key"
-    if not os.environ.get("SECRET_KEY") and not key_file.exists():
-        key_file.write_text(secrets.token_urlsafe(50))
-        key_file.chmod(0o600)
+    # 0600 from the first byte (no chmod after the write, so nobody can read it in between).
+    if not os.environ.get("SECRET_KEY") and create_private(key_file, secrets.token_urlsafe(50)):
         say(f"generated a secret key in {key_file}")
     if not os.environ.get("LLAMACONTROLLER_GPU_BACKEND"):
         choose_gpu_backend(data_dir)
@@ -75,9 +77,14 @@ def create_admin() -> None:
 
     if User.objects.filter(is_superuser=True).exists():
         return
-    password = os.environ.get("LLAMACONTROLLER_ADMIN_PASSWORD") or secrets.token_urlsafe(12)
+    supplied = os.environ.get("LLAMACONTROLLER_ADMIN_PASSWORD")
+    password = supplied or secrets.token_urlsafe(12)
     user = User.objects.create_superuser("admin", "admin@localhost", password)
     user.groups.add(Group.objects.get(name="admin"))
+    if supplied:
+        # The user knows it already; echoing it would put it in terminal scrollback and log files.
+        say("created the account 'admin' with the password from LLAMACONTROLLER_ADMIN_PASSWORD")
+        return
     say("created the account 'admin' with the password below; it is shown only this once:")
     print(f"\n    username: admin\n    password: {password}\n", flush=True)
 
@@ -111,6 +118,20 @@ def report_llama_server() -> None:
         say(f"llama-server: {resolved.path}")
     else:
         say(f"WARNING: {resolved.error}. Models cannot be loaded until this is fixed.")
+
+
+def start_embedded_redis(data_dir: Path):
+    """The embedded broker, password-protected: any local user can reach a loopback port, and a queued task
+    acts as an admin. The password and the URL (which carries it) are kept in 0600 files, where the
+    management commands of another terminal find them."""
+    from llamacontroller_site.embedded_redis import EmbeddedRedis
+
+    password = private_secret(data_dir / "embedded-redis.password")
+    server = EmbeddedRedis(password, log_file=data_dir / "embedded-redis.log").start()
+    url_file = data_dir / "embedded-redis.url"
+    write_private(url_file, server.url)
+    say(f"embedded Redis on 127.0.0.1:{server.port} (its URL, with the password, in {url_file}, mode 0600)")
+    return server
 
 
 class Supervisor:
@@ -161,15 +182,11 @@ def main() -> int:
     os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llamacontroller_site.settings")
     prepare_environment(data_dir)
 
-    from llamacontroller_site.embedded_redis import EmbeddedRedis
-
     redis_server = None
     url_file = data_dir / "embedded-redis.url"
     if not os.environ.get("REDIS_URL"):
-        redis_server = EmbeddedRedis(log_file=data_dir / "embedded-redis.log").start()
+        redis_server = start_embedded_redis(data_dir)
         os.environ["REDIS_URL"] = redis_server.url
-        url_file.write_text(redis_server.url)
-        say(f"embedded Redis on {redis_server.url}")
 
     supervisor = Supervisor()
     stopping = False

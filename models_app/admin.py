@@ -180,9 +180,67 @@ class GpuInstanceAdmin(admin.ModelAdmin):
         if not done and not refused:
             self.message_user(request, "None of the selected instances is loaded.", messages.WARNING)
 
+    # --- deleting: finished instances only, by admins, as an event; the audit trail stays whole ------
+
+    def has_delete_permission(self, request, obj=None):
+        from accounts import roles
+
+        # A loaded (or loading, or stopping) instance is unloaded, not deleted: use the unload action.
+        return roles.can_administer(request.user) and (obj is None or not obj.is_active)
+
+    def get_deleted_objects(self, objs, request):
+        """The confirmation page: the instances and their GPU links go; their events stay (unlinked, see
+        delete_model), so they are not listed, and the events' own no-delete rule does not block this."""
+        listed, active = [], []
+        for instance in objs:
+            (active if instance.is_active else listed).append(instance)
+        deleted = [
+            f"GPU instance: {i} (its {i.events.count()} event(s) are kept in the audit trail)" for i in listed
+        ]
+        perms_needed = {f"active GPU instance {i} (unload it first)" for i in active}
+        return deleted, {"GPU instances": len(listed)}, perms_needed, []
+
+    def delete_model(self, request, obj):
+        self._delete_finished(request, obj)
+
+    def delete_queryset(self, request, queryset):
+        for instance in queryset:
+            self._delete_finished(request, instance)
+
+    def _delete_finished(self, request, instance):
+        """Delete one finished instance. InstanceEvent.instance cascades, so its events are first unlinked
+        (instance=None; the rows themselves stay), then one INSTANCE_DELETED event records who deleted what,
+        naming the kept events and copying the timeline so it can still be read as one."""
+        from django.core.exceptions import PermissionDenied
+        from django.db import transaction
+
+        from .events import record
+
+        with transaction.atomic():
+            instance = GpuInstance.objects.select_for_update().select_related("host").get(pk=instance.pk)
+            if instance.is_active:
+                raise PermissionDenied(f"instance #{instance.pk} is {instance.status}: unload it first")
+            events = list(instance.events.order_by("created_at", "id"))
+            timeline = "; ".join(
+                f"#{e.id} {e.created_at:%Y-%m-%d %H:%M:%S} {e.kind} by {e.actor_name}" for e in events[:50]
+            ) + (f"; … {len(events) - 50} more" if len(events) > 50 else "")
+            InstanceEvent.objects.filter(instance=instance).update(instance=None)
+            record(
+                InstanceEvent.Kind.INSTANCE_DELETED,
+                actor=request.user,
+                detail=(
+                    f"instance #{instance.pk} ({instance.model_id} on {instance.host.name}:{instance.gpu_ids}, "
+                    f"{instance.status}, owner {instance.owner or 'none'}) deleted; "
+                    f"its {len(events)} event(s) are kept, unlinked: {timeline or 'none'}"
+                ),
+            )
+            instance.delete()
+
 
 @admin.register(InstanceEvent)
 class InstanceEventAdmin(admin.ModelAdmin):
+    """Read-only and append-only: no add, no change, no delete."""
+
     list_display = ["created_at", "kind", "actor_name", "instance", "detail"]
     list_filter = ["kind"]
     search_fields = ["actor_name", "detail"]
@@ -194,6 +252,10 @@ class InstanceEventAdmin(admin.ModelAdmin):
         return False
 
     def has_change_permission(self, request, obj=None):
+        return False
+
+    def has_delete_permission(self, request, obj=None):
+        # The audit trail is append-only: nobody deletes an event, not even an admin.
         return False
 
 

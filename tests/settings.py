@@ -13,7 +13,7 @@ if not os.environ.get("REDIS_URL"):
     # No Redis given: the tests get their own embedded server, as the run command does.
     from llamacontroller_site.embedded_redis import EmbeddedRedis
 
-    _redis = EmbeddedRedis().start()
+    _redis = EmbeddedRedis().start()  # with a random password, like the run command's
     atexit.register(_redis.stop)
     os.environ["REDIS_URL"] = _redis.url
 
