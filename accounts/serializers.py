@@ -34,8 +34,9 @@ class IssuedTokenSerializer(ApiTokenSerializer):
 
 
 class UserSerializer(serializers.ModelSerializer):
-    # Written here, read from the groups (see to_representation); null means no role at all.
-    role = serializers.ChoiceField(choices=[*roles.ROLES], allow_null=True, required=False, write_only=True)
+    # Written here, read from the groups (see to_representation); null means no role at all. Not write-only:
+    # the schema must show it in responses too (the schemathesis run checks responses against the schema).
+    role = serializers.ChoiceField(choices=[*roles.ROLES], allow_null=True, required=False)
     password = serializers.CharField(write_only=True, required=False, style={"input_type": "password"})
     current_password = serializers.CharField(
         write_only=True,

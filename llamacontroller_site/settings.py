@@ -168,6 +168,11 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # The errors each operation may answer (400/401/403/404) are part of the schema.
+    "POSTPROCESSING_HOOKS": [
+        "drf_spectacular.hooks.postprocess_schema_enums",
+        "llamacontroller_site.openapi.document_errors",
+    ],
 }
 
 # --- Redis and Celery -------------------------------------------------------------------------------

@@ -10,6 +10,8 @@ api_v1 = [
     path("", include("accounts.api_urls")),
 ]
 
+handler404 = "llamacontroller_site.errors.page_not_found"
+
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
     path("admin/", admin.site.urls),

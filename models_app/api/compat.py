@@ -2,9 +2,8 @@
 GET gpu/status, GET models/status, POST models/load, POST models/unload. Same shapes as the original;
 loading and unloading are accepted here and finish in the background."""
 
-from drf_spectacular.types import OpenApiTypes
 from drf_spectacular.utils import extend_schema
-from rest_framework import status
+from rest_framework import serializers, status
 from rest_framework.response import Response
 from rest_framework.views import APIView
 
@@ -40,6 +39,50 @@ def instance_status(instance: GpuInstance) -> dict:
     }
 
 
+class CompatStatusSchema(serializers.Serializer):
+    """The seed's GpuInstanceStatus (for the schema only): an instance, or a GPU nothing holds ("stopped")."""
+
+    gpu_id = serializers.CharField(allow_null=True)
+    port = serializers.IntegerField(allow_null=True)
+    model_id = serializers.CharField(allow_null=True, required=False)
+    model_name = serializers.CharField(allow_null=True, required=False)
+    status = serializers.CharField()
+    loaded_at = serializers.DateTimeField(allow_null=True)
+    uptime_seconds = serializers.IntegerField(allow_null=True)
+    pid = serializers.IntegerField(allow_null=True)
+    memory_used_mb = serializers.IntegerField(allow_null=True)
+    memory_total_mb = serializers.IntegerField(allow_null=True)
+    memory_source = serializers.CharField()
+    instance_id = serializers.IntegerField(allow_null=True)
+    host = serializers.CharField(allow_null=True)
+    state = serializers.CharField(required=False, help_text="A free GPU's state.")
+
+
+class CompatGpusSchema(serializers.Serializer):
+    gpus = CompatStatusSchema(many=True)
+
+
+class CompatModelStatusSchema(CompatStatusSchema):
+    loaded = serializers.BooleanField()
+    instances = CompatStatusSchema(many=True)
+
+
+class CompatAcceptedSchema(serializers.Serializer):
+    """`success` means accepted (the work finishes in the background); a refusal adds `detail`, `code` and
+    `field` (the bad input) and answers 400, 403, 404, 409 or 503."""
+
+    success = serializers.BooleanField()
+    message = serializers.CharField()
+    gpu_id = serializers.CharField(allow_null=True)
+    model_id = serializers.CharField(allow_null=True)
+    instance_id = serializers.IntegerField(required=False, help_text="load: the new instance")
+    instance_ids = serializers.ListField(child=serializers.IntegerField(), required=False, help_text="unload")
+    status = serializers.CharField(required=False)
+
+
+COMPAT_REFUSALS = {code: CompatAcceptedSchema for code in (404, 409, 503)}
+
+
 def idle_gpu_status(gpu: Gpu) -> dict:
     """A GPU that no instance holds: the whole-GPU figures (which count other people's processes)."""
     return {
@@ -69,7 +112,7 @@ def active_instances():
 class GpuStatusView(APIView):
     permission_classes = [IsViewer]
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(responses=CompatGpusSchema)
     def get(self, request):
         """`{"gpus": [...]}`: one entry per active instance (its GPUs once, "0,1"), one per free GPU."""
         held = set(InstanceGpu.objects.filter(active=True).values_list("gpu_id", flat=True))
@@ -82,7 +125,7 @@ class GpuStatusView(APIView):
 class ModelsStatusView(APIView):
     permission_classes = [IsViewer]
 
-    @extend_schema(responses=OpenApiTypes.OBJECT)
+    @extend_schema(responses=CompatModelStatusSchema(many=True))
     def get(self, request):
         """One entry per registered model: its newest active instance's status, or "stopped"."""
         by_model: dict[str, list[GpuInstance]] = {}
@@ -117,7 +160,7 @@ def _compat_refusal(exc, gpu_id, model_id) -> Response:
 class ModelsLoadView(APIView):
     permission_classes = [IsOperator]
 
-    @extend_schema(request=LoadSerializer, responses=OpenApiTypes.OBJECT)
+    @extend_schema(request=LoadSerializer, responses={200: CompatAcceptedSchema, **COMPAT_REFUSALS})
     def post(self, request):
         """Load `model_id` on `gpu_id` (default "0"). `success` means accepted: poll gpu/status."""
         data = request.data
@@ -148,7 +191,7 @@ class ModelsLoadView(APIView):
 class ModelsUnloadView(APIView):
     permission_classes = [IsOperator]
 
-    @extend_schema(request=UnloadGpusSerializer, responses=OpenApiTypes.OBJECT)
+    @extend_schema(request=UnloadGpusSerializer, responses={200: CompatAcceptedSchema, **COMPAT_REFUSALS})
     def post(self, request):
         """Unload whatever runs on `gpu_id`. `success` means accepted: poll gpu/status."""
         form = UnloadGpusSerializer(data=request.data)

@@ -1,7 +1,8 @@
 """The one place where a refused request (services.LoadRefused) becomes an HTTP status and a body, for the
 API and the web views alike."""
 
-from rest_framework import status
+from drf_spectacular.utils import OpenApiResponse
+from rest_framework import serializers, status
 from rest_framework.response import Response
 
 from models_app.services import LoadRefused
@@ -13,6 +14,22 @@ STATUS_BY_CODE = {
     "busy": status.HTTP_409_CONFLICT,
     "unavailable": status.HTTP_503_SERVICE_UNAVAILABLE,
 }
+
+
+class RefusalSerializer(serializers.Serializer):
+    """For the schema: what a refusal answers (`refusal_body`)."""
+
+    detail = serializers.CharField()
+    code = serializers.ChoiceField(choices=sorted(STATUS_BY_CODE), required=False)
+
+
+def refusals(*statuses: int) -> dict:
+    """`extend_schema(responses=...)` entries for the refusals an operation may answer (409, 503)."""
+    descriptions = {
+        status.HTTP_409_CONFLICT: "Refused: the GPU or object is busy (the reason is in `detail`).",
+        status.HTTP_503_SERVICE_UNAVAILABLE: "The task queue (Redis) is unreachable.",
+    }
+    return {code: OpenApiResponse(RefusalSerializer, description=descriptions[code]) for code in statuses}
 
 
 def refusal_status(exc: LoadRefused) -> int:

@@ -21,7 +21,7 @@ from models_app.events import record
 from models_app.logtail import read_tail
 from models_app.models import GpuInstance, InstanceEvent, ModelConfig
 
-from .errors import RefusalMixin
+from .errors import RefusalMixin, refusals
 from .serializers import (
     EventSerializer,
     InstanceSerializer,
@@ -65,7 +65,7 @@ class InstanceViewSet(
             queryset = queryset.filter(host__name=params["host"])
         return queryset
 
-    @extend_schema(request=LoadSerializer, responses={202: InstanceSerializer})
+    @extend_schema(request=LoadSerializer, responses={202: InstanceSerializer, **refusals(409, 503)})
     def create(self, request):
         """Load `model_id` on GPUs `gpu_id` ("0" or "0,1"). 400 bad input, 409 busy GPU, 503 broker down."""
         form = LoadSerializer(data=request.data)
@@ -79,7 +79,7 @@ class InstanceViewSet(
         )
         return Response(self._fresh(instance), status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: InstanceSerializer})
+    @extend_schema(request=None, responses={202: InstanceSerializer, **refusals(409, 503)})
     @action(detail=True, methods=["post"])
     def unload(self, request, pk=None):
         instance = self.get_object()
@@ -87,7 +87,7 @@ class InstanceViewSet(
         instance = services.request_unload(instance=instance, actor=request.user)
         return Response(self._fresh(instance), status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=SwitchSerializer, responses={202: InstanceSerializer})
+    @extend_schema(request=SwitchSerializer, responses={202: InstanceSerializer, **refusals(409, 503)})
     @action(detail=True, methods=["post"])
     def switch(self, request, pk=None):
         """Unload this instance and load `model_id` on the same GPUs; answers the new instance."""
@@ -140,6 +140,7 @@ class ModelConfigViewSet(viewsets.ModelViewSet):
         model = serializer.save()
         record(InstanceEvent.Kind.REGISTRY_CHANGED, actor=self.request.user, detail=f"changed {model.pk}")
 
+    @extend_schema(responses={204: None, **refusals(409)})
     def destroy(self, request, *args, **kwargs):
         model = self.get_object()
         try:
@@ -235,7 +236,13 @@ class OrphanKillView(RefusalMixin, APIView):
 
     permission_classes = [IsAdminRole]
 
-    @extend_schema(request=None, responses={202: OpenApiTypes.OBJECT})
+    @extend_schema(
+        request=None,
+        responses={
+            202: inline_serializer("OrphanKill", {"detail": serializers.CharField()}),
+            **refusals(409, 503),
+        },
+    )
     def post(self, request, gpu_pk: int, pid: int):
         gpu = get_object_or_404(Gpu.objects.select_related("host"), pk=gpu_pk)
         services.kill_orphan(host_name=gpu.host.name, pid=pid, actor=request.user)
