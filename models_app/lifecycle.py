@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from .binaries import BinaryError, binary_for_load, catalogue_for, catalogue_of_path
 from .events import record
-from .flags import Catalogue
+from .flags import RUN_TIMEOUT, Catalogue
 from .models import GpuInstance, InstanceEvent
 from .processes import (
     ENV_API_KEY,
@@ -330,10 +330,17 @@ def seconds_since_start(instance: GpuInstance) -> float:
 
 def _start_and_wait(instance: GpuInstance) -> None:
     model = instance.model
+    # Reading a binary's catalogue (first use, or the file changed) runs --version and --help: the lease
+    # covers their time-outs, then goes back to its usual length.
+    GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
+        lease_expires_at=lease_until(2 * RUN_TIMEOUT)
+    )
     try:
         binary = binary_for_load(instance.host, model.binary if model.binary_id else None)
     except BinaryError as exc:
         raise StartError(str(exc)) from None
+    if not renew_lease(instance):
+        raise Cancelled()
     catalogue = catalogue_for(binary)
     try:
         model_path = check_model_path(model.path)
