@@ -25,18 +25,27 @@ def _source(request) -> str:
     return f" from {address}" if address else ""
 
 
+def _audit_failure(request, username) -> None:
+    """LOGIN_FAILED once per request, whichever receiver (ours or axes') runs first."""
+    if request is not None:
+        if getattr(request, "_llamacontroller_failure_audited", False):
+            return
+        request._llamacontroller_failure_audited = True
+    audit.emit(audit.LOGIN_FAILED, detail=f"username {str(username or '')[:150]!r}{_source(request)}")
+
+
 @receiver(user_login_failed, dispatch_uid="accounts.audit_failed_login")
 def audit_failed_login(sender, credentials, request=None, **kwargs):
     if request is not None and _refused_while_locked(request):
         return
-    username = str(credentials.get("username", ""))[:150]
-    audit.emit(audit.LOGIN_FAILED, detail=f"username {username!r}{_source(request)}")
+    _audit_failure(request, credentials.get("username", ""))
 
 
 @receiver(user_locked_out, dispatch_uid="accounts.audit_lockout")
 def audit_lockout(sender, request, username, ip_address, **kwargs):
     if _refused_while_locked(request):
         return
+    _audit_failure(request, username)  # the failure that locked comes first in the trail
     minutes = max(1, round(settings.AXES_COOLOFF_TIME.total_seconds() / 60))
     audit.emit(
         audit.LOGIN_LOCKED,

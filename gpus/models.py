@@ -34,7 +34,9 @@ class Gpu(models.Model):
         UNAVAILABLE = "unavailable", "Unavailable"
 
     host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="gpus")
-    index = models.PositiveIntegerField()
+    # Empty for a GPU replaced by another card at its index: it stays (history, instances) but answers to
+    # no index any more.
+    index = models.PositiveIntegerField(null=True, blank=True)
     uuid = models.CharField(max_length=100, unique=True)
     name = models.CharField(max_length=200)
     simulated = models.BooleanField(default=False, help_text="Described by the fake backend, not a real GPU.")
@@ -50,13 +52,14 @@ class Gpu(models.Model):
     class Meta:
         ordering = ["host__name", "index"]
         verbose_name = "GPU"
-        indexes = [
-            # Dashboard and load validation: the GPUs of a host in index order.
-            models.Index(fields=["host", "index"], name="gpu_host_index_idx"),
+        constraints = [
+            # One row answers to one index of a host (a replaced GPU's index is empty; NULLs are distinct).
+            # Its index also serves the dashboard and load validation: the GPUs of a host in index order.
+            models.UniqueConstraint(fields=["host", "index"], name="gpu_unique_host_index"),
         ]
 
     def __str__(self) -> str:
-        return f"{self.host.name}:{self.index} {self.name}"
+        return f"{self.host.name}:{'replaced' if self.index is None else self.index} {self.name}"
 
     @property
     def memory_percent(self) -> float | None:

@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from .dbutil import update_rows
@@ -100,12 +101,52 @@ def register_host(host_name: str, sampled: Sampled | None = None) -> Host:
     host.telemetry_error = sampled.error
     host.save(update_fields=["last_seen", "telemetry_backend", "telemetry_error"])
     if sampled.readings is not None:
-        _sync_inventory(host, sampled.readings, list(host.gpus.all()))
+        known = list(host.gpus.all())
+        if _inventory_changed(sampled.readings, known):
+            _sync_inventory(host, sampled.readings, known)
     return host
 
 
+def _inventory_changed(readings: list[GpuReading], known: list[Gpu]) -> bool:
+    index_of = {gpu.uuid: gpu.index for gpu in known}
+    return any(index_of.get(r.uuid, -1) != r.index for r in readings)
+
+
 def _sync_inventory(host: Host, readings: list[GpuReading], known: list[Gpu]) -> list[Gpu]:
-    """Create rows for GPUs seen for the first time; returns the new rows."""
+    """Bring the rows in line with what the driver reports: indices follow the uuids, and a GPU whose
+    index another uuid now has (a replaced card) lets go of it: unavailable, no index. No two rows of a host
+    ever answer to one index (the database's unique constraint holds it). Creates rows for GPUs seen for
+    the first time, and returns them."""
+    with transaction.atomic():
+        _release_indices(host, readings)
+        return _create_new(host, readings, known)
+
+
+def _release_indices(host: Host, readings: list[GpuReading]) -> None:
+    index_of = {r.uuid: r.index for r in readings}
+    claimed_by = {r.index: r.uuid for r in readings}
+    moving = []
+    for gpu in Gpu.objects.filter(host=host).exclude(index=None).only("pk", "uuid", "index"):
+        if gpu.uuid in index_of:
+            if index_of[gpu.uuid] != gpu.index:
+                moving.append(gpu)
+        elif gpu.index in claimed_by:
+            Gpu.objects.filter(pk=gpu.pk).update(
+                index=None,
+                state=Gpu.State.UNAVAILABLE,
+                state_reason=f"replaced: GPU {gpu.index} of {host.name} is now {claimed_by[gpu.index]}",
+                processes=[],
+            )
+    # Renumbered GPUs (e.g. two swapped): let go of every old index first, then take the new ones.
+    Gpu.objects.filter(pk__in=[g.pk for g in moving]).update(index=None)
+    for gpu in moving:
+        Gpu.objects.filter(pk=gpu.pk).update(index=index_of[gpu.uuid])
+    # A GPU that moved from another host (a card swapped between machines) is re-homed by uuid.
+    for gpu in Gpu.objects.filter(uuid__in=list(index_of)).exclude(host=host).only("pk", "uuid"):
+        Gpu.objects.filter(pk=gpu.pk).update(host=host, index=index_of[gpu.uuid])
+
+
+def _create_new(host: Host, readings: list[GpuReading], known: list[Gpu]) -> list[Gpu]:
     known_uuids = {gpu.uuid for gpu in known}
     new = [
         Gpu(
@@ -121,9 +162,6 @@ def _sync_inventory(host: Host, readings: list[GpuReading], known: list[Gpu]) ->
         if r.uuid not in known_uuids
     ]
     if new:
-        # A GPU that moved to another host (rare: a card swapped between machines) is re-homed by uuid.
-        moved = Gpu.objects.filter(uuid__in=[g.uuid for g in new]).exclude(host=host)
-        moved.update(host=host)
         existing = set(Gpu.objects.filter(uuid__in=[g.uuid for g in new]).values_list("uuid", flat=True))
         Gpu.objects.bulk_create([g for g in new if g.uuid not in existing])
         return list(Gpu.objects.filter(host=host, uuid__in=[g.uuid for g in new]))
@@ -197,10 +235,10 @@ def refresh_host(host_name: str, claims: list[InstanceClaim], sampled: Sampled |
         return [InstanceMemory(c.instance_id, None, None, "none", None) for c in claims if c.measure]
 
     by_uuid = {r.uuid: r for r in sampled.readings}
-    if any(r.uuid not in {g.uuid for g in gpus} for r in sampled.readings):
-        gpus += _sync_inventory(
-            gpus[0].host if gpus else Host.objects.get(name=host_name), sampled.readings, gpus
-        )
+    if _inventory_changed(sampled.readings, gpus):
+        host = gpus[0].host if gpus else Host.objects.get(name=host_name)
+        _sync_inventory(host, sampled.readings, gpus)
+        gpus = list(Gpu.objects.filter(host__name=host_name))
 
     owner_of = {pid: c.instance_id for c in claims for pid in c.pids}
     claimed_pks = {pk for c in claims for pk in c.gpu_pks}
@@ -210,7 +248,8 @@ def refresh_host(host_name: str, claims: list[InstanceClaim], sampled: Sampled |
         reading = by_uuid.get(gpu.uuid)
         gpu.updated_at = now
         if reading is None:
-            gpu.state, gpu.state_reason = Gpu.State.UNAVAILABLE, "GPU not reported by the driver any more"
+            if gpu.index is not None:  # a replaced GPU keeps the reason that names its successor
+                gpu.state, gpu.state_reason = Gpu.State.UNAVAILABLE, "GPU not reported by the driver any more"
             gpu.processes = []
             continue
         readings_by_pk[gpu.pk] = reading

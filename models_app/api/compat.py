@@ -117,7 +117,8 @@ class GpuStatusView(APIView):
         """`{"gpus": [...]}`: one entry per active instance (its GPUs once, "0,1"), one per free GPU."""
         held = set(InstanceGpu.objects.filter(active=True).values_list("gpu_id", flat=True))
         entries = [instance_status(i) for i in active_instances()]
-        entries += [idle_gpu_status(g) for g in Gpu.objects.select_related("host") if g.pk not in held]
+        gpus = Gpu.objects.select_related("host").exclude(index=None)  # a replaced GPU answers to no index
+        entries += [idle_gpu_status(g) for g in gpus if g.pk not in held]
         entries.sort(key=lambda e: (e["host"], [int(x) for x in e["gpu_id"].split(",")]))
         return Response({"gpus": entries})
 

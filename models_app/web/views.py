@@ -61,7 +61,7 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
 def dashboard_context(user) -> dict:
     """Everything the cards show, in a fixed number of queries whatever the number of GPUs/instances."""
     now = timezone.now()
-    gpus = list(Gpu.objects.select_related("host"))
+    gpus = list(Gpu.objects.select_related("host").exclude(index=None))  # replaced GPUs: admin and API only
     instances = list(
         instance_queryset()
         .filter(status__in=GpuInstance.ACTIVE_STATUSES)
