@@ -231,3 +231,15 @@ def test_web_password_change_needs_the_current_one_and_is_an_event(users):
     [event] = user_events()
     assert event.actor == users["viewer"] and "password set" in event.detail
     assert Client().get(url).status_code == 302  # anonymous: to the login page
+
+
+def test_admin_user_creation_and_deletion_are_events(client, users):
+    client.force_login(users["admin"])
+    form = {"username": "temp", "password1": "a-long-password-42", "password2": "a-long-password-42"}
+    response = client.post(reverse("admin:auth_user_add"), {**form, "usable_password": "true"})
+    assert response.status_code == 302, response.content.decode()[:2000]
+    temp = User.objects.get(username="temp")
+    client.post(reverse("admin:auth_user_delete", args=[temp.pk]), {"post": "yes"})
+    assert not User.objects.filter(username="temp").exists()
+    assert [e.detail for e in user_events()] == ["user 'temp' created with role none", "user 'temp' deleted"]
+    assert {e.actor for e in user_events()} == {users["admin"]}
