@@ -79,7 +79,7 @@ class InstanceViewSet(
         )
         return Response(self._fresh(instance), status=status.HTTP_202_ACCEPTED)
 
-    @extend_schema(request=None, responses={202: InstanceSerializer, **refusals(409, 503)})
+    @extend_schema(request=None, responses={202: InstanceSerializer, **refusals(400, 409, 503)})
     @action(detail=True, methods=["post"])
     def unload(self, request, pk=None):
         instance = self.get_object()
@@ -240,7 +240,7 @@ class OrphanKillView(RefusalMixin, APIView):
         request=None,
         responses={
             202: inline_serializer("OrphanKill", {"detail": serializers.CharField()}),
-            **refusals(409, 503),
+            **refusals(400, 409, 503),
         },
     )
     def post(self, request, gpu_pk: int, pid: int):

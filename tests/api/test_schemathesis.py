@@ -1,23 +1,29 @@
-"""Schemathesis, the OpenAPI fuzzer, over every operation of /api/schema/ with an admin token, against the
-real app in this process (WSGI: no server, the test database). Bounded and repeatable: a fixed seed,
-derandomized, a few examples per operation.
+"""Schemathesis, the OpenAPI fuzzer, over every operation of /api/schema/ as an admin, against the real app
+in this process (WSGI: no server; the throwaway test database). Bounded and repeatable: a fixed seed,
+derandomized, no example database.
 
-Checks: `not_a_server_error` (no 5xx, except the 503 that /api/v1/health/ documents when the broker is
-down), `status_code_conformance` (every status answered is in the schema), `content_type_conformance`
-and `response_schema_conformance` (the body matches the schema of its status).
+Checks, each failing the test: `not_a_server_error` (no 5xx at all: the test broker is up, so not even
+the documented 503s), `status_code_conformance` (every status answered is documented for the operation),
+`content_type_conformance` and `response_schema_conformance` (the body is JSON and matches the schema
+of its status).
 
-Generated data is mostly valid ("positive" mode) with some invalid ("negative" mode: wrong types, out of
-range, missing fields), so refusals (400) are exercised as well as successes. State-changing operations run
-too: they change only the throwaway test database; loads queue to the test broker, where no worker
-consumes them."""
+Phases: coverage (each parameter's boundaries, wrong types, missing required fields: a fixed set per
+operation) and fuzzing (EXAMPLES_PER_OPERATION random examples, valid and invalid). Each operation runs
+with an API token; the users and tokens changes, which tokens may not make, run again with a session.
+State-changing operations run too: they change only the test database; loads queue to the test broker,
+where no worker consumes them, so nothing starts."""
 
 import time
+import zlib
 
 import pytest
 import schemathesis
+from django.conf import settings as django_settings
+from django.contrib.auth.models import User
 from django.core import signals
 from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
+from django.test import Client
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
@@ -28,18 +34,31 @@ from schemathesis.specs.openapi.checks import (
 )
 
 from accounts.models import ApiToken
+from gpus.models import Gpu
+from models_app.models import GpuInstance, ModelConfig
 from tests.api.factories import make_instance
 
 SEED = 20251127
 EXAMPLES_PER_OPERATION = 12
+SESSION_ONLY = ("/api/v1/users/", "/api/v1/tokens/")  # changes that need a logged-in session
+CSRF = "schemathesis0csrf0secret00000000"  # 32 characters: a CSRF secret in the cookie and the header
 
 CONFIG = SchemathesisConfig.from_dict(
     {
         "seed": SEED,
-        "generation": {"mode": "all", "max-examples": EXAMPLES_PER_OPERATION, "deterministic": True},
-        # The coverage phase's boundary cases are not bounded by max-examples; the examples phase has
-        # nothing to do (the schema carries no examples). Fuzzing alone keeps the run short.
-        "phases": {"examples": {"enabled": False}, "coverage": {"enabled": False}},
+        "generation": {
+            "mode": "all",
+            "max-examples": EXAMPLES_PER_OPERATION,
+            "deterministic": True,
+            "with-security-parameters": False,  # no made-up session cookies: the test signs in
+        },
+        # Coverage: each parameter's boundaries and wrong types, a fixed set per operation; fuzzing: random
+        # examples. The examples phase has nothing to run (the schema carries no examples).
+        "phases": {
+            "examples": {"enabled": False},
+            "coverage": {"enabled": True},
+            "fuzzing": {"enabled": True},
+        },
     }
 )
 CHECKS = [not_a_server_error, status_code_conformance, content_type_conformance, response_schema_conformance]
@@ -66,6 +85,53 @@ def world(users, fake_gpus, tiny_model, wsgi_in_test_transaction):
     return users
 
 
+# The rows an `{id}` may name, per collection. Random ids almost never exist, so most cases would only
+# exercise the 404; two in three are moved onto a row that does.
+EXISTING = {
+    "/api/v1/users/": lambda: list(User.objects.values_list("pk", flat=True)),
+    "/api/v1/instances/": lambda: list(GpuInstance.objects.values_list("pk", flat=True)),
+    "/api/v1/gpus/": lambda: list(Gpu.objects.values_list("pk", flat=True)),
+    "/api/v1/tokens/": lambda: list(ApiToken.objects.values_list("pk", flat=True)),
+    "/api/v1/models/": lambda: list(ModelConfig.objects.values_list("pk", flat=True)),
+}
+
+
+def aim_at_existing_rows(case) -> None:
+    for name in ("id", "gpu_pk"):
+        if name not in (case.path_parameters or {}):
+            continue
+        collection = next((c for c in EXISTING if case.operation.path.startswith(c)), None)
+        choice = zlib.crc32(str(case.path_parameters[name]).encode()) % 3
+        if collection and choice:
+            rows = EXISTING[collection]()
+            if rows:
+                case.path_parameters[name] = rows[choice % len(rows)]
+
+
+@pytest.fixture(params=["token", "session"])
+def sign_in(request, world):
+    """`sign_in(case)` -> the keyword arguments that make one request as the admin, or None to skip it.
+    Every operation runs with an API token, a new one each time (a fuzzed DELETE /api/v1/tokens/{id}/ may
+    revoke an earlier one). Tokens may not change users or create tokens, so those operations run again
+    with a session and its CSRF token, a new session each time (a fuzzed password change ends the
+    earlier ones)."""
+    admin = world["admin"]
+
+    def credentials(case) -> dict | None:
+        if request.param == "token":
+            _, raw = ApiToken.issue(admin, "schemathesis")
+            return {"headers": {"Authorization": f"Bearer {raw}"}}
+        if case.method.upper() == "GET" or not case.operation.path.startswith(SESSION_ONLY):
+            return None
+        client = Client()
+        client.force_login(admin)
+        session = client.cookies[django_settings.SESSION_COOKIE_NAME].value
+        cookies = {django_settings.SESSION_COOKIE_NAME: session, django_settings.CSRF_COOKIE_NAME: CSRF}
+        return {"headers": {"X-CSRFToken": CSRF}, "cookies": cookies}
+
+    return credentials
+
+
 @schema.parametrize()
 @settings(
     max_examples=EXAMPLES_PER_OPERATION,
@@ -74,9 +140,11 @@ def world(users, fake_gpus, tiny_model, wsgi_in_test_transaction):
     derandomize=True,
     suppress_health_check=list(HealthCheck),
 )
-def test_api_answers_every_request_by_its_schema(case, world):
-    # A fresh token for each request: a fuzzed DELETE /api/v1/tokens/{id}/ may revoke an earlier one.
-    _, raw = ApiToken.issue(world["admin"], "schemathesis")
+def test_api_answers_every_request_by_its_schema(case, sign_in):
+    credentials = sign_in(case)
+    if credentials is None:
+        pytest.skip("the token pass covers this operation")
+    aim_at_existing_rows(case)
     started = time.monotonic()
-    case.call_and_validate(headers={"Authorization": f"Bearer {raw}"}, checks=CHECKS)
+    case.call_and_validate(checks=CHECKS, **credentials)
     assert time.monotonic() - started < 10, f"{case.method} {case.formatted_path} took too long"
