@@ -5,6 +5,7 @@ is redone, and llama-servers that no active instance owns are reported as orphan
 
 import logging
 from collections import Counter
+from datetime import timedelta
 
 import psutil
 from django.conf import settings
@@ -64,11 +65,13 @@ def reconcile_host(host_name: str) -> dict[str, int]:
 
 
 def _is_lost(instance: GpuInstance, extra_seconds: float = 0) -> bool:
-    """Nobody works on the instance any more. A lease settles it: held, somebody does; run out, nobody
-    does. Without one (waiting in the queue), it is lost after the grace time or a worker restart."""
+    """Nobody works on the instance any more. A lease settles it: run out, nobody does; held, somebody does
+    unless it was last renewed before this worker started (by the host's previous worker, now gone).
+    Without one (waiting in the queue), it is lost after the grace time or a worker restart."""
     expired = lifecycle.lease_expired(instance)
     if expired is not None:
-        return expired
+        renewed = instance.lease_expires_at - timedelta(seconds=lifecycle.lease_seconds())
+        return expired or renewed < WORKER_STARTED_AT
     changed = lifecycle.last_change(instance)
     if changed < WORKER_STARTED_AT:
         return True
