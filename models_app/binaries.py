@@ -144,7 +144,10 @@ def _label(path: str) -> str:
 
 def refresh(binary) -> object:
     """Re-read the binary's catalogue when its file changed (size or mtime) or was never read; the row
-    records the error when the file is gone or is not a llama-server."""
+    records the error when the file is gone or is not a llama-server. A row the worker no longer found in
+    its configuration stays refused: only the worker's discovery brings it back."""
+    if binary.error == NOT_FOUND_ANY_MORE:
+        return binary
     try:
         path = check_executable(binary.path)
         size, mtime = file_stamp(path)
@@ -224,6 +227,9 @@ def binary_for_load(host, pinned=None):
         if row is None:
             raise BinaryError(host.llama_server_error or f"no llama-server on {host.name}: {INSTALL_HINT}")
     refresh(row)
+    if row.error == NOT_FOUND_ANY_MORE:
+        check_executable(row.path)  # the plainer message when the file itself is gone
+        raise BinaryError(f"{row.path} is no longer in the llama-server configuration of {host.name}")
     if row.error:
         message = row.error if row.error.startswith("llama-server") else f"{row.path}: {row.error}"
         raise BinaryError(message)

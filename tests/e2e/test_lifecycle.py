@@ -200,6 +200,7 @@ def test_lifecycle_seed_5_memory_after_inference(worker, fake_gpus, tiny_model, 
         reply = requests.post(
             f"http://127.0.0.1:{instance.port}/completion",
             json={"prompt": f"Once upon a time {n}", "n_predict": 64},
+            headers={"Authorization": f"Bearer {instance.api_key}"},  # only the controller may call it
             timeout=30,
         )
         assert reply.status_code == 200
@@ -264,11 +265,13 @@ def _set_child_subreaper(on: bool) -> None:
 
 
 def test_lifecycle_worker_killed_mid_load_converges(
-    start_worker, fake_gpus, tiny_model, llama_server_path, settings, tmp_path
+    start_worker, fake_gpus, tiny_model, llama_server_path, settings, tmp_path, ticker
 ):
     # A llama-server that takes two seconds to start (a wrapper that execs the real one: same pid), so that
     # the worker can be killed while it waits for /health.
-    wrapper = tmp_path / "slow-llama-server"
+    # Binaries come from the worker's configuration: the wrapper sits in an allowed folder.
+    wrapper = tmp_path / "builds" / "llama-server-slow"
+    wrapper.parent.mkdir()
     wrapper.write_text(f'#!/bin/sh\nsleep 2\nexec "{llama_server_path}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     tiny_model.binary = LlamaBinary.objects.create(host=fake_gpus.host, name="slow", path=str(wrapper))
@@ -276,7 +279,7 @@ def test_lifecycle_worker_killed_mid_load_converges(
     settings.LLAMA_SERVER = str(llama_server_path)
     _set_child_subreaper(True)
     try:
-        first = start_worker()
+        first = start_worker(LLAMACONTROLLER_LLAMA_SERVER_DIRS=str(wrapper.parent))
         instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
         wait_until(lambda: GpuInstance.objects.get(pk=instance.pk).pid, what="the process to start")
         instance.refresh_from_db()
@@ -284,7 +287,8 @@ def test_lifecycle_worker_killed_mid_load_converges(
         first.kill()
         assert processes.is_alive(instance.pid, instance.process_create_time)  # it outlives its worker
 
-        start_worker()
+        start_worker(LLAMACONTROLLER_LLAMA_SERVER_DIRS=str(wrapper.parent))
+        ticker(settings.RECONCILE_SECONDS)  # beat: the start's lease may still be held at the first pass
         instance = wait_for(instance, Status.RUNNING, Status.FAILED, timeout=30)
         assert instance.status == Status.RUNNING, instance.error
         assert GpuInstance.objects.count() == 1

@@ -318,3 +318,12 @@ def test_environment_variables_do_not_reach_flag_parsing(monkeypatch, llama_serv
 
     assert "LLAMA_ARG_MODEL_URL" not in scrubbed_env()
     assert os.environ["LLAMA_ARG_MODEL_URL"]
+
+
+def test_the_readme_example_passes_the_real_binarys_catalogue(llama_server_path):
+    readme = (Path(__file__).resolve().parents[2] / "README.md").read_text()
+    line = next(line for line in readme.splitlines() if line.strip().startswith("cli_params:"))
+    params = yaml.safe_load(line.split("#")[0].strip())["cli_params"]
+    assert params == {"c": 2048, "ngl": 99}
+    real = Catalogue(flags.read_catalogue(llama_server_path))
+    assert registry.cli_args(params, real) == ["-c", "2048", "-ngl", "99"]
