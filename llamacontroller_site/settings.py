@@ -158,6 +158,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "llamacontroller_site.pagination.StrictLimitOffsetPagination",
+    "DEFAULT_FILTER_BACKENDS": ["llamacontroller_site.query.RefuseNulCharacters"],
     "PAGE_SIZE": 100,
 }
 SPECTACULAR_SETTINGS = {

@@ -159,17 +159,18 @@ MAX_ID = 2**63 - 1  # BigAutoField
 
 
 def parse_moment(text: str) -> datetime | None:
-    """An ISO 8601 date and time (naive: the server's time zone), or None when the text is not one, names
-    a day or hour that does not exist (2025-13-45), or lies outside years 1 to 9999 once in UTC."""
+    """An ISO 8601 date and time (naive: the server's time zone) in UTC, or None when the text is not one,
+    names a day or hour that does not exist (2025-13-45), or lies outside years 1 to 9999 once in UTC.
+    In UTC: PostgreSQL refuses offsets past 15:59 that Python accepts (-20:33)."""
     try:
         moment = parse_datetime(text)
-        if moment is not None:
-            if timezone.is_naive(moment):
-                moment = timezone.make_aware(moment)
-            moment.astimezone(UTC)
+        if moment is None:
+            return None
+        if timezone.is_naive(moment):
+            moment = timezone.make_aware(moment)
+        return moment.astimezone(UTC)
     except (ValueError, OverflowError):
         return None
-    return moment
 
 
 @extend_schema(

@@ -37,6 +37,12 @@ def admin_client(users):
         ("/api/v1/events/?until=0001-01-01T00:00:00%2B05:00", "until"),  # before year 1 in UTC
         ("/api/v1/events/?until=9999-12-31T23:59:59-05:00", "until"),  # after year 9999 in UTC
         ("/api/v1/events/?until=2025-01-01T00:00:00%2B99:00", "until"),
+        # PostgreSQL refuses NUL characters in text; SQLite took them.
+        ("/api/v1/events/?user=a%00b", "user"),
+        ("/api/v1/events/?kind=%00", "kind"),
+        ("/api/v1/gpus/?host=a%00b", "host"),
+        ("/api/v1/instances/?status=running%00", "status"),
+        ("/api/v1/users/?x%00=1", "x\x00"),
     ],
 )
 def test_bad_query_parameters_answer_400_naming_the_field(admin_client, fake_gpus, url, field):
@@ -52,6 +58,7 @@ def test_bad_query_parameters_answer_400_naming_the_field(admin_client, fake_gpu
         "/api/v1/users/?limit=1000&offset=5",
         "/api/v1/events/?since=2025-01-31T12:00:00Z&until=2025-02-01T00:00:00%2B01:00",
         "/api/v1/events/?since=2025-01-31T12:00:00",  # naive: the server's time zone
+        "/api/v1/events/?until=0158-08-20T23:46:24.47-20:33",  # an offset PostgreSQL itself would refuse
         "/api/v1/events/?instance=12",
         "/api/v1/gpus/?limit=&offset=",  # empty, as an HTML form sends them: the defaults
     ],
