@@ -50,21 +50,23 @@ def ticker():
 def slow_start(fake_gpus, tiny_model, llama_server_path, settings, tmp_path):
     """The tiny model starts in ~50 ms: too fast to kill a worker in the middle. A wrapper that sleeps, then
     execs the real llama-server, gives the kill a window that is known in advance."""
-    wrapper = tmp_path / "slow-llama-server"
+    # Binaries come from the worker's configuration: the wrapper sits in an allowed folder.
+    wrapper = tmp_path / "builds" / "llama-server-slow"
+    wrapper.parent.mkdir()
     wrapper.write_text(f'#!/bin/sh\nsleep {SLOW_START_SECONDS}\nexec "{llama_server_path}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     tiny_model.binary = LlamaBinary.objects.create(host=fake_gpus.host, name="slow", path=str(wrapper))
     tiny_model.save()
     settings.LLAMA_SERVER = str(llama_server_path)
     settings.RECONCILE_SECONDS = RECONCILE_SECONDS
-    return tiny_model
+    return {"LLAMACONTROLLER_LLAMA_SERVER_DIRS": str(wrapper.parent)}
 
 
 def _kill_pool_process_mid_load(instance) -> float:
     """Wait for the pid to be recorded, then SIGKILL the pool process that started it (its parent)."""
     deadline = time.monotonic() + 30
     while not GpuInstance.objects.get(pk=instance.pk).pid:
-        assert time.monotonic() < deadline, "llama-server was not started"
+        assert time.monotonic() < deadline, f"llama-server was not started: {instance.events.all()}"
         time.sleep(0.01)
     instance.refresh_from_db()
     pool_process = psutil.Process(psutil.Process(instance.pid).ppid())
@@ -89,7 +91,7 @@ def _wait_settled(instance, timeout):
 def test_pool_process_killed_mid_load_runs_within_two_reconcile_intervals(
     start_worker, slow_start, subreaper, ticker, settings
 ):
-    start_worker()
+    start_worker(**slow_start)
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     killed_at = _kill_pool_process_mid_load(instance)
     settled_at = _wait_settled(instance, timeout=30)
@@ -115,7 +117,7 @@ def test_pool_process_killed_mid_load_runs_within_two_reconcile_intervals(
 def test_pool_process_and_llama_server_killed_mid_load_fails_within_two_reconcile_intervals(
     start_worker, slow_start, subreaper, ticker, settings
 ):
-    start_worker()
+    start_worker(**slow_start)
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     killed_at = _kill_pool_process_mid_load(instance)
     os.killpg(instance.pid, signal.SIGKILL)
