@@ -13,7 +13,6 @@ with an API token; the users and tokens changes, which tokens may not make, run 
 State-changing operations run too: they change only the test database; loads queue to the test broker,
 where no worker consumes them, so nothing starts."""
 
-import time
 import zlib
 
 import pytest
@@ -145,6 +144,4 @@ def test_api_answers_every_request_by_its_schema(case, sign_in):
     if credentials is None:
         pytest.skip("the token pass covers this operation")
     aim_at_existing_rows(case)
-    started = time.monotonic()
     case.call_and_validate(checks=CHECKS, **credentials)
-    assert time.monotonic() - started < 10, f"{case.method} {case.formatted_path} took too long"
