@@ -211,7 +211,9 @@ class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             if params.get(name):
                 moment = parse_moment(params[name])
                 if moment is None:
-                    errors[name] = ["must be an ISO 8601 date and time, e.g. 2025-01-31T12:00:00Z"]
+                    errors[name] = [
+                        "must be an ISO 8601 date and time within years 1 to 9999, e.g. 2025-01-31T12:00:00Z"
+                    ]
                 else:
                     queryset = queryset.filter(**{lookup: moment})
         if errors:
