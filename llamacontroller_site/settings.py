@@ -201,7 +201,7 @@ STOP_TIMEOUT = envint("LLAMACONTROLLER_STOP_TIMEOUT", 10, minimum=1)
 # A host whose worker has not been heard of (GPU refresh, reconcile) for this long is lost: its pending and
 # stopping instances fail and its GPUs become unavailable until it answers again or an admin clears them.
 HOST_TIMEOUT_SECONDS = envint("LLAMACONTROLLER_HOST_TIMEOUT_SECONDS", 300, minimum=1)
-if HOST_TIMEOUT_SECONDS < 2 * max(GPU_REFRESH_SECONDS, RECONCILE_SECONDS):
+if 2 * max(GPU_REFRESH_SECONDS, RECONCILE_SECONDS) > HOST_TIMEOUT_SECONDS:
     raise ImproperlyConfigured(
         f"LLAMACONTROLLER_HOST_TIMEOUT_SECONDS={HOST_TIMEOUT_SECONDS} must be at least twice the GPU refresh "
         "and reconcile intervals: those are the host's heartbeat"

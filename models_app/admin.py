@@ -208,9 +208,9 @@ class GpuInstanceAdmin(admin.ModelAdmin):
             self._delete_finished(request, instance)
 
     def _delete_finished(self, request, instance):
-        """Delete one finished instance. InstanceEvent.instance cascades, so its events are first unlinked
-        (instance=None; the rows themselves stay), then one INSTANCE_DELETED event records who deleted what,
-        naming the kept events and copying the timeline so it can still be read as one."""
+        """Delete one finished instance. Its events stay (InstanceEvent.instance is SET_NULL in the database
+        too); one INSTANCE_DELETED event records who deleted what, naming the kept events and copying the
+        timeline so it can still be read as one."""
         from django.core.exceptions import PermissionDenied
         from django.db import transaction
 
@@ -224,7 +224,6 @@ class GpuInstanceAdmin(admin.ModelAdmin):
             timeline = "; ".join(
                 f"#{e.id} {e.created_at:%Y-%m-%d %H:%M:%S} {e.kind} by {e.actor_name}" for e in events[:50]
             ) + (f"; … {len(events) - 50} more" if len(events) > 50 else "")
-            InstanceEvent.objects.filter(instance=instance).update(instance=None)
             record(
                 InstanceEvent.Kind.INSTANCE_DELETED,
                 actor=request.user,

@@ -207,8 +207,9 @@ class InstanceEvent(models.Model):
         INSTANCE_DELETED = "instance_deleted", "Instance record deleted"
         HOST_LOST = "host_lost", "Host did not answer"
 
+    # SET_NULL: deleting a finished instance's record never deletes its part of the audit trail.
     instance = models.ForeignKey(
-        GpuInstance, null=True, blank=True, on_delete=models.CASCADE, related_name="events"
+        GpuInstance, null=True, blank=True, on_delete=models.SET_NULL, related_name="events"
     )
     kind = models.CharField(max_length=20, choices=Kind.choices)
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)

@@ -106,4 +106,9 @@ class Migration(migrations.Migration):
             model_name='llamabinary',
             constraint=models.UniqueConstraint(fields=('host', 'name'), name='binary_unique_host_name'),
         ),
+        migrations.AlterField(
+            model_name='instanceevent',
+            name='instance',
+            field=models.ForeignKey(blank=True, null=True, on_delete=django.db.models.deletion.SET_NULL, related_name='events', to='models_app.gpuinstance'),
+        ),
     ]

@@ -72,3 +72,15 @@ def test_transition_releases_gpus_and_writes_an_event(setup):
     # A second, stale transition loses the compare-and-set and changes nothing.
     assert not transition(instance, "crashed", expected=["running"], event_kind="crashed")
     assert GpuInstance.objects.get().status == "stopped"
+
+
+def test_deleting_an_instance_keeps_its_events(setup):
+    """The audit trail is append-only even for deletes that bypass the admin (shell, future code paths)."""
+    from models_app.models import InstanceEvent
+
+    host, gpu0, _, model = setup
+    instance = make_instance(host, model, [gpu0], status=GpuInstance.Status.STOPPED)
+    event = InstanceEvent.objects.create(instance=instance, kind="requested", actor_name="system")
+    instance.delete()
+    event.refresh_from_db()
+    assert event.instance_id is None
