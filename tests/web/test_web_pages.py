@@ -160,9 +160,7 @@ def test_refused_web_load_answers_the_mapped_status_with_the_reason(client, user
 
 def test_broker_down_banner_on_full_page_loads(client, users, fake_gpus):
     client.force_login(users["viewer"])
-    with mock.patch(
-        "models_app.health.check_broker", return_value={"ok": False, "error": "refused"}
-    ):
+    with mock.patch("models_app.health.check_broker", return_value={"ok": False, "error": "refused"}):
         from django.core.cache import cache
 
         cache.delete("dashboard:broker-check")
