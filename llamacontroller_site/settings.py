@@ -207,6 +207,15 @@ if 2 * max(GPU_REFRESH_SECONDS, RECONCILE_SECONDS) > HOST_TIMEOUT_SECONDS:
         "and reconcile intervals: those are the host's heartbeat"
     )
 HOST_CHECK_SECONDS = max(1, min(30, HOST_TIMEOUT_SECONDS // 4))
+# Load on demand and idle unload (models_app/ondemand.py). Instances loaded on demand unload after this many
+# idle seconds unless their model's registry entry sets its own keep_alive (0: they stay); a request's
+# keep_alive is honoured up to the maximum. The gateway waits this long for a load on demand to be ready.
+KEEP_ALIVE_SECONDS = envint("LLAMACONTROLLER_KEEP_ALIVE_SECONDS", 1800, minimum=0)
+GATEWAY_MAX_KEEP_ALIVE_SECONDS = envint("LLAMACONTROLLER_GATEWAY_MAX_KEEP_ALIVE_SECONDS", 86400, minimum=0)
+GATEWAY_LOAD_TIMEOUT_SECONDS = envint(
+    "LLAMACONTROLLER_GATEWAY_LOAD_TIMEOUT_SECONDS", max(180, LOAD_TIMEOUT + 60), minimum=1
+)
+IDLE_CHECK_SECONDS = envint("LLAMACONTROLLER_IDLE_CHECK_SECONDS", 30, minimum=1)
 
 CELERY_BROKER_URL = REDIS_URL
 CELERY_RESULT_BACKEND = REDIS_URL
@@ -239,6 +248,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "models_app.tasks.check_hosts",
         "schedule": HOST_CHECK_SECONDS,
         "options": {"expires": HOST_CHECK_SECONDS * 0.8},
+    },
+    "unload-idle": {
+        "task": "models_app.tasks.unload_idle",
+        "schedule": IDLE_CHECK_SECONDS,
+        "options": {"expires": IDLE_CHECK_SECONDS * 0.8},
     },
     "prune-samples": {
         "task": "gpus.tasks.prune_samples",

@@ -56,6 +56,24 @@ class ModelConfig(models.Model):
     file_size_bytes = models.BigIntegerField(null=True, blank=True)
     restart_on_crash = models.BooleanField(default=False)
     max_restarts = models.PositiveSmallIntegerField(default=3)
+    # The gateway (load on demand, idle unload): see models_app/ondemand.py and the README.
+    on_demand = models.BooleanField(
+        default=False,
+        help_text="Anyone who may use models (any role) may wake it up through the gateway; "
+        "without it only operators load it on demand.",
+    )
+    keep_alive_seconds = models.PositiveIntegerField(
+        null=True,
+        blank=True,
+        help_text="Idle seconds before an unload. Empty: instances loaded on demand unload after "
+        "LLAMACONTROLLER_KEEP_ALIVE_SECONDS and instances loaded by hand stay. A number: every instance of "
+        "the model, however it was loaded, unloads after that long idle. 0: never unloaded for idleness.",
+    )
+    allow_anonymous = models.BooleanField(
+        default=False,
+        help_text="Requests without a token or session may use it through the gateway (and wake it up "
+        "if it is on demand).",
+    )
     created_at = models.DateTimeField(auto_now_add=True)
     updated_at = models.DateTimeField(auto_now=True)
 
@@ -116,10 +134,25 @@ class GpuInstance(models.Model):
     api_key = models.CharField(max_length=64, blank=True, editable=False)
     # The worker watching a start renews this; past it, reconcile treats the start as abandoned.
     lease_expires_at = models.DateTimeField(null=True, blank=True)
+    # The gateway: loaded by a request for the model rather than by hand (idle unload applies), requests
+    # being answered now, the end of the last one, and the keep-alive a request asked for (clamped).
+    loaded_on_demand = models.BooleanField(default=False)
+    in_flight = models.PositiveIntegerField(default=0)
+    last_used_at = models.DateTimeField(null=True, blank=True)
+    keep_alive_seconds = models.PositiveIntegerField(
+        null=True, blank=True, help_text="A request's keep_alive, within the admin's limit."
+    )
 
     class Meta:
         ordering = ["-requested_at"]
         constraints = [
+            # Concurrent requests for a cold model share one load: at most one load on demand per model is
+            # under way or running (one that is stopping may overlap with its successor).
+            models.UniqueConstraint(
+                fields=["model"],
+                condition=Q(loaded_on_demand=True) & Q(status__in=["pending", "starting", "running"]),
+                name="instance_one_on_demand_per_model",
+            ),
             # Two live instances on one host never share a port.
             models.UniqueConstraint(
                 fields=["host", "port"],

@@ -202,12 +202,23 @@ def _actor_id(actor) -> int | None:
 # --- load ----------------------------------------------------------------------------------------------
 
 
-def _create_pending(model, host, gpus, actor, *, event_kind: str, detail: str) -> GpuInstance:
-    """Insert the instance and its GPU claims; the partial unique index refuses a GPU already held."""
+def _create_pending(
+    model, host, gpus, actor, *, event_kind: str, detail: str, on_demand: bool = False
+) -> GpuInstance:
+    """Insert the instance and its GPU claims; the partial unique indexes refuse a GPU already held (and a
+    second load on demand of one model)."""
     owner = actor if _actor_id(actor) else None
-    instance = GpuInstance.objects.create(
-        model=model, host=host, gpu_ids=",".join(str(g.index) for g in gpus), owner=owner
-    )
+    try:
+        with transaction.atomic():
+            instance = GpuInstance.objects.create(
+                model=model,
+                host=host,
+                gpu_ids=",".join(str(g.index) for g in gpus),
+                owner=owner,
+                loaded_on_demand=on_demand,
+            )
+    except IntegrityError:
+        raise _Busy() from None
     try:
         with transaction.atomic():
             InstanceGpu.objects.bulk_create(
@@ -225,11 +236,21 @@ class _Busy(Exception):
 
 
 def request_load(
-    *, model_id: str, gpu_spec: str, actor, host_name: str | None = None, force: bool = False
+    *,
+    model_id: str,
+    gpu_spec: str,
+    actor,
+    host_name: str | None = None,
+    force: bool = False,
+    on_demand: bool = False,
+    note: str = "",
 ) -> GpuInstance:
     """Validate, create a pending instance holding the GPUs, and (on commit) queue its load. `force`: load
-    onto GPUs that other processes occupy (recorded in the event)."""
-    _check_actor(can_load(actor), actor, "load models")
+    onto GPUs that other processes occupy (recorded in the event). `on_demand`: a load the gateway asked
+    for (models_app.ondemand, which has checked who may wake the model); idle unload applies to it, and
+    only one such load of a model is under way at a time. `note` is added to the event."""
+    if not on_demand:
+        _check_actor(can_load(actor), actor, "load models")
     model = _model(model_id)
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
     if _holders(gpus):
@@ -239,9 +260,15 @@ def request_load(
     detail = f"load {model.pk} on {host.name} GPU {','.join(str(g.index) for g in gpus)}"
     if forced:
         detail += f" (forced over other processes: {forced})"
+    if on_demand:
+        detail += " on demand"
+    if note:
+        detail += f" ({note})"
     try:
         with transaction.atomic():
-            return _create_pending(model, host, gpus, actor, event_kind=Kind.REQUESTED, detail=detail)
+            return _create_pending(
+                model, host, gpus, actor, event_kind=Kind.REQUESTED, detail=detail, on_demand=on_demand
+            )
     except _Busy:
         raise _busy(gpus) from None
 
@@ -249,8 +276,9 @@ def request_load(
 # --- unload --------------------------------------------------------------------------------------------
 
 
-def request_unload(*, instance: GpuInstance, actor) -> GpuInstance:
-    """Mark the instance stopping and queue the stop. Asking again while it stops is not an error."""
+def request_unload(*, instance: GpuInstance, actor, detail: str = "") -> GpuInstance:
+    """Mark the instance stopping and queue the stop. Asking again while it stops is not an error.
+    `detail`: why, for the event (e.g. "idle for 30 min")."""
     _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")
     instance.refresh_from_db()
     if instance.status == Status.STOPPING:
@@ -265,6 +293,7 @@ def request_unload(*, instance: GpuInstance, actor) -> GpuInstance:
             expected=[Status.PENDING, Status.STARTING, Status.RUNNING],
             event_kind=Kind.UNLOAD_REQUESTED,
             actor=actor,
+            detail=detail,
             lease_expires_at=None,
         ):
             instance.refresh_from_db()

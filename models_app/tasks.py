@@ -14,7 +14,7 @@ from django.utils import timezone
 
 from gpus.models import Host
 
-from . import binaries, hosts, lifecycle, reconcile
+from . import binaries, hosts, lifecycle, ondemand, reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -96,6 +96,12 @@ def dispatch_reconcile() -> int:
 def check_hosts() -> dict:
     """Beat, on the default queue: work sent to hosts that went quiet fails, and their GPUs are marked."""
     return hosts.check_hosts()
+
+
+@shared_task(name="models_app.tasks.unload_idle", ignore_result=True)
+def unload_idle() -> int:
+    """Beat, on the default queue: unload instances idle past their keep-alive (models_app.ondemand)."""
+    return len(ondemand.unload_idle())
 
 
 @worker_ready.connect
