@@ -91,3 +91,104 @@ class MemorySample(models.Model):
 
     def __str__(self) -> str:
         return f"{self.gpu_id}/{self.instance_id} {self.used_mib}/{self.total_mib} MiB at {self.taken_at}"
+
+
+class AlertRule(models.Model):
+    """A condition that raises an alert, edited by admins. What `threshold`, `hysteresis` and the minutes mean
+    depends on the kind (see `KIND_HELP`); a rule is evaluated by every host's refresh cycle over that host's
+    GPUs and instances, reading the latest rows and, for a leak, the samples of its window only."""
+
+    class Kind(models.TextChoices):
+        GPU_USED_PCT = "gpu_used_pct", "GPU memory used ≥ threshold % for for_minutes"
+        INSTANCE_LEAK = "instance_leak", "Instance memory growing ≥ threshold MiB/h over window_minutes"
+        GPU_HEADROOM = "gpu_headroom", "GPU memory within threshold MiB of its total"
+        TELEMETRY_FAILING = "telemetry_failing", "GPU telemetry failing for for_minutes"
+        FOREIGN_PROCESS = "foreign_process", "Foreign process on a GPU that serves one of our instances"
+        INSTANCE_CRASHED = "instance_crashed", "Instance crashed"
+
+    class Severity(models.TextChoices):
+        WARNING = "warning", "Warning"
+        CRITICAL = "critical", "Critical"
+
+    name = models.CharField(max_length=200, unique=True)
+    kind = models.CharField(max_length=30, choices=Kind.choices)
+    enabled = models.BooleanField(default=True)
+    severity = models.CharField(max_length=10, choices=Severity.choices, default=Severity.WARNING)
+    threshold = models.FloatField(
+        default=0, help_text="gpu_used_pct: percent; instance_leak: MiB per hour; gpu_headroom: MiB free."
+    )
+    hysteresis = models.FloatField(
+        default=0,
+        help_text="How far back past the threshold the value must go before the alert resolves (same unit).",
+    )
+    for_minutes = models.PositiveIntegerField(
+        default=0, help_text="The condition must hold this long before the alert fires."
+    )
+    window_minutes = models.PositiveIntegerField(
+        default=60,
+        help_text="instance_leak: the window whose samples give the slope; instance_crashed: how long the "
+        "alert stays open after the crash.",
+    )
+    clear_minutes = models.PositiveIntegerField(
+        default=1, help_text="The condition must stay clear this long before the alert resolves."
+    )
+    notify = models.BooleanField(
+        default=True, help_text="Send webhooks and e-mail when it fires and resolves."
+    )
+    created_at = models.DateTimeField(auto_now_add=True)
+    updated_at = models.DateTimeField(auto_now=True)
+
+    class Meta:
+        ordering = ["kind", "name"]
+
+    def __str__(self) -> str:
+        return self.name
+
+
+class Alert(models.Model):
+    """One occurrence of a rule's condition on one subject (a GPU, an instance, a host). `pending` while the
+    condition has not held for the rule's `for_minutes`; `open` once fired (notified once); `resolved` when
+    the condition has been clear, past the hysteresis, for `clear_minutes`. At most one pending or open
+    alert per rule and subject. `instance_id` is a plain id, like the samples'."""
+
+    class Status(models.TextChoices):
+        PENDING = "pending", "Pending"
+        OPEN = "open", "Open"
+        RESOLVED = "resolved", "Resolved"
+
+    rule = models.ForeignKey(AlertRule, on_delete=models.CASCADE, related_name="alerts")
+    subject = models.CharField(max_length=100, help_text='"gpu:<id>", "instance:<id>" or "host:<id>".')
+    host = models.ForeignKey(Host, null=True, blank=True, on_delete=models.SET_NULL, related_name="alerts")
+    gpu = models.ForeignKey(Gpu, null=True, blank=True, on_delete=models.SET_NULL, related_name="alerts")
+    instance_id = models.BigIntegerField(null=True, blank=True)
+    status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
+    message = models.TextField(blank=True)
+    value = models.FloatField(null=True, blank=True, help_text="The last value evaluated (rule's unit).")
+    started_at = models.DateTimeField(help_text="When the condition was first seen.")
+    fired_at = models.DateTimeField(null=True, blank=True)
+    clear_since = models.DateTimeField(null=True, blank=True, help_text="Condition clear since (hysteresis).")
+    resolved_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_at = models.DateTimeField(null=True, blank=True)
+    acknowledged_by = models.CharField(max_length=150, blank=True)
+    evaluated_at = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        ordering = ["-started_at", "-id"]
+        constraints = [
+            # An alert fires once: one live (pending or open) alert per rule and subject, whoever evaluates.
+            models.UniqueConstraint(
+                fields=["rule", "subject"],
+                condition=models.Q(status__in=["pending", "open"]),
+                name="alert_one_live_per_rule_subject",
+            ),
+        ]
+        indexes = [
+            # Evaluation, banner and /metrics: the live alerts.
+            models.Index(fields=["status", "started_at"], name="alert_status_started_idx"),
+            # History graphs: the alerts of a GPU or an instance over a window.
+            models.Index(fields=["gpu", "started_at"], name="alert_gpu_started_idx"),
+            models.Index(fields=["instance_id", "started_at"], name="alert_instance_started_idx"),
+        ]
+
+    def __str__(self) -> str:
+        return f"{self.rule.name} on {self.subject} ({self.status})"

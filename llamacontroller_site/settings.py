@@ -259,6 +259,13 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": 24 * 3600,
         "options": {"expires": 3600},
     },
+    # Telemetry-failing alerts for every host (a silent host runs no refresh to notice itself); the other
+    # rules are evaluated by each host's refresh right after it writes its rows.
+    "telemetry-alerts": {
+        "task": "gpus.tasks.evaluate_telemetry_alerts",
+        "schedule": GPU_REFRESH_SECONDS,
+        "options": {"expires": GPU_REFRESH_SECONDS * 0.8},
+    },
 }
 
 # --- The controller's own knobs --------------------------------------------------------------------
@@ -288,6 +295,25 @@ LOGIN_MAX_FAILURES = envint("LLAMACONTROLLER_LOGIN_MAX_FAILURES", 5, minimum=1)
 LOGIN_LOCKOUT_SECONDS = envint("LLAMACONTROLLER_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
 # Proxies in front of the web server that append to X-Forwarded-For (0: REMOTE_ADDR is the client).
 PROXY_COUNT = envint("LLAMACONTROLLER_PROXY_COUNT", 0, minimum=0)
+
+# --- Alerts and metrics (gpus/alerts.py, /metrics) -------------------------------------------------
+# Webhooks that get every fired and resolved alert as a JSON POST (Slack-compatible `text`), retried with
+# backoff; e-mail goes to LLAMACONTROLLER_ALERT_EMAILS when Django's e-mail settings can send (EMAIL_HOST).
+ALERT_WEBHOOK_URLS = envlist("LLAMACONTROLLER_ALERT_WEBHOOK_URLS", [])
+for _url in ALERT_WEBHOOK_URLS:
+    if not _url.startswith(("http://", "https://")):
+        raise ImproperlyConfigured(f"LLAMACONTROLLER_ALERT_WEBHOOK_URLS: {_url!r} is not an http(s) URL")
+ALERT_EMAILS = envlist("LLAMACONTROLLER_ALERT_EMAILS", [])
+EMAIL_HOST = envstr("EMAIL_HOST", "")
+EMAIL_PORT = envint("EMAIL_PORT", 25, minimum=1, maximum=65535)
+EMAIL_HOST_USER = envstr("EMAIL_HOST_USER", "")
+EMAIL_HOST_PASSWORD = envstr("EMAIL_HOST_PASSWORD", "")
+EMAIL_USE_TLS = envbool("EMAIL_USE_TLS", False)
+EMAIL_USE_SSL = envbool("EMAIL_USE_SSL", False)
+DEFAULT_FROM_EMAIL = envstr("DEFAULT_FROM_EMAIL", "llamacontroller@localhost")
+# /metrics answers a Bearer API token of any role, or these client addresses (IPs or CIDR networks,
+# e.g. a Prometheus server) without one.
+METRICS_ALLOWED_ADDRESSES = envlist("LLAMACONTROLLER_METRICS_ALLOWED_ADDRESSES", [])
 
 # --- Login throttling (django-axes) -----------------------------------------------------------------
 # Locked per (username, address): a stranger guessing the admin's password locks only that pair, and the

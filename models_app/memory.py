@@ -2,9 +2,13 @@
 values), and the figures written back onto the instances."""
 
 import logging
+from datetime import timedelta
 
 from django.db import transaction
+from django.db.models import Q
+from django.utils import timezone
 
+from gpus import alerts as gpu_alerts
 from gpus import services as gpu_services
 from gpus.dbutil import update_rows
 from gpus.telemetry import process_trees
@@ -58,7 +62,45 @@ def refresh_host_memory(
     with transaction.atomic():
         figures = gpu_services.refresh_host(host_name, claims, sampled)
         _store_figures(figures)
+    evaluate_alerts(host_name)
     return figures
+
+
+def evaluate_alerts(host_name: str) -> list[gpu_alerts.Transition]:
+    """Right after the refresh: the host's alert rules over its fresh rows, with the instance facts they need
+    handed to `gpus` as plain values. An error here is logged, never fails the refresh."""
+    try:
+        return gpu_alerts.evaluate_host(host_name, instance_facts(host_name))
+    except Exception:
+        logger.exception("alert evaluation failed on %s", host_name)
+        return []
+
+
+def instance_facts(host_name: str) -> list[gpu_alerts.InstanceFacts]:
+    """The host's running instances and those that crashed within the crash rules' window (two queries,
+    the (host, status) index)."""
+    crashed_since = timezone.now() - (gpu_alerts.crash_window() or timedelta(0))
+    rows = list(
+        GpuInstance.objects.filter(host__name=host_name)
+        .filter(Q(status=Status.RUNNING) | Q(status=Status.CRASHED, stopped_at__gte=crashed_since))
+        .values_list("id", "model__name", "gpu_ids", "status", "stopped_at")
+    )
+    gpus: dict[int, list[int]] = {}
+    links = InstanceGpu.objects.filter(instance_id__in=[r[0] for r in rows]).order_by(
+        "instance_id", "position"
+    )
+    for instance_id, gpu_pk in links.values_list("instance_id", "gpu_id"):
+        gpus.setdefault(instance_id, []).append(gpu_pk)
+    return [
+        gpu_alerts.InstanceFacts(
+            instance_id=pk,
+            label=f"{model_name} (#{pk}) on {host_name} GPU {gpu_ids}",
+            gpu_pks=tuple(gpus.get(pk, ())),
+            status=status,
+            ended_at=stopped_at,
+        )
+        for pk, model_name, gpu_ids, status, stopped_at in rows
+    ]
 
 
 def _store_figures(figures: list[gpu_services.InstanceMemory]) -> None:
