@@ -1,6 +1,7 @@
 from django.contrib import admin
 
-from .models import Gpu, Host, MemorySample
+from . import alerts
+from .models import Alert, AlertRule, Gpu, Host, MemorySample
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -55,3 +56,35 @@ class MemorySampleAdmin(ReadOnlyAdmin):
         from .paginators import EstimatedCountPaginator
 
         return EstimatedCountPaginator(queryset, per_page, orphans, allow_empty_first_page)
+
+
+@admin.register(AlertRule)
+class AlertRuleAdmin(admin.ModelAdmin):
+    list_display = [
+        "name", "kind", "enabled", "severity", "threshold", "hysteresis", "for_minutes", "window_minutes",
+        "clear_minutes", "notify",
+    ]  # fmt: skip
+    list_editable = ["enabled"]
+    list_filter = ["kind", "enabled", "severity"]
+    search_fields = ["name"]
+
+
+@admin.register(Alert)
+class AlertAdmin(ReadOnlyAdmin):
+    """Alerts are raised and resolved by the evaluation; admins acknowledge them."""
+
+    list_display = [
+        "started_at", "rule", "subject", "status", "message", "fired_at", "resolved_at", "acknowledged_by",
+    ]  # fmt: skip
+    list_filter = ["status", "rule__kind", "rule"]
+    search_fields = ["message", "subject"]
+    list_select_related = ["rule"]
+    raw_id_fields = ["gpu", "host"]
+    show_full_result_count = False
+    actions = ["acknowledge"]
+
+    @admin.action(description="Acknowledge the selected alerts")
+    def acknowledge(self, request, queryset):
+        for alert in queryset:
+            alerts.acknowledge(alert, request.user.get_username())
+        self.message_user(request, f"{queryset.count()} alert(s) acknowledged.")

@@ -144,6 +144,16 @@ class AlertRule(models.Model):
     def __str__(self) -> str:
         return self.name
 
+    def clean(self):
+        from django.core.exceptions import ValidationError
+
+        if self.kind == self.Kind.GPU_USED_PCT and not 0 < self.threshold <= 100:
+            raise ValidationError({"threshold": "A percent: more than 0, at most 100."})
+        if self.kind in (self.Kind.INSTANCE_LEAK, self.Kind.GPU_HEADROOM) and self.threshold <= 0:
+            raise ValidationError({"threshold": "Must be more than 0 (MiB per hour / MiB)."})
+        if self.kind == self.Kind.INSTANCE_LEAK and self.window_minutes < 1:
+            raise ValidationError({"window_minutes": "A leak needs a window of at least a minute."})
+
 
 class Alert(models.Model):
     """One occurrence of a rule's condition on one subject (a GPU, an instance, a host). `pending` while the

@@ -1,9 +1,11 @@
 from rest_framework.routers import DefaultRouter
 
-from . import views
+from . import alerts, views
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
 router.register("gpus", views.GpuViewSet, basename="gpu")
+router.register("alert-rules", alerts.AlertRuleViewSet, basename="alertrule")
+router.register("alerts", alerts.AlertViewSet, basename="alert")
 
 urlpatterns = router.urls

@@ -1,7 +1,7 @@
 from django.urls import path
 from rest_framework.routers import DefaultRouter
 
-from . import compat, views
+from . import compat, history, views
 
 router = DefaultRouter(trailing_slash=True)
 router.include_root_view = False
@@ -17,5 +17,7 @@ urlpatterns = [
     path("models/unload", compat.ModelsUnloadView.as_view(), name="compat-models-unload"),
     path("health/", views.HealthView.as_view(), name="api-health"),
     path("gpus/<int:gpu_pk>/orphans/<int:pid>/kill/", views.OrphanKillView.as_view(), name="orphan-kill-api"),
+    path("gpus/<int:pk>/history/", history.GpuHistoryView.as_view(), name="gpu-history"),
+    path("instances/<int:pk>/history/", history.InstanceHistoryView.as_view(), name="instance-history"),
     *router.urls,
 ]
