@@ -46,6 +46,9 @@ class ModelConfigForm(forms.ModelForm):
             "metadata",
             "restart_on_crash",
             "max_restarts",
+            "on_demand",
+            "keep_alive_seconds",
+            "allow_anonymous",
         ]
 
     def __init__(self, *args, **kwargs):
@@ -78,8 +81,8 @@ class ModelConfigForm(forms.ModelForm):
 @admin.register(ModelConfig)
 class ModelConfigAdmin(admin.ModelAdmin):
     form = ModelConfigForm
-    list_display = ["id", "name", "path", "binary", "restart_on_crash", "updated_at"]
-    list_filter = ["restart_on_crash", "binary"]
+    list_display = ["id", "name", "path", "binary", "on_demand", "keep_alive_seconds", "updated_at"]
+    list_filter = ["on_demand", "allow_anonymous", "restart_on_crash", "binary"]
     search_fields = ["id", "name", "path"]
     readonly_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at"]
 

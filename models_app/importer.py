@@ -8,10 +8,14 @@
           cli_params: {c: 4096, ngl: 99, fa: "on", lora: [a.gguf, b.gguf]}   # files: next to the model
           restart_on_crash: false       # optional
           max_restarts: 3               # optional
+          on_demand: true               # optional: anyone with a role may wake it through the gateway
+          keep_alive: 30m               # optional: idle time before an unload (seconds or 45s/30m/2h; 0: never)
+          allow_anonymous: false        # optional: requests without a token may use it
         metadata: {family: llama}
 
 Every entry is checked first; one bad entry rejects the whole file and nothing is written."""
 
+import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -35,6 +39,34 @@ class ImportReport:
     created: list[str] = field(default_factory=list)
     updated: dict[str, list[str]] = field(default_factory=dict)
     unchanged: list[str] = field(default_factory=list)
+
+
+_DURATION = re.compile(r"(?:(\d+)h)?(?:(\d+)m)?(?:(\d+)s)?")
+MAX_KEEP_ALIVE = 365 * 24 * 3600
+
+
+def parse_keep_alive(value) -> int | None:
+    """A registry entry's keep_alive: absent/null (the default), seconds, or "45s", "30m", "1h30m";
+    0 or a negative number (Ollama's "forever") means never unloaded for idleness (stored as 0)."""
+    if value is None:
+        return None
+    if isinstance(value, bool):
+        raise RegistryError("keep_alive must be seconds or a duration such as 30m")
+    if isinstance(value, int | float):
+        seconds = int(value)
+    else:
+        text = str(value).strip()
+        match = _DURATION.fullmatch(text)
+        if text.lstrip("-").isdigit():
+            seconds = int(text)
+        elif text and match and any(match.groups()):
+            hours, minutes, secs = (int(g or 0) for g in match.groups())
+            seconds = hours * 3600 + minutes * 60 + secs
+        else:
+            raise RegistryError(f"keep_alive {value!r} is not seconds or a duration such as 30m")
+    if seconds > MAX_KEEP_ALIVE:
+        raise RegistryError(f"keep_alive {value!r} is more than a year")
+    return max(seconds, 0)
 
 
 def _entry_values(entry, position: int, base: Path) -> dict:
@@ -71,6 +103,15 @@ def _entry_values(entry, position: int, base: Path) -> dict:
         raise RegistryError(f"{label}: restart_on_crash must be true or false")
     if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or not 0 <= max_restarts <= 100:
         raise RegistryError(f"{label}: max_restarts must be an integer from 0 to 100")
+    flags = {}
+    for name in ("on_demand", "allow_anonymous"):
+        flags[name] = parameters.get(name, False)
+        if not isinstance(flags[name], bool):
+            raise RegistryError(f"{label}: {name} must be true or false")
+    try:
+        keep_alive = parse_keep_alive(parameters.get("keep_alive"))
+    except RegistryError as exc:
+        raise RegistryError(f"{label}: {exc}") from None
     return {
         "id": model_id,
         "name": str(entry.get("name") or model_id),
@@ -79,6 +120,8 @@ def _entry_values(entry, position: int, base: Path) -> dict:
         "metadata": metadata,
         "restart_on_crash": restart,
         "max_restarts": max_restarts,
+        "keep_alive_seconds": keep_alive,
+        **flags,
     }
 
 

@@ -1,3 +1,4 @@
+from datetime import datetime
 from pathlib import Path
 
 from rest_framework import serializers
@@ -23,6 +24,9 @@ class InstanceSerializer(serializers.ModelSerializer):
     owner = serializers.SerializerMethodField()
     uptime_seconds = serializers.IntegerField(read_only=True, allow_null=True)
     memory_percent = serializers.FloatField(read_only=True, allow_null=True)
+    expires_at = serializers.SerializerMethodField(
+        help_text="When idle unload will take it if no request comes; null: it stays loaded."
+    )
 
     class Meta:
         model = GpuInstance
@@ -30,11 +34,17 @@ class InstanceSerializer(serializers.ModelSerializer):
             "id", "gpu_id", "port", "model_id", "model_name", "status", "loaded_at", "uptime_seconds", "pid",
             "memory_used_mb", "memory_total_mb", "memory_percent", "memory_source", "memory_updated_at",
             "owner", "host", "requested_at", "stopped_at", "exit_code", "error",
+            "loaded_on_demand", "in_flight", "last_used_at", "expires_at",
         ]  # fmt: skip
         read_only_fields = fields
 
     def get_owner(self, instance) -> str | None:
         return instance.owner.get_username() if instance.owner else None
+
+    def get_expires_at(self, instance) -> datetime | None:
+        from models_app.ondemand import expires_at
+
+        return expires_at(instance)
 
 
 class LoadSerializer(serializers.Serializer):
@@ -64,7 +74,8 @@ class ModelConfigSerializer(serializers.ModelSerializer):
         model = ModelConfig
         fields = [
             "id", "name", "path", "binary", "cli_params", "metadata", "gguf_metadata", "file_size_bytes",
-            "restart_on_crash", "max_restarts", "created_at", "updated_at",
+            "restart_on_crash", "max_restarts", "on_demand", "keep_alive_seconds", "allow_anonymous",
+            "created_at", "updated_at",
         ]  # fmt: skip
         read_only_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at"]
 

@@ -432,3 +432,71 @@ def test_unload_now_follows_operator_rules(host, tiny_model, users, sent):
     event = instance.events.get(kind="unload_requested")
     assert event.actor_name == "operator" and "keep_alive 0" in event.detail
     assert ondemand.unload_now(other_model(tiny_model, "cold"), users["admin"]) == []
+
+
+# --- the registry fields: YAML import, API, admin ----------------------------------------------------------
+
+
+def test_yaml_import_reads_the_gateway_fields(db, tiny_model, tmp_path):
+    import yaml
+
+    from models_app.importer import ImportRejected, import_registry
+
+    def entry(**parameters):
+        return {"id": "gw", "name": "GW", "path": tiny_model.path, "parameters": parameters}
+
+    path = tmp_path / "models.yaml"
+    path.write_text(
+        yaml.safe_dump({"models": [entry(on_demand=True, keep_alive="1h30m", allow_anonymous=True)]})
+    )
+    import_registry(path)
+    model = ModelConfig.objects.get(pk="gw")
+    assert (model.on_demand, model.keep_alive_seconds, model.allow_anonymous) == (True, 5400, True)
+    for value, seconds in [(600, 600), ("45s", 45), ("0", 0), (-1, 0), (None, None)]:
+        path.write_text(yaml.safe_dump({"models": [entry(keep_alive=value)]}))
+        import_registry(path)
+        model.refresh_from_db()
+        assert model.keep_alive_seconds == seconds, value
+        assert not model.on_demand and not model.allow_anonymous  # absent: the defaults
+    for bad in [
+        {"keep_alive": "soon"},
+        {"keep_alive": True},
+        {"on_demand": "yes"},
+        {"keep_alive": "999999h"},
+    ]:
+        path.write_text(yaml.safe_dump({"models": [entry(**bad)]}))
+        with pytest.raises(ImportRejected, match=r"entry 1 \(gw\): (keep_alive|on_demand)"):
+            import_registry(path)
+
+
+def test_api_shows_and_changes_the_gateway_fields(users, tiny_model, fake_gpus):
+    from rest_framework.test import APIClient
+
+    client = APIClient()
+    client.force_login(users["admin"])
+    response = client.patch(
+        "/api/v1/models/tiny/",
+        {"on_demand": True, "keep_alive_seconds": 900, "allow_anonymous": True},
+        format="json",
+    )
+    assert response.status_code == 200, response.content
+    body = response.json()
+    assert (body["on_demand"], body["keep_alive_seconds"], body["allow_anonymous"]) == (True, 900, True)
+    assert client.patch("/api/v1/models/tiny/", {"keep_alive_seconds": -5}, format="json").status_code == 400
+    instance = running(tiny_model, fake_gpus.gpus[0], loaded_ago=60)
+    shown = client.get(f"/api/v1/instances/{instance.pk}/").json()
+    assert shown["loaded_on_demand"] is True and shown["in_flight"] == 0
+    assert shown["expires_at"] is not None and "api_key" not in shown
+
+
+def test_admin_edits_the_gateway_fields(client, users, tiny_model):
+    from models_app.admin import ModelConfigForm
+
+    assert {"on_demand", "keep_alive_seconds", "allow_anonymous"} <= set(ModelConfigForm.base_fields)
+    client.force_login(users["admin"])
+    page = client.get(f"/admin/models_app/modelconfig/{tiny_model.pk}/change/").content.decode()
+    assert (
+        'name="on_demand"' in page
+        and 'name="keep_alive_seconds"' in page
+        and 'name="allow_anonymous"' in page
+    )
