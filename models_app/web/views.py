@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_POST
 from accounts import roles
 from accounts.decorators import role_required
 from gpus.models import Gpu, Host
-from models_app import health, services
+from models_app import health, ondemand, services
 from models_app.api.errors import refusal_status
 from models_app.api.views import instance_queryset
 from models_app.formatting import format_duration
@@ -43,6 +43,14 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
     instance.can_manage = roles.can_manage_instance(user, instance)
     instance.in_transition = instance.status in TRANSITIONS
     instance.uptime_display = format_duration(instance.uptime_seconds)
+    # Idle unload: after how long idle, and when (no note for an instance loaded by hand that stays).
+    keep_alive = ondemand.keep_alive_of(instance)
+    after = None if keep_alive is None else f"unloads after {ondemand.describe_idle(keep_alive)} idle"
+    if instance.loaded_on_demand:
+        instance.idle_note = f"Loaded on demand, {after or 'stays loaded'}"
+    else:
+        instance.idle_note = after and after[0].upper() + after[1:]
+    instance.expires_at = ondemand.expires_at(instance, now)
     instance.elapsed_display = instance.progress = None
     if not instance.in_transition:
         return
@@ -58,8 +66,10 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
         instance.progress = min(95, int(elapsed * 100 / budget))
 
 
-def dashboard_context(user) -> dict:
-    """Everything the cards show, in a fixed number of queries whatever the number of GPUs/instances."""
+def dashboard_context(user, base_url: str = "/") -> dict:
+    """Everything the cards show, in a fixed number of queries whatever the number of GPUs/instances.
+    `base_url`: the site's address as the browser reached it, for the cards' "use it through the gateway"
+    lines (a loaded model is used through the gateway, never at its internal port)."""
     now = timezone.now()
     gpus = list(Gpu.objects.select_related("host").exclude(index=None))  # replaced GPUs: admin and API only
     instances = list(
@@ -106,12 +116,13 @@ def dashboard_context(user) -> dict:
         "is_admin": roles.can_administer(user),
         "refresh_seconds": FAST_REFRESH_SECONDS if transitioning else settings.DASHBOARD_REFRESH_SECONDS,
         "now": now,
+        "gateway_base_url": base_url,
     }
 
 
 def _render_partial(request, flash=None, status=200):
     try:
-        context = dashboard_context(request.user)
+        context = dashboard_context(request.user, request.build_absolute_uri("/"))
     except DatabaseError as exc:
         context, status = {"db_error": str(exc), "refresh_seconds": 5}, 503
     context["flash"] = flash
@@ -125,7 +136,7 @@ def _dashboard(request):
     broker = _broker_status()
     context = {"broker": broker}
     try:
-        context.update(dashboard_context(request.user))
+        context.update(dashboard_context(request.user, request.build_absolute_uri("/")))
         status = 200
     except DatabaseError as exc:
         context.update(db_error=str(exc), refresh_seconds=5)

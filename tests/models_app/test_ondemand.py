@@ -61,7 +61,7 @@ def running(
         model=model, host=gpu_row.host, gpu_ids=str(gpu_row.index), status=Status.RUNNING, owner=owner,
         loaded_on_demand=on_demand, loaded_at=now - timedelta(seconds=loaded_ago),
         last_used_at=None if used_ago is None else now - timedelta(seconds=used_ago), in_flight=in_flight,
-        port=9000 + gpu_row.index, **fields,
+        **{"port": 9000 + gpu_row.index, **fields},
     )  # fmt: skip
     InstanceGpu.objects.create(instance=instance, gpu=gpu_row, position=0)
     return instance
@@ -500,3 +500,34 @@ def test_admin_edits_the_gateway_fields(client, users, tiny_model):
         and 'name="keep_alive_seconds"' in page
         and 'name="allow_anonymous"' in page
     )
+
+
+# --- the dashboard card ------------------------------------------------------------------------------------
+
+
+def test_dashboard_card_says_how_to_use_the_model_through_the_gateway(
+    client, users, host, tiny_model, settings
+):
+    import html
+
+    settings.KEEP_ALIVE_SECONDS = 1800
+    settings.ALLOWED_HOSTS = ["gpu.example.org"]
+    instance = running(tiny_model, gpu(host, 0), loaded_ago=60, port=18123)
+    by_hand = running(other_model(tiny_model, "byhand"), gpu(host, 1), on_demand=False, port=18124)
+    client.force_login(users["viewer"])
+    page = html.unescape(client.get("/", HTTP_HOST="gpu.example.org").content.decode())
+    assert "http://gpu.example.org/v1" in page
+    assert (
+        'curl http://gpu.example.org/v1/chat/completions -H "Authorization: Bearer $LC_TOKEN" '
+        '-H "Content-Type: application/json" -d \'{"model": "tiny", "messages": '
+        '[{"role": "user", "content": "Hello"}]}\''
+    ) in page
+    assert '"model": "byhand"' in page
+    assert "18123" not in page and "18124" not in page  # the internal port is not for people
+    expires = timezone.localtime(instance.loaded_at + timedelta(seconds=1800))
+    assert "Loaded on demand, unloads after 30 min idle" in page and f"(at {expires:%H:%M})" in page
+    assert page.count("unloads after") == 1  # the one loaded by hand stays, and says nothing
+    ModelConfig.objects.filter(pk="byhand").update(keep_alive_seconds=600)
+    page = html.unescape(client.get("/", HTTP_HOST="gpu.example.org").content.decode())
+    assert "Unloads after 10 min idle" in page
+    assert by_hand.pk
