@@ -2,6 +2,8 @@ from django.contrib import admin
 from django.urls import include, path
 from drf_spectacular.views import SpectacularAPIView, SpectacularSwaggerView
 
+from models_app.metrics import metrics_view
+
 from .health import healthz
 
 api_v1 = [
@@ -14,10 +16,14 @@ handler404 = "llamacontroller_site.errors.page_not_found"
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),
+    # Prometheus exposition (token or allowlisted address; see models_app/metrics.py).
+    path("metrics", metrics_view, name="metrics"),
     path("admin/", admin.site.urls),
     path("api/v1/", include(api_v1)),
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("accounts/", include("accounts.urls")),
+    # Memory history pages and alerts (before the dashboard's own routes).
+    path("", include("models_app.web.history_urls")),
     path("", include("models_app.web.urls")),
 ]

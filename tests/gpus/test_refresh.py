@@ -205,7 +205,9 @@ def test_query_count_does_not_grow_with_gpus_and_instances(db, settings, tmp_pat
     Host.objects.all().delete()
     eight = queries_for_one_refresh(8, settings, tmp_path, tiny_row, "eight-gpu-host")
     assert one == eight
-    assert eight <= 6
+    # 6 for the refresh itself; the rest is the alert evaluation right after it (rules, live alerts, the
+    # host's GPUs, instance facts, the leak window's samples), also fixed whatever the number of GPUs.
+    assert eight <= 15
 
 
 def test_prune_deletes_old_samples_in_batches(fake_gpus):
