@@ -70,9 +70,11 @@ class NotAllowed(GatewayRefusal):
 
 
 class NoCapacity(GatewayRefusal):
-    """503 + Retry-After: no GPU to load on; the message names the busy GPUs and what keeps them busy."""
+    """503 + Retry-After: no GPU to load on; the message names the busy GPUs and what keeps them busy.
+    `freeing`: one of them is being unloaded (worth waiting for)."""
 
     status = 503
+    freeing = False
 
     def __init__(self, message: str, retry_after: int = 60):
         super().__init__(message, retry_after=retry_after)
@@ -213,10 +215,19 @@ def _current(model: ModelConfig) -> GpuInstance | None:
     return (running or rows or [None])[0]
 
 
-def _load(model: ModelConfig, actor) -> GpuInstance | None:
+def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
     """Place and request a load on demand. None when another request claimed the GPU (or started this
     model's load) at the same moment: look again."""
-    host, gpus = placement.choose_gpus(model)
+    while True:
+        try:
+            host, gpus = placement.choose_gpus(model)
+            break
+        except NoCapacity as exc:
+            # A GPU being unloaded (keep_alive 0, an idle unload, a switch) is free within the stop
+            # timeout: wait for it rather than refuse, as long as the caller's wait allows.
+            if not exc.freeing or time.monotonic() + POLL_SECONDS >= deadline:
+                raise
+            time.sleep(POLL_SECONDS)
     user = actor if _authenticated(actor) else None
     try:
         return services.request_load(
@@ -272,7 +283,7 @@ def ensure_running(
         instance = _current(model)
         if instance is None:
             check_wake(model, actor)
-            instance = _load(model, actor)
+            instance = _load(model, actor, deadline)
             if instance is None:
                 busy += 1
                 if busy >= BUSY_RETRIES:

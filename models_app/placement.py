@@ -71,13 +71,17 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
         best = max(free, key=lambda gpu: (_free_mib(gpu), -gpus.index(gpu)))
         return best.host, [best]
 
-    busy, soonest = [], None
+    busy, soonest, freeing = [], None, False
     for gpu in gpus:
         where = f"GPU {gpu.index} on {gpu.host.name}"
         if gpu.id in holders:
             instance = holders[gpu.id]
             busy.append(f"{where}: {instance.model_id} (instance #{instance.pk}, {instance.status})")
-            expires = expires_at(instance)
+            if instance.status == instance.Status.STOPPING:  # free within the stop timeout
+                freeing = True
+                expires = timezone.now() + timedelta(seconds=settings.STOP_TIMEOUT)
+            else:
+                expires = expires_at(instance)
             if expires is not None and (soonest is None or expires < soonest):
                 soonest = expires
         elif gpu.state == Gpu.State.UNAVAILABLE:
@@ -87,4 +91,6 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
     retry_after = 60
     if soonest is not None:
         retry_after = max(1, min(3600, int((soonest - timezone.now()).total_seconds()) + 1))
-    raise NoCapacity(f"no free GPU to load {model.pk} on: " + "; ".join(busy), retry_after=retry_after)
+    refusal = NoCapacity(f"no free GPU to load {model.pk} on: " + "; ".join(busy), retry_after=retry_after)
+    refusal.freeing = freeing
+    raise refusal

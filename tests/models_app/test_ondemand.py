@@ -58,10 +58,10 @@ def running(
     """A running instance of `model` on `gpu_row`, as a worker would have left it."""
     now = timezone.now()
     instance = GpuInstance.objects.create(
-        model=model, host=gpu_row.host, gpu_ids=str(gpu_row.index), status=Status.RUNNING, owner=owner,
+        model=model, host=gpu_row.host, gpu_ids=str(gpu_row.index), owner=owner,
         loaded_on_demand=on_demand, loaded_at=now - timedelta(seconds=loaded_ago),
         last_used_at=None if used_ago is None else now - timedelta(seconds=used_ago), in_flight=in_flight,
-        **{"port": 9000 + gpu_row.index, **fields},
+        **{"port": 9000 + gpu_row.index, "status": Status.RUNNING, **fields},
     )  # fmt: skip
     InstanceGpu.objects.create(instance=instance, gpu=gpu_row, position=0)
     return instance
@@ -129,6 +129,25 @@ def test_no_capacity_names_busy_gpus_and_what_keeps_them_busy(host, tiny_model, 
     with pytest.raises(NoCapacity, match="train.py"):
         ondemand.ensure_running(tiny_model, users["operator"], timeout=1)
     assert not GpuInstance.objects.filter(model=tiny_model).exists()
+
+
+def test_a_gpu_being_unloaded_is_waited_for_not_refused(host, tiny_model, users, sent, monkeypatch):
+    """Ollama clients swap models: keep_alive 0 on one, then a request for another. The second waits for
+    the GPU the first frees instead of answering 503."""
+    Gpu.objects.filter(host=host, index=1).update(state=Gpu.State.UNAVAILABLE)
+    old = running(other_model(tiny_model, "old"), gpu(host, 0), status=Status.STOPPING)
+    with pytest.raises(NoCapacity) as caught:
+        choose_gpus(tiny_model)
+    assert caught.value.freeing and caught.value.retry_after <= 11  # the stop timeout (10 s)
+
+    def worker_sleep(seconds):  # plays the worker: the old process stops, its GPU is released
+        GpuInstance.objects.filter(pk=old.pk).update(status=Status.STOPPED)
+        InstanceGpu.objects.filter(instance=old).update(active=False)
+
+    monkeypatch.setattr(ondemand, "time", SimpleNamespace(monotonic=time.monotonic, sleep=worker_sleep))
+    with pytest.raises(Timeout):  # (nobody plays the load's worker: the wait for it ends)
+        ondemand.ensure_running(tiny_model, users["operator"], timeout=0.5)
+    assert GpuInstance.objects.get(model=tiny_model).gpu_ids == "0"
 
 
 def test_no_capacity_without_any_host(db, tiny_model):
