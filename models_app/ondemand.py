@@ -349,7 +349,7 @@ def _unload_if_idle(instance_id: int, now: datetime) -> GpuInstance | None:
     finds the instance stopping), then unload through the services with the reason."""
     with transaction.atomic():
         row = (
-            GpuInstance.objects.select_for_update()
+            GpuInstance.objects.select_for_update(of=("self",))
             .filter(pk=instance_id, status=Status.RUNNING)
             .select_related("host", "model")
             .first()
