@@ -42,6 +42,9 @@ POLL_SECONDS = 0.2
 # What "a load on demand of this model" is: under way or running. A stopping one may overlap its successor.
 LOADING_OR_RUNNING = (Status.PENDING, Status.STARTING, Status.RUNNING)
 BUSY_RETRIES = 5
+# After a load on demand fails, requests for the model get that failure for this long instead of starting
+# another load each (a broken model under steady traffic would otherwise fill the audit trail).
+FAILURE_BACKOFF_SECONDS = 30
 
 
 # --- refusals ------------------------------------------------------------------------------------------
@@ -246,6 +249,26 @@ def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
         raise LoadFailed(f"could not load {model.pk}: {exc.message}") from None
 
 
+def _check_recent_failure(model: ModelConfig) -> None:
+    """LoadFailed (with Retry-After) while the model's last load on demand failed moments ago."""
+    now = timezone.now()
+    cutoff = now - timedelta(seconds=FAILURE_BACKOFF_SECONDS)
+    failed = (
+        GpuInstance.objects.filter(model=model, loaded_on_demand=True, status=Status.FAILED)
+        .filter(Q(stopped_at__gte=cutoff) | Q(stopped_at=None, requested_at__gte=cutoff))
+        .order_by("-requested_at")
+        .first()
+    )
+    if failed is not None:
+        since = failed.stopped_at or failed.requested_at
+        retry_after = max(1, FAILURE_BACKOFF_SECONDS - int((now - since).total_seconds()))
+        raise LoadFailed(
+            f"loading {model.pk} failed {int((now - since).total_seconds())} s ago (instance #{failed.pk}): "
+            f"{failed.error or 'no error recorded'}",
+            retry_after=retry_after,
+        )
+
+
 def _wait(instance: GpuInstance, deadline: float) -> GpuInstance | None:
     """Until the instance runs (returned), fails (LoadFailed), is unloaded before it ran (None) or the
     deadline passes (Timeout)."""
@@ -283,6 +306,7 @@ def ensure_running(
         instance = _current(model)
         if instance is None:
             check_wake(model, actor)
+            _check_recent_failure(model)
             instance = _load(model, actor, deadline)
             if instance is None:
                 busy += 1

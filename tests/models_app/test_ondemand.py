@@ -263,6 +263,27 @@ def test_load_failed_carries_the_error(host, tiny_model, users, sent, monkeypatc
     )
 
 
+def test_a_recent_failure_is_answered_without_another_load(host, tiny_model, users, sent, monkeypatch):
+    def worker_sleep(seconds):
+        GpuInstance.objects.filter(model=tiny_model, status=Status.PENDING).update(
+            status=Status.FAILED, error="out of memory", stopped_at=timezone.now()
+        )
+
+    monkeypatch.setattr(ondemand, "time", SimpleNamespace(monotonic=time.monotonic, sleep=worker_sleep))
+    with pytest.raises(LoadFailed, match="out of memory"):
+        ondemand.ensure_running(tiny_model, users["operator"])
+    with pytest.raises(
+        LoadFailed, match=r"loading tiny failed 0 s ago \(instance #\d+\): out of memory"
+    ) as caught:
+        ondemand.ensure_running(tiny_model, users["operator"])
+    assert 1 <= caught.value.retry_after <= 30
+    assert GpuInstance.objects.filter(model=tiny_model).count() == 1  # no second load
+    GpuInstance.objects.update(stopped_at=timezone.now() - timedelta(seconds=31))
+    with pytest.raises(LoadFailed, match="out of memory"):  # tried again (and failed again)
+        ondemand.ensure_running(tiny_model, users["operator"])
+    assert GpuInstance.objects.filter(model=tiny_model).count() == 2
+
+
 def test_timeout_leaves_the_load_going(host, tiny_model, users, sent):
     started = time.monotonic()
     with pytest.raises(Timeout, match="tiny is still pending") as caught:
