@@ -45,6 +45,8 @@ BUSY_RETRIES = 5
 # After a load on demand fails, requests for the model get that failure for this long instead of starting
 # another load each (a broken model under steady traffic would otherwise fill the audit trail).
 FAILURE_BACKOFF_SECONDS = 30
+# The idle unload's event detail begins so: "idle for 30 min (keep-alive 30 min)" (the dashboard finds them).
+IDLE_EVENT_PREFIX = "idle for "
 
 
 # --- refusals ------------------------------------------------------------------------------------------
@@ -386,7 +388,7 @@ def _unload_if_idle(instance_id: int, now: datetime) -> GpuInstance | None:
         idle = (now - idle_since(row)).total_seconds()
         if idle < keep_alive:
             return None
-        detail = f"idle for {describe_idle(idle)} (keep-alive {describe_idle(keep_alive)})"
+        detail = f"{IDLE_EVENT_PREFIX}{describe_idle(idle)} (keep-alive {describe_idle(keep_alive)})"
         if row.in_flight > 0:
             detail += (
                 f"; {row.in_flight} in-flight request(s) ignored: none for over {_max_request_seconds()} s"

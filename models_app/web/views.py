@@ -91,6 +91,17 @@ def dashboard_context(user, base_url: str = "/") -> dict:
         .filter(status__in=[Status.CRASHED, Status.FAILED], stopped_at__gte=now - timedelta(hours=1))
         .order_by("-stopped_at")[:5]
     )
+    # Idle unloads of the last hour, so that a model that went away says why.
+    idle_unloads = list(
+        InstanceEvent.objects.filter(
+            kind=InstanceEvent.Kind.UNLOAD_REQUESTED,
+            actor=None,
+            detail__startswith=ondemand.IDLE_EVENT_PREFIX,
+            created_at__gte=now - timedelta(hours=1),
+        )
+        .select_related("instance__model")
+        .order_by("-created_at")[:5]
+    )
     holder = {}
     for instance in instances:
         _decorate_instance(instance, user, now)
@@ -109,6 +120,7 @@ def dashboard_context(user, base_url: str = "/") -> dict:
         "gpus": gpus,
         "instances": instances,
         "failures": failures,
+        "idle_unloads": idle_unloads,
         "models": list(ModelConfig.objects.only("id", "name")) if roles.can_load(user) else [],
         "multi_host": len({g.host_id for g in gpus}) > 1,
         "any_occupied": any(g.selectable and g.state == Gpu.State.OCCUPIED_BY_OTHERS for g in gpus),

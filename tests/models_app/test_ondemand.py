@@ -571,3 +571,18 @@ def test_dashboard_card_says_how_to_use_the_model_through_the_gateway(
     page = html.unescape(client.get("/", HTTP_HOST="gpu.example.org").content.decode())
     assert "Unloads after 10 min idle" in page
     assert by_hand.pk
+
+
+def test_dashboard_says_which_models_went_away_for_idleness(
+    client, users, host, tiny_model, sent, settings, django_capture_on_commit_callbacks
+):
+    import html
+
+    settings.KEEP_ALIVE_SECONDS = 1800
+    instance = running(tiny_model, gpu(host, 0), loaded_ago=3600, used_ago=31 * 60)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.unload_idle() == 1
+    client.force_login(users["viewer"])
+    page = html.unescape(client.get("/").content.decode())
+    assert f"Tiny test llama (#{instance.pk}, GPU 0) was unloaded" in page
+    assert "ago: idle for 31 min (keep-alive 30 min)." in page
