@@ -126,6 +126,11 @@ class ControllerCollector:
             "GPU memory of an instance's processes on one of its GPUs.",
             labels=INSTANCE_LABELS + ["gpu", "UUID"],
         )
+        estimate = GaugeMetricFamily(
+            "llamacontroller_instance_memory_estimate_bytes",
+            "The estimate to compare the measured memory with: the model's GGUF file (weights, fully offloaded).",
+            labels=INSTANCE_LABELS,
+        )
         status = GaugeMetricFamily(
             "llamacontroller_instance_status",
             "1 for the instance's current status (pending, starting, running, stopping).",
@@ -140,6 +145,8 @@ class ControllerCollector:
                 used.add_metric(labels + [instance.memory_source], instance.memory_used_mb * MIB)
             if instance.memory_total_mb:
                 total.add_metric(labels, instance.memory_total_mb * MIB)
+            if instance.model.file_size_bytes:
+                estimate.add_metric(labels, instance.model.file_size_bytes)
             for link in instance.gpu_links.all():
                 mine = [
                     p.get("used_mib") or 0
@@ -163,7 +170,7 @@ class ControllerCollector:
         )
         for choice in GpuInstance.Status.values:
             counts.add_metric([choice], by_status.get(choice, 0))
-        yield from (used, total, per_gpu, status, counts)
+        yield from (used, total, estimate, per_gpu, status, counts)
 
     def _alert_families(self):
         family = GaugeMetricFamily(

@@ -50,6 +50,11 @@ class HistorySerializer(serializers.Serializer):
     start = serializers.DateTimeField()
     end = serializers.DateTimeField()
     total_mib = serializers.IntegerField(allow_null=True, help_text="The GPU's (or the GPUs') memory.")
+    estimate_mib = serializers.IntegerField(
+        allow_null=True,
+        help_text="Instances: the estimate to compare with — the GGUF file's size (the weights, fully "
+        "offloaded; KV cache and compute buffers come on top). Null for GPUs or when unknown.",
+    )
     points = PointSerializer(many=True)
     events = MarkSerializer(many=True)
     summary = serializers.DictField(child=serializers.FloatField(allow_null=True))
@@ -82,12 +87,18 @@ def instance_marks(instance_ids, span) -> list[dict]:
     ]
 
 
-def respond(subject, label, span, total, points, marks) -> Response:
+def weights_estimate_mib(instance: GpuInstance) -> int | None:
+    """The memory an instance is expected to need at least: its GGUF file, fully offloaded."""
+    size = instance.model.file_size_bytes
+    return -(-size // (1024 * 1024)) if size else None
+
+
+def respond(subject, label, span, total, points, marks, estimate=None) -> Response:
     marks.sort(key=lambda m: m["t"])
     body = {
         "subject": subject, "label": label, "window": span.window, "resolution": span.resolution,
-        "start": span.start, "end": span.end, "total_mib": total, "points": points, "events": marks,
-        "summary": history.summary(points),
+        "start": span.start, "end": span.end, "total_mib": total, "estimate_mib": estimate, "points": points,
+        "events": marks, "summary": history.summary(points),
     }  # fmt: skip
     return Response(HistorySerializer(body).data)
 
@@ -125,4 +136,7 @@ class InstanceHistoryView(APIView):
         points = history.instance_series(instance.pk, span)
         marks = instance_marks([instance.pk], span) + history.alert_events(Q(instance_id=instance.pk), span)
         label = f"{instance.model.name} (#{instance.pk}) on {instance.host.name} GPU {instance.gpu_ids}"
-        return respond(f"instance:{instance.pk}", label, span, instance.memory_total_mb, points, marks)
+        return respond(
+            f"instance:{instance.pk}", label, span, instance.memory_total_mb, points, marks,
+            estimate=weights_estimate_mib(instance),
+        )  # fmt: skip

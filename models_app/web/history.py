@@ -1,9 +1,12 @@
 """Memory history pages (a uPlot chart over the same data as the history API, with a table for pages
 without JavaScript) and the alerts page with acknowledge. Views read the database only."""
 
+from datetime import UTC, datetime
+
 from django.db.models import Q
 from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
+from django.utils import timezone
 from django.utils.http import url_has_allowed_host_and_scheme
 from django.views.decorators.http import require_POST
 
@@ -11,7 +14,7 @@ from accounts import roles
 from accounts.decorators import role_required
 from gpus import alerts, history
 from gpus.models import Alert, Gpu
-from models_app.api.history import instance_marks
+from models_app.api.history import instance_marks, weights_estimate_mib
 from models_app.models import GpuInstance, InstanceGpu
 
 
@@ -23,16 +26,28 @@ def _span(request):
         raise Http404("no such window") from None
 
 
-def _render(request, *, title, subject_url, span, points, marks, total, kind, back):
+def _when(epoch: int) -> str:
+    return timezone.localtime(datetime.fromtimestamp(epoch, UTC)).strftime("%Y-%m-%d %H:%M:%S")
+
+
+def _render(request, *, title, subject_url, span, points, marks, total, kind, back, estimate=None):
     marks.sort(key=lambda m: m["t"])
-    data = {"points": points, "events": marks, "total_mib": total, "window": span.window}
+    rows = [{**p, "when": _when(p["t"])} for p in points]
+    listed = [{**m, "when": _when(m["t"])} for m in marks]
+    data = {
+        "points": points,
+        "events": marks,
+        "total_mib": total,
+        "estimate_mib": estimate,
+        "window": span.window,
+    }
     return render(
         request,
         "history.html",
         {
-            "title": title, "points": points, "events": marks, "total_mib": total, "span": span,
+            "title": title, "points": rows, "events": listed, "total_mib": total, "span": span,
             "summary": history.summary(points), "windows": history.window_choices(), "chart_data": data,
-            "subject_url": subject_url, "kind": kind, "back": back,
+            "subject_url": subject_url, "kind": kind, "back": back, "estimate_mib": estimate,
         },
     )  # fmt: skip
 
@@ -62,7 +77,7 @@ def instance_history(request, pk: int):
     return _render(
         request, title=title, subject_url=request.path, span=span,
         points=history.instance_series(instance.pk, span), marks=marks, total=instance.memory_total_mb,
-        kind="instance", back=f"#instance-{instance.pk}",
+        kind="instance", back=f"#instance-{instance.pk}", estimate=weights_estimate_mib(instance),
     )  # fmt: skip
 
 

@@ -116,6 +116,7 @@ class TestHistoryApi:
         body = client.get(f"/api/v1/instances/{instance.pk}/history/?window=24h&resolution=600").json()
         assert body["resolution"] == 600 and {p["max_mib"] for p in body["points"]} == {500}
         assert "Tiny test llama" in body["label"]
+        assert body["estimate_mib"] == -(-instance.model.file_size_bytes // 2**20) > 0
 
     @pytest.mark.parametrize("query, field", [("window=3d", "window"), ("resolution=1", "resolution")])
     def test_bad_values_answer_400_naming_the_field(self, client, users, world, query, field):

@@ -17,7 +17,7 @@
   const opts = {
     width: Math.max(320, holder.clientWidth || 800),
     height: 320,
-    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max, data.total_mib || 0) * 1.05 || 1] } },
+    scales: { x: { time: true }, y: { range: (u, min, max) => [0, Math.max(max, data.total_mib || 0, data.estimate_mib || 0) * 1.05 || 1] } },
     series: [
       {},
       { label: "max MiB", stroke: "#dc2626", width: 1.5 },
@@ -34,6 +34,16 @@
             const y = u.valToPos(data.total_mib, "y", true);
             ctx.strokeStyle = "#6b7280";
             ctx.setLineDash([6, 4]);
+            ctx.beginPath();
+            ctx.moveTo(u.bbox.left, y);
+            ctx.lineTo(u.bbox.left + u.bbox.width, y);
+            ctx.stroke();
+          }
+          // The estimate (instances), dotted.
+          if (data.estimate_mib) {
+            const y = u.valToPos(data.estimate_mib, "y", true);
+            ctx.strokeStyle = "#9333ea";
+            ctx.setLineDash([1, 3]);
             ctx.beginPath();
             ctx.moveTo(u.bbox.left, y);
             ctx.lineTo(u.bbox.left + u.bbox.width, y);
