@@ -70,10 +70,26 @@ def evaluate_alerts(host_name: str) -> list[gpu_alerts.Transition]:
     """Right after the refresh: the host's alert rules over its fresh rows, with the instance facts they need
     handed to `gpus` as plain values. An error here is logged, never fails the refresh."""
     try:
-        return gpu_alerts.evaluate_host(host_name, instance_facts(host_name))
+        transitions = gpu_alerts.evaluate_host(host_name, instance_facts(host_name))
+        _record_alert_events(transitions)
+        return transitions
     except Exception:
         logger.exception("alert evaluation failed on %s", host_name)
         return []
+
+
+# The audit trail's kinds for alerts; recorded once InstanceEvent.Kind has them (a models_app migration).
+ALERT_EVENT_KINDS = {"fired": "alert_fired", "resolved": "alert_resolved"}
+
+
+def _record_alert_events(transitions: list[gpu_alerts.Transition]) -> None:
+    """Alerts that fired or resolved on an instance join its timeline (the events page, the API)."""
+    for t in transitions:
+        kind = ALERT_EVENT_KINDS[t.event]
+        if kind not in InstanceEvent.Kind.values or t.instance_id is None:
+            continue
+        instance = GpuInstance.objects.filter(pk=t.instance_id).first()
+        record(kind, instance=instance, detail=f"{t.rule_name}: {t.message}"[:1000])
 
 
 def instance_facts(host_name: str) -> list[gpu_alerts.InstanceFacts]:
