@@ -102,6 +102,8 @@ class TestPages:
         html = client.get("/").content.decode()
         assert 'id="alerts-banner"' in html and "train.py" in html
         assert "GPU 0: 4.1 GiB" in html and "GPU 1: 3.9 GiB" in html
+        # Every GPU card lists its processes with their owner: ours (with the instance), foreign, orphan.
+        assert f"ours #{world['instance'].pk}" in html and 'class="badge badge-foreign">foreign<' in html
         assert f'href="/instances/{world["instance"].pk}/history/"' in html
         assert f'href="/gpus/{world["gpus"][0].pk}/history/"' in html
 
