@@ -339,6 +339,8 @@ def evaluate_host(
         elif rule.kind == Kind.INSTANCE_CRASHED:
             for facts in instances:
                 put(rule, instance_crashed(rule, facts, now))
+    if not live and not any(o.firing for o in observations.values()):
+        return []  # nothing to write: no transaction (on SQLite an immediate one would take the write lock)
     with transaction.atomic():
         return _run(rules, observations, live, host, now)
 
@@ -377,10 +379,13 @@ def evaluate_telemetry(now: datetime | None = None) -> list[Transition]:
     gpus_of: dict[int, list[Gpu]] = {}
     for gpu in Gpu.objects.filter(host__in=hosts):
         gpus_of.setdefault(gpu.host_id, []).append(gpu)
+    observed = {host.pk: telemetry_failing(host, gpus_of.get(host.pk, []), now) for host in hosts}
+    if not live and not any(o.firing for o in observed.values()):
+        return []
     transitions = []
     with transaction.atomic():
         for host in hosts:
-            obs = telemetry_failing(host, gpus_of.get(host.pk, []), now)
+            obs = observed[host.pk]
             observations = {(rule.pk, obs.subject): obs for rule in rules}
             transitions += _run(rules, observations, [a for a in live if a.host_id == host.pk], host, now)
         # Alerts of hosts deleted since: their host is gone, they resolve.
