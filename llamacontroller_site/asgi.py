@@ -1,6 +1,59 @@
+"""The ASGI application (gunicorn with uvicorn_worker.UvicornWorker; see runner.py). Django's async views
+stream the gateway's answers without holding a thread per stream; the sync views run as before.
+
+Django reads a request's whole body before any view runs, so the gateway's body limit is enforced here,
+while the body arrives: a larger one answers 413 without being stored."""
+
+import json
 import os
 
 from django.core.asgi import get_asgi_application
 
 os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llamacontroller_site.settings")
-application = get_asgi_application()
+django_application = get_asgi_application()
+
+from django.conf import settings  # noqa: E402  (after setup)
+
+GATEWAY_PREFIXES = ("/api/", "/v1/")
+
+
+def _too_large_body(path: str, limit: int) -> bytes:
+    message = f"the request body is larger than {limit} bytes"
+    if path.startswith("/v1/"):
+        error = {"message": message, "type": "invalid_request_error", "code": "body_too_large"}
+        return json.dumps({"error": error}).encode()
+    return json.dumps({"error": message}).encode()
+
+
+async def _refuse(send, path: str, limit: int) -> None:
+    body = _too_large_body(path, limit)
+    headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode())]
+    await send({"type": "http.response.start", "status": 413, "headers": headers})
+    await send({"type": "http.response.body", "body": body})
+
+
+async def application(scope, receive, send):
+    path = scope.get("path", "") if scope["type"] == "http" else ""
+    if not path.startswith(GATEWAY_PREFIXES) or path.startswith("/api/v1/"):
+        return await django_application(scope, receive, send)
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    length = dict(scope.get("headers") or []).get(b"content-length", b"")
+    if length.isdigit() and int(length) > limit:
+        return await _refuse(send, path, limit)
+    received = 0
+    refused = False
+
+    async def counting_receive():
+        nonlocal received, refused
+        if refused:
+            return {"type": "http.disconnect"}
+        message = await receive()
+        if message["type"] == "http.request":
+            received += len(message.get("body", b""))
+            if received > limit:
+                refused = True
+                await _refuse(send, path, limit)
+                return {"type": "http.disconnect"}  # Django stops reading and answers nothing more
+        return message
+
+    return await django_application(scope, counting_receive, send)

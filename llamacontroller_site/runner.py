@@ -1,5 +1,5 @@
 """The local run command (`./lc.sh run`): prepares the data folder, database, admin account and test model,
-then runs the web server (gunicorn), a Celery worker, Celery beat and, when REDIS_URL is unset, an embedded
+then runs the web server (gunicorn with uvicorn workers, ASGI), a Celery worker, Celery beat and, when REDIS_URL is unset, an embedded
 Redis. Ctrl-C stops all of it, the llama-server instances included, and leaves no process behind."""
 
 import json
@@ -134,6 +134,18 @@ def start_embedded_redis(data_dir: Path):
     return server
 
 
+def web_command(venv_bin: Path) -> list[str]:
+    """gunicorn serving the ASGI application with uvicorn workers (Django's documented recipe): streamed
+    gateway answers hold no thread; the sync views run in Django's thread pool as before, and WhiteNoise
+    serves the static files. Each worker process has its own event loop and its own httpx client."""
+    return [
+        str(venv_bin / "gunicorn"), "llamacontroller_site.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
+        "-b", BIND, "-w", "2", "--access-logfile", "-",
+        # A stream lasts as long as its answer: gunicorn's timeout is the worker heartbeat, not a request limit.
+        "--graceful-timeout", "10",
+    ]  # fmt: skip
+
+
 class Supervisor:
     def __init__(self):
         self.children: dict[str, subprocess.Popen] = {}
@@ -205,8 +217,7 @@ def main() -> int:
         celery = [sys.executable, "-m", "celery", "-A", "llamacontroller_site"]
         supervisor.start(
             "web",
-            [str(venv_bin / "gunicorn"), "llamacontroller_site.wsgi", "-b", BIND, "-w", "2", "--threads", "4",
-             "--access-logfile", "-"],
+            web_command(venv_bin),
         )  # fmt: skip
         supervisor.start(
             "worker",

@@ -53,11 +53,12 @@ INSTALLED_APPS = [
     "accounts",
     "gpus",
     "models_app",
+    "gateway",
 ]
 
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
-    "whitenoise.middleware.WhiteNoiseMiddleware",
+    "llamacontroller_site.static_files.AsyncWhiteNoiseMiddleware",  # WhiteNoise, without a thread per request
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",
@@ -266,6 +267,11 @@ CELERY_BEAT_SCHEDULE = {
         "schedule": GPU_REFRESH_SECONDS,
         "options": {"expires": GPU_REFRESH_SECONDS * 0.8},
     },
+    "prune-usage": {
+        "task": "gateway.tasks.prune_usage",
+        "schedule": 24 * 3600,
+        "options": {"expires": 3600},
+    },
 }
 
 # --- The controller's own knobs --------------------------------------------------------------------
@@ -293,6 +299,16 @@ INSTANCE_LOG_MAX_BYTES = envint("LLAMACONTROLLER_LOG_MAX_BYTES", 10 * 1024 * 102
 DASHBOARD_REFRESH_SECONDS = envint("LLAMACONTROLLER_DASHBOARD_REFRESH_SECONDS", 300, minimum=1)
 LOGIN_MAX_FAILURES = envint("LLAMACONTROLLER_LOGIN_MAX_FAILURES", 5, minimum=1)
 LOGIN_LOCKOUT_SECONDS = envint("LLAMACONTROLLER_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
+# --- The gateway (Ollama- and OpenAI-compatible endpoints) ---
+# Connecting to an instance's llama-server must be quick; reading is unbounded while tokens flow (a long prompt
+# can take minutes before its first token), but no request lasts longer than the overall cap.
+GATEWAY_CONNECT_TIMEOUT = envint("LLAMACONTROLLER_GATEWAY_CONNECT_TIMEOUT", 5, minimum=1)
+GATEWAY_MAX_REQUEST_SECONDS = envint("LLAMACONTROLLER_GATEWAY_MAX_REQUEST_SECONDS", 3600, minimum=1)
+# Request bodies above this answer 413 (images travel base64 inside the JSON).
+GATEWAY_MAX_BODY_BYTES = envint("LLAMACONTROLLER_GATEWAY_MAX_BODY_BYTES", 32 * 1024 * 1024, minimum=1024)
+# Requests beyond an instance's parallel slots wait in a queue this long (per web worker); beyond it: 429.
+GATEWAY_QUEUE_SIZE = envint("LLAMACONTROLLER_GATEWAY_QUEUE_SIZE", 16, minimum=0)
+USAGE_RETENTION_DAYS = envint("LLAMACONTROLLER_USAGE_RETENTION_DAYS", 90, minimum=1)
 # Proxies in front of the web server that append to X-Forwarded-For (0: REMOTE_ADDR is the client).
 PROXY_COUNT = envint("LLAMACONTROLLER_PROXY_COUNT", 0, minimum=0)
 

@@ -10,6 +10,7 @@ api_v1 = [
     path("", include("gpus.api.urls")),
     path("", include("models_app.api.urls")),
     path("", include("accounts.api_urls")),
+    path("", include("gateway.api.urls")),
 ]
 
 handler404 = "llamacontroller_site.errors.page_not_found"
@@ -23,6 +24,9 @@ urlpatterns = [
     path("api/schema/", SpectacularAPIView.as_view(), name="schema"),
     path("api/docs/", SpectacularSwaggerView.as_view(url_name="schema"), name="swagger-ui"),
     path("accounts/", include("accounts.urls")),
+    path("usage/", include("gateway.web_urls")),
+    # The Ollama- and OpenAI-compatible endpoints: /api/chat, /api/tags, ..., /v1/chat/completions, ...
+    path("", include("gateway.urls")),
     # Memory history pages and alerts (before the dashboard's own routes).
     path("", include("models_app.web.history_urls")),
     path("", include("models_app.web.urls")),

@@ -1,0 +1,56 @@
+"""The gateway's refusals, shaped for the client that asked: Ollama's `{"error": "..."}` or OpenAI's
+`{"error": {"message", "type", "code"}}`."""
+
+import json
+
+from django.http import HttpResponse
+
+OLLAMA = "ollama"
+OPENAI = "openai"
+
+# OpenAI's error types per status (what its clients expect to read).
+_OPENAI_TYPES = {
+    400: "invalid_request_error",
+    401: "authentication_error",
+    403: "permission_error",
+    404: "not_found_error",
+    413: "invalid_request_error",
+    429: "rate_limit_error",
+    500: "server_error",
+    502: "server_error",
+    503: "unavailable_error",
+    504: "timeout_error",
+}
+
+
+class GatewayError(Exception):
+    """A request the gateway answers with an error. `code` is a short word for OpenAI's `code` field."""
+
+    def __init__(self, status: int, message: str, *, code: str = "", retry_after: int | None = None):
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.code = code or _OPENAI_TYPES.get(status, "error")
+        self.retry_after = retry_after
+
+
+def ollama_body(message: str) -> bytes:
+    return json.dumps({"error": message}).encode()
+
+
+def openai_body(status: int, message: str, code: str = "") -> bytes:
+    kind = _OPENAI_TYPES.get(status, "error")
+    return json.dumps({"error": {"message": message, "type": kind, "code": code or kind}}).encode()
+
+
+def error_response(dialect: str, error: GatewayError) -> HttpResponse:
+    if dialect == OPENAI:
+        body = openai_body(error.status, error.message, error.code)
+    else:
+        body = ollama_body(error.message)
+    response = HttpResponse(body, status=error.status, content_type="application/json")
+    if error.retry_after is not None:
+        response["Retry-After"] = str(error.retry_after)
+    if error.status == 401:
+        response["WWW-Authenticate"] = "Bearer"
+    return response

@@ -1,0 +1,204 @@
+"""One inference request's way through the gateway: body, caller, instance, slot, upstream response, and
+the usage record written once at its end — whether it was answered, refused, failed or abandoned."""
+
+import asyncio
+import contextlib
+import json
+import logging
+import time
+import weakref
+from dataclasses import dataclass, field
+from datetime import datetime
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.utils import timezone
+
+from . import access, slots, upstream
+from .errors import GatewayError
+from .models import UsageRecord
+from .translate import keep_alive_seconds, model_id_of
+
+logger = logging.getLogger(__name__)
+
+# Cleanups scheduled for exchanges whose stream was never started: kept so they are not garbage-collected.
+_pending_cleanups: set[asyncio.Task] = set()
+
+
+async def read_json(request) -> tuple[bytes, dict]:
+    """The body, raw and as a JSON object: 413 past the size limit, 400 when it is not a JSON object."""
+    declared = request.headers.get("Content-Length")
+    limit = settings.GATEWAY_MAX_BODY_BYTES
+    if declared and declared.isdigit() and int(declared) > limit:
+        raise GatewayError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+    raw = request.read(limit + 1)
+    if len(raw) > limit:
+        raise GatewayError(413, f"the request body is larger than {limit} bytes", code="body_too_large")
+    try:
+        body = json.loads(raw or b"")
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise GatewayError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from None
+    if not isinstance(body, dict):
+        raise GatewayError(400, "the request body must be a JSON object", code="invalid_json")
+    return raw, body
+
+
+@dataclass
+class Exchange:
+    endpoint: str
+    model_name: str = ""
+    started: float = field(default_factory=time.perf_counter)
+    created_at: datetime = field(default_factory=timezone.now)
+    target: access.Target | None = None
+    instance: object = None
+    keep_alive: int | None = None
+    counted: bool = False  # request_started was called: request_finished must follow
+    gate: slots.Gate | None = None
+    response: httpx.Response | None = None
+    status: int = 200
+    error: str = ""
+    prompt_tokens: int | None = None
+    completion_tokens: int | None = None
+    first_token_at: float | None = None
+    load_seconds: float = 0.0
+    disconnected: bool = False
+    finished: bool = False
+
+    # --- the way in -----------------------------------------------------------------------------------
+
+    async def begin(self, request, body: dict) -> None:
+        """Caller, model, running instance (loading or waiting for one if needed), slot."""
+        self.model_name = body.get("model") if isinstance(body.get("model"), str) else ""
+        try:
+            self.keep_alive = keep_alive_seconds(body.get("keep_alive"))
+        except ValueError as exc:
+            raise GatewayError(400, str(exc)) from None
+        await sync_to_async(self._resolve)(request, body.get("model"))
+        await self.acquire()
+
+    def _resolve(self, request, name) -> None:
+        """One hop: who asks (known before the model, so a refusal for the model is recorded), the model,
+        its running instances."""
+        caller = access.authenticate(request)
+        self.target = access.Target(caller=caller, model=None)
+        self.target.model = access.find_model(caller, name)
+        self.target.instances = access.running_instances(self.target.model)
+
+    async def acquire(self) -> None:
+        target = self.target
+        if not target.instances:
+            loading = time.perf_counter()
+            instance = await sync_to_async(access.ensure_running, thread_sensitive=False)(
+                target, self.keep_alive
+            )
+            self.load_seconds = time.perf_counter() - loading
+            target.instances = [instance]
+        # The least busy instance here (most models have one).
+        instance = min(target.instances, key=slots.local_load)
+        await sync_to_async(access.request_started)(instance, self.keep_alive)
+        self.instance, self.counted = instance, True
+        gate = await slots.gate_for(instance)
+        await gate.enter(slots.queue_size())
+        self.gate = gate
+
+    def deadline(self) -> float:
+        return self.started + settings.GATEWAY_MAX_REQUEST_SECONDS
+
+    async def send(self, path: str, payload: bytes, *, stream: bool) -> httpx.Response:
+        """POST to the instance; with `stream` the body is read by the caller (and closed by finish())."""
+        client = upstream.client()
+        request = client.build_request(
+            "POST",
+            upstream.base_url(self.instance) + path,
+            content=payload,
+            headers=upstream.headers(self.instance),
+        )
+        try:
+            if stream:
+                self.response = await client.send(request, stream=True)
+            else:
+                async with asyncio.timeout(max(0.001, self.deadline() - time.perf_counter())):
+                    self.response = await client.send(request)
+        except TimeoutError:
+            raise GatewayError(
+                504, f"no answer within {settings.GATEWAY_MAX_REQUEST_SECONDS}s", code="timeout"
+            ) from None
+        except httpx.TimeoutException as exc:
+            raise GatewayError(
+                504, f"the model's server did not answer in time ({exc.__class__.__name__})"
+            ) from None
+        except httpx.HTTPError as exc:
+            raise GatewayError(
+                502, f"the model's server could not be reached: {exc}", code="upstream_error"
+            ) from None
+        return self.response
+
+    def mark_first_token(self) -> None:
+        if self.first_token_at is None:
+            self.first_token_at = time.perf_counter()
+
+    # --- the way out ----------------------------------------------------------------------------------
+
+    async def finish(self) -> None:
+        """Close the upstream response, free the slot, end the in-flight count and write the usage record.
+        Once; safe to call from a cancelled task (the database write is shielded)."""
+        if self.finished:
+            return
+        self.finished = True
+        if self.response is not None:
+            # Closing a broken connection may fail: there is nothing more to do then.
+            with contextlib.suppress(Exception):
+                await self.response.aclose()
+        if self.gate is not None:
+            self.gate.leave()
+            self.gate = None
+        await asyncio.shield(sync_to_async(self._write)())
+
+    def _write(self) -> None:
+        try:
+            if self.counted:
+                access.request_finished(self.instance.pk)
+        except Exception:
+            logger.exception("could not end the in-flight count of instance %s", self.instance.pk)
+        if self.target is None or self.status == 401:
+            return  # refused before we knew who asked: no record (strangers do not fill the table)
+        now = time.perf_counter()
+        caller = self.target.caller
+        UsageRecord.objects.create(
+            user_id=caller.user_id,
+            token=caller.token,
+            model_id=model_id_of(self.model_name)[:200],
+            instance_id=getattr(self.instance, "pk", None),
+            endpoint=self.endpoint,
+            status=self.status,
+            error=self.error[:2000],
+            prompt_tokens=self.prompt_tokens,
+            completion_tokens=self.completion_tokens,
+            time_to_first_token_ms=(
+                round((self.first_token_at - self.started) * 1000, 3) if self.first_token_at else None
+            ),
+            duration_ms=round((now - self.started) * 1000, 3),
+            client_disconnected=self.disconnected,
+            created_at=self.created_at,
+        )
+
+    def guard(self, iterator) -> None:
+        """If the response's iterator is dropped without ever running (the client left between the view's
+        return and the first byte), finish anyway."""
+        loop = asyncio.get_running_loop()
+        exchange = self  # held by the finalizer, not by a cycle: it goes when the iterator goes
+
+        def cleanup():
+            if exchange.finished or loop.is_closed():
+                return
+            exchange.disconnected = True
+
+            def schedule():
+                task = loop.create_task(exchange.finish())
+                _pending_cleanups.add(task)
+                task.add_done_callback(_pending_cleanups.discard)
+
+            loop.call_soon_threadsafe(schedule)
+
+        weakref.finalize(iterator, cleanup)

@@ -1,0 +1,425 @@
+"""Ollama <-> llama-server's OpenAI-compatible API: requests, stream chunks, timings, model facts. Plain
+functions on dicts (no Django, no I/O), so every shape is unit-tested."""
+
+import hashlib
+import json
+import math
+import re
+from datetime import UTC, datetime
+
+# What /api/version answers: Open WebUI and others parse it as dotted integers and gate features on it.
+OLLAMA_VERSION = "0.12.0"
+LATEST = ":latest"
+
+# Ollama `options` that llama-server's OpenAI routes take under the same or another name.
+_OPTION_NAMES = {
+    "temperature": "temperature",
+    "top_p": "top_p",
+    "top_k": "top_k",
+    "min_p": "min_p",
+    "typical_p": "typical_p",
+    "seed": "seed",
+    "stop": "stop",
+    "num_predict": "max_tokens",
+    "repeat_penalty": "repeat_penalty",
+    "repeat_last_n": "repeat_last_n",
+    "presence_penalty": "presence_penalty",
+    "frequency_penalty": "frequency_penalty",
+    "mirostat": "mirostat",
+    "mirostat_tau": "mirostat_tau",
+    "mirostat_eta": "mirostat_eta",
+    "num_keep": "n_keep",
+}
+
+
+class BadRequest(ValueError):
+    """The request's JSON has a field of the wrong shape (HTTP 400)."""
+
+
+# --- names ----------------------------------------------------------------------------------------------
+
+
+def model_id_of(name: str) -> str:
+    """`gemma3:latest` and `gemma3` name the same registry entry."""
+    return name[: -len(LATEST)] if name.endswith(LATEST) else name
+
+
+def tagged(model_id: str) -> str:
+    return model_id if ":" in model_id else model_id + LATEST
+
+
+# --- keep_alive -----------------------------------------------------------------------------------------
+
+_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+_UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
+FOREVER = -1  # a negative keep_alive: as long as the admin's limit allows
+
+
+def keep_alive_seconds(value) -> int | None:
+    """Ollama's keep_alive (seconds as a number, or a Go duration "5m", "1h30m", "-1") in whole seconds;
+    None when absent; FOREVER (-1) when negative. models_app.ondemand clamps it to the admin's limit."""
+    if value is None or value == "":
+        return None
+    if isinstance(value, bool):
+        raise BadRequest('keep_alive must be a duration such as "5m" or a number of seconds')
+    if isinstance(value, int | float):
+        seconds = float(value)
+    elif isinstance(value, str):
+        text = value.strip()
+        try:
+            seconds = float(text)
+        except ValueError:
+            parts = _DURATION.findall(text)
+            if not parts or "".join(n + u for n, u in parts) != text.replace("+", ""):
+                raise BadRequest(f'keep_alive {value!r} is not a duration such as "5m"') from None
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+    else:
+        raise BadRequest('keep_alive must be a duration such as "5m" or a number of seconds')
+    if math.isnan(seconds):
+        raise BadRequest("keep_alive is not a number")
+    if seconds < 0:
+        return FOREVER
+    return min(int(math.ceil(seconds)), 10**9)
+
+
+# --- requests -------------------------------------------------------------------------------------------
+
+
+def _options(body: dict) -> dict:
+    options = body.get("options") or {}
+    if not isinstance(options, dict):
+        raise BadRequest("options must be an object")
+    out = {}
+    for name, value in options.items():
+        target = _OPTION_NAMES.get(name)
+        if target is None:
+            continue  # num_ctx, num_gpu, ...: the instance's own settings decide
+        if target == "max_tokens" and isinstance(value, int) and value < 0:
+            continue  # -1: until the context is full (llama-server's default)
+        out[target] = value
+    return out
+
+
+def _format(body: dict) -> dict:
+    fmt = body.get("format")
+    if fmt in (None, ""):
+        return {}
+    if fmt == "json":
+        return {"response_format": {"type": "json_object"}}
+    if isinstance(fmt, dict):
+        return {"response_format": {"type": "json_schema", "json_schema": {"name": "format", "schema": fmt}}}
+    raise BadRequest('format must be "json" or a JSON schema')
+
+
+def _think(body: dict) -> dict:
+    think = body.get("think")
+    if think is None:
+        return {}
+    return {"chat_template_kwargs": {"enable_thinking": bool(think)}}
+
+
+def _message(message) -> dict:
+    if not isinstance(message, dict):
+        raise BadRequest("each message must be an object with role and content")
+    role = message.get("role")
+    if not isinstance(role, str) or not role:
+        raise BadRequest("each message needs a role")
+    content = message.get("content") or ""
+    if not isinstance(content, str):
+        raise BadRequest("a message's content must be a string")
+    out: dict = {"role": role, "content": content}
+    images = message.get("images") or []
+    if images:
+        if not isinstance(images, list) or not all(isinstance(i, str) for i in images):
+            raise BadRequest("images must be a list of base64 strings")
+        out["content"] = [{"type": "text", "text": content}] + [
+            {"type": "image_url", "image_url": {"url": f"data:image/png;base64,{image}"}} for image in images
+        ]
+    calls = message.get("tool_calls")
+    if calls:
+        out["tool_calls"] = [
+            {
+                "id": call.get("id") or f"call_{n}",
+                "type": "function",
+                "function": {
+                    "name": (call.get("function") or {}).get("name", ""),
+                    "arguments": json.dumps((call.get("function") or {}).get("arguments") or {}),
+                },
+            }
+            for n, call in enumerate(calls)
+            if isinstance(call, dict)
+        ]
+    if role == "tool" and message.get("tool_name"):
+        out["name"] = message["tool_name"]
+    return out
+
+
+def chat_request(body: dict) -> dict:
+    """/api/chat -> llama-server's /v1/chat/completions, always streamed (a non-stream answer is assembled
+    from the stream, so both share one translation)."""
+    messages = body.get("messages") or []
+    if not isinstance(messages, list):
+        raise BadRequest("messages must be a list")
+    out = {"model": body["model"], "messages": [_message(m) for m in messages], "stream": True}
+    if body.get("tools"):
+        if not isinstance(body["tools"], list):
+            raise BadRequest("tools must be a list")
+        out["tools"] = body["tools"]
+    out.update(_options(body), **_format(body), **_think(body))
+    return out
+
+
+def generate_request(body: dict) -> tuple[str, dict]:
+    """/api/generate -> (route, body): the prompt as a user message through the model's chat template, or
+    with `raw` the prompt as it is to /v1/completions."""
+    prompt = body.get("prompt") or ""
+    system = body.get("system") or ""
+    if not isinstance(prompt, str) or not isinstance(system, str):
+        raise BadRequest("prompt and system must be strings")
+    extra = {**_options(body), **_format(body)}
+    if body.get("raw"):
+        return "/v1/completions", {"model": body["model"], "prompt": prompt, "stream": True, **extra}
+    messages = ([{"role": "system", "content": system}] if system else []) + [
+        {"role": "user", "content": prompt}
+    ]
+    images = body.get("images")
+    if images:
+        messages[-1] = _message({"role": "user", "content": prompt, "images": images})
+    out = {"model": body["model"], "messages": messages, "stream": True, **extra, **_think(body)}
+    return "/v1/chat/completions", out
+
+
+def embed_inputs(body: dict, field: str = "input") -> list[str]:
+    value = body.get(field)
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, list) and value and all(isinstance(v, str) for v in value):
+        return value
+    raise BadRequest(f"{field} must be a string or a non-empty list of strings")
+
+
+def truncate_embedding(vector: list[float], dimensions) -> list[float]:
+    """Ollama's `dimensions`: keep the first n values, normalised again."""
+    if dimensions in (None, 0):
+        return vector
+    if not isinstance(dimensions, int) or isinstance(dimensions, bool) or dimensions < 0:
+        raise BadRequest("dimensions must be a positive integer")
+    cut = vector[:dimensions]
+    norm = math.sqrt(sum(v * v for v in cut))
+    return [v / norm for v in cut] if norm else cut
+
+
+# --- answers --------------------------------------------------------------------------------------------
+
+
+def now_iso() -> str:
+    return datetime.now(UTC).isoformat().replace("+00:00", "Z")
+
+
+def timing_fields(timings: dict | None, usage: dict | None, *, total_ns: int, load_ns: int) -> dict:
+    """The final chunk's counts and nanosecond durations, from llama-server's `timings` (Ollama's own
+    mapping: prompt_eval_count = cache_n + prompt_n), else from OpenAI `usage`."""
+    fields = {"total_duration": int(total_ns), "load_duration": int(load_ns)}
+    if timings:
+        fields["prompt_eval_count"] = int(timings.get("cache_n") or 0) + int(timings.get("prompt_n") or 0)
+        fields["prompt_eval_duration"] = int(float(timings.get("prompt_ms") or 0) * 1e6)
+        fields["eval_count"] = int(timings.get("predicted_n") or 0)
+        fields["eval_duration"] = int(float(timings.get("predicted_ms") or 0) * 1e6)
+    elif usage:
+        fields["prompt_eval_count"] = int(usage.get("prompt_tokens") or 0)
+        fields["prompt_eval_duration"] = 0
+        fields["eval_count"] = int(usage.get("completion_tokens") or 0)
+        fields["eval_duration"] = 0
+    return fields
+
+
+def done_reason(finish_reason: str | None) -> str:
+    return "length" if finish_reason == "length" else "stop"
+
+
+class StreamState:
+    """Reads llama-server's OpenAI stream (one decoded `data:` JSON at a time) and yields Ollama chunks.
+    Tool-call fragments are collected and sent whole, as Ollama does."""
+
+    def __init__(self, model_name: str, kind: str):
+        self.model_name = model_name
+        self.kind = kind  # "chat" or "generate"
+        self.finish_reason: str | None = None
+        self.timings: dict | None = None
+        self.usage: dict | None = None
+        self.tool_calls: dict[int, dict] = {}
+        self.first_token_seen = False
+
+    def _chunk(self, **fields) -> dict:
+        return {"model": self.model_name, "created_at": now_iso(), **fields}
+
+    def _message(self, content: str = "", thinking: str = "", tool_calls=None) -> dict:
+        message = {"role": "assistant", "content": content}
+        if thinking:
+            message["thinking"] = thinking
+        if tool_calls:
+            message["tool_calls"] = tool_calls
+        return message
+
+    def feed(self, event: dict) -> list[dict]:
+        """Ollama chunks for one upstream event (often one, sometimes none)."""
+        if event.get("timings"):
+            self.timings = event["timings"]
+        if event.get("usage"):
+            self.usage = event["usage"]
+        out = []
+        for choice in event.get("choices") or []:
+            if choice.get("finish_reason"):
+                self.finish_reason = choice["finish_reason"]
+            if self.kind == "generate" and "text" in choice:
+                text = choice.get("text") or ""
+                if text:
+                    self.first_token_seen = True
+                    out.append(self._chunk(response=text, done=False))
+                continue
+            delta = choice.get("delta") or choice.get("message") or {}
+            content = delta.get("content") or ""
+            thinking = delta.get("reasoning_content") or ""
+            for call in delta.get("tool_calls") or []:
+                self._collect_tool_call(call)
+            if content or thinking:
+                self.first_token_seen = True
+                if self.kind == "chat":
+                    out.append(self._chunk(message=self._message(content, thinking), done=False))
+                else:
+                    chunk = self._chunk(response=content, done=False)
+                    if thinking:
+                        chunk["thinking"] = thinking
+                    out.append(chunk)
+        return out
+
+    def _collect_tool_call(self, call: dict) -> None:
+        index = call.get("index", len(self.tool_calls))
+        slot = self.tool_calls.setdefault(index, {"name": "", "arguments": ""})
+        function = call.get("function") or {}
+        slot["name"] += function.get("name") or ""
+        slot["arguments"] += function.get("arguments") or ""
+
+    def _tool_calls(self) -> list[dict]:
+        calls = []
+        for index in sorted(self.tool_calls):
+            slot = self.tool_calls[index]
+            try:
+                arguments = json.loads(slot["arguments"]) if slot["arguments"] else {}
+            except json.JSONDecodeError:
+                arguments = {"_raw": slot["arguments"]}
+            calls.append({"function": {"index": index, "name": slot["name"], "arguments": arguments}})
+        return calls
+
+    def final(self, *, total_ns: int, load_ns: int) -> list[dict]:
+        """The closing chunks: collected tool calls (if any), then the `done` chunk with the figures."""
+        out = []
+        if self.tool_calls and self.kind == "chat":
+            out.append(self._chunk(message=self._message(tool_calls=self._tool_calls()), done=False))
+        done = self._chunk(done=True, done_reason=done_reason(self.finish_reason))
+        if self.kind == "chat":
+            done["message"] = self._message()
+        else:
+            done["response"] = ""
+        done.update(timing_fields(self.timings, self.usage, total_ns=total_ns, load_ns=load_ns))
+        return out + [done]
+
+    @property
+    def prompt_tokens(self) -> int | None:
+        if self.timings:
+            return int(self.timings.get("cache_n") or 0) + int(self.timings.get("prompt_n") or 0)
+        return (self.usage or {}).get("prompt_tokens")
+
+    @property
+    def completion_tokens(self) -> int | None:
+        if self.timings:
+            return int(self.timings.get("predicted_n") or 0)
+        return (self.usage or {}).get("completion_tokens")
+
+
+def merge_chunks(chunks: list[dict], kind: str) -> dict:
+    """A `stream: false` answer: the final chunk carrying the whole text (and thinking, tool calls)."""
+    final = dict(chunks[-1])
+    if kind == "chat":
+        content = "".join(c.get("message", {}).get("content", "") for c in chunks)
+        thinking = "".join(c.get("message", {}).get("thinking", "") for c in chunks)
+        calls = [call for c in chunks for call in c.get("message", {}).get("tool_calls", [])]
+        message = {"role": "assistant", "content": content}
+        if thinking:
+            message["thinking"] = thinking
+        if calls:
+            message["tool_calls"] = calls
+        final["message"] = message
+    else:
+        final["response"] = "".join(c.get("response", "") for c in chunks)
+        thinking = "".join(c.get("thinking", "") for c in chunks)
+        if thinking:
+            final["thinking"] = thinking
+    return final
+
+
+# --- model facts ----------------------------------------------------------------------------------------
+
+
+def parameter_size(count) -> str:
+    """Ollama's style: 8.0B, 268.10M, 51.20K."""
+    if not count:
+        return ""
+    count = int(count)
+    if count >= 1_000_000_000:
+        return f"{count / 1e9:.1f}B"
+    if count >= 1_000_000:
+        return f"{count / 1e6:.2f}M"
+    if count >= 1_000:
+        return f"{count / 1e3:.2f}K"
+    return str(count)
+
+
+def quantization_level(file_type) -> str:
+    """GGUF general.file_type (an enum number) as Ollama names it: Q4_K_M, F16, F32."""
+    if file_type is None:
+        return ""
+    try:
+        from gguf import LlamaFileType
+
+        name = LlamaFileType(int(file_type)).name
+    except (ValueError, TypeError, ImportError):
+        return str(file_type)
+    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
+
+
+def digest(path: str, size) -> str:
+    """A stable sha256 for /api/tags: of the file's path and size as registered (no file read, so any web
+    worker answers the same without reaching the GPU host's disk). It changes when either changes."""
+    return hashlib.sha256(f"{path}\n{size or 0}".encode()).hexdigest()
+
+
+def details(gguf_metadata: dict) -> dict:
+    arch = (gguf_metadata or {}).get("architecture") or ""
+    return {
+        "parent_model": "",
+        "format": "gguf",
+        "family": arch,
+        "families": [arch] if arch else None,
+        "parameter_size": parameter_size((gguf_metadata or {}).get("parameter_count")),
+        "quantization_level": quantization_level((gguf_metadata or {}).get("file_type")),
+    }
+
+
+def model_info(gguf_metadata: dict) -> dict:
+    """/api/show's model_info, in Ollama's GGUF key style, from the header facts the registry keeps."""
+    facts = gguf_metadata or {}
+    arch = facts.get("architecture")
+    info = {}
+    if arch:
+        info["general.architecture"] = arch
+    if facts.get("parameter_count") is not None:
+        info["general.parameter_count"] = facts["parameter_count"]
+    if facts.get("file_type") is not None:
+        info["general.file_type"] = facts["file_type"]
+    if facts.get("name"):
+        info["general.name"] = facts["name"]
+    for key in ("block_count", "context_length", "embedding_length"):
+        if arch and facts.get(key) is not None:
+            info[f"{arch}.{key}"] = facts[key]
+    return info

@@ -1,0 +1,356 @@
+"""Ollama-compatible routes, translated to and from llama-server's OpenAI-compatible stream (NDJSON out,
+one JSON object per line, never an empty line)."""
+
+import asyncio
+import json
+import time
+from datetime import UTC, datetime
+
+import httpx
+from asgiref.sync import sync_to_async
+from django.conf import settings
+from django.http import HttpResponseNotAllowed, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from . import access, translate
+from .errors import OLLAMA, GatewayError, error_response
+from .exchange import Exchange, read_json
+from .translate import BadRequest, StreamState, tagged
+from .views_common import authenticate_only, list_models
+
+NDJSON = "application/x-ndjson"
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+FAR_FUTURE = datetime(2318, 1, 1, tzinfo=UTC)  # Ollama's "never" (keep_alive < 0)
+
+
+def _line(obj: dict) -> bytes:
+    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+
+
+def _error_message(content: bytes) -> str:
+    try:
+        payload = json.loads(content)
+    except ValueError:
+        return content[:500].decode(errors="replace") or "the model's server answered an error"
+    error = payload.get("error") if isinstance(payload, dict) else None
+    if isinstance(error, dict):
+        return str(error.get("message") or error)
+    return str(error or payload)
+
+
+# --- listing --------------------------------------------------------------------------------------------
+
+
+@csrf_exempt
+async def version(request):
+    return JsonResponse({"version": translate.OLLAMA_VERSION})
+
+
+def _modified_at(model) -> str:
+    return model.updated_at.astimezone(UTC).isoformat()
+
+
+def _describe(model) -> dict:
+    return {
+        "name": tagged(model.pk),
+        "model": tagged(model.pk),
+        "modified_at": _modified_at(model),
+        "size": int(model.file_size_bytes or 0),
+        "digest": translate.digest(model.path, model.file_size_bytes),
+        "details": translate.details(model.gguf_metadata),
+    }
+
+
+@csrf_exempt
+async def tags(request):
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    try:
+        rows = await list_models(request)
+    except GatewayError as exc:
+        return error_response(OLLAMA, exc)
+    return JsonResponse({"models": [_describe(m) for m in rows]})
+
+
+def _context_length(instance) -> int | None:
+    params = instance.model.cli_params or {}
+    for name in ("c", "ctx-size", "-c", "--ctx-size"):
+        if str(params.get(name, "")).isdigit():
+            return int(params[name])
+    return (instance.model.gguf_metadata or {}).get("context_length")
+
+
+def _running(request) -> list[dict]:
+    from models_app.models import GpuInstance
+
+    caller = access.authenticate(request)
+    allowed = {m.pk for m in access.listable_models(caller)}
+    instances = (
+        GpuInstance.objects.filter(status=GpuInstance.Status.RUNNING, model_id__in=allowed)
+        .select_related("model")
+        .order_by("loaded_at")
+    )
+    rows = []
+    for instance in instances:
+        measured = instance.memory_used_mb is not None and instance.memory_source != "none"
+        vram = int(instance.memory_used_mb) * 1024 * 1024 if measured else 0
+        expires = access.expires_at(instance) or FAR_FUTURE
+        row = _describe(instance.model)
+        del row["modified_at"]
+        row.update(
+            size=vram or row["size"],
+            size_vram=vram,
+            expires_at=expires.astimezone(UTC).isoformat(),
+            context_length=_context_length(instance),
+        )
+        rows.append(row)
+    rows.sort(key=lambda r: r["expires_at"])
+    return rows
+
+
+@csrf_exempt
+async def ps(request):
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    try:
+        rows = await sync_to_async(_running)(request)
+    except GatewayError as exc:
+        return error_response(OLLAMA, exc)
+    return JsonResponse({"models": rows})
+
+
+def _show(request, body):
+    caller = access.authenticate(request)
+    model = access.find_model(caller, body.get("model") or body.get("name"))
+    facts = model.gguf_metadata or {}
+    capabilities = ["embedding"] if "embeddings" in (model.cli_params or {}) else ["completion"]
+    return {
+        "license": "",
+        "modelfile": f"FROM {model.path}\n",
+        "parameters": "\n".join(f"{k} {v}" for k, v in (model.cli_params or {}).items()),
+        "template": "",
+        "details": translate.details(facts),
+        "model_info": translate.model_info(facts),
+        "capabilities": capabilities,
+        "modified_at": _modified_at(model),
+    }
+
+
+@csrf_exempt
+async def show(request):
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    try:
+        _, body = await read_json(request)
+        return JsonResponse(await sync_to_async(_show)(request, body))
+    except GatewayError as exc:
+        return error_response(OLLAMA, exc)
+
+
+# --- generate and chat ----------------------------------------------------------------------------------
+
+
+async def _events(exchange: Exchange, response: httpx.Response, state: StreamState):
+    """Ollama chunks (dicts) from the upstream SSE stream, ending with the `done` chunk, or with an
+    `{"error": ...}` when the stream breaks."""
+    deadline = exchange.deadline()
+    try:
+        async for line in response.aiter_lines():
+            if not line.startswith("data: "):
+                continue  # blank separators and ": keep-alive" comments
+            data = line[6:].strip()
+            if data == "[DONE]":
+                break
+            try:
+                event = json.loads(data)
+            except ValueError:
+                continue
+            if event.get("error"):
+                exchange.error = _error_message(data.encode())
+                yield {"error": exchange.error}
+                return
+            for chunk in state.feed(event):
+                exchange.mark_first_token()
+                yield chunk
+            if time.perf_counter() > deadline:
+                exchange.error = f"stopped at the {settings.GATEWAY_MAX_REQUEST_SECONDS}s cap"
+                yield {"error": exchange.error}
+                return
+    except httpx.HTTPError as exc:
+        exchange.error = f"the model's server broke off the answer: {exc or exc.__class__.__name__}"
+        yield {"error": exchange.error}
+        return
+    exchange.prompt_tokens, exchange.completion_tokens = state.prompt_tokens, state.completion_tokens
+    total_ns = int((time.perf_counter() - exchange.started) * 1e9)
+    for chunk in state.final(total_ns=total_ns, load_ns=int(exchange.load_seconds * 1e9)):
+        yield chunk
+
+
+async def _ndjson(exchange: Exchange, response: httpx.Response, state: StreamState):
+    try:
+        async for chunk in _events(exchange, response, state):
+            yield _line(chunk)
+    except (asyncio.CancelledError, GeneratorExit):
+        exchange.disconnected = True
+        raise
+    finally:
+        await exchange.finish()
+
+
+def _no_prompt_answer(model_name: str, kind: str, reason: str, load_ns: int) -> dict:
+    answer = {"model": model_name, "created_at": translate.now_iso(), "done": True, "done_reason": reason}
+    if kind == "chat":
+        answer["message"] = {"role": "assistant", "content": ""}
+    else:
+        answer["response"] = ""
+    if reason == "load":
+        answer.update(total_duration=load_ns, load_duration=load_ns)
+    return answer
+
+
+async def _unload(request, exchange: Exchange, body: dict) -> None:
+    def run():
+        target = access.resolve(request, body.get("model"))
+        exchange.target = target
+        access.unload(target.caller, target.model)
+
+    await sync_to_async(run)()
+
+
+async def _generate_or_chat(request, kind: str):
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    exchange = Exchange(endpoint=f"/api/{kind}")
+    handed_over = False
+    try:
+        try:
+            _, body = await read_json(request)
+            if kind == "chat":
+                route, upstream_body = "/v1/chat/completions", translate.chat_request(_with_model(body))
+                empty = not body.get("messages")
+            else:
+                route, upstream_body = translate.generate_request(_with_model(body))
+                empty = not body.get("prompt")
+            exchange.keep_alive = translate.keep_alive_seconds(body.get("keep_alive"))
+        except BadRequest as exc:
+            await authenticate_only(request, exchange)
+            raise GatewayError(400, str(exc)) from None
+        except GatewayError:
+            await authenticate_only(request, exchange)
+            raise
+        name = body["model"]
+        if empty and exchange.keep_alive == 0:
+            exchange.model_name = name
+            await _unload(request, exchange, body)
+            return JsonResponse(_no_prompt_answer(name, kind, "unload", 0))
+        await exchange.begin(request, body)
+        if empty:
+            # An empty prompt loads the model (and sets its keep_alive), as Ollama's clients expect.
+            load_ns = int((time.perf_counter() - exchange.started) * 1e9)
+            return JsonResponse(_no_prompt_answer(name, kind, "load", load_ns))
+        stream = body.get("stream", True) is not False
+        response = await exchange.send(route, json.dumps(upstream_body).encode(), stream=True)
+        if response.status_code != 200:
+            exchange.status = response.status_code
+            raise GatewayError(response.status_code, _error_message(await response.aread()))
+        state = StreamState(name, kind)
+        if stream:
+            iterator = _ndjson(exchange, response, state)
+            exchange.guard(iterator)
+            handed_over = True
+            return StreamingHttpResponse(iterator, content_type=NDJSON, headers=STREAM_HEADERS)
+        chunks = [chunk async for chunk in _events(exchange, response, state)]
+        if "error" in chunks[-1]:
+            raise GatewayError(502, chunks[-1]["error"])
+        return JsonResponse(translate.merge_chunks(chunks, kind))
+    except GatewayError as exc:
+        exchange.status, exchange.error = exc.status, exc.message
+        return error_response(OLLAMA, exc)
+    except asyncio.CancelledError:
+        exchange.disconnected = True
+        raise
+    finally:
+        if not handed_over:
+            await exchange.finish()
+
+
+def _with_model(body: dict) -> dict:
+    model = body.get("model")
+    if not isinstance(model, str) or not model.strip():
+        raise GatewayError(400, "model is required", code="missing_model")
+    return body
+
+
+@csrf_exempt
+async def generate(request):
+    return await _generate_or_chat(request, "generate")
+
+
+@csrf_exempt
+async def chat(request):
+    return await _generate_or_chat(request, "chat")
+
+
+# --- embeddings -----------------------------------------------------------------------------------------
+
+
+async def _embed(request, endpoint: str, field: str):
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    exchange = Exchange(endpoint=endpoint)
+    try:
+        try:
+            _, body = await read_json(request)
+            _with_model(body)
+            inputs = translate.embed_inputs(body, field)
+            dimensions = body.get("dimensions")
+            translate.truncate_embedding([1.0], dimensions)
+        except BadRequest as exc:
+            await authenticate_only(request, exchange)
+            raise GatewayError(400, str(exc)) from None
+        except GatewayError:
+            await authenticate_only(request, exchange)
+            raise
+        await exchange.begin(request, body)
+        payload = {"model": body["model"], "input": inputs}
+        response = await exchange.send("/v1/embeddings", json.dumps(payload).encode(), stream=False)
+        exchange.status = response.status_code
+        if response.status_code != 200:
+            raise GatewayError(response.status_code, _error_message(response.content))
+        answer = response.json()
+        exchange.mark_first_token()
+        vectors = [
+            translate.truncate_embedding(item["embedding"], dimensions)
+            for item in sorted(answer.get("data") or [], key=lambda item: item.get("index", 0))
+        ]
+        exchange.prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
+        total_ns = int((time.perf_counter() - exchange.started) * 1e9)
+        if field == "prompt":  # the older /api/embeddings
+            return JsonResponse({"embedding": vectors[0] if vectors else []})
+        return JsonResponse(
+            {
+                "model": body["model"],
+                "embeddings": vectors,
+                "total_duration": total_ns,
+                "load_duration": int(exchange.load_seconds * 1e9),
+                "prompt_eval_count": exchange.prompt_tokens or 0,
+            }
+        )
+    except GatewayError as exc:
+        exchange.status, exchange.error = exc.status, exc.message
+        return error_response(OLLAMA, exc)
+    except asyncio.CancelledError:
+        exchange.disconnected = True
+        raise
+    finally:
+        await exchange.finish()
+
+
+@csrf_exempt
+async def embed(request):
+    return await _embed(request, "/api/embed", "input")
+
+
+@csrf_exempt
+async def embeddings(request):
+    return await _embed(request, "/api/embeddings", "prompt")

@@ -1,0 +1,171 @@
+"""OpenAI-compatible routes: passed to the instance's own /v1 routes byte for byte (SSE unbuffered)."""
+
+import asyncio
+import json
+import time
+
+import httpx
+from django.conf import settings
+from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse, StreamingHttpResponse
+from django.views.decorators.csrf import csrf_exempt
+
+from .errors import OPENAI, GatewayError, error_response, openai_body
+from .exchange import Exchange, read_json
+from .views_common import authenticate_only, list_models
+
+STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+
+
+@csrf_exempt
+async def models(request):
+    if request.method != "GET":
+        return HttpResponseNotAllowed(["GET"])
+    try:
+        rows = await list_models(request)
+    except GatewayError as exc:
+        return error_response(OPENAI, exc)
+    data = [
+        {
+            "id": m.pk,
+            "object": "model",
+            "created": int(m.created_at.timestamp()),
+            "owned_by": "llamacontroller",
+        }
+        for m in rows
+    ]
+    return JsonResponse({"object": "list", "data": data})
+
+
+def _usage_from(exchange: Exchange, payload: dict) -> None:
+    usage = payload.get("usage") or {}
+    timings = payload.get("timings") or {}
+    if timings:
+        exchange.prompt_tokens = int(timings.get("cache_n") or 0) + int(timings.get("prompt_n") or 0)
+        exchange.completion_tokens = int(timings.get("predicted_n") or 0)
+    elif usage:
+        exchange.prompt_tokens = usage.get("prompt_tokens")
+        exchange.completion_tokens = usage.get("completion_tokens")
+
+
+class _SseWatcher:
+    """Reads the passing stream for the figures (first token, timings/usage) without holding it up."""
+
+    def __init__(self, exchange: Exchange):
+        self.exchange = exchange
+        self.rest = b""
+
+    def feed(self, chunk: bytes) -> None:
+        lines = (self.rest + chunk).split(b"\n")
+        self.rest = lines.pop()
+        for line in lines:
+            if not line.startswith(b"data: {"):
+                continue
+            first = self.exchange.first_token_at is None
+            if not first and b'"timings"' not in line and b'"usage"' not in line:
+                continue
+            try:
+                event = json.loads(line[6:])
+            except ValueError:
+                continue
+            if first:
+                for choice in event.get("choices") or []:
+                    delta = choice.get("delta") or {}
+                    if (
+                        choice.get("text")
+                        or delta.get("content")
+                        or delta.get("reasoning_content")
+                        or (delta.get("tool_calls"))
+                    ):
+                        self.exchange.mark_first_token()
+            if event.get("error"):
+                self.exchange.error = str((event["error"] or {}).get("message") or event["error"])[:2000]
+            _usage_from(self.exchange, event)
+
+
+async def _passthrough(exchange: Exchange, response: httpx.Response):
+    watcher = _SseWatcher(exchange)
+    deadline = exchange.deadline()
+    try:
+        async for chunk in response.aiter_raw():
+            yield chunk
+            watcher.feed(chunk)
+            if time.perf_counter() > deadline:
+                exchange.error = f"stopped at the {settings.GATEWAY_MAX_REQUEST_SECONDS}s cap"
+                yield b"data: " + openai_body(504, exchange.error, "timeout") + b"\n\n"
+                return
+    except (asyncio.CancelledError, GeneratorExit):
+        exchange.disconnected = True
+        raise
+    except httpx.HTTPError as exc:
+        exchange.error = f"the model's server broke off the answer: {exc or exc.__class__.__name__}"
+        yield b"data: " + openai_body(502, exchange.error, "upstream_error") + b"\n\n"
+    finally:
+        await exchange.finish()
+
+
+async def _proxy(request, path: str):
+    if request.method != "POST":
+        return HttpResponseNotAllowed(["POST"])
+    exchange = Exchange(endpoint=path)
+    handed_over = False
+    try:
+        try:
+            raw, body = await read_json(request)
+        except GatewayError:
+            await authenticate_only(request, exchange)  # 401 comes before 400
+            raise
+        if not isinstance(body.get("model"), str) or not body.get("model"):
+            await authenticate_only(request, exchange)
+            raise GatewayError(400, "model is required", code="missing_model")
+        await exchange.begin(request, body)
+        stream = body.get("stream") is True
+        response = await exchange.send(path, raw, stream=stream)
+        exchange.status = response.status_code
+        if stream and response.status_code == 200:
+            iterator = _passthrough(exchange, response)
+            exchange.guard(iterator)
+            handed_over = True
+            content_type = response.headers.get("content-type", "text/event-stream")
+            return StreamingHttpResponse(iterator, content_type=content_type, headers=STREAM_HEADERS)
+        content = await response.aread() if stream else response.content
+        try:
+            payload = json.loads(content)
+        except ValueError:
+            payload = {}
+        if isinstance(payload, dict):
+            _usage_from(exchange, payload)
+            if response.status_code >= 400:
+                exchange.error = str((payload.get("error") or {}).get("message") or content[:500])
+            elif exchange.completion_tokens and payload.get("timings"):
+                # Not streamed: the first token came predicted_ms before the end.
+                predicted = float(payload["timings"].get("predicted_ms") or 0) / 1000
+                exchange.first_token_at = time.perf_counter() - predicted
+        return HttpResponse(
+            content,
+            status=response.status_code,
+            content_type=response.headers.get("content-type", "application/json"),
+        )
+    except GatewayError as exc:
+        exchange.status, exchange.error = exc.status, exc.message
+        return error_response(OPENAI, exc)
+    except asyncio.CancelledError:
+        exchange.disconnected = True
+        raise
+    finally:
+        if not handed_over:
+            await exchange.finish()
+
+
+@csrf_exempt
+async def chat_completions(request):
+    return await _proxy(request, "/v1/chat/completions")
+
+
+@csrf_exempt
+async def completions(request):
+    return await _proxy(request, "/v1/completions")
+
+
+@csrf_exempt
+async def embeddings(request):
+    return await _proxy(request, "/v1/embeddings")

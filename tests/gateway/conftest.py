@@ -1,0 +1,48 @@
+"""Gateway view tests: real views and database, a stand-in llama-server behind httpx's MockTransport."""
+
+import asyncio
+
+import httpx
+import pytest
+
+from accounts.models import ApiToken
+from gateway import slots, upstream
+from models_app.models import GpuInstance
+from tests.gateway.fakes import FakeLlamaServer
+from tests.helpers import running_instance
+
+
+@pytest.fixture
+def bearer(users):
+    """`bearer(user)` -> the Authorization header value of a new token of that user."""
+
+    def make(user):
+        return f"Bearer {ApiToken.issue(user, 'test token')[1]}"
+
+    return make
+
+
+@pytest.fixture
+def instance(fake_gpus, tiny_model):
+    """A running instance of `tiny` (no process: the upstream is the fake below)."""
+    row = running_instance(fake_gpus.host, tiny_model, fake_gpus.gpus[:1])
+    GpuInstance.objects.filter(pk=row.pk).update(port=18999, api_key="instance-secret", pid=4242)
+    row.refresh_from_db()
+    return row
+
+
+@pytest.fixture
+def llama(monkeypatch):
+    fake = FakeLlamaServer()
+    clients = {}
+
+    def client():
+        loop = asyncio.get_running_loop()
+        if id(loop) not in clients:
+            clients[id(loop)] = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
+        return clients[id(loop)]
+
+    monkeypatch.setattr(upstream, "client", client)
+    slots._gates.clear()
+    yield fake
+    slots._gates.clear()
