@@ -265,7 +265,8 @@ def apply(rule: AlertRule, alert: Alert | None, obs: Observation | None, host: H
     if rule.notify:
         from .tasks import deliver_alert
 
-        transaction.on_commit(lambda: deliver_alert.delay(alert.pk, event))
+        # robust: a broker that is down loses this delivery (logged), never the evaluation.
+        transaction.on_commit(lambda: deliver_alert.delay(alert.pk, event), robust=True)
     logger.warning("alert %s: %s — %s", event, rule.name, alert.message)
     return Transition(alert.pk, rule.name, event, alert.message, alert.instance_id, alert.gpu_id)
 
