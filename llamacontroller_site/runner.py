@@ -134,13 +134,13 @@ def start_embedded_redis(data_dir: Path):
     return server
 
 
-def web_command(venv_bin: Path) -> list[str]:
+def web_command(venv_bin: Path, bind: str = BIND, workers: int = 2) -> list[str]:
     """gunicorn serving the ASGI application with uvicorn workers (Django's documented recipe): streamed
     gateway answers hold no thread; the sync views run in Django's thread pool as before, and WhiteNoise
     serves the static files. Each worker process has its own event loop and its own httpx client."""
     return [
         str(venv_bin / "gunicorn"), "llamacontroller_site.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
-        "-b", BIND, "-w", "2", "--access-logfile", "-",
+        "-b", bind, "-w", str(workers), "--access-logfile", "-",
         # A stream lasts as long as its answer: gunicorn's timeout is the worker heartbeat, not a request limit.
         "--graceful-timeout", "10",
     ]  # fmt: skip
