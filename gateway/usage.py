@@ -39,8 +39,8 @@ def summary(records, group_by: str) -> list[dict]:
         .annotate(
             requests=Count("id"),
             errors=Count("id", filter=Q(status__gte=400) | ~Q(error="")),
-            prompt_tokens=Coalesce(Sum("prompt_tokens"), 0),
-            completion_tokens=Coalesce(Sum("completion_tokens"), 0),
+            prompt_total=Coalesce(Sum("prompt_tokens"), 0),
+            completion_total=Coalesce(Sum("completion_tokens"), 0),
             generated=Coalesce(Sum("completion_tokens", filter=generating), 0),
             generating_ms=Coalesce(
                 Sum(
