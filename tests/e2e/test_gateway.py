@@ -220,3 +220,34 @@ def test_a_client_disconnect_frees_the_slot(gateway, celery_worker, fake_gpus, t
     finally:
         request_unload(instance=instance, actor=None)
         wait_for(instance, Status.STOPPED)
+
+
+def test_load_on_demand_from_cold_shared_by_concurrent_requests_then_keep_alive_zero(
+    gateway, celery_worker, fake_gpus, tiny_model, users, token
+):
+    from concurrent.futures import ThreadPoolExecutor
+
+    viewer = ollama.Client(host=gateway, headers={"Authorization": f"Bearer {token}"})
+    with pytest.raises(ollama.ResponseError) as refused:
+        viewer.generate(model="tiny", prompt="hi")
+    assert refused.value.status_code == 403 and "operator" in refused.value.error
+    assert not GpuInstance.objects.exists()
+
+    operator_token = ApiToken.issue(users["operator"], "e2e")[1]
+    operator = ollama.Client(host=gateway, headers={"Authorization": f"Bearer {operator_token}"})
+
+    def ask(n):
+        return operator.generate(model="tiny", prompt=f"hi {n}", options={"num_predict": 4}, keep_alive="10m")
+
+    with ThreadPoolExecutor(4) as pool:
+        answers = list(pool.map(ask, range(4)))
+    assert all(a.done for a in answers) and max(a.load_duration for a in answers) > 0
+    [instance] = GpuInstance.objects.all()  # four cold requests, one load
+    assert instance.loaded_on_demand and instance.status == Status.RUNNING and instance.in_flight == 0
+    [loaded] = viewer.ps().models
+    assert loaded.model == "tiny:latest" and loaded.expires_at is not None
+
+    unloaded = operator.generate(model="tiny", prompt="", keep_alive=0)
+    assert unloaded.done_reason == "unload"
+    wait_for(instance, Status.STOPPED)
+    assert viewer.ps().models == []
