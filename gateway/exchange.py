@@ -134,6 +134,12 @@ class Exchange:
             ) from None
         return self.response
 
+    def client_left(self) -> None:
+        """The client disconnected before the answer began (499, as nginx logs it) or during it."""
+        self.disconnected = True
+        if self.response is None:
+            self.status = 499
+
     def mark_first_token(self) -> None:
         if self.first_token_at is None:
             self.first_token_at = time.perf_counter()

@@ -267,7 +267,7 @@ async def _generate_or_chat(request, kind: str):
         exchange.status, exchange.error = exc.status, exc.message
         return error_response(OLLAMA, exc)
     except asyncio.CancelledError:
-        exchange.disconnected = True
+        exchange.client_left()
         raise
     finally:
         if not handed_over:
@@ -340,7 +340,7 @@ async def _embed(request, endpoint: str, field: str):
         exchange.status, exchange.error = exc.status, exc.message
         return error_response(OLLAMA, exc)
     except asyncio.CancelledError:
-        exchange.disconnected = True
+        exchange.client_left()
         raise
     finally:
         await exchange.finish()

@@ -149,7 +149,7 @@ async def _proxy(request, path: str):
         exchange.status, exchange.error = exc.status, exc.message
         return error_response(OPENAI, exc)
     except asyncio.CancelledError:
-        exchange.disconnected = True
+        exchange.client_left()
         raise
     finally:
         if not handed_over:

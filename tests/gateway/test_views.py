@@ -377,3 +377,34 @@ def test_a_model_not_loaded_is_503_for_a_viewer(tiny_model, fake_gpus, llama, us
     """Waking a model needs the operator role unless the model is on demand (models_app.ondemand)."""
     status, _, content = request("POST", "/api/chat", CHAT, auth=bearer(users["viewer"]))
     assert status == 403 and "operator" in json.loads(content)["error"]
+
+
+def test_a_client_that_leaves_while_queued_leaves_nothing_behind(instance, llama, users, bearer):
+    auth = bearer(users["viewer"])
+
+    async def scenario():
+        llama.hold = asyncio.Event()
+        client = AsyncClient()
+
+        async def chat():
+            response = await client.post(
+                "/api/chat",
+                data=json.dumps(CHAT),
+                content_type="application/json",
+                headers={"Authorization": auth},
+            )
+            return await read(response)
+
+        first = asyncio.create_task(chat())
+        await asyncio.sleep(0.3)
+        queued = asyncio.create_task(chat())
+        await asyncio.sleep(0.3)
+        queued.cancel()  # Django cancels the view when its client disconnects
+        await asyncio.sleep(0.3)
+        llama.hold.set()
+        await first
+
+    run(scenario)
+    statuses = sorted((r.status, r.client_disconnected) for r in UsageRecord.objects.all())
+    assert statuses == [(200, False), (499, True)]
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
