@@ -49,6 +49,11 @@ def parse_args():
     parser.add_argument(
         "--open", type=int, default=100, help="open streams for the memory figure (default 100)"
     )
+    parser.add_argument(
+        "--model", choices=["gemma", "tiny"], default="gemma",
+        help="Gemma 3 270M Q4_K_M (default) or the tiny test model (F32; thousands of tokens/s, so the "
+        "gateway's share of each token is at its largest)",
+    )  # fmt: skip
     return parser.parse_args()
 
 

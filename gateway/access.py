@@ -1,8 +1,8 @@
 """Who is asking, for which model, and which running instance answers. Synchronous (the ORM); the views
-call these through asgiref's sync_to_async, one hop per request where they can.
+call these on the gateway's database threads (db.py), one hop per request where they can.
 Load on demand, idle timers and in-flight counts are `models_app.ondemand`'s."""
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 from django.contrib.auth.models import AnonymousUser
 from django.db import close_old_connections
@@ -36,11 +36,10 @@ class Caller:
 
 @dataclass
 class Target:
-    """A model a caller may use, and the running instance chosen for it (None until one runs)."""
+    """A caller and the model they may use (None until it is looked up)."""
 
     caller: Caller
-    model: ModelConfig
-    instances: list[GpuInstance] = field(default_factory=list)
+    model: ModelConfig | None
 
 
 # --- authentication ---------------------------------------------------------------------------------------
@@ -125,19 +124,19 @@ def find_model(caller: Caller, name) -> ModelConfig:
 
 
 def running_instances(model: ModelConfig) -> list[GpuInstance]:
+    """The model's running instances, the one with the fewest requests in flight first."""
     return list(
         GpuInstance.objects.filter(model=model, status=Status.RUNNING)
         .exclude(port=None)
         .select_related("model")
-        .order_by("-loaded_at")
+        .order_by("in_flight", "-loaded_at")
     )
 
 
 def resolve(request, name) -> Target:
-    """Who asks, the model, and its running instances (possibly none yet)."""
+    """Who asks, and the model they may use."""
     caller = authenticate(request)
-    model = find_model(caller, name)
-    return Target(caller=caller, model=model, instances=running_instances(model))
+    return Target(caller=caller, model=find_model(caller, name))
 
 
 def ensure_running(target: Target, keep_alive: int | None) -> GpuInstance:

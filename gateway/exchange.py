@@ -16,6 +16,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from . import access, slots, upstream
+from .db import db
 from .errors import GatewayError
 from .models import UsageRecord
 from .translate import keep_alive_seconds, model_id_of
@@ -74,31 +75,33 @@ class Exchange:
             self.keep_alive = keep_alive_seconds(body.get("keep_alive"))
         except ValueError as exc:
             raise GatewayError(400, str(exc)) from None
-        await sync_to_async(self._resolve)(request, body.get("model"))
+        await db(self._resolve)(request, body.get("model"))
         await self.acquire()
 
     def _resolve(self, request, name) -> None:
-        """One hop: who asks (known before the model, so a refusal for the model is recorded), the model,
-        its running instances."""
+        """One hop before the first byte: who asks (known before the model, so a refusal for the model is
+        recorded), the model, and where a running instance exists, the request counted on it."""
         caller = access.authenticate(request)
         self.target = access.Target(caller=caller, model=None)
         self.target.model = access.find_model(caller, name)
-        self.target.instances = access.running_instances(self.target.model)
+        for instance in access.running_instances(self.target.model):  # the least busy first
+            if access.request_started(instance, self.keep_alive):
+                self.instance, self.counted = instance, True
+                return
 
     async def acquire(self) -> None:
-        target = self.target
-        if not target.instances:
+        """Without a running instance: load on demand (or wait for the load under way) in a worker thread,
+        then count the request on it. Then a slot of the instance, waiting in its queue if need be."""
+        while not self.counted:
             loading = time.perf_counter()
             instance = await sync_to_async(access.ensure_running, thread_sensitive=False)(
-                target, self.keep_alive
+                self.target, self.keep_alive
             )
-            self.load_seconds = time.perf_counter() - loading
-            target.instances = [instance]
-        # The least busy instance here (most models have one).
-        instance = min(target.instances, key=slots.local_load)
-        await sync_to_async(access.request_started)(instance, self.keep_alive)
-        self.instance, self.counted = instance, True
-        gate = await slots.gate_for(instance)
+            self.load_seconds += time.perf_counter() - loading
+            if await db(access.request_started)(instance, self.keep_alive):
+                self.instance, self.counted = instance, True
+            # else it stopped meanwhile (an idle unload won the race): look again
+        gate = await slots.gate_for(self.instance)
         await gate.enter(slots.queue_size())
         self.gate = gate
 
@@ -159,7 +162,7 @@ class Exchange:
         if self.gate is not None:
             self.gate.leave()
             self.gate = None
-        await asyncio.shield(sync_to_async(self._write)())
+        await asyncio.shield(db(self._write)())
 
     def _write(self) -> None:
         try:

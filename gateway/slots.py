@@ -96,10 +96,5 @@ async def gate_for(instance) -> Gate:
     return held[1]
 
 
-def local_load(instance) -> int:
-    held = _gates.get((id(asyncio.get_running_loop()), instance.pk, instance.pid))
-    return held[1].load if held else 0
-
-
 def queue_size() -> int:
     return settings.GATEWAY_QUEUE_SIZE

@@ -1,8 +1,7 @@
 """What the Ollama and OpenAI views share: listing, authenticating a request refused for its body."""
 
-from asgiref.sync import sync_to_async
-
 from . import access
+from .db import db
 from .exchange import Exchange
 
 
@@ -12,7 +11,7 @@ def _list(request):
 
 
 async def list_models(request):
-    return (await sync_to_async(_list)(request))[1]
+    return (await db(_list)(request))[1]
 
 
 def _authenticate(request):
@@ -22,7 +21,7 @@ def _authenticate(request):
 async def authenticate_only(request, exchange: Exchange) -> None:
     """A body refused before the model is known: who asked decides between 401 and the refusal (and the
     usage record names them)."""
-    caller = await sync_to_async(_authenticate)(request)
+    caller = await db(_authenticate)(request)
     if caller.anonymous:
         raise access.GatewayError(
             401, "authentication required: send 'Authorization: Bearer <API token>'", code="unauthorized"

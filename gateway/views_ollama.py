@@ -7,12 +7,12 @@ import time
 from datetime import UTC, datetime
 
 import httpx
-from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.http import HttpResponseNotAllowed, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from . import access, translate
+from .db import db
 from .errors import OLLAMA, GatewayError, error_response
 from .exchange import Exchange, read_json
 from .translate import BadRequest, StreamState, tagged
@@ -113,7 +113,7 @@ async def ps(request):
     if request.method != "GET":
         return HttpResponseNotAllowed(["GET"])
     try:
-        rows = await sync_to_async(_running)(request)
+        rows = await db(_running)(request)
     except GatewayError as exc:
         return error_response(OLLAMA, exc)
     return JsonResponse({"models": rows})
@@ -142,7 +142,7 @@ async def show(request):
         return HttpResponseNotAllowed(["POST"])
     try:
         _, body = await read_json(request)
-        return JsonResponse(await sync_to_async(_show)(request, body))
+        return JsonResponse(await db(_show)(request, body))
     except GatewayError as exc:
         return error_response(OLLAMA, exc)
 
@@ -214,7 +214,7 @@ async def _unload(request, exchange: Exchange, body: dict) -> None:
         exchange.target = target
         access.unload(target.caller, target.model)
 
-    await sync_to_async(run)()
+    await db(run)()
 
 
 async def _generate_or_chat(request, kind: str):
