@@ -78,17 +78,15 @@ def evaluate_alerts(host_name: str) -> list[gpu_alerts.Transition]:
         return []
 
 
-# The audit trail's kinds for alerts; recorded once InstanceEvent.Kind has them (a models_app migration).
-ALERT_EVENT_KINDS = {"fired": "alert_fired", "resolved": "alert_resolved"}
+ALERT_EVENT_KINDS = {"fired": InstanceEvent.Kind.ALERT_FIRED, "resolved": InstanceEvent.Kind.ALERT_RESOLVED}
 
 
 def _record_alert_events(transitions: list[gpu_alerts.Transition]) -> None:
-    """Alerts that fired or resolved on an instance join its timeline (the events page, the API)."""
+    """Alerts that fire or resolve join the audit trail (the events page, the API); an instance's alerts
+    also join its timeline."""
     for t in transitions:
         kind = ALERT_EVENT_KINDS[t.event]
-        if kind not in InstanceEvent.Kind.values or t.instance_id is None:
-            continue
-        instance = GpuInstance.objects.filter(pk=t.instance_id).first()
+        instance = GpuInstance.objects.filter(pk=t.instance_id).first() if t.instance_id else None
         record(kind, instance=instance, detail=f"{t.rule_name}: {t.message}"[:1000])
 
 

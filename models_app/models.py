@@ -239,6 +239,8 @@ class InstanceEvent(models.Model):
         USER_CHANGED = "user_changed", "User changed"
         INSTANCE_DELETED = "instance_deleted", "Instance record deleted"
         HOST_LOST = "host_lost", "Host did not answer"
+        ALERT_FIRED = "alert_fired", "Alert fired"
+        ALERT_RESOLVED = "alert_resolved", "Alert resolved"
 
     # SET_NULL: deleting a finished instance's record never deletes its part of the audit trail.
     instance = models.ForeignKey(
