@@ -50,12 +50,21 @@ def _usage_from(exchange: Exchange, payload: dict) -> None:
 class _SseWatcher:
     """Reads the passing stream for the figures (first token, timings/usage) without holding it up."""
 
+    _KEYS = (b'"timings"', b'"usage"', b'"error"')
+
     def __init__(self, exchange: Exchange):
         self.exchange = exchange
         self.rest = b""
 
     def feed(self, chunk: bytes) -> None:
-        lines = (self.rest + chunk).split(b"\n")
+        data = self.rest + chunk if self.rest else chunk
+        if self.exchange.first_token_at is not None and not any(k in data for k in self._KEYS):
+            # Most chunks once the first token is seen: one token each, nothing to read. Keep only an
+            # unfinished line (a key could be cut between chunks).
+            cut = data.rfind(b"\n")
+            self.rest = data[cut + 1 :]
+            return
+        lines = data.split(b"\n")
         self.rest = lines.pop()
         for line in lines:
             if not line.startswith(b"data: {"):
