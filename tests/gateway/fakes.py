@@ -43,6 +43,7 @@ class FakeLlamaServer:
         self.hold: asyncio.Event | None = None
         self.closed = 0
         self.fail_status: int | None = None
+        self.break_after_first = False  # llama-server dies mid-stream
 
     async def handler(self, request: httpx.Request) -> httpx.Response:
         self.seen.append(request)
@@ -73,6 +74,10 @@ class FakeLlamaServer:
         try:
             chunks = sse(*self.pieces, timings=self.timings, text=path == "/v1/completions")
             yield chunks[0]
+            if self.break_after_first:
+                raise httpx.RemoteProtocolError(
+                    "peer closed connection without sending complete message body"
+                )
             if self.hold is not None:
                 await self.hold.wait()
             for chunk in chunks[1:]:

@@ -408,3 +408,20 @@ def test_a_client_that_leaves_while_queued_leaves_nothing_behind(instance, llama
     statuses = sorted((r.status, r.client_disconnected) for r in UsageRecord.objects.all())
     assert statuses == [(200, False), (499, True)]
     assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
+
+
+@pytest.mark.parametrize("path", ["/api/chat", "/v1/chat/completions"])
+def test_llama_server_dying_mid_stream_ends_with_an_error_line(path, instance, llama, users, bearer):
+    llama.break_after_first = True
+    status, _, content = request("POST", path, {**CHAT, "stream": True}, auth=bearer(users["viewer"]))
+    assert status == 200  # the stream had begun
+    if path == "/api/chat":
+        chunks = lines(content)
+        assert chunks[0]["message"]["content"] == "Hel"
+        assert set(chunks[-1]) == {"error"} and "broke off" in chunks[-1]["error"]
+    else:
+        last = content.strip().split(b"\n\n")[-1]
+        assert last.startswith(b"data: ") and "broke off" in json.loads(last[6:])["error"]["message"]
+    record = UsageRecord.objects.get()
+    assert "broke off" in record.error and not record.client_disconnected
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
