@@ -109,11 +109,12 @@ def _unauthorized(caller: Caller) -> GatewayError:
 # --- the model and its instance ---------------------------------------------------------------------------
 
 
-def find_model(caller: Caller, name) -> ModelConfig:
-    """The registry entry for `name` (with or without :latest) that the caller may use."""
+def find_model(caller: Caller, name, *, known: ModelConfig | None = None) -> ModelConfig:
+    """The registry entry for `name` (with or without :latest) that the caller may use (`known`: already
+    read, e.g. with its running instances)."""
     if not isinstance(name, str) or not name.strip():
         raise GatewayError(400, "model is required", code="missing_model")
-    model = ModelConfig.objects.filter(pk=model_id_of(name.strip())).first()
+    model = known or ModelConfig.objects.filter(pk=model_id_of(name.strip())).first()
     allowed = can_read(caller.user) or (model is not None and model.allow_anonymous)
     if not allowed:
         # Anonymous callers learn nothing about which models exist.
@@ -123,10 +124,11 @@ def find_model(caller: Caller, name) -> ModelConfig:
     return model
 
 
-def running_instances(model: ModelConfig) -> list[GpuInstance]:
-    """The model's running instances, the one with the fewest requests in flight first."""
+def running_instances(model_id: str) -> list[GpuInstance]:
+    """The model's running instances (each with its model read in the same query), the one with the fewest
+    requests in flight first."""
     return list(
-        GpuInstance.objects.filter(model=model, status=Status.RUNNING)
+        GpuInstance.objects.filter(model_id=model_id, status=Status.RUNNING)
         .exclude(port=None)
         .select_related("model")
         .order_by("in_flight", "-loaded_at")

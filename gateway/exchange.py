@@ -83,8 +83,10 @@ class Exchange:
         recorded), the model, and where a running instance exists, the request counted on it."""
         caller = access.authenticate(request)
         self.target = access.Target(caller=caller, model=None)
-        self.target.model = access.find_model(caller, name)
-        for instance in access.running_instances(self.target.model):  # the least busy first
+        instances = access.running_instances(model_id_of(name.strip())) if isinstance(name, str) else []
+        known = instances[0].model if instances else None
+        self.target.model = access.find_model(caller, name, known=known)
+        for instance in instances:  # the least busy first
             if access.request_started(instance, self.keep_alive):
                 self.instance, self.counted = instance, True
                 return
