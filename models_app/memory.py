@@ -153,3 +153,31 @@ def measure_after_load(instance: GpuInstance) -> None:
         )
     logger.info(detail)
     record(InstanceEvent.Kind.MEMORY, instance=instance, detail=detail)
+    check_estimate(instance)
+
+
+def check_estimate(instance: GpuInstance) -> None:
+    """The estimate the load was asked with against what was measured after it: the error is a field and an
+    event, and the measured figure teaches the next estimate of the model on this kind of GPU
+    (models_app.estimates.calibration)."""
+    if not instance.memory_estimated_mb or instance.memory_source == GpuInstance.MemorySource.NONE:
+        return
+    if instance.memory_used_mb is None:
+        return
+    measured, estimated = instance.memory_used_mb, instance.memory_estimated_mb
+    error = round((measured - estimated) * 100 / estimated, 1)
+    GpuInstance.objects.filter(pk=instance.pk).update(
+        memory_measured_mb=measured, memory_estimate_error_pct=error
+    )
+    instance.memory_measured_mb, instance.memory_estimate_error_pct = measured, error
+    stored = instance.memory_estimate or {}
+    learned = stored.get("correction") or {}
+    basis = f", corrected from {learned['loads']} loads" if learned.get("loads") else ""
+    record(
+        InstanceEvent.Kind.ESTIMATE,
+        instance=instance,
+        detail=(
+            f"estimated {estimated} MiB{basis} (formula {stored.get('formula_mib', '?')} MiB), "
+            f"measured {measured} MiB ({instance.memory_source}): error {error:+.1f} %"
+        ),
+    )

@@ -129,6 +129,15 @@ class GpuInstance(models.Model):
     memory_total_mb = models.PositiveIntegerField(null=True, blank=True)
     memory_source = models.CharField(max_length=10, choices=MemorySource.choices, default=MemorySource.NONE)
     memory_updated_at = models.DateTimeField(null=True, blank=True)
+    # The memory predicted when the load was asked for (MiB over its GPUs, corrected by earlier loads; the
+    # breakdown per GPU, the formula's figure, the llama.cpp version and GPU name that calibration keys on),
+    # what the post-load query measured, and the error: (measured - estimated) / estimated, in percent.
+    memory_estimated_mb = models.PositiveIntegerField(null=True, blank=True)
+    memory_estimate = models.JSONField(default=dict, blank=True)
+    memory_measured_mb = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Measured right after the load (the estimate's check)."
+    )
+    memory_estimate_error_pct = models.FloatField(null=True, blank=True)
     # llama-server's --api-key: only the controller (health checks, the gateway) may call the instance.
     # Never shown in the UI or the API.
     api_key = models.CharField(max_length=64, blank=True, editable=False)
@@ -221,6 +230,7 @@ class InstanceEvent(models.Model):
         STARTED = "started", "Process started"
         HEALTHY = "healthy", "Healthy (running)"
         MEMORY = "memory", "Memory measured"
+        ESTIMATE = "estimate", "Estimate checked"
         FAILED = "failed", "Failed"
         CRASHED = "crashed", "Crashed"
         RESTARTING = "restarting", "Restarting"

@@ -137,12 +137,13 @@ def _busy(gpus: list[Gpu]) -> LoadRefused:
     )
 
 
-def check_gpu_state(gpus: list[Gpu], *, force: bool) -> str:
+def check_gpu_state(gpus: list[Gpu], *, force: bool, prediction=None) -> str:
     """Refuse GPUs the telemetry says cannot be used: `unavailable` always (with the reason), and
-    `occupied_by_others` unless `force`, naming the foreign processes. Returns what a forced load goes
-    over, for the event ("" when nothing)."""
+    `occupied_by_others` unless the model is predicted to fit beside those processes (`prediction`, from
+    models_app.estimates) or the caller forces, naming the foreign processes. Returns what a forced load
+    goes over, for the event ("" when nothing)."""
     forced = []
-    for gpu in gpus:
+    for position, gpu in enumerate(gpus):
         where = f"GPU {gpu.index} on {gpu.host.name}"
         if gpu.state == Gpu.State.UNAVAILABLE:
             reason = gpu.state_reason or "the GPU query failed"
@@ -156,14 +157,56 @@ def check_gpu_state(gpus: list[Gpu], *, force: bool) -> str:
                 )
                 or f"{gpu.memory_used_mib} MiB used by processes not visible here"
             )
+            after = (
+                prediction.free_after_mib[position]
+                if prediction is not None and prediction.estimate
+                else None
+            )
+            if after is not None and after >= 0:
+                continue  # fits beside them: no force needed
             if not force:
+                why = ""
+                if after is not None:
+                    why = (
+                        f"; the model needs ≈ {prediction.per_gpu_mib[position]} MiB there and "
+                        f"{prediction.free_mib[position]} MiB are free"
+                    )
                 raise LoadRefused(
-                    f"{where} is occupied by other processes: {named}; load with force to use it anyway",
+                    f"{where} is occupied by other processes: {named}{why}; load with force to use it anyway",
                     field="gpu_id",
                     code="busy",
                 )
             forced.append(f"{where}: {named}")
     return "; ".join(forced)
+
+
+def predict_load(model, gpus: list[Gpu], *, freed_mib: dict[int, int] | None = None):
+    """The memory prediction for a load (models_app.estimates); None when it cannot be made, which never
+    stops a load."""
+    from . import estimates
+
+    try:
+        return estimates.predict(model, gpus, freed_mib=freed_mib)
+    except Exception:  # a prediction is advice: a bug in it must not block loading
+        logger.exception("memory prediction for %s failed", model.pk)
+        return None
+
+
+def check_fit(prediction, *, force: bool) -> str:
+    """Refuse a load predicted not to fit (409, with the numbers) unless forced; returns what a forced load
+    goes over, for the event."""
+    if prediction is None or prediction.fits is not False:
+        return ""
+    message = f"{prediction.model_id} is predicted not to fit: {prediction.summary()}"
+    if not force:
+        raise LoadRefused(f"{message}; load with force to try anyway", field="gpu_id", code="busy")
+    return message
+
+
+def _estimate_fields(prediction) -> dict:
+    if prediction is None or prediction.estimate is None:
+        return {}
+    return {"memory_estimated_mb": prediction.total_mib, "memory_estimate": prediction.stored()}
 
 
 # --- the broker ----------------------------------------------------------------------------------------
@@ -203,7 +246,7 @@ def _actor_id(actor) -> int | None:
 
 
 def _create_pending(
-    model, host, gpus, actor, *, event_kind: str, detail: str, on_demand: bool = False
+    model, host, gpus, actor, *, event_kind: str, detail: str, on_demand: bool = False, prediction=None
 ) -> GpuInstance:
     """Insert the instance and its GPU claims; the partial unique indexes refuse a GPU already held (and a
     second load on demand of one model)."""
@@ -216,6 +259,7 @@ def _create_pending(
                 gpu_ids=",".join(str(g.index) for g in gpus),
                 owner=owner,
                 loaded_on_demand=on_demand,
+                **_estimate_fields(prediction),
             )
     except IntegrityError:
         raise _Busy() from None
@@ -255,11 +299,15 @@ def request_load(
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
     if _holders(gpus):
         raise _busy(gpus)
-    forced = check_gpu_state(gpus, force=force)
+    prediction = predict_load(model, gpus)
+    forced = check_gpu_state(gpus, force=force, prediction=prediction)
+    over_fit = check_fit(prediction, force=force)
     check_broker()
     detail = f"load {model.pk} on {host.name} GPU {','.join(str(g.index) for g in gpus)}"
     if forced:
         detail += f" (forced over other processes: {forced})"
+    if over_fit:
+        detail += f" (forced: {over_fit})"
     if on_demand:
         detail += " on demand"
     if note:
@@ -267,7 +315,14 @@ def request_load(
     try:
         with transaction.atomic():
             return _create_pending(
-                model, host, gpus, actor, event_kind=Kind.REQUESTED, detail=detail, on_demand=on_demand
+                model,
+                host,
+                gpus,
+                actor,
+                event_kind=Kind.REQUESTED,
+                detail=detail,
+                on_demand=on_demand,
+                prediction=prediction,
             )
     except _Busy:
         raise _busy(gpus) from None
@@ -338,12 +393,21 @@ def request_switch(
     old = _active_on(gpus)
     for instance in old:
         _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")
-    forced = check_gpu_state(gpus, force=force)
+    freed: dict[int, int] = {}
+    for instance in old:  # the old instances' memory is given back before the new one loads
+        held = [g for g in gpus if instance.gpu_ids and str(g.index) in instance.gpu_ids.split(",")]
+        for gpu in held:
+            freed[gpu.pk] = freed.get(gpu.pk, 0) + (instance.memory_used_mb or 0) // max(1, len(held))
+    prediction = predict_load(model, gpus, freed_mib=freed)
+    forced = check_gpu_state(gpus, force=force, prediction=prediction)
+    over_fit = check_fit(prediction, force=force)
     check_broker()
     spec = ",".join(str(g.index) for g in gpus)
     replaced = ", ".join(f"#{i.pk} ({i.model_id})" for i in old) or "nothing"
     if forced:
         replaced += f" (forced over other processes: {forced})"
+    if over_fit:
+        replaced += f" (forced: {over_fit})"
     try:
         with transaction.atomic():
             for instance in old:
@@ -361,6 +425,7 @@ def request_switch(
             return _create_pending(
                 model, host, gpus, actor, event_kind=Kind.SWITCH_REQUESTED,
                 detail=f"switch {host.name} GPU {spec} to {model.pk}, replacing {replaced}",
+                prediction=prediction,
             )  # fmt: skip
     except _Busy:
         raise _busy(gpus) from None

@@ -1,5 +1,6 @@
 """The server checks GPU state on every entry point: unavailable GPUs are refused with the reason, GPUs
-occupied by other processes are refused naming them unless the caller forces (recorded in the event)."""
+occupied by other processes are refused naming them unless the model is predicted to fit beside them or the
+caller forces (recorded in the event)."""
 
 import pytest
 from django.core.management import call_command
@@ -25,9 +26,11 @@ def _unavailable(gpu, reason="GPU not reported by the driver any more"):
     Gpu.objects.filter(pk=gpu.pk).update(state=Gpu.State.UNAVAILABLE, state_reason=reason)
 
 
-def _occupied(gpu):
+def _occupied(gpu, used_mib=24400):
+    """Someone else's process on the GPU; by default it leaves 164 MiB of the 24564, too little for any
+    model (the estimate alone counts ~300 MiB of CUDA context)."""
     Gpu.objects.filter(pk=gpu.pk).update(
-        state=Gpu.State.OCCUPIED_BY_OTHERS, processes=FOREIGN, memory_used_mib=9010
+        state=Gpu.State.OCCUPIED_BY_OTHERS, processes=FOREIGN, memory_used_mib=used_mib
     )
 
 
@@ -55,6 +58,31 @@ def test_load_onto_occupied_gpu_needs_force_and_is_recorded(fake_gpus, tiny_mode
     event = instance.events.get(kind=Kind.REQUESTED)
     assert event.actor_name == "operator"
     assert "forced over other processes: GPU 0 on testhost: python3 (pid 4242, 9000 MiB)" in event.detail
+
+
+def test_an_occupied_gpu_with_room_for_the_model_loads_without_force(fake_gpus, tiny_model, users):
+    _occupied(fake_gpus.gpus[0], used_mib=9010)  # 15.2 GiB free beside python3
+    instance = services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
+    assert "forced" not in instance.events.get(kind=Kind.REQUESTED).detail
+    assert instance.memory_estimated_mb and instance.memory_estimate["fits"] is True
+
+
+def test_the_refusal_names_the_numbers(fake_gpus, tiny_model, users):
+    _occupied(fake_gpus.gpus[0])
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
+    assert "MiB there and 164 MiB are free; load with force" in refused.value.message
+
+
+def test_a_load_predicted_not_to_fit_is_refused_unless_forced(fake_gpus, tiny_model, users):
+    Gpu.objects.filter(pk=fake_gpus.gpus[0].pk).update(memory_used_mib=24500)  # idle state, 64 MiB free
+    with pytest.raises(LoadRefused) as refused:
+        services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
+    assert refused.value.code == "busy" and refused.value.field == "gpu_id"
+    assert "tiny is predicted not to fit" in refused.value.message
+    assert "GPU 0 needs 0.3 GiB, 0.1 GiB free" in refused.value.message
+    instance = services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"], force=True)
+    assert "(forced: tiny is predicted not to fit" in instance.events.get(kind=Kind.REQUESTED).detail
 
 
 def test_switch_checks_gpu_state_too(fake_gpus, tiny_model, users):

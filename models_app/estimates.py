@@ -1,0 +1,245 @@
+"""Memory predictions for the registry's models on the inventory's GPUs: the plain-Python estimate
+(models_app/estimator.py) with the model's flags resolved through its llama-server's catalogue, corrected by
+what earlier loads of the model on that kind of GPU with that llama.cpp version measured, and compared with
+the GPUs' free memory (other people's processes and our instances count, as telemetry last saw them).
+
+Reads the database and the GGUF header (cached by path, size and mtime); never runs a process, so it may be
+called inside a request."""
+
+from dataclasses import dataclass, field
+from statistics import median
+
+from gpus.models import Gpu
+
+from . import estimator
+from .flags import Catalogue
+from .models import GpuInstance, LlamaBinary
+
+MIB = estimator.MIB
+CALIBRATION_LOADS = 5  # the recent loads whose measured/estimated ratio corrects the next estimate
+# A ratio outside this range is a measurement gone wrong (a process that died, a GPU query that failed).
+RATIO_RANGE = (0.05, 20.0)
+
+
+@dataclass
+class Prediction:
+    """One model on one set of GPUs: the estimate per GPU (MiB, corrected), the free memory after it and
+    whether it fits, with the reasons in words."""
+
+    model_id: str
+    gpus: list[Gpu]
+    estimate: estimator.Estimate | None
+    raw_mib: list[int] = field(default_factory=list)  # the formula's figure per GPU
+    per_gpu_mib: list[int] = field(default_factory=list)  # corrected by calibration
+    factor: float = 1.0
+    loads: int = 0  # how many loads the factor comes from
+    free_mib: list[int | None] = field(default_factory=list)  # before the load
+    error: str = ""  # why there is no estimate
+    llama_version: str = ""
+    gpu_name: str = ""
+
+    @property
+    def total_mib(self) -> int:
+        return sum(self.per_gpu_mib)
+
+    @property
+    def free_after_mib(self) -> list[int | None]:
+        return [None if f is None else f - e for f, e in zip(self.free_mib, self.per_gpu_mib, strict=False)]
+
+    @property
+    def fits(self) -> bool | None:
+        """True or False; None when there is no estimate or no free-memory figure."""
+        if self.estimate is None or any(f is None for f in self.free_mib):
+            return None
+        return all(after >= 0 for after in self.free_after_mib)
+
+    def gpu_label(self) -> str:
+        return ",".join(str(g.index) for g in self.gpus)
+
+    def summary(self) -> str:
+        """ "≈ 6.1 GiB on GPU 0: fits, 74.0 GiB free" / "does not fit: 5.2 GiB free after train.py"."""
+        if self.estimate is None:
+            return f"no estimate: {self.error}"
+        where = f"GPU {self.gpu_label()}"
+        learned = f" (corrected ×{self.factor:.2f} from {self.loads} loads)" if self.loads else ""
+        head = f"≈ {gib(self.total_mib)} on {where}{learned}"
+        if self.fits is None:
+            return f"{head}: free memory unknown"
+        free = sum(f or 0 for f in self.free_mib)
+        if self.fits:
+            return f"{head}: fits, {gib(free)} free"
+        short = [
+            f"GPU {g.index} needs {gib(need)}, {gib(f)} free{_after_others(g)}"
+            for g, need, f, after in zip(
+                self.gpus, self.per_gpu_mib, self.free_mib, self.free_after_mib, strict=False
+            )
+            if after is not None and after < 0
+        ]
+        return f"{head}: does not fit: " + "; ".join(short)
+
+    def as_dict(self) -> dict:
+        data = {
+            "model": self.model_id,
+            "gpu_ids": self.gpu_label(),
+            "host": self.gpus[0].host.name if self.gpus else None,
+            "estimated_mib": self.total_mib if self.estimate else None,
+            "per_gpu": [
+                {
+                    "gpu_id": g.index,
+                    "name": g.name,
+                    "estimated_mib": need,
+                    "formula_mib": raw,
+                    "free_mib": free,
+                    "free_after_mib": after,
+                }
+                for g, need, raw, free, after in zip(
+                    self.gpus,
+                    self.per_gpu_mib,
+                    self.raw_mib,
+                    self.free_mib,
+                    self.free_after_mib,
+                    strict=False,
+                )
+            ]
+            if self.estimate
+            else [],
+            "fits": self.fits,
+            "correction": {"factor": round(self.factor, 3), "loads": self.loads},
+            "llama_version": self.llama_version,
+            "summary": self.summary(),
+            "breakdown": self.estimate.as_dict() if self.estimate else None,
+            "error": self.error,
+        }
+        return data
+
+    def stored(self) -> dict:
+        """What an instance keeps of the estimate it was loaded with."""
+        data = self.as_dict()
+        data["gpu_name"] = self.gpu_name
+        data["formula_mib"] = sum(self.raw_mib)
+        return data
+
+
+def gib(mib: int | float | None) -> str:
+    if mib is None:
+        return "?"
+    return f"{mib / 1024:.1f} GiB"
+
+
+def _after_others(gpu: Gpu) -> str:
+    names = sorted({p.get("name") or "?" for p in gpu.processes or [] if p.get("owner") != "instance"})
+    held = [p for p in gpu.processes or [] if p.get("owner") == "instance"]
+    parts = names[:3] + (["our instances"] if held else [])
+    return f" after {', '.join(parts)}" if parts else ""
+
+
+def binary_for(model, host) -> LlamaBinary | None:
+    """The binary a load on `host` would run (pinned, else the host's default) as the inventory knows it,
+    without running anything; None when the host has not reported one."""
+    if model.binary_id:
+        return model.binary
+    query = LlamaBinary.objects.filter(is_default=True, error="")
+    if host is not None:
+        query = query.filter(host=host)
+    return query.exclude(catalogue={}).order_by("-discovered_at").first()
+
+
+def options_for(model, binary: LlamaBinary | None, overrides: dict | None = None) -> dict:
+    """The memory-relevant flags of the model (cli_params, then the overrides) under canonical names."""
+    catalogue = Catalogue(binary.catalogue) if binary is not None and binary.catalogue else None
+    params = dict(model.cli_params or {})
+    options = estimator.memory_options(params, catalogue)
+    options.update(overrides or {})
+    return options
+
+
+def calibration(model_id: str, gpu_name: str, version: str) -> tuple[float, int]:
+    """The median measured/estimated ratio of the recent loads of this model on this kind of GPU with this
+    llama.cpp version, and how many loads it comes from ((1.0, 0) when none)."""
+    rows = (
+        GpuInstance.objects.filter(
+            model_id=model_id, memory_measured_mb__isnull=False, memory_estimated_mb__isnull=False
+        )
+        .order_by("-requested_at")
+        .values_list("memory_measured_mb", "memory_estimate")[:50]
+    )
+    ratios = []
+    for measured, stored in rows:
+        stored = stored or {}
+        if stored.get("gpu_name") != gpu_name or stored.get("llama_version", "") != version:
+            continue
+        formula = stored.get("formula_mib")
+        if not formula:
+            continue
+        ratio = measured / formula
+        if RATIO_RANGE[0] <= ratio <= RATIO_RANGE[1]:
+            ratios.append(ratio)
+        if len(ratios) >= CALIBRATION_LOADS:
+            break
+    if not ratios:
+        return 1.0, 0
+    return median(ratios), len(ratios)
+
+
+def predict(
+    model,
+    gpus: list[Gpu],
+    overrides: dict | None = None,
+    *,
+    freed_mib: dict[int, int] | None = None,
+) -> Prediction:
+    """The prediction of `model` on `gpus` (one host). `overrides`: canonical option names (ctx-size, ...)
+    that replace the model's flags. `freed_mib`: memory per GPU pk that the load frees first (a switch)."""
+    host = gpus[0].host if gpus else None
+    binary = binary_for(model, host)
+    version = binary.version if binary is not None else ""
+    gpu_name = gpus[0].name if gpus else ""
+    prediction = Prediction(
+        model_id=model.pk, gpus=gpus, estimate=None, llama_version=version, gpu_name=gpu_name
+    )
+    freed_mib = freed_mib or {}
+    prediction.free_mib = [
+        None
+        if not g.memory_total_mib or g.memory_used_mib is None or g.state == Gpu.State.UNAVAILABLE
+        else g.memory_total_mib - g.memory_used_mib + freed_mib.get(g.pk, 0)
+        for g in gpus
+    ]
+    try:
+        facts = estimator.gguf_facts(model.path)
+        options = options_for(model, binary, overrides)
+        if "tensor-split" not in options and len(gpus) > 1 and all(f for f in prediction.free_mib):
+            # llama.cpp's default split: in proportion to each device's free memory.
+            options["tensor-split"] = ",".join(str(f) for f in prediction.free_mib)
+        result = estimator.estimate(facts, options, gpus=len(gpus))
+    except (OSError, estimator.EstimateError) as exc:
+        prediction.error = str(exc)
+        return prediction
+    prediction.estimate = result
+    prediction.raw_mib = [-(-d.total // MIB) for d in result.devices]
+    prediction.factor, prediction.loads = calibration(model.pk, gpu_name, version)
+    prediction.per_gpu_mib = [round(raw * prediction.factor) for raw in prediction.raw_mib]
+    return prediction
+
+
+def parse_overrides(raw: dict) -> dict:
+    """Query parameters (`c`, `ngl`, `ctk`, ..., in llama-server's short names) as canonical options;
+    EstimateError names a bad one."""
+    options = {}
+    for name, value in raw.items():
+        canonical = estimator.SHORT_SPELLINGS.get(name)
+        if canonical is None or value in (None, ""):
+            continue
+        if canonical in ("ctx-size", "gpu-layers", "parallel", "batch-size", "ubatch-size"):
+            try:
+                number = int(value)
+            except (TypeError, ValueError):
+                raise estimator.EstimateError(f"{name}: {value!r} is not a whole number") from None
+            if number < (-1 if canonical in ("gpu-layers", "parallel") else 0) or number > 10_000_000:
+                raise estimator.EstimateError(f"{name}: {number} is out of range")
+            value = number
+        options[canonical] = value
+    # Check the rest (cache types, flash attention) the way the estimator will.
+    estimator.settings_for(
+        estimator.GgufFacts(path="", architecture="x", metadata={"x.block_count": 1}, tensors={}), options
+    )
+    return options

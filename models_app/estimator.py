@@ -1,0 +1,573 @@
+"""Predict the memory a llama-server load needs, per GPU and on the host, from the GGUF header and the load's
+flags. Plain Python (no Django), like gpus/telemetry: the controller hands in the file, the flags and the
+GPUs' free memory.
+
+The header is read without touching tensor data: a small parser seeks past arrays (tokenizer vocabularies
+are counted, never turned into Python objects) and the facts are cached by path, size and mtime.
+
+The formulas follow llama.cpp (README "Memory prediction"):
+- weights: the tensor table's bytes with ggml's block sizes; layers are offloaded from the last one, the
+  output layer counting as one more (`-ngl 33` = 32 blocks + output for an 8B llama); `token_embd` stays on
+  the host; several GPUs split the offloaded layers in proportion to `--tensor-split` (default: equal).
+- KV cache: per layer `cells x (n_embd_k_gqa + n_embd_v_gqa) x bytes(type)`, f16 = 2 bytes, q8_0 = 34/32,
+  q4_0 = 18/32; sliding-window layers hold `min(n_ctx, pad(n_swa x n_seq + n_ubatch, 256))` cells
+  (a unified cache; `pad(n_swa + n_ubatch)` per slot otherwise).
+- compute buffer: activations proportional to the micro-batch plus the attention's mask (and, without flash
+  attention, the f32 score matrix): fitted to llama-server's logged buffers on this project's CPU build
+  (docs/benchmarks.md has the error table).
+- CUDA context: a per-device constant (DEFAULT_CUDA_OVERHEAD_MIB), refined by what loads measured.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import os
+import struct
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+MIB = 1024 * 1024
+# The CUDA context and cuBLAS workspace that llama.cpp does not report: 250-460 MiB per device in published
+# measurements (gguf-parser's 250 MiB footprint, llama.cpp PR #15860's ~451 MiB, Ollama's 457 MiB).
+DEFAULT_CUDA_OVERHEAD_MIB = 300
+# ggml's KV cache types: (elements per block, bytes per block).
+CACHE_TYPES = {
+    "f32": (1, 4), "f16": (1, 2), "bf16": (1, 2), "q8_0": (32, 34), "q4_0": (32, 18), "q4_1": (32, 20),
+    "q5_0": (32, 22), "q5_1": (32, 24), "iq4_nl": (32, 18),
+}  # fmt: skip
+# Which layers use the sliding window, per architecture: a function of the layer index.
+SWA_PATTERNS = {
+    "gemma2": lambda il: il % 2 == 0,
+    "gemma3": lambda il: (il + 1) % 6 != 0,  # 5 of every 6 layers slide
+    "gemma3n": lambda il: (il + 1) % 5 != 0,
+    "cohere2": lambda il: (il + 1) % 4 != 0,
+    "llama4": lambda il: (il + 1) % 4 != 0,
+}
+KV_PAD = 256
+
+
+class EstimateError(ValueError):
+    """The file or the flags cannot be estimated; the message says why."""
+
+
+# --- the header ------------------------------------------------------------------------------------------
+
+_SCALARS = {
+    0: "<B",
+    1: "<b",
+    2: "<H",
+    3: "<h",
+    4: "<I",
+    5: "<i",
+    6: "<f",
+    7: "<?",
+    10: "<Q",
+    11: "<q",
+    12: "<d",
+}
+SMALL_ARRAY = 4096  # arrays longer than this (vocabularies, merges) are counted, not read
+
+
+@dataclass
+class GgufFacts:
+    """What the estimate needs from a GGUF file."""
+
+    path: str
+    architecture: str
+    metadata: dict  # scalar keys, and short numeric arrays as lists; long arrays as {"array_len": n}
+    tensors: dict  # name -> bytes
+    tensor_types: dict = field(default_factory=dict)  # name -> ggml type number
+
+    def key(self, name, default=None):
+        return self.metadata.get(f"{self.architecture}.{name}", default)
+
+
+def _tensor_bytes(type_id: int, dims: list[int]) -> int:
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
+
+    try:
+        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
+    except (ValueError, KeyError):
+        raise EstimateError(f"unknown ggml tensor type {type_id}") from None
+    elements = math.prod(dims)
+    return elements // block * size
+
+
+def read_header(path: str | os.PathLike) -> GgufFacts:
+    """Parse a GGUF header (metadata and tensor table) from a memory map without reading tensor data."""
+    path = str(path)
+    try:
+        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
+            return _parse(path, data)
+    except (OSError, ValueError, struct.error) as exc:
+        if isinstance(exc, EstimateError):
+            raise
+        raise EstimateError(f"{path}: not a readable GGUF header ({exc})") from None
+
+
+def _parse(path: str, data) -> GgufFacts:
+    if data[:4] != b"GGUF":
+        raise EstimateError(f"{path}: not a GGUF file")
+    version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
+    if version < 2:
+        raise EstimateError(f"{path}: GGUF version {version} is too old")
+    pos = 24
+    unpack_from = struct.unpack_from
+
+    def string(at):
+        (length,) = unpack_from("<Q", data, at)
+        return bytes(data[at + 8 : at + 8 + length]).decode("utf-8", "replace"), at + 8 + length
+
+    def value(kind, at):
+        if kind == 8:
+            return string(at)
+        if kind == 9:
+            item_kind, count = unpack_from("<IQ", data, at)
+            at += 12
+            if item_kind in _SCALARS:
+                width = struct.calcsize(_SCALARS[item_kind])
+                if count <= SMALL_ARRAY:
+                    items = list(unpack_from(f"<{count}{_SCALARS[item_kind][1]}", data, at))
+                    return items, at + width * count
+                return {"array_len": count}, at + width * count
+            if item_kind == 8:  # strings: walk the lengths only
+                for _ in range(count):
+                    (length,) = unpack_from("<Q", data, at)
+                    at += 8 + length
+                return {"array_len": count}, at
+            raise EstimateError(f"{path}: nested arrays are not supported")
+        fmt = _SCALARS.get(kind)
+        if fmt is None:
+            raise EstimateError(f"{path}: unknown GGUF value type {kind}")
+        return unpack_from(fmt, data, at)[0], at + struct.calcsize(fmt)
+
+    metadata = {}
+    for _ in range(n_kv):
+        key, pos = string(pos)
+        (kind,) = unpack_from("<I", data, pos)
+        metadata[key], pos = value(kind, pos + 4)
+    tensors, types = {}, {}
+    for _ in range(n_tensors):
+        name, pos = string(pos)
+        (n_dims,) = unpack_from("<I", data, pos)
+        dims = list(unpack_from(f"<{n_dims}Q", data, pos + 4))
+        type_id, _offset = unpack_from("<IQ", data, pos + 4 + 8 * n_dims)
+        pos += 4 + 8 * n_dims + 12
+        tensors[name] = _tensor_bytes(type_id, dims)
+        types[name] = type_id
+    arch = metadata.get("general.architecture")
+    if not isinstance(arch, str):
+        raise EstimateError(f"{path}: no general.architecture in the header")
+    return GgufFacts(path=path, architecture=arch, metadata=metadata, tensors=tensors, tensor_types=types)
+
+
+_CACHE: dict[tuple, GgufFacts] = {}
+
+
+def gguf_facts(path: str | os.PathLike) -> GgufFacts:
+    """read_header, cached by (path, size, mtime)."""
+    stat = os.stat(path)
+    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
+    facts = _CACHE.get(key)
+    if facts is None:
+        if len(_CACHE) > 64:
+            _CACHE.clear()
+        facts = _CACHE[key] = read_header(path)
+    return facts
+
+
+# --- flags -----------------------------------------------------------------------------------------------
+
+# The options that change memory, by one long spelling llama-server has for each. cli_params are resolved
+# through the binary's catalogue (models_app/flags.py) to the option, and the option is matched on any of
+# these spellings, so `c`, `ctx-size` and `-c` all arrive here as "ctx-size".
+MEMORY_OPTIONS = {
+    "--ctx-size": "ctx-size", "--gpu-layers": "gpu-layers", "--n-gpu-layers": "gpu-layers",
+    "--cache-type-k": "cache-type-k", "--cache-type-v": "cache-type-v", "--flash-attn": "flash-attn",
+    "--parallel": "parallel", "--batch-size": "batch-size", "--ubatch-size": "ubatch-size",
+    "--split-mode": "split-mode", "--tensor-split": "tensor-split", "--no-kv-offload": "no-kv-offload",
+    "--kv-unified": "kv-unified", "--no-kv-unified": "no-kv-unified", "--swa-full": "swa-full",
+    "--main-gpu": "main-gpu",
+}  # fmt: skip
+# Without a catalogue (a unit test, a host without a binary): llama-server's usual short spellings.
+SHORT_SPELLINGS = {
+    "c": "ctx-size", "ngl": "gpu-layers", "ctk": "cache-type-k", "ctv": "cache-type-v", "fa": "flash-attn",
+    "np": "parallel", "b": "batch-size", "ub": "ubatch-size", "sm": "split-mode", "ts": "tensor-split",
+    "nkvo": "no-kv-offload", "kvu": "kv-unified", "no-kvu": "no-kv-unified", "mg": "main-gpu",
+}  # fmt: skip
+
+
+def memory_options(cli_params: dict | None, catalogue=None) -> dict:
+    """The memory-relevant cli_params under canonical names: {"ctx-size": 8192, "gpu-layers": 99, ...}.
+    `catalogue` (a flags.Catalogue) resolves the names the way the binary does; unknown flags are skipped
+    here (the registry refuses them before a load)."""
+    options = {}
+    for name, value in (cli_params or {}).items():
+        canonical = None
+        if catalogue is not None:
+            try:
+                names = catalogue.resolve(name).option["names"]
+            except ValueError:
+                continue
+            canonical = next((MEMORY_OPTIONS[n] for n in names if n in MEMORY_OPTIONS), None)
+        else:
+            canonical = SHORT_SPELLINGS.get(name) or MEMORY_OPTIONS.get(f"--{name}")
+        if canonical is not None and value is not False:
+            options[canonical] = value
+    return options
+
+
+@dataclass
+class LoadSettings:
+    n_ctx: int
+    n_gpu_layers: int
+    cache_k: str
+    cache_v: str
+    flash_attn: bool
+    n_seq: int
+    kv_unified: bool
+    n_batch: int
+    n_ubatch: int
+    split_mode: str
+    tensor_split: list[float] | None
+    kv_offload: bool
+    swa_full: bool
+
+
+def _int(options: dict, name: str, default: int) -> int:
+    raw = options.get(name)
+    if raw is None:
+        return default
+    try:
+        return int(str(raw).strip())
+    except ValueError:
+        raise EstimateError(f"{name}: {raw!r} is not a whole number") from None
+
+
+def settings_for(facts: GgufFacts, options: dict, *, on_gpu: bool = True) -> LoadSettings:
+    """llama-server's effective settings for these options (its defaults where a flag is missing)."""
+    trained = int(facts.key("context_length") or 4096)
+    n_ctx = _int(options, "ctx-size", 0) or trained  # 0 or missing: the model's trained context
+    if n_ctx < 0:
+        raise EstimateError(f"ctx-size: {n_ctx} is negative")
+    explicit_np = options.get("parallel") not in (None, -1, "-1")
+    n_seq = _int(options, "parallel", -1)
+    if n_seq == -1:
+        n_seq = 4  # llama-server's "auto": 4 slots sharing one unified cache
+    if n_seq < 1:
+        raise EstimateError(f"parallel: {n_seq} must be at least 1")
+    kv_unified = not explicit_np
+    if "kv-unified" in options:
+        kv_unified = True
+    if "no-kv-unified" in options:
+        kv_unified = False
+    n_batch = _int(options, "batch-size", 2048)
+    n_ubatch = min(_int(options, "ubatch-size", 512), n_batch)
+    if n_batch < 1 or n_ubatch < 1:
+        raise EstimateError("batch-size and ubatch-size must be at least 1")
+    ngl = _int(options, "gpu-layers", -1)
+    n_layer = int(facts.key("block_count") or 0)
+    if ngl < 0 or ngl > n_layer + 1:  # -1/auto and "99": every layer and the output
+        ngl = n_layer + 1
+    if not on_gpu:
+        ngl = 0
+    cache_k = str(options.get("cache-type-k") or "f16").lower()
+    cache_v = str(options.get("cache-type-v") or "f16").lower()
+    for which, kind in (("cache-type-k", cache_k), ("cache-type-v", cache_v)):
+        if kind not in CACHE_TYPES:
+            raise EstimateError(f"{which}: unknown cache type {kind!r} (one of {', '.join(CACHE_TYPES)})")
+    fa = str(options.get("flash-attn", "auto")).lower()
+    if fa not in ("on", "off", "auto", "1", "0", "true", "false", "none"):
+        raise EstimateError(f"flash-attn: {fa!r} is not on, off or auto")
+    split = None
+    if options.get("tensor-split") not in (None, ""):
+        try:
+            split = [float(x) for x in str(options["tensor-split"]).replace("/", ",").split(",") if x.strip()]
+        except ValueError:
+            raise EstimateError(
+                f"tensor-split: {options['tensor-split']!r} is not a list of numbers"
+            ) from None
+        if not split or any(x < 0 for x in split) or sum(split) <= 0:
+            raise EstimateError(f"tensor-split: {options['tensor-split']!r} needs positive proportions")
+    return LoadSettings(
+        n_ctx=n_ctx,
+        n_gpu_layers=ngl,
+        cache_k=cache_k,
+        cache_v=cache_v,
+        flash_attn=fa not in ("off", "0", "false"),
+        n_seq=n_seq,
+        kv_unified=kv_unified,
+        n_batch=n_batch,
+        n_ubatch=min(n_ubatch, n_ctx) if n_ctx else n_ubatch,
+        split_mode=str(options.get("split-mode") or "layer"),
+        tensor_split=split,
+        kv_offload="no-kv-offload" not in options,
+        swa_full="swa-full" in options,
+    )
+
+
+# --- the estimate ------------------------------------------------------------------------------------------
+
+
+@dataclass
+class DeviceEstimate:
+    """One GPU's share, in bytes."""
+
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+    overhead: int = 0
+    layers: list[int] = field(default_factory=list)
+    output: bool = False
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute + self.overhead
+
+
+@dataclass
+class Estimate:
+    """A load's predicted memory: per GPU (in the order of the load's GPUs) and on the host."""
+
+    devices: list[DeviceEstimate]
+    host: DeviceEstimate
+    settings: LoadSettings
+    notes: list[str]
+
+    @property
+    def gpu_total(self) -> int:
+        return sum(d.total for d in self.devices)
+
+    def as_dict(self) -> dict:
+        """Plain values in MiB (two decimals), for the API and the stored breakdown."""
+
+        def mib(v):
+            return round(v / MIB, 2)
+
+        def part(d):
+            return {
+                "weights_mib": mib(d.weights),
+                "kv_mib": mib(d.kv),
+                "compute_mib": mib(d.compute),
+                "overhead_mib": mib(d.overhead),
+                "total_mib": mib(d.total),
+                "layers": len(d.layers),
+                "output_layer": d.output,
+            }
+
+        return {
+            "gpus": [part(d) for d in self.devices],
+            "host": part(self.host),
+            "total_gpu_mib": mib(self.gpu_total),
+            "settings": asdict(self.settings),
+            "notes": list(self.notes),
+        }
+
+
+def _per_layer(facts: GgufFacts, n_layer: int) -> tuple[list[int], int, int]:
+    """Bytes of each block, of the output layer (output + output_norm) and of what stays on the host
+    (token_embd and anything outside blocks that is not output)."""
+    layers = [0] * n_layer
+    output = host = 0
+    for name, size in facts.tensors.items():
+        if name.startswith("blk."):
+            try:
+                il = int(name.split(".")[1])
+            except ValueError:
+                host += size
+                continue
+            if 0 <= il < n_layer:
+                layers[il] += size
+            else:
+                host += size
+        elif name.startswith(("output.", "output_norm.")):
+            output += size
+        else:
+            host += size
+    return layers, output, host
+
+
+def _per_layer_value(raw, n_layer: int, default: int) -> list[int]:
+    if raw is None:
+        return [default] * n_layer
+    if isinstance(raw, list):
+        return [int(x) for x in raw[:n_layer]] + [int(raw[-1])] * max(0, n_layer - len(raw))
+    return [int(raw)] * n_layer
+
+
+def _row_bytes(kind: str, elements: int) -> int:
+    block, size = CACHE_TYPES[kind]
+    return elements // block * size
+
+
+def kv_layout(facts: GgufFacts, s: LoadSettings) -> tuple[list[int], list[bool]]:
+    """Bytes of the KV cache of each layer, and which layers slide."""
+    n_layer = int(facts.key("block_count") or 0)
+    n_embd = int(facts.key("embedding_length") or 0)
+    heads = _per_layer_value(facts.key("attention.head_count"), n_layer, 0)
+    heads_kv = _per_layer_value(facts.key("attention.head_count_kv"), n_layer, heads[0] if heads else 0)
+    head_dim = n_embd // heads[0] if heads and heads[0] else 0
+    key_len = int(facts.key("attention.key_length") or head_dim)
+    value_len = int(facts.key("attention.value_length") or head_dim)
+    n_swa = int(facts.key("attention.sliding_window") or 0)
+    pattern = SWA_PATTERNS.get(facts.architecture)
+    sliding = [bool(n_swa and pattern and pattern(il) and not s.swa_full) for il in range(n_layer)]
+    if s.kv_unified:
+        full_cells = s.n_ctx
+        swa_cells = min(full_cells, _pad(n_swa * s.n_seq + s.n_ubatch))
+    else:
+        per_seq = s.n_ctx // s.n_seq
+        full_cells = per_seq * s.n_seq
+        swa_cells = min(per_seq, _pad(n_swa + s.n_ubatch)) * s.n_seq
+    sizes = []
+    for il in range(n_layer):
+        if heads_kv[il] == 0:  # a layer without attention (recurrent, or a shared-KV layer)
+            sizes.append(0)
+            continue
+        cells = swa_cells if sliding[il] else full_cells
+        k = _row_bytes(s.cache_k, key_len * heads_kv[il])
+        v = _row_bytes(s.cache_v, value_len * heads_kv[il])
+        sizes.append(cells * (k + v))
+    return sizes, sliding
+
+
+def _pad(n: int) -> int:
+    return (n + KV_PAD - 1) // KV_PAD * KV_PAD
+
+
+def compute_bytes(facts: GgufFacts, s: LoadSettings) -> int:
+    """The compute buffer of one device: activations proportional to the micro-batch, plus the attention's
+    mask per KV cache (f16 with flash attention) and, without flash attention, the f32 scores of all
+    heads. Fitted to llama-server's own logged buffers (docs/benchmarks.md)."""
+    n_embd = int(facts.key("embedding_length") or 0)
+    n_ff_raw = facts.key("feed_forward_length") or 4 * n_embd
+    n_ff = max(n_ff_raw) if isinstance(n_ff_raw, list) else int(n_ff_raw)
+    n_layer = int(facts.key("block_count") or 0)
+    heads = max(_per_layer_value(facts.key("attention.head_count"), n_layer, 1) or [1])
+    head_dim = n_embd // heads if heads else 0
+    key_len = int(facts.key("attention.key_length") or head_dim)
+    q_dim = heads * key_len
+    ub = s.n_ubatch
+    sizes, sliding = kv_layout(facts, s)
+    full_cells = s.n_ctx if s.kv_unified else s.n_ctx // s.n_seq
+    caches = [full_cells] if not all(sliding) else []
+    if any(sliding):
+        n_swa = int(facts.key("attention.sliding_window") or 0)
+        caches.append(min(full_cells, _pad(n_swa * (s.n_seq if s.kv_unified else 1) + ub)))
+    if s.flash_attn:
+        activations = ub * 4 * (2 * n_ff + 2 * n_embd + 4 * q_dim)
+        attention = sum(cells * ub * 2 for cells in caches)
+    else:
+        activations = ub * 4 * (2 * n_ff + 2 * n_embd + q_dim)
+        attention = max(caches) * ub * heads * 4 + sum(cells * ub * 4 for cells in caches)
+    return activations + attention
+
+
+def estimate(
+    facts: GgufFacts,
+    options: dict | None = None,
+    *,
+    gpus: int = 1,
+    overhead_mib: float = DEFAULT_CUDA_OVERHEAD_MIB,
+) -> Estimate:
+    """The memory of a load of `facts` with `options` (memory_options' canonical names) on `gpus` GPUs
+    (0: a CPU-only load, everything on the host)."""
+    options = options or {}
+    s = settings_for(facts, options, on_gpu=gpus > 0)
+    n_layer = int(facts.key("block_count") or 0)
+    if n_layer <= 0:
+        raise EstimateError(f"{facts.path}: no {facts.architecture}.block_count in the header")
+    layer_bytes, output_bytes, host_bytes = _per_layer(facts, n_layer)
+    tied = "output.weight" not in facts.tensors and "token_embd.weight" in facts.tensors
+    kv_sizes, sliding = kv_layout(facts, s)
+    compute = compute_bytes(facts, s)
+    n_vocab = _vocab(facts)
+    notes = []
+    host = DeviceEstimate(weights=host_bytes)
+    # The logits of the last token of each slot (llama_context's output buffer) live on the host.
+    host.compute += n_vocab * 4 * s.n_seq
+    devices = [DeviceEstimate(overhead=int(overhead_mib * MIB)) for _ in range(gpus)]
+    # Offload from the last layer; the output layer is layer n_layer.
+    start = max(n_layer + 1 - s.n_gpu_layers, 0)
+    offloaded = list(range(start, n_layer + 1))
+    split = s.tensor_split or [1.0] * gpus
+    if gpus and len(split) < gpus:
+        split = split + [0.0] * (gpus - len(split))
+    split = split[:gpus]
+    total = sum(split) or 1
+    bounds = [sum(split[: i + 1]) / total for i in range(gpus)]
+    if gpus and s.split_mode == "none":
+        bounds = [1.0] * gpus  # everything on the main GPU (the first)
+    for il in range(n_layer + 1):
+        is_output = il == n_layer
+        size = output_bytes if is_output else layer_bytes[il]
+        if is_output and tied and il in offloaded and gpus:
+            size += facts.tensors["token_embd.weight"]  # llama.cpp copies token_embd to the output's device
+        kv = 0 if is_output else kv_sizes[il]
+        if il in offloaded and gpus:
+            fraction = (il - start) / len(offloaded)
+            dev = next(i for i, b in enumerate(bounds) if fraction < b or i == gpus - 1)
+            target = devices[dev]
+            target.layers.append(il)
+            target.output = target.output or is_output
+            target.weights += size
+            if s.kv_offload:
+                target.kv += kv
+            else:
+                host.kv += kv
+        else:
+            host.weights += size
+            host.kv += kv
+            if not is_output:
+                host.layers.append(il)
+            else:
+                host.output = True
+    if gpus:
+        used = [d for d in devices if d.layers] or devices[:1]
+        for d in used:
+            d.compute = compute
+        if host.layers or host.output:
+            host.compute += compute  # layers left on the CPU run there
+        else:
+            host.compute += s.n_ubatch * int(facts.key("embedding_length") or 0) * 4  # the embeddings
+        if s.n_gpu_layers < n_layer + 1:
+            notes.append(f"{n_layer + 1 - s.n_gpu_layers} of {n_layer + 1} layers stay on the host (-ngl)")
+    else:
+        host.compute += compute
+    if any(sliding):
+        notes.append(
+            f"{sum(sliding)} of {n_layer} layers use a sliding window of {facts.key('attention.sliding_window')}"
+        )
+    if facts.key("ssm.state_size") or facts.key("expert_count"):
+        notes.append("recurrent or MoE keys present: their extra state is not modelled")
+    return Estimate(devices=devices, host=host, settings=s, notes=notes)
+
+
+def _vocab(facts: GgufFacts) -> int:
+    tokens = facts.metadata.get("tokenizer.ggml.tokens")
+    if isinstance(tokens, dict):
+        return int(tokens.get("array_len", 0))
+    if isinstance(tokens, list):
+        return len(tokens)
+    return int(facts.key("vocab_size") or 0)
+
+
+# --- llama-server's own accounting ------------------------------------------------------------------------
+
+
+def parse_buffer_log(text: str) -> dict:
+    """The buffers llama-server logs while loading (MiB, summed over devices): model, KV, compute, output.
+    llama-server prints them at verbosity 4 (`-lv 4`)."""
+    import re
+
+    def total(pattern):
+        found = re.findall(pattern + r"\s*=\s*([\d.]+) MiB", text)
+        return round(sum(float(x) for x in found), 2) if found else None
+
+    return {
+        "model_mib": total(r"model buffer size"),
+        "kv_mib": total(r"KV buffer size"),
+        "compute_mib": total(r"compute buffer size"),
+        "output_mib": total(r"output buffer size"),
+    }
