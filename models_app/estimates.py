@@ -141,7 +141,7 @@ def binary_for(model, host) -> LlamaBinary | None:
     query = LlamaBinary.objects.filter(is_default=True, error="")
     if host is not None:
         query = query.filter(host=host)
-    return query.exclude(catalogue={}).order_by("-discovered_at").first()
+    return query.order_by("-discovered_at").first()
 
 
 def options_for(model, binary: LlamaBinary | None, overrides: dict | None = None) -> dict:

@@ -1,6 +1,8 @@
-"""Where a model loaded on demand goes. One function, `choose_gpus`, so that a smarter placement (one that
-ranks GPU sets by a memory estimate) can replace it without touching its callers."""
+"""Where a model goes: `rank` orders the GPU sets of the live hosts by the memory left after the model's
+estimate (models_app/estimates.py), single GPUs first, then the smallest set that fits, and says why;
+`choose_gpus` (the gateway's load on demand) takes the first one, the load form and the API show the list."""
 
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 from django.conf import settings
@@ -31,14 +33,71 @@ def _foreign(gpu: Gpu) -> str:
     return ", ".join(named) or f"{gpu.memory_used_mib} MiB used by processes not visible here"
 
 
-def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
-    """The GPU with the most free memory (total - used, so other people's processes count) among the GPUs of
-    live hosts that can run the model (a default llama-server, or the model's pinned one), skipping GPUs
-    that are unavailable, held by an active instance, or occupied by other people's processes (loading
-    there needs an explicit force, which a request for a model cannot give). Raises NoCapacity naming
-    the busy GPUs and what keeps them busy."""
-    from .ondemand import NoCapacity, expires_at  # ondemand imports this module
+MAX_SET = 8  # the largest GPU set placement proposes (a load by hand may name more)
 
+
+@dataclass
+class Choice:
+    """One GPU set with its prediction and the reason it ranks where it does."""
+
+    host: Host
+    gpus: list[Gpu]
+    prediction: object  # estimates.Prediction
+    shared: bool = False  # beside other people's processes
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def fits(self) -> bool:
+        return self.prediction.fits is not False
+
+    @property
+    def spare_mib(self) -> int:
+        after = [a for a in self.prediction.free_after_mib if a is not None]
+        return min(after) if after else 0
+
+    def explain(self) -> str:
+        where = f"GPU {self.prediction.gpu_label()} on {self.host.name}"
+        p = self.prediction
+        if p.estimate is None:
+            return f"{where}: no estimate ({p.error}); {_free_text(self.gpus)}"
+        if p.fits is None:
+            return f"{where}: ≈ {gib(p.total_mib)}, free memory unknown"
+        others = "".join(f"; {n}" for n in self.notes)
+        if p.fits:
+            return f"{where}: fits with {gib(self.spare_mib)} to spare (≈ {gib(p.total_mib)}){others}"
+        return f"{where}: does not fit (≈ {gib(p.total_mib)}, {_free_text(self.gpus)}){others}"
+
+    def as_dict(self) -> dict:
+        return {
+            "host": self.host.name,
+            "gpu_ids": self.prediction.gpu_label(),
+            "fits": self.prediction.fits,
+            "estimated_mib": self.prediction.total_mib if self.prediction.estimate else None,
+            "spare_mib": self.spare_mib if self.prediction.estimate else None,
+            "shared_with_others": self.shared,
+            "explanation": self.explain(),
+            "summary": self.prediction.summary(),
+        }
+
+
+def gib(mib) -> str:
+    return f"{(mib or 0) / 1024:.1f} GiB"
+
+
+def _free_text(gpus: list[Gpu]) -> str:
+    return ", ".join(f"GPU {g.index} {gib(_free_mib(g))} free" for g in gpus)
+
+
+def _used_by_others(gpu: Gpu) -> str | None:
+    foreign = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
+    if not foreign:
+        return None
+    total = sum(int(p.get("used_mib") or 0) for p in foreign)
+    names = ", ".join(sorted({p.get("name") or "?" for p in foreign})[:3])
+    return f"GPU {gpu.index}: {gib(total)} used by {names}"
+
+
+def _candidate_gpus(model, host: Host | None):
     hosts = Host.objects.filter(last_seen__gte=alive_since())
     if host is not None:
         hosts = hosts.filter(pk=host.pk)
@@ -52,25 +111,87 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
         .select_related("host")
         .order_by("host__name", "index")
     )
+    holders = {
+        link.gpu_id: link.instance
+        for link in InstanceGpu.objects.filter(gpu__in=gpus, active=True).select_related("instance__model")
+    }
+    return gpus, holders
+
+
+def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> tuple[list[Choice], list[str]]:
+    """The GPU sets `model` may load on, best first, and why the other GPUs are out. Single GPUs that fit
+    come first (idle ones before those shared with other people's processes, then by the memory left after
+    the estimate); when no single GPU fits, the smallest set of a host's free GPUs that fits. GPU sets
+    predicted not to fit follow, for the explanation."""
+    from . import estimates
+
+    gpus, holders = _candidate_gpus(model, host)
+    out = []
+    usable = []
+    for gpu in gpus:
+        where = f"GPU {gpu.index} on {gpu.host.name}"
+        if gpu.id in holders:
+            instance = holders[gpu.id]
+            out.append(f"{where}: held by {instance.model_id} (instance #{instance.pk}, {instance.status})")
+        elif gpu.state == Gpu.State.UNAVAILABLE:
+            out.append(f"{where}: unavailable ({gpu.state_reason or 'the GPU query failed'})")
+        else:
+            usable.append(gpu)
+    singles = []
+    for gpu in usable:
+        choice = Choice(gpu.host, [gpu], estimates.predict(model, [gpu], overrides))
+        other = _used_by_others(gpu)
+        if other or gpu.state == Gpu.State.OCCUPIED_BY_OTHERS:
+            choice.shared = True
+            choice.notes.append(
+                other or f"GPU {gpu.index}: {gib(gpu.memory_used_mib)} used by other processes"
+            )
+        singles.append(choice)
+
+    def key(c: Choice):
+        return (not c.fits, c.shared, -c.spare_mib if c.prediction.estimate else -_free_mib(c.gpus[0]))
+
+    singles.sort(key=key)
+    if any(c.fits for c in singles):
+        return singles, out
+    sets = []
+    by_host: dict[int, list[Gpu]] = {}
+    for gpu in usable:
+        if gpu.state != Gpu.State.OCCUPIED_BY_OTHERS:
+            by_host.setdefault(gpu.host_id, []).append(gpu)
+    for host_gpus in by_host.values():
+        host_gpus.sort(key=lambda g: -_free_mib(g))
+        for size in range(2, min(len(host_gpus), MAX_SET) + 1):
+            chosen = sorted(host_gpus[:size], key=lambda g: g.index)
+            choice = Choice(chosen[0].host, chosen, estimates.predict(model, chosen, overrides))
+            if choice.fits:
+                sets.append(choice)
+                break
+    sets.sort(key=lambda c: (len(c.gpus), -c.spare_mib))
+    return sets + singles, out
+
+
+def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
+    """The first of `rank`: the single GPU with the most memory left after the model's estimate (idle GPUs
+    before those shared with other people's processes), else the smallest set of one host's GPUs that fits.
+    GPUs that are unavailable or held by an instance are skipped; a GPU occupied by others is used only
+    when the model is predicted to fit beside them. Raises NoCapacity naming the busy GPUs and what keeps
+    them busy, with the numbers."""
+    from .ondemand import NoCapacity, expires_at  # ondemand imports this module
+
+    gpus, holders = _candidate_gpus(model, host)
     if not gpus:
         where = f"host {host.name}" if host is not None else "any host"
         raise NoCapacity(
             f"no GPU to load {model.pk} on: {where} has no live worker with a llama-server"
             + (f" ({model.binary.path} of {model.binary.host.name} is pinned)" if model.binary_id else "")
         )
-    holders = {
-        link.gpu_id: link.instance
-        for link in InstanceGpu.objects.filter(gpu__in=gpus, active=True).select_related("instance__model")
-    }
-    free = [
-        gpu
-        for gpu in gpus
-        if gpu.id not in holders and gpu.state not in (Gpu.State.UNAVAILABLE, Gpu.State.OCCUPIED_BY_OTHERS)
-    ]
-    if free:
-        best = max(free, key=lambda gpu: (_free_mib(gpu), -gpus.index(gpu)))
-        return best.host, [best]
+    choices, _ = rank(model, host=host)
+    fitting = [c for c in choices if c.fits]
+    if fitting:
+        return fitting[0].host, fitting[0].gpus
 
+    by_gpu = {c.gpus[0].pk: c for c in choices if len(c.gpus) == 1}
     busy, soonest, freeing = [], None, False
     for gpu in gpus:
         where = f"GPU {gpu.index} on {gpu.host.name}"
@@ -87,7 +208,15 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
         elif gpu.state == Gpu.State.UNAVAILABLE:
             busy.append(f"{where}: unavailable ({gpu.state_reason or 'the GPU query failed'})")
         else:
-            busy.append(f"{where}: other processes: {_foreign(gpu)}")
+            choice = by_gpu.get(gpu.pk)
+            numbers = ""
+            if choice is not None and choice.prediction.estimate is not None:
+                free = choice.prediction.free_mib[0]
+                numbers = f" (needs ≈ {choice.prediction.total_mib} MiB, {free} MiB free)"
+            if gpu.state == Gpu.State.OCCUPIED_BY_OTHERS or _used_by_others(gpu):
+                busy.append(f"{where}: other processes: {_foreign(gpu)}{numbers}")
+            else:
+                busy.append(f"{where}: too little memory{numbers}")
     retry_after = 60
     if soonest is not None:
         retry_after = max(1, min(3600, int((soonest - timezone.now()).total_seconds()) + 1))
