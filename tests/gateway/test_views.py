@@ -425,3 +425,35 @@ def test_llama_server_dying_mid_stream_ends_with_an_error_line(path, instance, l
     record = UsageRecord.objects.get()
     assert "broke off" in record.error and not record.client_disconnected
     assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
+
+
+def test_a_stream_never_started_is_finished_all_the_same(instance, llama, users, bearer):
+    """The client left between the view's return and the first byte: the server drops the response
+    unread (the view is called directly: the test client keeps every response alive)."""
+    import gc
+
+    from django.contrib.auth.models import AnonymousUser
+    from django.test import AsyncRequestFactory
+
+    from gateway import views_ollama
+
+    auth = bearer(users["viewer"])
+
+    async def scenario():
+        request = AsyncRequestFactory().post(
+            "/api/chat",
+            data=json.dumps(CHAT),
+            content_type="application/json",
+            headers={"Authorization": auth},
+        )
+        request.user = AnonymousUser()
+        response = await views_ollama.chat(request)
+        assert response.streaming
+        del response
+        gc.collect()
+        await asyncio.sleep(0.3)
+
+    run(scenario)
+    record = UsageRecord.objects.get()
+    assert record.client_disconnected and record.status == 200
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
