@@ -22,6 +22,7 @@ from models_app.logtail import read_tail
 from models_app.models import GpuInstance, InstanceEvent, ModelConfig
 
 from .errors import RefusalMixin, refusals
+from .estimate import EstimateActions
 from .serializers import (
     EventSerializer,
     InstanceSerializer,
@@ -124,8 +125,9 @@ class InstanceViewSet(
         return InstanceSerializer(instance_queryset().get(pk=instance.pk)).data
 
 
-class ModelConfigViewSet(viewsets.ModelViewSet):
-    """The model registry: everyone with a role reads it; admins create, change and delete entries."""
+class ModelConfigViewSet(RefusalMixin, EstimateActions, viewsets.ModelViewSet):
+    """The model registry: everyone with a role reads it; admins create, change and delete entries. Its
+    `estimate` and `placement` actions predict a load's memory and rank the GPUs for it."""
 
     serializer_class = ModelConfigSerializer
     permission_classes = [ReadViewerWriteAdmin]

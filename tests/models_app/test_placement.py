@@ -125,3 +125,19 @@ def test_overrides_are_checked_and_named(db):
         estimates.parse_overrides({"c": "abc"})
     with pytest.raises(estimates.estimator.EstimateError, match="cache-type-v: unknown cache type"):
         estimates.parse_overrides({"ctv": "zz"})
+
+
+def test_estimate_command(host, big_model, capsys):
+    from django.core.management import call_command
+    from django.core.management.base import CommandError
+
+    call_command("estimate", "llama8b", "--gpu", "0", "-c", "8192")
+    out = capsys.readouterr().out
+    assert out.startswith("≈ ") and "on GPU 0: fits, 24.0 GiB free" in out
+    assert "GPU 0: weights 4403.5 MiB, KV 1024.0 MiB" in out and "host: weights 281.8 MiB" in out
+    call_command("estimate", "llama8b")
+    assert "suggestion: GPU 0 on testhost" in capsys.readouterr().out
+    with pytest.raises(CommandError, match="c: 'x' is not a whole number"):
+        call_command("estimate", "llama8b", "-c", "x")
+    with pytest.raises(CommandError, match="unknown model"):
+        call_command("estimate", "nope")
