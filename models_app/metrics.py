@@ -128,7 +128,7 @@ class ControllerCollector:
         )
         estimate = GaugeMetricFamily(
             "llamacontroller_instance_memory_estimate_bytes",
-            "The estimate to compare the measured memory with: the model's GGUF file (weights, fully offloaded).",
+            "The memory predicted when the load was asked for (weights, KV cache, compute, CUDA context).",
             labels=INSTANCE_LABELS,
         )
         status = GaugeMetricFamily(
@@ -145,8 +145,8 @@ class ControllerCollector:
                 used.add_metric(labels + [instance.memory_source], instance.memory_used_mb * MIB)
             if instance.memory_total_mb:
                 total.add_metric(labels, instance.memory_total_mb * MIB)
-            if instance.model.file_size_bytes:
-                estimate.add_metric(labels, instance.model.file_size_bytes)
+            if instance.memory_estimated_mb:
+                estimate.add_metric(labels, instance.memory_estimated_mb * MIB)
             for link in instance.gpu_links.all():
                 mine = [
                     p.get("used_mib") or 0

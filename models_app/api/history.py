@@ -52,8 +52,9 @@ class HistorySerializer(serializers.Serializer):
     total_mib = serializers.IntegerField(allow_null=True, help_text="The GPU's (or the GPUs') memory.")
     estimate_mib = serializers.IntegerField(
         allow_null=True,
-        help_text="Instances: the estimate to compare with — the GGUF file's size (the weights, fully "
-        "offloaded; KV cache and compute buffers come on top). Null for GPUs or when unknown.",
+        help_text="Instances: the memory estimated when the load was asked for (weights, KV cache, compute "
+        "buffers and CUDA context over its GPUs, corrected by earlier loads). Null for GPUs, or for instances "
+        "loaded before estimates were stored or whose model file could not be read.",
     )
     points = PointSerializer(many=True)
     events = MarkSerializer(many=True)
@@ -88,9 +89,8 @@ def instance_marks(instance_ids, span) -> list[dict]:
 
 
 def weights_estimate_mib(instance: GpuInstance) -> int | None:
-    """The memory an instance is expected to need at least: its GGUF file, fully offloaded."""
-    size = instance.model.file_size_bytes
-    return -(-size // (1024 * 1024)) if size else None
+    """The memory the instance was estimated to need when its load was asked for (stored on it)."""
+    return instance.memory_estimated_mb
 
 
 def respond(subject, label, span, total, points, marks, estimate=None) -> Response:

@@ -177,7 +177,10 @@ def test_lifecycle_load_and_unload_as_plain_functions(loadable, users):
     assert instance.memory_source in ("process", "device")
     assert 0 < instance.memory_used_mb < instance.memory_total_mb == 2 * loadable.gpus[0].memory_total_mib
     kinds = list(instance.events.order_by("created_at", "id").values_list("kind", flat=True))
-    assert kinds == [Kind.REQUESTED, Kind.STARTED, Kind.HEALTHY, Kind.MEMORY]
+    # The estimate stored at the request is checked against the measurement: an event and a field.
+    assert kinds == [Kind.REQUESTED, Kind.STARTED, Kind.HEALTHY, Kind.MEMORY, Kind.ESTIMATE]
+    assert instance.memory_estimated_mb > 0 and instance.memory_measured_mb == instance.memory_used_mb
+    assert instance.memory_estimate_error_pct is not None
 
     tasks.load_model(instance.pk)  # a redelivered load does nothing
     assert GpuInstance.objects.get(pk=instance.pk).pid == instance.pid
