@@ -5,7 +5,7 @@ Load on demand, idle timers and in-flight counts are `models_app.ondemand`'s."""
 from dataclasses import dataclass
 
 from django.contrib.auth.models import AnonymousUser
-from django.db import close_old_connections
+from django.db import connections
 from django.middleware.csrf import CsrfViewMiddleware
 from django.utils import timezone
 
@@ -144,13 +144,12 @@ def resolve(request, name) -> Target:
 def ensure_running(target: Target, keep_alive: int | None) -> GpuInstance:
     """Slow path (a worker thread, not the shared one): load on demand and wait, or wait for a load under
     way (models_app.ondemand). Its refusals become the gateway's answers."""
-    close_old_connections()
     try:
         return ondemand.ensure_running(target.model, target.caller.user, keep_alive_seconds=keep_alive)
     except ondemand.GatewayRefusal as exc:
         raise _refusal(exc) from None
     finally:
-        close_old_connections()
+        connections.close_all()  # a pool thread that may not run Django code again soon
 
 
 def _refusal(exc) -> GatewayError:

@@ -5,12 +5,14 @@ closing) a database connection each time — milliseconds before the first token
 connections (as CONN_MAX_AGE would); a connection the server dropped is replaced and the call made once
 more."""
 
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
 from django.db import InterfaceError, OperationalError, connections
 
-_executor = ThreadPoolExecutor(max_workers=4, thread_name_prefix="gateway-db")
+THREADS = 4
+_executor = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="gateway-db")
 
 
 def _guarded(function):
@@ -29,3 +31,16 @@ def _guarded(function):
 def db(function):
     """`await db(f)(*args)`: f (synchronous, ORM) on a gateway database thread."""
     return sync_to_async(_guarded(function), thread_sensitive=False, executor=_executor)
+
+
+def close_connections() -> None:
+    """Close the connection of every gateway database thread (tests: before the test database is dropped,
+    which PostgreSQL refuses while sessions are open)."""
+    barrier = threading.Barrier(THREADS)
+
+    def close():
+        barrier.wait(timeout=10)  # one task per thread: all of them run at once
+        connections.close_all()
+
+    for future in [_executor.submit(close) for _ in range(THREADS)]:
+        future.result()

@@ -12,6 +12,15 @@ from tests.gateway.fakes import FakeLlamaServer
 from tests.helpers import running_instance
 
 
+@pytest.fixture(autouse=True)
+def _close_gateway_connections():
+    """The gateway's database threads keep their connections; close them after each test."""
+    yield
+    from gateway.db import close_connections
+
+    close_connections()
+
+
 @pytest.fixture
 def bearer(users):
     """`bearer(user)` -> the Authorization header value of a new token of that user."""
