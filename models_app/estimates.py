@@ -121,8 +121,11 @@ class Prediction:
 
 
 def gib(mib: int | float | None) -> str:
+    """ "6.1 GiB", or "302 MiB" below 1 GiB."""
     if mib is None:
         return "?"
+    if abs(mib) < 1024:
+        return f"{round(mib)} MiB"
     return f"{mib / 1024:.1f} GiB"
 
 

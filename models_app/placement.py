@@ -81,7 +81,9 @@ class Choice:
 
 
 def gib(mib) -> str:
-    return f"{(mib or 0) / 1024:.1f} GiB"
+    from .estimates import gib as shown
+
+    return shown(mib or 0)
 
 
 def _free_text(gpus: list[Gpu]) -> str:

@@ -38,7 +38,9 @@ def test_estimate_on_chosen_gpus_with_flags(live, tiny_model, client_for):
     assert body["gpu_ids"] == "0,1" and body["host"] == "testhost" and body["fits"] is True
     assert len(body["per_gpu"]) == 2 and body["breakdown"]["settings"]["n_ctx"] == 8192
     assert body["estimated_mib"] == sum(g["estimated_mib"] for g in body["per_gpu"])
-    assert body["summary"].startswith("≈ 0.") and ": fits, 48.0 GiB free" in body["summary"]
+    assert (
+        body["summary"].startswith("≈ 6") and " MiB on GPU 0,1" in body["summary"]
+    )  # two CUDA contexts and ": fits, 48.0 GiB free" in body["summary"]
     assert body["correction"] == {"factor": 1.0, "loads": 0}
     # KV at 8192 tokens: 2 layers x 8192 x (64 + 64) x 2 bytes = 4 MiB over the two GPUs.
     assert sum(g["kv_mib"] for g in body["breakdown"]["gpus"]) == 4.0

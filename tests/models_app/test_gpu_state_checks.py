@@ -80,7 +80,7 @@ def test_a_load_predicted_not_to_fit_is_refused_unless_forced(fake_gpus, tiny_mo
         services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
     assert refused.value.code == "busy" and refused.value.field == "gpu_id"
     assert "tiny is predicted not to fit" in refused.value.message
-    assert "GPU 0 needs 0.3 GiB, 0.1 GiB free" in refused.value.message
+    assert "GPU 0 needs 302 MiB, 64 MiB free" in refused.value.message
     instance = services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"], force=True)
     assert "(forced: tiny is predicted not to fit" in instance.events.get(kind=Kind.REQUESTED).detail
 
