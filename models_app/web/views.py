@@ -211,6 +211,42 @@ def load(request):
     return _after_action(request, f"Loading {model_id} on GPU {instance.gpu_ids} (instance #{instance.pk}).")
 
 
+@require_GET
+@role_required(roles.can_load)
+def load_estimate(request):
+    """The load form's prediction for the chosen model and GPUs (htmx, on every change): "≈ 6.1 GiB on
+    GPU 0: fits, 74.0 GiB free". With no GPU chosen: the placement's suggestion, which the form preselects."""
+    from models_app import estimates, placement
+
+    context = {"multi_host": Host.objects.count() > 1}
+    model = ModelConfig.objects.filter(pk=request.GET.get("model_id", "")).first()
+    if model is None:
+        return render(request, "partials/load_estimate.html", {**context, "error": "Choose a model."})
+    try:
+        host_name, gpu_spec = _parse_gpu_choice(request.GET.getlist("gpu"))
+        if gpu_spec:
+            _, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu_spec), host_name)
+            prediction = estimates.predict(model, gpus)
+        else:
+            choices, _ = placement.rank(model)
+            fitting = [c for c in choices if c.fits]
+            prediction = fitting[0].prediction if fitting else None
+            context.update(suggested=True, ranking=fitting)
+            if fitting:
+                context["suggestion"] = ",".join(f"{g.host.name}:{g.index}" for g in fitting[0].gpus)
+    except ValueError as exc:
+        return render(request, "partials/load_estimate.html", {**context, "error": str(exc)})
+    except services.LoadRefused as exc:
+        return render(request, "partials/load_estimate.html", {**context, "error": exc.message})
+    if prediction is not None and prediction.estimate is not None:
+        breakdown = prediction.estimate.as_dict()
+        for gpu, part in zip(prediction.gpus, breakdown["gpus"], strict=False):
+            part["gpu_index"] = gpu.index
+        context["breakdown"] = breakdown
+    context["prediction"] = prediction
+    return render(request, "partials/load_estimate.html", context)
+
+
 @require_POST
 @role_required(roles.can_load)
 def unload(request, pk: int):

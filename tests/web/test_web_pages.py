@@ -28,6 +28,7 @@ PAGES = [
     ("tokens", "get", "/accounts/tokens/", {}, "read"),
     ("events", "get", "/events/", {}, "admin"),
     ("load", "post", "/load/", HTMX, "load"),
+    ("load-estimate", "get", "/load/estimate/?model_id=tiny&gpu=testhost:1", HTMX, "load"),
     ("unload", "post", "/instances/{instance}/unload/", HTMX, "manage"),
     ("switch", "post", "/instances/{instance}/switch/", HTMX, "manage"),
     ("kill-orphan", "post", "/gpus/{gpu}/orphans/4321/kill/", HTMX, "admin"),

@@ -15,17 +15,39 @@
     };
   });
 
-  document.addEventListener("htmx:afterSettle", function () {
+  // The load form's estimate: asked for when the form appears (page load, card refresh) and on every change;
+  // with no GPU chosen the answer carries the placement's suggestion, which is preselected.
+  function askEstimate() {
     const form = document.getElementById("load-form");
-    if (!form || !saved) return;
-    const select = form.querySelector("select[name=model_id]");
-    if (select && saved.model && select.querySelector(`option[value="${CSS.escape(saved.model)}"]`)) {
-      select.value = saved.model;
-    }
-    form.querySelectorAll("input[name=gpu]").forEach((box) => {
-      if (!box.disabled && saved.gpus.includes(box.value)) box.checked = true;
+    if (form && window.htmx) htmx.trigger(form, "change");
+  }
+  document.addEventListener("DOMContentLoaded", askEstimate);
+  document.addEventListener("htmx:afterSettle", function (event) {
+    const target = event.detail.target;
+    const box = target && target.id === "load-estimate" ? target.querySelector("[data-suggest]") : null;
+    if (!box) return;
+    const form = document.getElementById("load-form");
+    if (!form || form.querySelector("input[name=gpu]:checked")) return;
+    const wanted = box.dataset.suggest.split(",");
+    form.querySelectorAll("input[name=gpu]").forEach((toggle) => {
+      if (!toggle.disabled && wanted.includes(toggle.value)) toggle.checked = true;
     });
+  });
+
+  document.addEventListener("htmx:afterSettle", function (event) {
+    if (!event.detail.target || event.detail.target.id !== "dashboard-content") return;
+    const form = document.getElementById("load-form");
+    if (form && saved) {
+      const select = form.querySelector("select[name=model_id]");
+      if (select && saved.model && select.querySelector(`option[value="${CSS.escape(saved.model)}"]`)) {
+        select.value = saved.model;
+      }
+      form.querySelectorAll("input[name=gpu]").forEach((box) => {
+        if (!box.disabled && saved.gpus.includes(box.value)) box.checked = true;
+      });
+    }
     saved = null;
+    askEstimate();
   });
 
   function connectionAlert(show) {
