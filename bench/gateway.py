@@ -1,6 +1,6 @@
 """The gateway's cost: Gemma 3 270M (Q4_K_M) through the gateway against straight to its llama-server.
 
-    .venv/bin/python bench/gateway.py [--pairs 10] [--tokens 64] [--model gemma|tiny]
+    .venv/bin/python bench/gateway.py [--pairs 10] [--tokens 64] [--model gemma|tiny] [--no-repack]
 
 (The registry id is `gemma3-270m` whichever file serves it.)
 
@@ -49,6 +49,11 @@ def parse_args():
     parser.add_argument(
         "--open", type=int, default=100, help="open streams for the memory figure (default 100)"
     )
+    parser.add_argument(
+        "--no-repack", action="store_true",
+        help="serve with llama-server's -nr (no weight repacking): needed where the CPU advertises AMX that "
+        "the VM does not allow (llama-server dies with SIGILL on Gemma otherwise; see the README)",
+    )  # fmt: skip
     parser.add_argument(
         "--model", choices=["gemma", "tiny"], default="gemma",
         help="Gemma 3 270M Q4_K_M (default) or the tiny test model (F32; thousands of tokens/s, so the "
@@ -143,6 +148,8 @@ def main() -> None:
 
         path = write_tiny_model(settings.MODEL_DIRS[0] / "tiny.gguf")
     params = {"c": 16 * 512, "np": 16}
+    if args.no_repack:
+        params["nr"] = None
     ModelConfig.objects.update_or_create(
         id="gemma3-270m",
         defaults={"name": "Gemma 3 270M", "path": str(path), "cli_params": params, **file_facts(path)},
