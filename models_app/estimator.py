@@ -410,6 +410,13 @@ def kv_layout(facts: GgufFacts, s: LoadSettings) -> tuple[list[int], list[bool]]
     head_dim = n_embd // heads[0] if heads and heads[0] else 0
     key_len = int(facts.key("attention.key_length") or head_dim)
     value_len = int(facts.key("attention.value_length") or head_dim)
+    for which, kind, size in (("K", s.cache_k, key_len), ("V", s.cache_v, value_len)):
+        block = CACHE_TYPES[kind][0]
+        if size and size % block:
+            raise EstimateError(
+                f"{which} cache type {kind} with block size {block} does not divide the head size {size} "
+                "(llama-server refuses it)"
+            )
     n_swa = int(facts.key("attention.sliding_window") or 0)
     pattern = SWA_PATTERNS.get(facts.architecture)
     sliding = [bool(n_swa and pattern and pattern(il) and not s.swa_full) for il in range(n_layer)]
