@@ -621,7 +621,9 @@ def logged_buffers(binary: str, model: str, args: list[str], *, timeout: float =
     return buffers
 
 
-def fit_params(binary_dir: str, model: str, args: list[str], *, timeout: float = 60.0) -> list[dict] | None:
+def fit_params(
+    binary_dir: str, model: str, args: list[str], *, timeout: float = 60.0, env: dict | None = None
+) -> list[dict] | None:
     """llama.cpp's own estimate, where the build has `llama-fit-params` with `--fit-print`: one line per
     device, `<device> <model> <context> <compute>` in MiB. None when the tool is missing or fails."""
     import subprocess
@@ -636,6 +638,7 @@ def fit_params(binary_dir: str, model: str, args: list[str], *, timeout: float =
             capture_output=True,
             timeout=timeout,
             check=False,
+            env=env,
         )
     except (OSError, subprocess.TimeoutExpired):
         return None

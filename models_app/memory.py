@@ -166,11 +166,15 @@ def check_estimate(instance: GpuInstance) -> None:
         return
     measured, estimated = instance.memory_used_mb, instance.memory_estimated_mb
     error = round((measured - estimated) * 100 / estimated, 1)
+    stored = dict(instance.memory_estimate or {})
+    opinion = fit_params_opinion(instance, stored)
+    if opinion is not None:
+        stored["fit_params"] = opinion
     GpuInstance.objects.filter(pk=instance.pk).update(
-        memory_measured_mb=measured, memory_estimate_error_pct=error
+        memory_measured_mb=measured, memory_estimate_error_pct=error, memory_estimate=stored
     )
     instance.memory_measured_mb, instance.memory_estimate_error_pct = measured, error
-    stored = instance.memory_estimate or {}
+    instance.memory_estimate = stored
     learned = stored.get("correction") or {}
     basis = f", corrected from {learned['loads']} loads" if learned.get("loads") else ""
     record(
@@ -179,5 +183,40 @@ def check_estimate(instance: GpuInstance) -> None:
         detail=(
             f"estimated {estimated} MiB{basis} (formula {stored.get('formula_mib', '?')} MiB), "
             f"measured {measured} MiB ({instance.memory_source}): error {error:+.1f} %"
+            + (_opinion_text(opinion) if opinion else "")
         ),
     )
+
+
+def _opinion_text(opinion: list[dict]) -> str:
+    total = sum(d["model_mib"] + d["context_mib"] + d["compute_mib"] for d in opinion)
+    return f"; llama-fit-params says {total:.0f} MiB (without the CUDA context)"
+
+
+def fit_params_opinion(instance: GpuInstance, stored: dict) -> list[dict] | None:
+    """llama.cpp's own estimate of this load (`llama-fit-params --fit-print on` next to the instance's
+    llama-server, same settings, same GPUs), stored beside ours as a second opinion; None where the build
+    has no such tool. Runs in the worker after the load, never in a request."""
+    import os
+    from pathlib import Path
+
+    from . import estimator
+
+    settings_used = (stored.get("breakdown") or {}).get("settings") or {}
+    if not instance.argv or not settings_used:
+        return None
+    args = ["-c", str(settings_used["n_ctx"]), "-ngl", str(settings_used["n_gpu_layers"])]
+    args += ["-ub", str(settings_used["n_ubatch"]), "-b", str(settings_used["n_batch"])]
+    args += ["-ctk", settings_used["cache_k"], "-ctv", settings_used["cache_v"]]
+    args += ["-fa", "on" if settings_used["flash_attn"] else "off"]
+    args += [] if settings_used["kv_unified"] else ["-np", str(settings_used["n_seq"])]
+    uuids = list(instance.gpu_links.order_by("position").values_list("gpu__uuid", flat=True))
+    environment = {k: v for k, v in os.environ.items() if k in ("PATH", "HOME", "LD_LIBRARY_PATH")}
+    environment["CUDA_VISIBLE_DEVICES"] = ",".join(uuids)
+    try:
+        return estimator.fit_params(
+            str(Path(instance.argv[0]).parent), instance.model.path, args, timeout=20, env=environment
+        )
+    except Exception:  # a second opinion is a nicety
+        logger.exception("llama-fit-params failed for instance %s", instance.pk)
+        return None

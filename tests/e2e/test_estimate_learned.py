@@ -54,6 +54,9 @@ def test_second_load_is_predicted_from_the_first(celery_worker, fake_gpus, tiny_
     assert first.memory_measured_mb == first.memory_used_mb > 0
     error = round((first.memory_measured_mb - first.memory_estimated_mb) * 100 / first.memory_estimated_mb, 1)
     assert first.memory_estimate_error_pct == error
+    # llama.cpp's own estimate (llama-fit-params, where the build has it) is stored beside ours.
+    opinion = first.memory_estimate.get("fit_params")
+    assert opinion is None or opinion[0]["model_mib"] >= 0
     event = first.events.get(kind=InstanceEvent.Kind.ESTIMATE)
     assert f"estimated {first.memory_estimated_mb} MiB" in event.detail
     assert f"measured {first.memory_measured_mb} MiB (process): error {error:+.1f} %" in event.detail
@@ -71,6 +74,7 @@ def test_second_load_is_predicted_from_the_first(celery_worker, fake_gpus, tiny_
     # The simulated GPU measures the process's RSS (no CUDA context): the first estimate was far off, the
     # second is as close as two loads of the same process are to each other.
     assert abs(second.memory_estimate_error_pct) < 25 < abs(first.memory_estimate_error_pct)
+    print(f"\nllama-fit-params on the first load: {opinion}")
     print(
         f"\nfirst load: estimated {first.memory_estimated_mb} MiB, measured {first.memory_measured_mb} MiB "
         f"({first.memory_estimate_error_pct:+.1f} %); second: estimated {second.memory_estimated_mb} MiB "
