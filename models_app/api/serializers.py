@@ -35,6 +35,7 @@ class InstanceSerializer(serializers.ModelSerializer):
             "memory_used_mb", "memory_total_mb", "memory_percent", "memory_source", "memory_updated_at",
             "owner", "host", "requested_at", "stopped_at", "exit_code", "error",
             "loaded_on_demand", "in_flight", "last_used_at", "expires_at",
+            "memory_estimated_mb", "memory_measured_mb", "memory_estimate_error_pct", "memory_estimate",
         ]  # fmt: skip
         read_only_fields = fields
 
