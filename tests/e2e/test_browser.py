@@ -64,7 +64,20 @@ def test_load_watch_and_unload_in_a_browser(
     assert "simulated" in page.locator(".gpu-card").first.inner_text()
 
     page.select_option("#load-model", "tiny")
-    page.click("label.toggle:has(input[data-index='0'])")
+    estimate = page.locator("#load-estimate")
+    # The memory prediction answers the form as it appears (with the placement's suggestion, preselected)...
+    wait_for(lambda: estimate.inner_text().strip(), 30, "the load form's first estimate")
+    if not page.locator("input[data-index='0']").is_checked():
+        page.click("label.toggle:has(input[data-index='0'])")
+    for other in page.locator("input[name=gpu]:checked:not([data-index='0'])").all():
+        page.click(f"label.toggle:has(input[value='{other.get_attribute('value')}'])")
+    # ... and to every change: the estimate of the tiny model on GPU 0 (no worker has measured the GPUs yet).
+    try:
+        line = wait_for(lambda: re.search(r"≈ \d+ MiB on GPU 0: (fits, [\d.]+ GiB free|free memory unknown)", estimate.inner_text()), 30,
+                        "the estimate for GPU 0")  # fmt: skip
+    except AssertionError:
+        raise AssertionError(estimate.inner_text()) from None
+    assert "CUDA context 300 MiB" in estimate.inner_text(), line
     page.click("#load-button")
 
     card = page.locator(".instance-card")
