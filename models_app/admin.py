@@ -121,7 +121,7 @@ class LoadForm(forms.Form):
 class GpuInstanceAdmin(admin.ModelAdmin):
     list_display = [
         "id", "model", "host", "gpu_ids", "status", "port", "pid", "memory_used_mb", "memory_total_mb",
-        "memory_source", "owner", "requested_at",
+        "memory_source", "memory_estimated_mb", "memory_estimate_error_pct", "owner", "requested_at",
     ]  # fmt: skip
     list_filter = ["status", "memory_source", "host", "model"]
     search_fields = ["model__id", "model__name", "owner__username", "gpu_ids"]

@@ -180,3 +180,14 @@ def test_cli_refuses_and_takes_force(fake_gpus, tiny_model, users):
         call_command("switch", "tiny", "--gpu", "1")
     call_command("switch", "tiny", "--gpu", "1", "--force")
     assert GpuInstance.objects.exclude(pk=instance.pk).get().gpu_ids == "1"
+
+
+def test_a_switch_counts_the_memory_of_the_instance_it_replaces_as_free(fake_gpus, tiny_model, users):
+    old = services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
+    GpuInstance.objects.filter(pk=old.pk).update(memory_used_mb=24000)
+    Gpu.objects.filter(pk=fake_gpus.gpus[0].pk).update(
+        memory_used_mib=24400
+    )  # 164 MiB free, with the old one
+    new = services.request_switch(model_id="tiny", gpu_spec="0", actor=users["operator"])
+    assert new.memory_estimate["per_gpu"][0]["free_mib"] == 164 + 24000
+    assert "forced" not in new.events.get(kind=Kind.SWITCH_REQUESTED).detail
