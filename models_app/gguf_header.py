@@ -41,6 +41,7 @@ class GgufFacts:
     metadata: dict  # scalar keys, and short numeric arrays as lists; long arrays as {"array_len": n}
     tensors: dict  # name -> bytes
     tensor_types: dict = field(default_factory=dict)  # name -> ggml type number
+    parameter_count: int = 0  # elements over all tensors
 
     def key(self, name, default=None):
         return self.metadata.get(f"{self.architecture}.{name}", default)
@@ -110,7 +111,7 @@ def _parse(path: str, data) -> GgufFacts:
         key, pos = string(pos)
         (kind,) = unpack_from("<I", data, pos)
         metadata[key], pos = value(kind, pos + 4)
-    tensors, types = {}, {}
+    tensors, types, elements = {}, {}, 0
     for _ in range(n_tensors):
         name, pos = string(pos)
         (n_dims,) = unpack_from("<I", data, pos)
@@ -119,10 +120,14 @@ def _parse(path: str, data) -> GgufFacts:
         pos += 4 + 8 * n_dims + 12
         tensors[name] = _tensor_bytes(type_id, dims)
         types[name] = type_id
+        elements += math.prod(dims)
     arch = metadata.get("general.architecture")
     if not isinstance(arch, str):
         raise EstimateError(f"{path}: no general.architecture in the header")
-    return GgufFacts(path=path, architecture=arch, metadata=metadata, tensors=tensors, tensor_types=types)
+    return GgufFacts(
+        path=path, architecture=arch, metadata=metadata, tensors=tensors, tensor_types=types,
+        parameter_count=elements,
+    )  # fmt: skip
 
 
 _CACHE: dict[tuple, GgufFacts] = {}

@@ -195,31 +195,28 @@ def file_facts(path: Path) -> dict:
 
 
 def read_gguf_facts(path: Path) -> dict:
-    """A few header facts (architecture, layers, context, parameters); {} when the header is unreadable."""
-    from gguf import GGUFReader
+    """A few header facts (architecture, layers, context, parameters); {} when the header is unreadable. Read by
+    the header-only parser (models_app/gguf_header.py): no tensor data, no walk over the vocabulary in Python."""
+    from .gguf_header import EstimateError, gguf_facts
 
     try:
-        reader = GGUFReader(str(path))
-    except Exception:  # a truncated or foreign file: the facts stay empty, loading will report the error
+        header = gguf_facts(path)
+    except (OSError, EstimateError):  # a truncated or foreign file: the facts stay empty, loading reports it
         return {}
 
     def scalar(key):
-        field = reader.get_field(key)
-        if field is None:
-            return None
-        value = field.contents()
-        return value if isinstance(value, str | int | float) else None
+        value = header.metadata.get(key)
+        return value if isinstance(value, str | int | float) and not isinstance(value, bool) else None
 
-    arch = scalar("general.architecture")
+    arch = header.architecture
     facts = {
         "architecture": arch,
         "name": scalar("general.name"),
         "file_type": scalar("general.file_type"),
-        "tensor_count": len(reader.tensors),
-        "parameter_count": int(sum(int(t.n_elements) for t in reader.tensors)),
+        "tensor_count": len(header.tensors),
+        "parameter_count": header.parameter_count,
+        "block_count": scalar(f"{arch}.block_count"),
+        "context_length": scalar(f"{arch}.context_length"),
+        "embedding_length": scalar(f"{arch}.embedding_length"),
     }
-    if arch:
-        facts["block_count"] = scalar(f"{arch}.block_count")
-        facts["context_length"] = scalar(f"{arch}.context_length")
-        facts["embedding_length"] = scalar(f"{arch}.embedding_length")
     return {k: v for k, v in facts.items() if v is not None}
