@@ -45,8 +45,8 @@ def write_sparse(
     writer.write_ti_data_to_file()
     writer.close()
     with open(path, "r+b") as handle:
-        handle.seek(0, 2)
-        handle.truncate(handle.tell() + total)
+        header_end = handle.seek(0, 2)
+        handle.truncate(header_end + (-header_end % 32) + total)  # tensor data starts 32-byte aligned
     return path
 
 

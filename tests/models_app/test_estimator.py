@@ -6,6 +6,7 @@ llama-server's own catalogue, and a header read that never walks the vocabulary 
 import time
 from pathlib import Path
 
+import gguf
 import pytest
 
 from models_app import estimator
@@ -156,3 +157,10 @@ def test_a_file_that_is_not_gguf_is_an_estimate_error(tmp_path):
     bad.write_bytes(b"NOPE" + b"\0" * 64)
     with pytest.raises(estimator.EstimateError, match="not a GGUF file"):
         estimator.read_header(bad)
+
+
+def test_tensor_bytes_agree_with_the_gguf_packages_reader(gemma3):
+    reader = gguf.GGUFReader(str(gemma3))
+    facts = estimator.read_header(gemma3)
+    assert facts.tensors == {t.name: int(t.n_bytes) for t in reader.tensors}
+    assert facts.parameter_count == sum(int(t.n_elements) for t in reader.tensors)
