@@ -46,3 +46,15 @@ def test_bad_choices_say_so(client, users, fake_gpus, tiny_model):
     assert "Choose a model." in client.get("/load/estimate/?model_id=nope", **HTMX).content.decode()
     body = client.get("/load/estimate/?model_id=tiny&gpu=testhost:9", **HTMX).content.decode()
     assert "host testhost has no GPU 9" in body
+
+
+def test_the_instance_card_shows_its_estimate_and_error(client, users, fake_gpus, tiny_model):
+    from models_app import services
+    from models_app.models import GpuInstance
+
+    client.force_login(users["viewer"])
+    Gpu.objects.filter(host=fake_gpus.host).update(memory_used_mib=10)
+    instance = services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
+    GpuInstance.objects.filter(pk=instance.pk).update(memory_measured_mb=22, memory_estimate_error_pct=-92.7)
+    page = client.get("/", HTTP_HX_REQUEST="true").content.decode()
+    assert f"Estimated {instance.memory_estimated_mb} MiB · measured 22 MiB (-92.7 %)" in page
