@@ -37,6 +37,7 @@ class Prediction:
     error: str = ""  # why there is no estimate
     llama_version: str = ""
     gpu_name: str = ""
+    context_note: str = ""  # the context was lowered to fit, as llama-server's --fit will
 
     @property
     def total_mib(self) -> int:
@@ -63,6 +64,8 @@ class Prediction:
         where = f"GPU {self.gpu_label()}"
         learned = f" (corrected ×{self.factor:.2f} from {self.loads} loads)" if self.loads else ""
         head = f"≈ {gib(self.total_mib)} on {where}{learned}"
+        if self.context_note:
+            head += f" ({self.context_note})"
         if self.fits is None:
             return f"{head}: free memory unknown"
         free = sum(f or 0 for f in self.free_mib)
@@ -107,6 +110,7 @@ class Prediction:
             "correction": {"factor": round(self.factor, 3), "loads": self.loads},
             "llama_version": self.llama_version,
             "summary": self.summary(),
+            "context_note": self.context_note,
             "breakdown": self.estimate.as_dict() if self.estimate else None,
             "error": self.error,
         }
@@ -217,11 +221,49 @@ def predict(
     except (OSError, estimator.EstimateError) as exc:
         prediction.error = str(exc)
         return prediction
+    prediction.factor, prediction.loads = calibration(model.pk, gpu_name, version)
+    _use(prediction, result)
+    fit_on = str(options.get("fit", "on")).lower() not in ("off", "0", "false")
+    if prediction.fits is False and fit_on and "ctx-size" not in options:
+        _lower_context(prediction, facts, options)
+    return prediction
+
+
+def _use(prediction: Prediction, result) -> None:
     prediction.estimate = result
     prediction.raw_mib = [-(-d.total // MIB) for d in result.devices]
-    prediction.factor, prediction.loads = calibration(model.pk, gpu_name, version)
     prediction.per_gpu_mib = [round(raw * prediction.factor) for raw in prediction.raw_mib]
-    return prediction
+
+
+def _lower_context(prediction: Prediction, facts, options: dict) -> None:
+    """The model sets no context, so llama-server (with its default `--fit on`) lowers the trained context
+    until the load fits, down to `--fit-ctx` (4096): predict the largest context that fits, in steps of 256."""
+    trained = prediction.estimate.settings.n_ctx
+    try:
+        floor = min(trained, int(options.get("fit-ctx") or 4096))
+    except ValueError:
+        return
+    gpus = len(prediction.gpus)
+
+    def fits_at(n_ctx):
+        trial = Prediction(prediction.model_id, prediction.gpus, None, factor=prediction.factor)
+        trial.free_mib = prediction.free_mib
+        _use(trial, estimator.estimate(facts, {**options, "ctx-size": n_ctx}, gpus=gpus))
+        return trial
+
+    low = fits_at(floor)
+    if low.fits is False:
+        return  # not even the smallest context llama-server would try
+    best, lo, hi = low, floor // 256, trained // 256
+    while lo < hi:  # the largest multiple of 256 that fits
+        mid = (lo + hi + 1) // 2
+        trial = fits_at(mid * 256)
+        if trial.fits is False:
+            hi = mid - 1
+        else:
+            best, lo = trial, mid
+    _use(prediction, best.estimate)
+    prediction.context_note = f"context {best.estimate.settings.n_ctx} tokens: llama-server's --fit lowers the trained {trained} to fit"
 
 
 def parse_overrides(raw: dict) -> dict:

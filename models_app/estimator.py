@@ -57,13 +57,13 @@ MEMORY_OPTIONS = {
     "--parallel": "parallel", "--batch-size": "batch-size", "--ubatch-size": "ubatch-size",
     "--split-mode": "split-mode", "--tensor-split": "tensor-split", "--no-kv-offload": "no-kv-offload",
     "--kv-unified": "kv-unified", "--no-kv-unified": "no-kv-unified", "--swa-full": "swa-full",
-    "--main-gpu": "main-gpu",
+    "--main-gpu": "main-gpu", "--fit": "fit", "--fit-ctx": "fit-ctx",
 }  # fmt: skip
 # Without a catalogue (a unit test, a host without a binary): llama-server's usual short spellings.
 SHORT_SPELLINGS = {
     "c": "ctx-size", "ngl": "gpu-layers", "ctk": "cache-type-k", "ctv": "cache-type-v", "fa": "flash-attn",
     "np": "parallel", "b": "batch-size", "ub": "ubatch-size", "sm": "split-mode", "ts": "tensor-split",
-    "nkvo": "no-kv-offload", "kvu": "kv-unified", "no-kvu": "no-kv-unified", "mg": "main-gpu",
+    "nkvo": "no-kv-offload", "kvu": "kv-unified", "no-kvu": "no-kv-unified", "mg": "main-gpu", "fitc": "fit-ctx",
 }  # fmt: skip
 
 

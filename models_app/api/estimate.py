@@ -48,6 +48,9 @@ class EstimateSerializer(serializers.Serializer):
     correction = CorrectionSerializer()
     llama_version = serializers.CharField()
     summary = serializers.CharField(help_text='e.g. "≈ 6.1 GiB on GPU 0: fits, 74.0 GiB free".')
+    context_note = serializers.CharField(
+        help_text="Set when the model gives no context and llama-server's --fit will lower the trained one to fit."
+    )
     breakdown = serializers.JSONField(
         allow_null=True, help_text="Per GPU and host: weights, KV, compute, overhead (MiB); the settings."
     )

@@ -141,3 +141,25 @@ def test_estimate_command(host, big_model, capsys):
         call_command("estimate", "llama8b", "-c", "x")
     with pytest.raises(CommandError, match="unknown model"):
         call_command("estimate", "nope")
+
+
+def test_without_a_context_flag_the_context_is_lowered_to_fit_as_llama_server_does(host, big_model):
+    gpu0 = Gpu.objects.get(host=host, index=0)
+    full = estimates.predict(big_model, [gpu0], {"ctx-size": 8192}).total_mib
+    floor = estimates.predict(big_model, [gpu0], {"ctx-size": 4096}).total_mib
+    Gpu.objects.filter(pk=gpu0.pk).update(memory_total_mib=10 + (full + floor) // 2)
+    gpu0.refresh_from_db()
+    ModelConfig.objects.filter(pk=big_model.pk).update(cli_params={})  # no -c: the trained 8192 tokens
+    big_model.refresh_from_db()
+    lowered = estimates.predict(big_model, [gpu0])
+    assert lowered.fits is True and 4096 <= lowered.estimate.settings.n_ctx < 8192
+    assert lowered.estimate.settings.n_ctx % 256 == 0
+    assert "llama-server's --fit lowers the trained 8192 to fit" in lowered.summary()
+    ModelConfig.objects.filter(pk=big_model.pk).update(cli_params={"fit": "off"})
+    big_model.refresh_from_db()
+    assert estimates.predict(big_model, [gpu0]).fits is False
+    Gpu.objects.filter(pk=gpu0.pk).update(memory_total_mib=floor - 100)
+    gpu0.refresh_from_db()
+    ModelConfig.objects.filter(pk=big_model.pk).update(cli_params={})
+    big_model.refresh_from_db()
+    assert estimates.predict(big_model, [gpu0]).fits is False  # not even at --fit-ctx
