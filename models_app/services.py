@@ -289,8 +289,9 @@ def request_load(
     on_demand: bool = False,
     note: str = "",
 ) -> GpuInstance:
-    """Validate, create a pending instance holding the GPUs, and (on commit) queue its load. `force`: load
-    onto GPUs that other processes occupy (recorded in the event). `on_demand`: a load the gateway asked
+    """Validate, create a pending instance holding the GPUs with its memory estimate, and (on commit) queue its
+    load. A load predicted not to fit the GPUs' free memory is refused with the numbers (409). `force`: load
+    anyway, onto GPUs that other processes occupy or where it is predicted not to fit (recorded in the event). `on_demand`: a load the gateway asked
     for (models_app.ondemand, which has checked who may wake the model); idle unload applies to it, and
     only one such load of a model is under way at a time. `note` is added to the event."""
     if not on_demand:
