@@ -9,7 +9,7 @@ from django.utils import timezone
 
 from gpus.models import Alert, AlertRule, Gpu, MemorySample
 from models_app.events import record
-from models_app.models import InstanceEvent
+from models_app.models import GpuInstance, InstanceEvent
 from tests.e2e import test_browser
 from tests.helpers import running_instance
 
@@ -22,6 +22,7 @@ browser_page = test_browser.browser_page  # the same chromium fixture (skips whe
 def history(fake_gpus, tiny_model):
     gpu = fake_gpus.gpus[0]
     instance = running_instance(fake_gpus.host, tiny_model, [gpu])
+    GpuInstance.objects.filter(pk=instance.pk).update(memory_estimated_mb=3100)  # predicted at load time
     Gpu.objects.filter(pk=gpu.pk).update(state="model_loaded", memory_used_mib=6000)
     now = timezone.now()
     MemorySample.objects.bulk_create(
