@@ -4,7 +4,7 @@ from rest_framework import mixins, viewsets
 from rest_framework.exceptions import ValidationError
 
 from accounts.permissions import IsViewer
-from models_app.api.views import parse_moment
+from models_app.api.views import filter_by_time
 
 from ..usage import visible_to
 from .serializers import UsageRecordSerializer
@@ -47,15 +47,7 @@ class UsageViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
                 records = records.filter(status=int(text))
             else:
                 errors["status"] = ["must be an HTTP status between 100 and 599"]
-        for name, lookup in (("since", "created_at__gte"), ("until", "created_at__lt")):
-            if params.get(name):
-                moment = parse_moment(params[name])
-                if moment is None:
-                    errors[name] = [
-                        "must be an ISO 8601 date and time within years 1 to 9999, e.g. 2025-01-31T12:00:00Z"
-                    ]
-                else:
-                    records = records.filter(**{lookup: moment})
+        records = filter_by_time(records, params, errors)
         if errors:
             raise ValidationError(errors)
         return records.order_by("-created_at", "-id")

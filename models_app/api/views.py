@@ -175,6 +175,21 @@ def parse_moment(text: str) -> datetime | None:
         return None
 
 
+def filter_by_time(queryset, params, errors: dict, field: str = "created_at"):
+    """The `since` (inclusive) and `until` (exclusive) query parameters applied to `field`; a bad value is
+    put in `errors` under its parameter's name."""
+    for name, lookup in (("since", f"{field}__gte"), ("until", f"{field}__lt")):
+        if params.get(name):
+            moment = parse_moment(params[name])
+            if moment is None:
+                errors[name] = [
+                    "must be an ISO 8601 date and time within years 1 to 9999, e.g. 2025-01-31T12:00:00Z"
+                ]
+            else:
+                queryset = queryset.filter(**{lookup: moment})
+    return queryset
+
+
 @extend_schema(
     parameters=[
         OpenApiParameter(
@@ -209,15 +224,7 @@ class EventViewSet(mixins.ListModelMixin, viewsets.GenericViewSet):
             queryset = queryset.filter(actor_name=params["user"])
         if params.get("kind"):
             queryset = queryset.filter(kind__in=params["kind"].split(","))
-        for name, lookup in (("since", "created_at__gte"), ("until", "created_at__lt")):
-            if params.get(name):
-                moment = parse_moment(params[name])
-                if moment is None:
-                    errors[name] = [
-                        "must be an ISO 8601 date and time within years 1 to 9999, e.g. 2025-01-31T12:00:00Z"
-                    ]
-                else:
-                    queryset = queryset.filter(**{lookup: moment})
+        queryset = filter_by_time(queryset, params, errors)
         if errors:
             raise ValidationError(errors)
         return queryset
