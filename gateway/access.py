@@ -7,9 +7,9 @@ from dataclasses import dataclass
 from django.contrib.auth.models import AnonymousUser
 from django.db import connections
 from django.middleware.csrf import CsrfViewMiddleware
-from django.utils import timezone
 
-from accounts.models import ApiToken, hash_token
+from accounts import tokens
+from accounts.models import ApiToken
 from accounts.roles import can_read
 from models_app import ondemand
 from models_app.models import GpuInstance, ModelConfig
@@ -18,6 +18,13 @@ from .errors import GatewayError
 from .translate import model_id_of
 
 Status = GpuInstance.Status
+
+TOKEN_REJECTED = {
+    "unknown": "invalid API token",
+    "revoked": "the API token is revoked",
+    "expired": "the API token has expired",
+    "inactive": "the token's user is inactive",
+}
 
 
 @dataclass
@@ -59,18 +66,10 @@ def authenticate(request) -> Caller:
         parts = header.split()
         if parts[0].lower() != "bearer" or len(parts) != 2:
             raise GatewayError(401, "the Authorization header must be 'Bearer <token>'", code="invalid_token")
-        token = ApiToken.objects.select_related("user").filter(token_hash=hash_token(parts[1])).first()
-        if token is None:
-            raise GatewayError(401, "invalid API token", code="invalid_token")
-        if token.revoked_at is not None:
-            raise GatewayError(401, "the API token is revoked", code="invalid_token")
-        if token.expires_at is not None and token.expires_at <= timezone.now():
-            raise GatewayError(401, "the API token has expired", code="invalid_token")
-        if not token.user.is_active:
-            raise GatewayError(401, "the token's user is inactive", code="invalid_token")
-        now = timezone.now()
-        if token.last_used_at is None or (now - token.last_used_at).total_seconds() > 60:
-            ApiToken.objects.filter(pk=token.pk).update(last_used_at=now)
+        try:
+            token = tokens.check(parts[1])
+        except tokens.TokenRejected as exc:
+            raise GatewayError(401, TOKEN_REJECTED[exc.reason], code="invalid_token") from None
         return Caller(user=token.user, token=token)
     user = getattr(request, "user", None) or AnonymousUser()
     if user.is_authenticated and request.method not in ("GET", "HEAD", "OPTIONS"):
