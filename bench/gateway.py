@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
-from load import gemma_file, prepare_environment  # noqa: E402  (bench/load.py: the same set-up)
+from load import gemma_file, prepare_environment, start_broker  # noqa: E402  (bench/load.py: the same set-up)
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -114,12 +114,7 @@ def main() -> None:
     data = Path(tempfile.mkdtemp(prefix="llamacontroller-bench-gateway-"))
     prepare_environment(data)
     os.environ["LLAMACONTROLLER_GATEWAY_QUEUE_SIZE"] = str(args.open + 16)
-    redis_server = None
-    if not os.environ.get("REDIS_URL"):
-        from llamacontroller_site.embedded_redis import EmbeddedRedis
-
-        redis_server = EmbeddedRedis(log_file=data / "redis.log").start()
-        os.environ["REDIS_URL"] = redis_server.url
+    redis_server = start_broker(data)
 
     import django
 

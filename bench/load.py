@@ -29,6 +29,17 @@ def parse_args():
     return parser.parse_args()
 
 
+def start_broker(data: Path):
+    """An embedded Redis when REDIS_URL is unset (returned, to be stopped at the end), else None."""
+    if os.environ.get("REDIS_URL"):
+        return None
+    from llamacontroller_site.embedded_redis import EmbeddedRedis
+
+    redis_server = EmbeddedRedis(log_file=data / "redis.log").start()
+    os.environ["REDIS_URL"] = redis_server.url
+    return redis_server
+
+
 def prepare_environment(data: Path) -> None:
     """Everything from the environment, as in production; a fake-GPU file describes two simulated GPUs."""
     import json
@@ -133,12 +144,7 @@ def main() -> None:
     args = parse_args()
     data = Path(tempfile.mkdtemp(prefix="llamacontroller-bench-"))
     prepare_environment(data)
-    redis_server = None
-    if not os.environ.get("REDIS_URL"):
-        from llamacontroller_site.embedded_redis import EmbeddedRedis
-
-        redis_server = EmbeddedRedis(log_file=data / "redis.log").start()
-        os.environ["REDIS_URL"] = redis_server.url
+    redis_server = start_broker(data)
 
     import django
 
