@@ -32,7 +32,9 @@ def client() -> httpx.AsyncClient:
 
 
 def base_url(instance) -> str:
-    return f"http://{settings.LLAMA_SERVER_HOST}:{instance.port}"
+    """The instance on its host, as the host's worker reported it reachable (Host.address); fetch the
+    instance with select_related("host") on hot paths."""
+    return f"http://{instance.host.address or '127.0.0.1'}:{instance.port}"
 
 
 def headers(instance) -> dict[str, str]:

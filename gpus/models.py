@@ -1,22 +1,67 @@
+from datetime import timedelta
+
+from django.conf import settings
 from django.db import models
+from django.utils import timezone
+
+
+def alive_cutoff():
+    """A host whose worker was heard of (heartbeat, GPU refresh, reconcile pass) after this is up."""
+    return timezone.now() - timedelta(seconds=settings.HOST_TIMEOUT_SECONDS)
+
+
+class HostQuerySet(models.QuerySet):
+    def up(self):
+        return self.filter(last_seen__gte=alive_cutoff())
+
+    def down(self):
+        cutoff = alive_cutoff()
+        return self.filter(models.Q(last_seen__lt=cutoff) | models.Q(last_seen=None, created_at__lt=cutoff))
 
 
 class Host(models.Model):
-    """A machine with GPUs and a Celery worker that consumes the queue `host.<name>`."""
+    """A machine with GPUs and a Celery worker that consumes the queue `host.<name>`. One worker holds a host
+    name at a time (the `worker_*` fields name it, see models_app/cluster.py); it heartbeats `last_seen`
+    every LLAMACONTROLLER_HOST_HEARTBEAT_SECONDS, and a host silent past LLAMACONTROLLER_HOST_TIMEOUT_SECONDS
+    is down."""
 
     name = models.CharField(max_length=100, unique=True)
     telemetry_backend = models.CharField(max_length=20, blank=True, help_text="Backend the worker uses.")
     telemetry_error = models.TextField(blank=True, help_text="Why the last GPU query failed, if it did.")
     llama_server = models.CharField(max_length=500, blank=True, help_text="llama-server the worker resolved.")
     llama_server_error = models.TextField(blank=True)
-    last_seen = models.DateTimeField(null=True, blank=True)
+    last_seen = models.DateTimeField(null=True, blank=True, help_text="The worker's last heartbeat.")
+    # The worker that holds the host name: a second one refuses to start while this one is alive.
+    worker_machine_id = models.CharField(max_length=100, blank=True)
+    worker_hostname = models.CharField(max_length=255, blank=True)
+    worker_pid = models.PositiveIntegerField(null=True, blank=True)
+    worker_started_at = models.DateTimeField(null=True, blank=True)
+    # How the web node and the gateway reach this host's llama-servers (LLAMACONTROLLER_LLAMA_SERVER_HOST,
+    # or LLAMACONTROLLER_HOST_ADDRESS where that is 0.0.0.0).
+    address = models.CharField(max_length=255, blank=True, default="127.0.0.1")
     created_at = models.DateTimeField(auto_now_add=True)
+
+    objects = HostQuerySet.as_manager()
 
     class Meta:
         ordering = ["name"]
 
     def __str__(self) -> str:
         return self.name
+
+    @property
+    def is_up(self) -> bool:
+        return self.last_seen is not None and self.last_seen >= alive_cutoff()
+
+    @property
+    def state(self) -> str:
+        return "up" if self.is_up else "down"
+
+    def down_reason(self) -> str:
+        """Why the host counts as down, e.g. "host gpu-box-2 not heard from since 10:42"."""
+        if self.last_seen is None:
+            return f"host {self.name} not heard from yet"
+        return f"host {self.name} not heard from since {timezone.localtime(self.last_seen):%H:%M}"
 
     @property
     def queue(self) -> str:

@@ -199,14 +199,22 @@ RECONCILE_SECONDS = envint("LLAMACONTROLLER_RECONCILE_SECONDS", 10, minimum=1)
 SAMPLE_RETENTION_DAYS = envint("LLAMACONTROLLER_SAMPLE_RETENTION_DAYS", 30, minimum=1)
 LOAD_TIMEOUT = envint("LLAMACONTROLLER_LOAD_TIMEOUT", 120, minimum=1)
 STOP_TIMEOUT = envint("LLAMACONTROLLER_STOP_TIMEOUT", 10, minimum=1)
-# A host whose worker has not been heard of (GPU refresh, reconcile) for this long is lost: its pending and
-# stopping instances fail and its GPUs become unavailable until it answers again or an admin clears them.
-HOST_TIMEOUT_SECONDS = envint("LLAMACONTROLLER_HOST_TIMEOUT_SECONDS", 300, minimum=1)
-if 2 * max(GPU_REFRESH_SECONDS, RECONCILE_SECONDS) > HOST_TIMEOUT_SECONDS:
+# Liveness (models_app/cluster.py). Each host's worker writes a heartbeat every HOST_HEARTBEAT_SECONDS; a host
+# silent for HOST_TIMEOUT_SECONDS is down: its GPUs become unavailable, its running instances `unknown`, its
+# pending and stopping instances fail, and loads and unloads to it are refused until it answers again.
+HOST_HEARTBEAT_SECONDS = envint("LLAMACONTROLLER_HOST_HEARTBEAT_SECONDS", 5, minimum=1)
+HOST_TIMEOUT_SECONDS = envint("LLAMACONTROLLER_HOST_TIMEOUT_SECONDS", 30, minimum=1)
+if 3 * HOST_HEARTBEAT_SECONDS > HOST_TIMEOUT_SECONDS:
     raise ImproperlyConfigured(
-        f"LLAMACONTROLLER_HOST_TIMEOUT_SECONDS={HOST_TIMEOUT_SECONDS} must be at least twice the GPU refresh "
-        "and reconcile intervals: those are the host's heartbeat"
+        f"LLAMACONTROLLER_HOST_TIMEOUT_SECONDS={HOST_TIMEOUT_SECONDS} must be at least three heartbeats "
+        f"(LLAMACONTROLLER_HOST_HEARTBEAT_SECONDS={HOST_HEARTBEAT_SECONDS})"
     )
+# Where llama-server listens (--host), and how other nodes reach it when that is 0.0.0.0 (default: this
+# machine's name). Instances are protected by their per-instance API key either way.
+LLAMA_SERVER_HOST = envstr("LLAMACONTROLLER_LLAMA_SERVER_HOST", "127.0.0.1")
+HOST_ADDRESS = envstr("LLAMACONTROLLER_HOST_ADDRESS", "")
+# Tests and containers that share /etc/machine-id may set their own.
+MACHINE_ID = envstr("LLAMACONTROLLER_MACHINE_ID", "")
 HOST_CHECK_SECONDS = max(1, min(30, HOST_TIMEOUT_SECONDS // 4))
 # Load on demand and idle unload (models_app/ondemand.py). Instances loaded on demand unload after this many
 # idle seconds unless their model's registry entry sets its own keep_alive (0: they stay); a request's
@@ -292,7 +300,6 @@ LLAMA_SERVER = envstr("LLAMACONTROLLER_LLAMA_SERVER", "")
 LLAMA_SERVER_DIRS = [
     Path(p).resolve() for p in envlist("LLAMACONTROLLER_LLAMA_SERVER_DIRS", [], separator=":")
 ]
-LLAMA_SERVER_HOST = envstr("LLAMACONTROLLER_LLAMA_SERVER_HOST", "127.0.0.1")
 PORT_RANGE = envrange("LLAMACONTROLLER_PORT_RANGE", (8081, 8180))
 INSTANCE_LOG_DIR = DATA_DIR / "logs"
 INSTANCE_LOG_MAX_BYTES = envint("LLAMACONTROLLER_LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=4096)
@@ -308,6 +315,14 @@ GATEWAY_MAX_REQUEST_SECONDS = envint("LLAMACONTROLLER_GATEWAY_MAX_REQUEST_SECOND
 GATEWAY_MAX_BODY_BYTES = envint("LLAMACONTROLLER_GATEWAY_MAX_BODY_BYTES", 32 * 1024 * 1024, minimum=1024)
 # Requests beyond an instance's parallel slots wait in a queue this long (per web worker); beyond it: 429.
 GATEWAY_QUEUE_SIZE = envint("LLAMACONTROLLER_GATEWAY_QUEUE_SIZE", 16, minimum=0)
+# Per web worker, the gateway remembers a checked API token (its user and role) and a model's running instances
+# this many seconds (0: not at all): a revoked token, a deactivated user or a changed role is refused within the
+# token cache's time (an expiry is exact); a cached instance is checked against its row (still running, same
+# start) by the in-flight count's UPDATE before its answer is used (gateway/access.py).
+GATEWAY_TOKEN_CACHE_SECONDS = envint("LLAMACONTROLLER_GATEWAY_TOKEN_CACHE_SECONDS", 5, minimum=0, maximum=60)
+GATEWAY_INSTANCE_CACHE_SECONDS = envint(
+    "LLAMACONTROLLER_GATEWAY_INSTANCE_CACHE_SECONDS", 2, minimum=0, maximum=60
+)
 USAGE_RETENTION_DAYS = envint("LLAMACONTROLLER_USAGE_RETENTION_DAYS", 90, minimum=1)
 # Proxies in front of the web server that append to X-Forwarded-For (0: REMOTE_ADDR is the client).
 PROXY_COUNT = envint("LLAMACONTROLLER_PROXY_COUNT", 0, minimum=0)

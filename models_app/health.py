@@ -4,13 +4,11 @@ caller (an anonymous /healthz poller included) can turn it into load on the brok
 
 import threading
 import time
-from datetime import timedelta
 
 import redis
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
-from django.utils import timezone
 
 BROKER_CHECK_CACHE_SECONDS = 3.0
 
@@ -61,9 +59,8 @@ def check_workers() -> dict:
 
     from gpus.models import Host
 
-    horizon = timezone.now() - timedelta(seconds=max(3 * settings.GPU_REFRESH_SECONDS, 30))
     try:
-        fresh = list(Host.objects.filter(last_seen__gte=horizon).values_list("name", flat=True))
+        fresh = list(Host.objects.up().values_list("name", flat=True))
     except Exception as exc:
         return {"ok": False, "error": str(exc)}
     if fresh:

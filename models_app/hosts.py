@@ -1,17 +1,15 @@
-"""Hosts that went quiet. Work sent to a host whose worker does not answer must not hold GPUs forever: after
-HOST_TIMEOUT_SECONDS without a heartbeat (a GPU refresh or a reconcile pass), its pending and stopping
-instances fail, its GPUs become unavailable with the reason, and a HOST_LOST event says so. The check runs
-from beat on the default queue (the lost host's own queue has nobody to take it)."""
+"""Hosts that went down. A host whose worker sent no heartbeat for HOST_TIMEOUT_SECONDS is down (see
+models_app/cluster.py): its GPUs become unavailable with the reason, its running and starting instances become
+`unknown` (the processes may well be alive: they run in their own sessions), its pending and stopping instances
+fail, and a HOST_LOST event says so. The check runs from beat on the default queue (the lost host's own queue
+has nobody to take it). When the host answers again, its reconcile pass settles the unknown instances."""
 
 import logging
 from collections import Counter
-from datetime import timedelta
 
-from django.conf import settings
-from django.db.models import Q
 from django.utils import timezone
 
-from gpus.models import Host
+from gpus.models import Host, alive_cutoff
 from gpus.services import clear_host_lost, mark_host_lost
 
 from .events import record
@@ -26,22 +24,16 @@ Kind = InstanceEvent.Kind
 
 
 def lost_prefix(host: Host) -> str:
-    return f"host {host.name} did not answer"
-
-
-def lost_reason(host: Host) -> str:
-    since = host.last_seen or host.created_at
-    return f"{lost_prefix(host)} since {timezone.localtime(since):%H:%M}"
+    return f"host {host.name} not heard from"
 
 
 def check_hosts() -> dict[str, int]:
-    """One pass over the hosts that have been silent past the timeout."""
+    """One pass over the hosts that are down."""
     now = timezone.now()
-    cutoff = now - timedelta(seconds=settings.HOST_TIMEOUT_SECONDS)
+    cutoff = alive_cutoff()
     done: Counter[str] = Counter()
-    silent = Host.objects.filter(Q(last_seen__lt=cutoff) | Q(last_seen=None, created_at__lt=cutoff))
-    for host in silent:
-        reason = lost_reason(host)
+    for host in Host.objects.down():
+        reason = host.down_reason()
         waiting = GpuInstance.objects.filter(host=host, status__in=[Status.PENDING, Status.STOPPING])
         for instance in waiting:
             if last_change(instance) >= cutoff:
@@ -58,6 +50,18 @@ def check_hosts() -> dict[str, int]:
             ):
                 logger.warning("instance %s failed: %s", instance.pk, reason)
                 done["failed"] += 1
+        live = GpuInstance.objects.filter(host=host, status__in=[Status.RUNNING, Status.STARTING])
+        for instance in live:
+            if transition(
+                instance,
+                Status.UNKNOWN,
+                expected=[Status.RUNNING, Status.STARTING],
+                event_kind=Kind.HOST_LOST,
+                detail=f"{reason}: its llama-server may still run; it is checked when the host answers",
+                lease_expires_at=None,
+            ):
+                logger.warning("instance %s unknown: %s", instance.pk, reason)
+                done["unknown"] += 1
         # The GPUs are marked once per silence, so that an admin's clearing sticks.
         since = host.last_seen or host.created_at
         marked = InstanceEvent.objects.filter(

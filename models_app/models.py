@@ -97,13 +97,16 @@ class GpuInstance(models.Model):
         STOPPED = "stopped", "Stopped"
         CRASHED = "crashed", "Crashed"
         FAILED = "failed", "Failed"
+        # Its host is down: the process may well be alive. Back to running when the host returns and finds
+        # it, crashed when it does not.
+        UNKNOWN = "unknown", "Unknown (host down)"
 
     class MemorySource(models.TextChoices):
         PROCESS = "process", "Measured per process"
         DEVICE = "device", "Whole-GPU figure"
         NONE = "none", "Unknown"
 
-    ACTIVE_STATUSES = (Status.PENDING, Status.STARTING, Status.RUNNING, Status.STOPPING)
+    ACTIVE_STATUSES = (Status.PENDING, Status.STARTING, Status.RUNNING, Status.STOPPING, Status.UNKNOWN)
 
     model = models.ForeignKey(ModelConfig, on_delete=models.PROTECT, related_name="instances")
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="instances")
@@ -159,13 +162,13 @@ class GpuInstance(models.Model):
             # under way or running (one that is stopping may overlap with its successor).
             models.UniqueConstraint(
                 fields=["model"],
-                condition=Q(loaded_on_demand=True) & Q(status__in=["pending", "starting", "running"]),
+                condition=Q(loaded_on_demand=True) & Q(status__in=["pending", "starting", "running", "unknown"]),
                 name="instance_one_on_demand_per_model",
             ),
             # Two live instances on one host never share a port.
             models.UniqueConstraint(
                 fields=["host", "port"],
-                condition=Q(status__in=["pending", "starting", "running", "stopping"])
+                condition=Q(status__in=["pending", "starting", "running", "stopping", "unknown"])
                 & Q(port__isnull=False),
                 name="instance_unique_active_port",
             ),
@@ -199,6 +202,28 @@ class GpuInstance(models.Model):
         if self.status != self.Status.RUNNING or not self.loaded_at:
             return None
         return int((timezone.now() - self.loaded_at).total_seconds())
+
+
+class HostModelFile(models.Model):
+    """Whether a host's worker can serve a registered model: the file is at the registered path, inside the
+    worker's allowed model folders, with the registered size. Each worker reports its own (at start, on every
+    reconcile pass, and when the registry changes); loads, placement and the gateway only use hosts that
+    reported `available`. No row yet: not checked, and the worker checks again at load."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="model_files")
+    model = models.ForeignKey(ModelConfig, on_delete=models.CASCADE, related_name="host_files")
+    available = models.BooleanField(default=False)
+    reason = models.TextField(blank=True, help_text="Why the host cannot serve it, if it cannot.")
+    size_bytes = models.BigIntegerField(null=True, blank=True)
+    checked_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["host__name", "model_id"]
+        verbose_name = "model file on a host"
+        constraints = [models.UniqueConstraint(fields=["host", "model"], name="host_model_file_once")]
+
+    def __str__(self) -> str:
+        return f"{self.model_id} on {self.host_id and self.host.name}: {'ok' if self.available else self.reason}"
 
 
 class InstanceGpu(models.Model):
@@ -249,6 +274,7 @@ class InstanceEvent(models.Model):
         USER_CHANGED = "user_changed", "User changed"
         INSTANCE_DELETED = "instance_deleted", "Instance record deleted"
         HOST_LOST = "host_lost", "Host did not answer"
+        HOST_RETURNED = "host_returned", "Host answered again"
         ALERT_FIRED = "alert_fired", "Alert fired"
         ALERT_RESOLVED = "alert_resolved", "Alert resolved"
 

@@ -13,13 +13,6 @@ from gpus.models import Gpu, Host
 from .models import InstanceGpu, LlamaBinary
 
 
-def alive_since():
-    """A host whose worker was heard of (GPU refresh, reconcile pass) after this is alive: three
-    heartbeats may be missed, never less than 30 s."""
-    beat = max(settings.GPU_REFRESH_SECONDS, settings.RECONCILE_SECONDS)
-    return timezone.now() - timedelta(seconds=max(30, 3 * beat))
-
-
 def _free_mib(gpu: Gpu) -> int:
     return gpu.memory_total_mib - (gpu.memory_used_mib or 0)
 
@@ -100,7 +93,7 @@ def _used_by_others(gpu: Gpu) -> str | None:
 
 
 def _candidate_gpus(model, host: Host | None):
-    hosts = Host.objects.filter(last_seen__gte=alive_since())
+    hosts = Host.objects.up()
     if host is not None:
         hosts = hosts.filter(pk=host.pk)
     if model.binary_id:

@@ -54,6 +54,7 @@ def reconcile_host(host_name: str) -> dict[str, int]:
             Status.STARTING: _check_starting,
             Status.RUNNING: _check_running,
             Status.STOPPING: _check_stopping,
+            Status.UNKNOWN: _check_unknown,
         }[instance.status]
         outcome = check(instance)
         if outcome:
@@ -229,7 +230,36 @@ def _check_stopping(instance: GpuInstance) -> str | None:
     return "stopped"
 
 
-def crash(instance: GpuInstance) -> bool:
+def _check_unknown(instance: GpuInstance) -> str | None:
+    """The instance's host was down and answers again: a process that outlived the silence is adopted as it
+    is (no restart), one that died meanwhile is crashed (or failed, if it was still loading) with its exit."""
+    alive = instance.pid and processes.is_alive(instance.pid, instance.process_create_time)
+    if not alive:
+        if instance.loaded_at is None:
+            code = processes.exit_code_of(instance.pid, instance.log_path) if instance.pid else None
+            lifecycle.fail(
+                instance,
+                "llama-server was loading when its host went down, and is gone now",
+                exit_code=code,
+                expected=[Status.UNKNOWN],
+            )
+            return "failed"
+        return "crashed" if crash(instance, expected=[Status.UNKNOWN]) else None
+    back = Status.RUNNING if instance.loaded_at else Status.STARTING
+    if transition(
+        instance,
+        back,
+        expected=[Status.UNKNOWN],
+        event_kind=Kind.ADOPTED,
+        detail=f"pid {instance.pid} outlived the silence of host {instance.host.name}: {back} again",
+        # A start is watched again by the reconcile passes (its lease is gone: adopted when healthy).
+        lease_expires_at=None,
+    ):
+        return "adopted"
+    return None
+
+
+def crash(instance: GpuInstance, expected=(Status.RUNNING,)) -> bool:
     """A running instance's process is gone: `crashed` with its exit code and log tail; maybe restart."""
     code = processes.exit_code_of(instance.pid, instance.log_path)
     message = f"llama-server (pid {instance.pid}) exited unexpectedly" + (
@@ -239,7 +269,7 @@ def crash(instance: GpuInstance) -> bool:
     if not transition(
         instance,
         Status.CRASHED,
-        expected=[Status.RUNNING],
+        expected=expected,
         event_kind=Kind.CRASHED,
         detail=message,
         error=f"{message}\n--- last lines of the log ---\n{tail}" if tail else message,

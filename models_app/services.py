@@ -116,6 +116,17 @@ def resolve_gpus(indices: list[int], host_name: str | None) -> tuple[Host, list[
     raise LoadRefused(f"GPUs {wanted} are not on one host: an instance uses GPUs of one host", field="gpu_id")
 
 
+def check_host_up(host: Host, what: str = "load") -> None:
+    """Loads and unloads go to the host's worker: refuse them (409, naming the host) while it is down."""
+    if not host.is_up:
+        raise LoadRefused(
+            f"cannot {what}: host {host.name} is down ({host.down_reason()}); "
+            "its worker must answer again first",
+            field="host",
+            code="busy",
+        )
+
+
 def _holders(gpus: list[Gpu]) -> list[InstanceGpu]:
     return list(
         InstanceGpu.objects.filter(gpu__in=gpus, active=True).select_related("instance__model", "gpu")
@@ -298,6 +309,7 @@ def request_load(
         _check_actor(can_load(actor), actor, "load models")
     model = _model(model_id)
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
+    check_host_up(host)
     if _holders(gpus):
         raise _busy(gpus)
     prediction = predict_load(model, gpus)
@@ -341,6 +353,7 @@ def request_unload(*, instance: GpuInstance, actor, detail: str = "") -> GpuInst
         return instance
     if not instance.is_active:
         raise LoadRefused(f"instance #{instance.pk} is not loaded (it is {instance.status})")
+    check_host_up(instance.host, f"unload instance #{instance.pk}")
     check_broker()
     with transaction.atomic():
         if not transition(
@@ -391,6 +404,7 @@ def request_switch(
     _check_actor(can_load(actor), actor, "load models")
     model = _model(model_id)
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
+    check_host_up(host, "switch")
     old = _active_on(gpus)
     for instance in old:
         _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")

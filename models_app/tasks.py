@@ -3,18 +3,17 @@ and calls lifecycle/reconcile/memory. Lifecycle and refresh tasks run on the que
 the GPUs (`host.<name>`); the dispatchers run anywhere and fan out to every host."""
 
 import logging
-from datetime import timedelta
+import sys
 
 from celery import shared_task
-from celery.signals import worker_ready
+from celery.signals import worker_init, worker_ready, worker_shutdown
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connections
-from django.utils import timezone
 
 from gpus.models import Host
 
-from . import binaries, hosts, lifecycle, ondemand, reconcile
+from . import binaries, cluster, hosts, lifecycle, ondemand, reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -60,14 +59,10 @@ def refresh_host(host_name: str) -> None:
     memory.refresh_host_memory(host_name)
 
 
-# A host whose worker has not been heard of for this long gets no periodic tasks: expired messages are
-# dropped only when a worker takes them, so a dead host's queue would otherwise grow without end. A worker
-# that comes back registers its host at start, and the tasks resume.
-HOST_SILENT_AFTER = timedelta(minutes=5)
-
-
 def live_hosts() -> list[Host]:
-    return list(Host.objects.filter(last_seen__gte=timezone.now() - HOST_SILENT_AFTER))
+    """A down host gets no periodic tasks: expired messages are dropped only when a worker takes them, so a
+    dead host's queue would otherwise grow without end. Its worker's heartbeat brings it back."""
+    return list(Host.objects.up())
 
 
 @shared_task(name="models_app.tasks.dispatch_refresh", ignore_result=True)
@@ -104,14 +99,39 @@ def unload_idle() -> int:
     return len(ondemand.unload_idle())
 
 
+def _host_worker(sender) -> bool:
+    """Whether this worker consumes its host's queue (a worker for the default queue only owns no GPUs)."""
+    queues = getattr(getattr(sender, "app", None), "amqp", None)
+    consumed = getattr(getattr(queues, "queues", None), "consume_from", None)
+    return not consumed or settings.HOST_QUEUE in consumed
+
+
+_heartbeat: cluster.Heartbeat | None = None
+
+
+@worker_init.connect
+def on_worker_init(sender=None, **kwargs) -> None:
+    """Before it takes any task, a host's worker claims its host name; a second worker for a name that a
+    live worker holds stops here, with the reason (models_app/cluster.py)."""
+    if not _host_worker(sender):
+        return
+    try:
+        cluster.claim(settings.HOST_NAME)
+    except cluster.HostNameTaken as exc:
+        logger.critical("refusing to start: %s", exc)
+        print(f"llamacontroller worker: refusing to start: {exc}", file=sys.stderr, flush=True)
+        raise SystemExit(78) from None  # EX_CONFIG: systemd's Restart= does not help until it is fixed
+    finally:
+        connections.close_all()
+
+
 @worker_ready.connect
 def on_worker_ready(sender=None, **kwargs) -> None:
     """A host's worker starts: register the host and its GPUs, discover and verify its llama-server
-    binaries (with their flag catalogues), reconcile."""
-    queues = getattr(getattr(sender, "app", None), "amqp", None)
-    consumed = getattr(getattr(queues, "queues", None), "consume_from", None)
-    if consumed and settings.HOST_QUEUE not in consumed:
-        return  # a worker for the default queue only: it owns no GPUs
+    binaries (with their flag catalogues), reconcile, and start the heartbeat."""
+    global _heartbeat
+    if not _host_worker(sender):
+        return
     try:
         from gpus.services import register_host
 
@@ -125,5 +145,20 @@ def on_worker_ready(sender=None, **kwargs) -> None:
         logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
     except Exception:  # a failed start-up check must not stop the worker; the next reconcile tries again
         logger.exception("start-up of the %s worker failed", settings.HOST_NAME)
+    finally:
+        connections.close_all()
+    _heartbeat = cluster.Heartbeat(settings.HOST_NAME, cluster.this_worker())
+    _heartbeat.start()
+
+
+@worker_shutdown.connect
+def on_worker_shutdown(sender=None, **kwargs) -> None:
+    if _heartbeat is None:
+        return
+    _heartbeat.stop()
+    try:
+        cluster.release(settings.HOST_NAME)
+    except Exception:
+        logger.exception("%s: could not release the host name", settings.HOST_NAME)
     finally:
         connections.close_all()

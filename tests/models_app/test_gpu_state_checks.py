@@ -94,8 +94,8 @@ def test_switch_checks_gpu_state_too(fake_gpus, tiny_model, users):
     assert "forced over other processes" in new.events.get(kind=Kind.SWITCH_REQUESTED).detail
     old.refresh_from_db()
     assert old.status == GpuInstance.Status.STOPPING
-    _unavailable(fake_gpus.gpus[0], "host testhost did not answer since 10:00")
-    with pytest.raises(LoadRefused, match="unavailable: host testhost did not answer since 10:00"):
+    _unavailable(fake_gpus.gpus[0], "host testhost not heard from since 10:00")
+    with pytest.raises(LoadRefused, match="unavailable: host testhost not heard from since 10:00"):
         services.request_switch(model_id="tiny", gpu_spec="0", actor=users["operator"], force=True)
 
 

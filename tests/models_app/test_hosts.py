@@ -36,7 +36,7 @@ def test_silent_host_fails_its_waiting_work_and_marks_its_gpus(fake_gpus, tiny_m
     _age(pending, 120)
     _age(stopping, 120)
     since = timezone.localtime(fake_gpus.host.last_seen)
-    reason = f"host testhost did not answer since {since:%H:%M}"
+    reason = f"host testhost not heard from since {since:%H:%M}"
 
     assert tasks.check_hosts() == {"failed": 2, "hosts": 1}
     for instance in (pending, stopping):
@@ -48,36 +48,49 @@ def test_silent_host_fails_its_waiting_work_and_marks_its_gpus(fake_gpus, tiny_m
     host_event = InstanceEvent.objects.get(kind=Kind.HOST_LOST, instance=None)
     assert host_event.detail == f"{reason}: 2 GPU(s) marked unavailable"
 
-    # The GPUs are free of claims, but nobody can load onto them while the host is silent.
+    # Nobody can load onto the host, or unload from it, while it is down: 409 naming the host.
     with pytest.raises(LoadRefused) as refused:
         request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
-    assert (
-        refused.value.code == "busy"
-        and refused.value.message == f"GPU 0 on testhost is unavailable: {reason}"
+    assert refused.value.code == "busy"
+    assert refused.value.message == (
+        f"cannot load: host testhost is down ({reason}); its worker must answer again first"
     )
     assert tasks.check_hosts() == {}  # once per silence
 
-    # An admin clears them; the clearing sticks while the host stays silent.
+    # An admin clears the GPUs' marks; the clearing sticks while the host stays silent.
     out = StringIO()
     call_command("clear_host", "testhost", "--user", "admin", stdout=out)
     assert out.getvalue().strip() == "testhost: 2 GPU(s) cleared"
     assert set(Gpu.objects.values_list("state", "state_reason")) == {(Gpu.State.IDLE, "")}
     assert InstanceEvent.objects.filter(kind=Kind.HOST_LOST, actor_name="admin").exists()
     assert tasks.check_hosts() == {}
+
+    # Back: a load asked for just now, then silence again gives it its own full timeout.
+    Host.objects.filter(pk=fake_gpus.host.pk).update(last_seen=timezone.now())
     fresh = request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
-    assert tasks.check_hosts() == {}  # asked for after the silence began: it gets its own timeout
+    _silence(fake_gpus.host, 120)
+    assert "failed" not in tasks.check_hosts()  # asked for after the silence began: it waits
     _age(fresh, 120)
     assert tasks.check_hosts() == {"failed": 1}
 
 
-def test_running_instances_of_a_silent_host_are_left_alone(fake_gpus, tiny_model, sent, settings):
+def test_running_instances_of_a_down_host_become_unknown_and_keep_their_figures(
+    fake_gpus, tiny_model, users, sent, settings
+):
     settings.HOST_TIMEOUT_SECONDS = 60
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
-    GpuInstance.objects.filter(pk=instance.pk).update(status=Status.RUNNING)
+    GpuInstance.objects.filter(pk=instance.pk).update(
+        status=Status.RUNNING, pid=4242, memory_used_mb=321, loaded_at=timezone.now()
+    )
     _silence(fake_gpus.host, 120)
-    _age(instance, 120)
-    assert tasks.check_hosts() == {"hosts": 1}
-    assert GpuInstance.objects.get(pk=instance.pk).status == Status.RUNNING  # unknown until it answers
+    assert tasks.check_hosts() == {"unknown": 1, "hosts": 1}
+    instance.refresh_from_db()
+    assert (instance.status, instance.memory_used_mb, instance.pid) == (Status.UNKNOWN, 321, 4242)
+    assert instance.gpu_links.filter(active=True).exists()  # it still holds its GPU
+    assert instance.events.filter(kind=Kind.HOST_LOST, detail__contains="may still run").exists()
+    with pytest.raises(LoadRefused, match="cannot unload instance #.*host testhost is down"):
+        request_unload(instance=instance, actor=users["admin"])
+    assert tasks.check_hosts() == {}
 
 
 def test_a_host_that_answers_again_is_not_lost(fake_gpus, tiny_model, sent, settings):
@@ -110,9 +123,9 @@ def test_host_timeout_setting_fails_loudly(monkeypatch):
     import llamacontroller_site.settings as site_settings
 
     monkeypatch.setenv("LLAMACONTROLLER_HOST_TIMEOUT_SECONDS", "5")
-    monkeypatch.setenv("LLAMACONTROLLER_GPU_REFRESH_SECONDS", "15")
+    monkeypatch.setenv("LLAMACONTROLLER_HOST_HEARTBEAT_SECONDS", "2")
     try:
-        with pytest.raises(ImproperlyConfigured, match="must be at least twice"):
+        with pytest.raises(ImproperlyConfigured, match="must be at least three heartbeats"):
             importlib.reload(site_settings)
     finally:
         monkeypatch.undo()

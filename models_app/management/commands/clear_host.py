@@ -8,7 +8,7 @@ from ._lifecycle import actor_from
 
 class Command(BaseCommand):
     help = (
-        "Clear the 'did not answer' mark from a lost host's GPUs (the host is back, or its GPUs are known to "
+        "Clear the 'not heard from' mark from a lost host's GPUs (the host is back, or its GPUs are known to "
         "be free): `clear_host NAME [--user NAME]`. Recorded as an event."
     )
 
