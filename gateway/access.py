@@ -1,16 +1,36 @@
-"""Who is asking, for which model, and which running instance answers. Synchronous (the ORM); the views
-call these on the gateway's database threads (db.py), one hop per request where they can.
-Load on demand, idle timers and in-flight counts are `models_app.ondemand`'s."""
+"""Who is asking, for which model, and which running instance answers. Mostly synchronous (the ORM): the
+views call these on the gateway's database threads (db.py), one hop per request where they can, none where
+the caches below already know the answer. Load on demand, idle timers and in-flight counts are
+`models_app.ondemand`'s.
 
+Two short per-process caches keep the database off the way to the first token:
+
+- API tokens (GATEWAY_TOKEN_CACHE_SECONDS, default 5 s): a token that passed `accounts.tokens.check`, with its
+  user and role, is believed for that long. So a revoked token, a deactivated user or a changed role takes
+  effect within that time, not at once (an expiry date is checked on every request). `last_used_at` is
+  written when the token is checked against the database (to the minute, as before).
+- A model's running instances (GATEWAY_INSTANCE_CACHE_SECONDS, default 2 s). Never trusted blindly: a request
+  is counted on an instance by one UPDATE that matches only while the row is still running with the port
+  and key in the cache (`ondemand.request_started`). That UPDATE runs while the request goes upstream
+  (exchange.py); its answer is used only once the UPDATE matched. No match drops the entry, the database is
+  read again, and the answer of the stale address is dropped unread and the request sent again where it is
+  counted (or the model loads on demand). A failure to reach the instance drops the entry too. Registry
+  changes to a model with a running instance (e.g. its anonymous use) reach the gateway within this time.
+"""
+
+import threading
+import time
 from dataclasses import dataclass
 
+from django.conf import settings
 from django.contrib.auth.models import AnonymousUser
 from django.db import connections
 from django.middleware.csrf import CsrfViewMiddleware
+from django.utils import timezone
 
 from accounts import tokens
-from accounts.models import ApiToken
-from accounts.roles import can_read
+from accounts.models import ApiToken, hash_token
+from accounts.roles import can_read, role_of
 from models_app import ondemand
 from models_app.models import GpuInstance, ModelConfig
 
@@ -57,19 +77,97 @@ class _CsrfCheck(CsrfViewMiddleware):
         return reason
 
 
-def authenticate(request) -> Caller:
-    """`Authorization: Bearer lc_...` (checked like the REST API's tokens) or the session. A bad token is
-    401 even where anonymous use would be allowed; a session must pass the CSRF check on writes, as in the
-    REST API, since the gateway's views take no CSRF token of their own."""
+class _Expiring:
+    """A small map whose entries expire (monotonic clock), shared by the event loop and the database threads
+    of one web worker. Bounded: when full, expired entries go, then everything."""
+
+    def __init__(self, size: int = 4096):
+        self.size = size
+        self.entries: dict = {}
+        self.lock = threading.Lock()
+
+    def get(self, key):
+        entry = self.entries.get(key)
+        if entry is None:
+            return None
+        if entry[0] <= time.monotonic():
+            self.entries.pop(key, None)
+            return None
+        return entry[1]
+
+    def put(self, key, value, seconds: float) -> None:
+        if seconds <= 0:
+            return
+        now = time.monotonic()
+        with self.lock:
+            if len(self.entries) >= self.size:
+                for stale in [k for k, (until, _) in list(self.entries.items()) if until <= now]:
+                    self.entries.pop(stale, None)
+                if len(self.entries) >= self.size:
+                    self.entries.clear()
+            self.entries[key] = (now + seconds, value)
+
+    def drop(self, key) -> None:
+        self.entries.pop(key, None)
+
+    def clear(self) -> None:
+        self.entries.clear()
+
+
+# token hash -> ApiToken (its user loaded, the user's role read); model id -> running instances (their models
+# and hosts loaded), least busy first when read.
+_tokens = _Expiring()
+_instances = _Expiring()
+
+
+def clear_caches() -> None:
+    _tokens.clear()
+    _instances.clear()
+
+
+def _bearer(request) -> str | None:
+    """The token of the Authorization header; None without one; 401 for another kind of header."""
     header = request.headers.get("Authorization", "")
-    if header.strip():
-        parts = header.split()
-        if parts[0].lower() != "bearer" or len(parts) != 2:
-            raise GatewayError(401, "the Authorization header must be 'Bearer <token>'", code="invalid_token")
-        try:
-            token = tokens.check(parts[1])
-        except tokens.TokenRejected as exc:
-            raise GatewayError(401, TOKEN_REJECTED[exc.reason], code="invalid_token") from None
+    if not header.strip():
+        return None
+    parts = header.split()
+    if parts[0].lower() != "bearer" or len(parts) != 2:
+        raise GatewayError(401, "the Authorization header must be 'Bearer <token>'", code="invalid_token")
+    return parts[1]
+
+
+def _cached_token(key: str) -> ApiToken | None:
+    token = _tokens.get(key)
+    if token is not None and token.expires_at is not None and token.expires_at <= timezone.now():
+        _tokens.drop(key)  # expired meanwhile: the database check says so
+        return None
+    return token
+
+
+def cached_caller(request) -> Caller | None:
+    """No database (the event loop may call it): the caller of an API token checked within the cache's time;
+    None when the token is not in the cache, or when no token was sent (the session needs the database)."""
+    raw = _bearer(request)
+    token = _cached_token(hash_token(raw)) if raw is not None else None
+    return Caller(user=token.user, token=token) if token is not None else None
+
+
+def authenticate(request) -> Caller:
+    """`Authorization: Bearer lc_...` (checked like the REST API's tokens, then cached a few seconds: see the
+    module's docstring) or the session. A bad token is 401 even where anonymous use would be allowed; a
+    session must pass the CSRF check on writes, as in the REST API, since the gateway's views take no CSRF
+    token of their own."""
+    raw = _bearer(request)
+    if raw is not None:
+        key = hash_token(raw)
+        token = _cached_token(key)
+        if token is None:
+            try:
+                token = tokens.check(raw)
+            except tokens.TokenRejected as exc:
+                raise GatewayError(401, TOKEN_REJECTED[exc.reason], code="invalid_token") from None
+            role_of(token.user)  # read now: kept on the user object, and so in the cache
+            _tokens.put(key, token, settings.GATEWAY_TOKEN_CACHE_SECONDS)
         return Caller(user=token.user, token=token)
     user = getattr(request, "user", None) or AnonymousUser()
     if user.is_authenticated and request.method not in ("GET", "HEAD", "OPTIONS"):
@@ -123,15 +221,48 @@ def find_model(caller: Caller, name, *, known: ModelConfig | None = None) -> Mod
     return model
 
 
-def running_instances(model_id: str) -> list[GpuInstance]:
-    """The model's running instances (each with its model read in the same query), the one with the fewest
-    requests in flight first."""
-    return list(
+def running_instances(model_id: str) -> tuple[list[GpuInstance], bool]:
+    """The model's running instances (each with its model and host read in the same query), the one with the
+    fewest requests in flight first; and whether they came from the cache (`request_started` checks each
+    against its row either way)."""
+    cached = _instances.get(model_id)
+    if cached is not None:
+        return list(cached), True
+    rows = list(
         GpuInstance.objects.filter(model_id=model_id, status=Status.RUNNING)
         .exclude(port=None)
-        .select_related("model")
+        .select_related("model", "host")
         .order_by("in_flight", "-loaded_at")
     )
+    if rows:  # none: the slow path loads or waits, and the next request looks again
+        _instances.put(model_id, rows, settings.GATEWAY_INSTANCE_CACHE_SECONDS)
+    return rows, False
+
+
+def cached_instances(model_id: str) -> list[GpuInstance] | None:
+    """No database: the model's running instances as the cache has them (None: not cached)."""
+    cached = _instances.get(model_id)
+    return list(cached) if cached is not None else None
+
+
+def forget_instances(model_id: str) -> None:
+    """The cached instances of the model are out of date (a count did not match, an instance could not be
+    reached): the next request reads the database."""
+    _instances.drop(model_id)
+
+
+def start_request(
+    model_id: str, instances: list[GpuInstance], cached: bool, keep_alive: int | None
+) -> GpuInstance | None:
+    """Count the request on the first of `instances` that still runs as read; when they came from the cache
+    and none does, read the database once more. None: no running instance (load on demand, or wait)."""
+    for instance in instances:
+        if request_started(instance, keep_alive):
+            return instance
+    forget_instances(model_id)
+    if cached:
+        return start_request(model_id, running_instances(model_id)[0], False, keep_alive)
+    return None
 
 
 def resolve(request, name) -> Target:
@@ -157,8 +288,11 @@ def _refusal(exc) -> GatewayError:
 
 
 def request_started(instance: GpuInstance, keep_alive: int | None) -> bool:
-    """False when the instance stopped running meanwhile (an idle unload won the race)."""
-    return ondemand.request_started(instance.pk, keep_alive_seconds=keep_alive)
+    """False when the instance stopped running meanwhile (an idle unload won the race) or is no longer the
+    start that `instance` describes (restarted, on another port with another key)."""
+    return ondemand.request_started(
+        instance.pk, keep_alive_seconds=keep_alive, port=instance.port, api_key=instance.api_key
+    )
 
 
 def request_finished(instance_id: int) -> None:

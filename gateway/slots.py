@@ -98,3 +98,9 @@ async def gate_for(instance) -> Gate:
 
 def queue_size() -> int:
     return settings.GATEWAY_QUEUE_SIZE
+
+
+def local_load(instance) -> int:
+    """The requests this web worker has on the instance (answered or waiting); 0 when it has none."""
+    held = _gates.get((id(asyncio.get_running_loop()), instance.pk, instance.pid))
+    return held[1].load if held is not None and held[0] is asyncio.get_running_loop() else 0

@@ -14,6 +14,11 @@ django_application = get_asgi_application()
 
 from django.conf import settings  # noqa: E402  (after setup)
 
+from gateway.handler import PATHS, GatewayHandler  # noqa: E402
+
+# The gateway's own routes go through a shorter middleware chain run on the event loop (gateway/handler.py).
+gateway_application = GatewayHandler()
+
 GATEWAY_PREFIXES = ("/api/", "/v1/")
 
 
@@ -56,4 +61,5 @@ async def application(scope, receive, send):
                 return {"type": "http.disconnect"}  # Django stops reading and answers nothing more
         return message
 
-    return await django_application(scope, counting_receive, send)
+    handler = gateway_application if path in PATHS else django_application
+    return await handler(scope, counting_receive, send)

@@ -25,9 +25,8 @@ import time
 from datetime import datetime, timedelta
 
 from django.conf import settings
-from django.db import transaction
-from django.db.models import F, Q, Value
-from django.db.models.functions import Greatest
+from django.db import connection, transaction
+from django.db.models import Q
 from django.utils import timezone
 
 from accounts.roles import can_load, can_manage_instance, can_read
@@ -188,22 +187,54 @@ def expires_at(instance: GpuInstance, now: datetime | None = None) -> datetime |
 # --- requests ------------------------------------------------------------------------------------------
 
 
-def request_started(instance_id: int, keep_alive_seconds: float | None = None) -> bool:
+def request_started(
+    instance_id: int,
+    keep_alive_seconds: float | None = None,
+    *,
+    port: int | None = None,
+    api_key: str | None = None,
+) -> bool:
     """A gateway request begins on the instance: one more in flight, used now, and the request's keep_alive
-    (clamped) kept for the idle timer. False when the instance is no longer running (an idle unload won the
-    race): call `ensure_running` again, and do not call `request_finished` for this one."""
-    fields = {"in_flight": F("in_flight") + 1, "last_used_at": timezone.now()}
+    (clamped) kept for the idle timer — one UPDATE. False when the instance is no longer running (an idle
+    unload won the race): call `ensure_running` again, and do not call `request_finished` for this one.
+    `port` and `api_key`: the caller's copy of the row (the gateway caches it), which must still describe this
+    start of the instance (a restart keeps the row but gets a new port and key): False otherwise."""
+    sets = "{in_flight} = {in_flight} + 1, {last_used_at} = %s"
+    params: list = [connection.ops.adapt_datetimefield_value(timezone.now())]
     if keep_alive_seconds is not None:
-        fields["keep_alive_seconds"] = clamp_keep_alive(keep_alive_seconds)
-    return GpuInstance.objects.filter(pk=instance_id, status=Status.RUNNING).update(**fields) == 1
+        sets += ", {keep_alive_seconds} = %s"
+        params.append(clamp_keep_alive(keep_alive_seconds))
+    where = "{id} = %s AND {status} = %s"
+    params += [instance_id, str(Status.RUNNING)]
+    if port is not None:
+        where += " AND {port} = %s"
+        params.append(port)
+    if api_key is not None:
+        where += " AND {api_key} = %s"
+        params.append(api_key)
+    return _update(sets, where, params) == 1
 
 
 def request_finished(instance_id: int) -> None:
     """A gateway request ended (answered, failed or disconnected): one fewer in flight (never below 0),
     and the idle timer starts now."""
-    GpuInstance.objects.filter(pk=instance_id).update(
-        in_flight=Greatest(F("in_flight") - 1, Value(0)), last_used_at=timezone.now()
+    _update(
+        "{in_flight} = CASE WHEN {in_flight} > 0 THEN {in_flight} - 1 ELSE 0 END, {last_used_at} = %s",
+        "{id} = %s",
+        [connection.ops.adapt_datetimefield_value(timezone.now()), instance_id],
     )
+
+
+def _update(sets: str, where: str, params: list) -> int:
+    """UPDATE GpuInstance rows in plain SQL (`{field}`: the field's column, quoted). These two run before and
+    after every gateway request, and the ORM took ten times as long to build the statement as the database
+    took to run it (0.4 ms against 0.04 ms on SQLite, on a busy two-core machine)."""
+    quote = connection.ops.quote_name
+    columns = {field.name: quote(field.column) for field in GpuInstance._meta.concrete_fields}
+    sql = f"UPDATE {quote(GpuInstance._meta.db_table)} SET {sets} WHERE {where}".format(**columns)
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        return cursor.rowcount
 
 
 # --- load on demand ------------------------------------------------------------------------------------

@@ -14,8 +14,13 @@ from tests.helpers import running_instance
 
 @pytest.fixture(autouse=True)
 def _close_gateway_connections():
-    """The gateway's database threads keep their connections; close them after each test."""
+    """The gateway's database threads keep their connections; close them after each test. Its caches (tokens,
+    instances) start empty in each test: rows are rolled back between tests, ids come again."""
+    from gateway import access
+
+    access.clear_caches()
     yield
+    access.clear_caches()
     from gateway.db import close_connections
 
     close_connections()

@@ -1,0 +1,224 @@
+"""The gateway's fast path (gateway/access.py, gateway/exchange.py, gateway/handler.py): the token and instance
+caches, what invalidates them, and the shorter middleware chain of the gateway's routes."""
+
+import json
+import time
+from datetime import timedelta
+
+import httpx
+import pytest
+from django.utils import timezone
+
+from accounts import tokens
+from accounts.models import ApiToken
+from gateway import access
+from gateway.models import UsageRecord
+from models_app.models import GpuInstance
+from tests.gateway.fakes import request, run
+
+pytestmark = pytest.mark.django_db(transaction=True)
+
+CHAT = {"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "stream": False}
+
+
+def chat(auth):
+    status, _, content = request("POST", "/v1/chat/completions", CHAT, auth=auth)
+    return status, json.loads(content)
+
+
+@pytest.fixture
+def clock(monkeypatch):
+    """Moves the caches' clock forward: `clock(seconds)`."""
+    real = time.monotonic
+    offset = [0.0]
+    monkeypatch.setattr(access.time, "monotonic", lambda: real() + offset[0])
+
+    def advance(seconds):
+        offset[0] += seconds
+
+    return advance
+
+
+@pytest.fixture
+def checks(monkeypatch):
+    """Counts the token checks against the database."""
+    seen = []
+    real = tokens.check
+
+    def check(raw):
+        seen.append(raw)
+        return real(raw)
+
+    monkeypatch.setattr(tokens, "check", check)
+    return seen
+
+
+# --- tokens ----------------------------------------------------------------------------------------------
+
+
+def test_a_token_is_checked_once_within_the_cache_time(instance, llama, users, bearer, checks, settings):
+    settings.GATEWAY_TOKEN_CACHE_SECONDS = 5
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200
+    assert chat(auth)[0] == 200
+    assert len(checks) == 1
+    assert UsageRecord.objects.filter(status=200).count() == 2
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
+
+
+def test_a_revoked_token_stops_working_within_the_cache_time(instance, llama, users, bearer, clock, settings):
+    settings.GATEWAY_TOKEN_CACHE_SECONDS = 5
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200
+    ApiToken.objects.update(revoked_at=timezone.now())
+    assert chat(auth)[0] == 200  # the documented lag: believed for up to 5 s
+    clock(5.1)
+    status, answer = chat(auth)
+    assert status == 401 and "revoked" in answer["error"]["message"]
+
+
+def test_with_a_cache_time_of_0_revocation_is_immediate(instance, llama, users, bearer, checks, settings):
+    settings.GATEWAY_TOKEN_CACHE_SECONDS = 0
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200
+    ApiToken.objects.update(revoked_at=timezone.now())
+    status, answer = chat(auth)
+    assert status == 401 and "revoked" in answer["error"]["message"]
+    assert len(checks) == 2
+
+
+def test_a_deactivated_user_or_a_lost_role_is_refused_after_the_cache_time(
+    instance, llama, users, bearer, clock, settings
+):
+    settings.GATEWAY_TOKEN_CACHE_SECONDS = 5
+    viewer, operator = bearer(users["viewer"]), bearer(users["operator"])
+    assert chat(viewer)[0] == 200 and chat(operator)[0] == 200
+    users["viewer"].groups.clear()
+    type(users["operator"]).objects.filter(pk=users["operator"].pk).update(is_active=False)
+    clock(5.1)
+    assert chat(viewer)[0] == 403
+    status, answer = chat(operator)
+    assert status == 401 and "inactive" in answer["error"]["message"]
+
+
+def test_an_expiry_is_exact_even_for_a_cached_token(instance, llama, users, monkeypatch, settings):
+    settings.GATEWAY_TOKEN_CACHE_SECONDS = 60
+    soon = timezone.now() + timedelta(minutes=5)
+    auth = f"Bearer {ApiToken.issue(users['viewer'], 'short', expires_at=soon)[1]}"
+    assert chat(auth)[0] == 200
+    later = soon + timedelta(seconds=1)
+    monkeypatch.setattr(timezone, "now", lambda: later)
+    status, answer = chat(auth)
+    assert status == 401 and "expired" in answer["error"]["message"]
+
+
+# --- instances -------------------------------------------------------------------------------------------
+
+
+def test_a_restarted_instance_is_not_asked_with_its_old_address(instance, llama, users, bearer):
+    """A restart keeps the row but changes port and key: the cached copy no longer matches the count's
+    UPDATE, so the answer comes from the new address (a request already sent to the old one is dropped)."""
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200
+    GpuInstance.objects.filter(pk=instance.pk).update(port=18998, api_key="new-secret", pid=4343)
+    llama.seen.clear()
+    status, answer = chat(auth)
+    assert status == 200 and answer["choices"][0]["message"]["content"] == "Hello"
+    answered = [r for r in llama.seen if r.url.path == "/v1/chat/completions"][-1]
+    assert answered.url.port == 18998 and answered.headers["Authorization"] == "Bearer new-secret"
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
+    assert list(UsageRecord.objects.values_list("instance_id", "status")) == [(instance.pk, 200)] * 2
+
+
+def test_a_stopped_instance_in_the_cache_is_not_used(instance, llama, users, bearer):
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200
+    GpuInstance.objects.filter(pk=instance.pk).update(status=GpuInstance.Status.STOPPED)
+    status, answer = chat(auth)  # nothing runs: a viewer may not load it
+    assert status == 403 and "operator" in answer["error"]["message"]
+    row = GpuInstance.objects.get(pk=instance.pk)
+    assert row.in_flight == 0
+    assert access.cached_instances("tiny") is None
+
+
+def test_an_instance_that_cannot_be_reached_leaves_the_cache(instance, llama, users, bearer, monkeypatch):
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200
+    assert access.cached_instances("tiny") is not None
+
+    async def refuse(request):
+        raise httpx.ConnectError("connection refused")
+
+    monkeypatch.setattr(llama, "handler", refuse)
+    status, answer = chat(auth)
+    assert status == 502 and answer["error"]["code"] == "upstream_error"
+    assert access.cached_instances("tiny") is None
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
+
+
+def test_with_a_cache_time_of_0_nothing_is_cached(instance, llama, users, bearer, settings):
+    settings.GATEWAY_TOKEN_CACHE_SECONDS = 0
+    settings.GATEWAY_INSTANCE_CACHE_SECONDS = 0
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200 and chat(auth)[0] == 200
+    assert access.cached_instances("tiny") is None and not access._tokens.entries
+
+
+# --- the gateway's middleware chain (through the ASGI entry the server runs) -----------------------------
+
+
+def asgi(method: str, path: str, body: bytes = b"", headers=()) -> tuple[int, dict, bytes]:
+    from llamacontroller_site.asgi import application
+
+    sent = []
+
+    async def scenario():
+        messages = [{"type": "http.request", "body": body, "more_body": False}]
+
+        async def receive():
+            if messages:
+                return messages.pop(0)
+            await __import__("asyncio").sleep(3600)
+
+        async def send(message):
+            sent.append(message)
+
+        scope = {
+            "type": "http", "method": method, "path": path, "raw_path": path.encode(), "query_string": b"",
+            "headers": [(b"host", b"127.0.0.1"), (b"content-length", str(len(body)).encode()), *headers],
+            "server": ("127.0.0.1", 8000), "client": ("127.0.0.1", 5000), "scheme": "http", "root_path": "",
+        }  # fmt: skip
+        await application(scope, receive, send)
+
+    run(scenario)
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    content = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], {k.decode().lower(): v.decode() for k, v in start["headers"]}, content
+
+
+def test_the_gateway_routes_keep_the_security_headers_and_the_session(instance, llama, users, bearer):
+    from django.conf import settings
+    from django.test import Client
+
+    from gateway.handler import PATHS
+
+    assert "/v1/chat/completions" in PATHS and "/api/tags" in PATHS and "/api/v1/models/" not in PATHS
+    status, headers, _ = asgi(
+        "GET", "/api/tags", headers=[(b"authorization", bearer(users["viewer"]).encode())]
+    )
+    assert status == 200
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert headers["content-length"]
+
+    browser = Client()
+    browser.force_login(users["viewer"])
+    cookie = f"{settings.SESSION_COOKIE_NAME}={browser.cookies[settings.SESSION_COOKIE_NAME].value}"
+    status, headers, content = asgi("GET", "/api/tags", headers=[(b"cookie", cookie.encode())])
+    assert status == 200 and json.loads(content)["models"][0]["name"] == "tiny:latest"
+    assert "Cookie" in headers.get("vary", "")
+    body = json.dumps(CHAT).encode()
+    status, _, content = asgi(
+        "POST", "/api/chat", body, [(b"cookie", cookie.encode()), (b"content-type", b"application/json")]
+    )
+    assert status == 403 and "CSRF" in json.loads(content)["error"]
+    assert asgi("GET", "/api/tags")[0] == 401
