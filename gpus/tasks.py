@@ -10,16 +10,20 @@ from django.conf import settings
 
 from . import alerts, notify, services
 from .models import Alert
+from .periodic import idempotent, once_per_period
 
 logger = logging.getLogger(__name__)
 
 
 @shared_task(name="gpus.tasks.prune_samples", ignore_result=True)
+@idempotent("deletes samples past the retention: a second run finds none left")
 def prune_samples() -> int:
     return services.prune_samples()
 
 
 @shared_task(name="gpus.tasks.evaluate_telemetry_alerts", ignore_result=True)
+# Two passes at once race to open the same alert: the one-live-alert constraint keeps one, the other pass fails.
+@once_per_period(lambda: settings.GPU_REFRESH_SECONDS)
 def evaluate_telemetry_alerts() -> int:
     """Beat, default queue: telemetry failing on any host (a silent host cannot report itself)."""
     return len(alerts.evaluate_telemetry())

@@ -12,6 +12,7 @@ from django.contrib.auth import get_user_model
 from django.db import connections
 
 from gpus.models import Host
+from gpus.periodic import idempotent, once_per_period
 
 from . import binaries, cluster, hosts, lifecycle, ondemand, reconcile
 
@@ -52,6 +53,15 @@ def reconcile_host(host_name: str) -> dict:
     return reconcile.reconcile_host(host_name)
 
 
+@shared_task(name="models_app.tasks.check_model_files", ignore_result=True)
+def check_model_files(host_name: str) -> dict:
+    """On the host's queue: report which registered models this host can serve (models_app/model_files.py)."""
+    from . import model_files
+
+    host = Host.objects.filter(name=host_name).first()
+    return model_files.check_on_this_host(host) if host is not None else {}
+
+
 @shared_task(name="models_app.tasks.refresh_host", ignore_result=True)
 def refresh_host(host_name: str) -> None:
     from . import memory
@@ -66,6 +76,7 @@ def live_hosts() -> list[Host]:
 
 
 @shared_task(name="models_app.tasks.dispatch_refresh", ignore_result=True)
+@once_per_period(lambda: settings.GPU_REFRESH_SECONDS)  # two beats: one fan-out per period (gpus/periodic.py)
 def dispatch_refresh() -> int:
     """Beat: one GPU refresh per live host, expiring before the next one is due."""
     hosts = live_hosts()
@@ -77,6 +88,7 @@ def dispatch_refresh() -> int:
 
 
 @shared_task(name="models_app.tasks.dispatch_reconcile", ignore_result=True)
+@once_per_period(lambda: settings.RECONCILE_SECONDS)
 def dispatch_reconcile() -> int:
     """Beat: one reconcile pass per live host, expiring before the next one is due."""
     hosts = live_hosts()
@@ -88,12 +100,16 @@ def dispatch_reconcile() -> int:
 
 
 @shared_task(name="models_app.tasks.check_hosts", ignore_result=True)
+# Its instance transitions are compare-and-set, but a lost host's GPUs are marked after an exists() check: two
+# passes at once could mark them (and record the event) twice.
+@once_per_period(lambda: settings.HOST_CHECK_SECONDS)
 def check_hosts() -> dict:
     """Beat, on the default queue: work sent to hosts that went quiet fails, and their GPUs are marked."""
     return hosts.check_hosts()
 
 
 @shared_task(name="models_app.tasks.unload_idle", ignore_result=True)
+@idempotent("each instance is unloaded under its row lock after checking again that it runs and is idle")
 def unload_idle() -> int:
     """Beat, on the default queue: unload instances idle past their keep-alive (models_app.ondemand)."""
     return len(ondemand.unload_idle())
@@ -142,6 +158,9 @@ def on_worker_ready(sender=None, **kwargs) -> None:
             logger.info("%s: llama-server %s %s", host.name, binary.path, binary.error or binary.version)
         if host.llama_server_error:
             logger.error("%s: %s", host.name, host.llama_server_error)
+        from . import model_files
+
+        logger.info("model files on %s: %s", host.name, model_files.check_on_this_host(host))
         logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
     except Exception:  # a failed start-up check must not stop the worker; the next reconcile tries again
         logger.exception("start-up of the %s worker failed", settings.HOST_NAME)
