@@ -53,15 +53,6 @@ def reconcile_host(host_name: str) -> dict:
     return reconcile.reconcile_host(host_name)
 
 
-@shared_task(name="models_app.tasks.check_model_files", ignore_result=True)
-def check_model_files(host_name: str) -> dict:
-    """On the host's queue: report which registered models this host can serve (models_app/model_files.py)."""
-    from . import model_files
-
-    host = Host.objects.filter(name=host_name).first()
-    return model_files.check_on_this_host(host) if host is not None else {}
-
-
 @shared_task(name="models_app.tasks.refresh_host", ignore_result=True)
 def refresh_host(host_name: str) -> None:
     from . import memory
@@ -158,9 +149,6 @@ def on_worker_ready(sender=None, **kwargs) -> None:
             logger.info("%s: llama-server %s %s", host.name, binary.path, binary.error or binary.version)
         if host.llama_server_error:
             logger.error("%s: %s", host.name, host.llama_server_error)
-        from . import model_files
-
-        logger.info("model files on %s: %s", host.name, model_files.check_on_this_host(host))
         logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
     except Exception:  # a failed start-up check must not stop the worker; the next reconcile tries again
         logger.exception("start-up of the %s worker failed", settings.HOST_NAME)
