@@ -84,3 +84,30 @@ def clear_host(host: Host, actor=None) -> int:
     count = clear_host_lost(host, lost_prefix(host))
     record(Kind.HOST_LOST, actor=actor, detail=f"host {host.name}: {count} GPU(s) cleared of the lost mark")
     return count
+
+
+def retire_host(host: Host, actor=None) -> int:
+    """An admin writes off a down host that will not come back: its unknown instances fail (their GPUs are
+    released; if the machine ever returns, its worker reports their processes as orphans). A host that is up
+    is refused. Returns the instances written off."""
+    if host.is_up:
+        raise ValueError(
+            f"host {host.name} is up (heartbeat at {timezone.localtime(host.last_seen):%H:%M:%S})"
+        )
+    by = getattr(actor, "username", None) or "the system"
+    reason = f"host {host.name} retired by {by} ({host.down_reason()})"
+    count = 0
+    for instance in GpuInstance.objects.filter(host=host, status=Status.UNKNOWN):
+        if transition(
+            instance,
+            Status.FAILED,
+            expected=[Status.UNKNOWN],
+            event_kind=Kind.HOST_LOST,
+            actor=actor,
+            detail=reason,
+            error=reason,
+            stopped_at=timezone.now(),
+        ):
+            count += 1
+    record(Kind.HOST_LOST, actor=actor, detail=f"{reason}: {count} unknown instance(s) written off")
+    return count

@@ -93,6 +93,27 @@ def test_running_instances_of_a_down_host_become_unknown_and_keep_their_figures(
     assert tasks.check_hosts() == {}
 
 
+def test_a_down_host_that_will_not_return_is_retired(fake_gpus, tiny_model, users, sent, settings):
+    from django.core.management.base import CommandError
+
+    settings.HOST_TIMEOUT_SECONDS = 60
+    with pytest.raises(CommandError, match="not retired: host testhost is up"):
+        call_command("clear_host", "testhost", "--retire")
+    instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
+    GpuInstance.objects.filter(pk=instance.pk).update(status=Status.RUNNING, loaded_at=timezone.now())
+    _silence(fake_gpus.host, 120)
+    tasks.check_hosts()
+    out = StringIO()
+    call_command("clear_host", "testhost", "--retire", "--user", "admin", stdout=out)
+    assert out.getvalue().splitlines() == [
+        "testhost: 1 unknown instance(s) written off",
+        "testhost: 2 GPU(s) cleared",
+    ]
+    instance.refresh_from_db()
+    assert instance.status == Status.FAILED and instance.error.startswith("host testhost retired by admin")
+    assert not instance.gpu_links.filter(active=True).exists()
+
+
 def test_a_host_that_answers_again_is_not_lost(fake_gpus, tiny_model, sent, settings):
     settings.HOST_TIMEOUT_SECONDS = 60
     _silence(fake_gpus.host, 120)
