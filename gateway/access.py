@@ -275,7 +275,11 @@ def ensure_running(target: Target, keep_alive: int | None) -> GpuInstance:
     """Slow path (a worker thread, not the shared one): load on demand and wait, or wait for a load under
     way (models_app.ondemand). Its refusals become the gateway's answers."""
     try:
-        return ondemand.ensure_running(target.model, target.caller.user, keep_alive_seconds=keep_alive)
+        instance = ondemand.ensure_running(target.model, target.caller.user, keep_alive_seconds=keep_alive)
+        # Read here what the event loop reads later (upstream.base_url, slots): a wait for the load refreshed
+        # the row, which drops its related objects, and the event loop may not query.
+        instance.host, instance.model  # noqa: B018
+        return instance
     except ondemand.GatewayRefusal as exc:
         raise _refusal(exc) from None
     finally:

@@ -323,14 +323,6 @@ GATEWAY_TOKEN_CACHE_SECONDS = envint("LLAMACONTROLLER_GATEWAY_TOKEN_CACHE_SECOND
 GATEWAY_INSTANCE_CACHE_SECONDS = envint(
     "LLAMACONTROLLER_GATEWAY_INSTANCE_CACHE_SECONDS", 2, minimum=0, maximum=60
 )
-# Per web worker, the gateway remembers a checked API token (its user and role) and a model's running instances
-# this many seconds (0: not at all): a revoked token, a deactivated user or a changed role is refused within the
-# token cache's time (an expiry is exact); a cached instance is checked against its row (still running, same
-# start) by the in-flight count's UPDATE before its answer is used (gateway/access.py).
-GATEWAY_TOKEN_CACHE_SECONDS = envint("LLAMACONTROLLER_GATEWAY_TOKEN_CACHE_SECONDS", 5, minimum=0, maximum=60)
-GATEWAY_INSTANCE_CACHE_SECONDS = envint(
-    "LLAMACONTROLLER_GATEWAY_INSTANCE_CACHE_SECONDS", 2, minimum=0, maximum=60
-)
 USAGE_RETENTION_DAYS = envint("LLAMACONTROLLER_USAGE_RETENTION_DAYS", 90, minimum=1)
 # Proxies in front of the web server that append to X-Forwarded-For (0: REMOTE_ADDR is the client).
 PROXY_COUNT = envint("LLAMACONTROLLER_PROXY_COUNT", 0, minimum=0)

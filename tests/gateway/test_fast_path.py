@@ -222,3 +222,21 @@ def test_the_gateway_routes_keep_the_security_headers_and_the_session(instance, 
     )
     assert status == 403 and "CSRF" in json.loads(content)["error"]
     assert asgi("GET", "/api/tags")[0] == 401
+
+
+def test_an_instance_from_the_slow_path_has_what_the_event_loop_reads(
+    instance, llama, users, bearer, monkeypatch
+):
+    """A load waited for returns a refreshed row (no related objects): the gateway reads its host and model
+    on the database thread, since the event loop may not query."""
+    from models_app import ondemand
+
+    GpuInstance.objects.filter(pk=instance.pk).update(status=GpuInstance.Status.STARTING)
+
+    def loaded(model, actor, keep_alive_seconds=None):
+        GpuInstance.objects.filter(pk=instance.pk).update(status=GpuInstance.Status.RUNNING)
+        return GpuInstance.objects.get(pk=instance.pk)
+
+    monkeypatch.setattr(ondemand, "ensure_running", loaded)
+    assert chat(bearer(users["viewer"]))[0] == 200
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
