@@ -17,6 +17,7 @@ import psutil
 import pytest
 
 from accounts.models import ApiToken
+from gateway.models import UsageRecord
 from gpus.models import Gpu, Host
 from llamacontroller_site.runner import web_command
 from models_app import processes
@@ -30,6 +31,12 @@ Status = GpuInstance.Status
 HEARTBEAT_SECONDS = 1
 HOST_TIMEOUT_SECONDS = 4
 HOSTS = {"box-a": "9300-9309", "box-b": "9310-9319"}
+# box-b's llama-servers listen on every address and the web node reaches them at 127.0.0.2 (a server bound
+# to 127.0.0.1, as box-a's are, does not answer there): the gateway must use the address the host reports.
+HOST_ENV = {
+    "box-a": {},
+    "box-b": {"LLAMACONTROLLER_LLAMA_SERVER_HOST": "0.0.0.0", "LLAMACONTROLLER_HOST_ADDRESS": "127.0.0.2"},
+}
 
 
 def wait_until(check, timeout=30.0, what="condition"):
@@ -92,6 +99,7 @@ class Cluster:
             LLAMACONTROLLER_HOST_NAME=host,
             LLAMACONTROLLER_FAKE_GPUS=fake_gpu_file(self.tmp / f"gpus-{host}.json", host),
             LLAMACONTROLLER_PORT_RANGE=HOSTS[host],
+            **HOST_ENV[host],
         )  # fmt: skip
 
     def start(self) -> str:
@@ -209,6 +217,17 @@ def test_cluster_host_dies_and_returns(cluster, api, settings):
     b = GpuInstance.objects.get(pk=ids["box-b"])
     assert processes.health_status(a.port) == 200 and processes.health_status(b.port) == 200
 
+    # Reaching instances on another host: at the address the host reported, and only with the instance's key.
+    assert dict(Host.objects.filter(name__in=HOSTS).values_list("name", "address")) == {
+        "box-a": "127.0.0.1",
+        "box-b": "127.0.0.2",
+    }
+    assert httpx.get(f"http://127.0.0.2:{b.port}/v1/models").status_code == 401
+    keyed = {"Authorization": f"Bearer {b.api_key}"}
+    assert httpx.get(f"http://127.0.0.2:{b.port}/v1/models", headers=keyed).status_code == 200
+    with pytest.raises(httpx.ConnectError):
+        httpx.get(f"http://127.0.0.2:{a.port}/health")
+
     # One worker per host name: a second worker for box-a refuses to start while the first runs.
     second = procs.worker("box-a", name="box-a-second")
     assert second.wait(60) == 78, procs.log("box-a-second")
@@ -236,6 +255,13 @@ def test_cluster_host_dies_and_returns(cluster, api, settings):
     refused = api.post(f"/api/v1/instances/{a.pk}/unload/")
     assert refused.status_code == 409 and "host box-a is down" in refused.text, refused.text
     assert instance_status(api, b.pk)["status"] == "running"
+    # The gateway answers from box-b (box-a's instance is unknown), through box-b's reported address.
+    chat = api.post(
+        "/v1/chat/completions",
+        json={"model": "tiny", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4},
+    )
+    assert chat.status_code == 200, chat.text
+    assert UsageRecord.objects.filter(endpoint="/v1/chat/completions").get().instance_id == b.pk
     answer = load(api, "box-b", "1")
     assert answer.status_code == 202, answer.text
     b2 = answer.json()["id"]
