@@ -17,8 +17,8 @@ from django.views.decorators.http import require_GET, require_POST
 
 from accounts import roles
 from accounts.decorators import role_required
-from gpus.models import Gpu, Host
-from models_app import health, ondemand, services
+from gpus.models import Gpu, Host, alive_cutoff
+from models_app import health, model_files, ondemand, services
 from models_app.api.errors import refusal_status
 from models_app.api.views import instance_queryset
 from models_app.formatting import format_duration
@@ -51,6 +51,15 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
     else:
         instance.idle_note = after and after[0].upper() + after[1:]
     instance.expires_at = ondemand.expires_at(instance, now)
+    # A down host: unload and switch are refused (409) until it answers; an unknown instance keeps the
+    # figures it had when the host went quiet.
+    instance.host_down = not instance.host.up
+    instance.unknown_note = ""
+    if instance.status == Status.UNKNOWN:
+        since = instance.memory_updated_at or instance.host.last_seen
+        instance.unknown_note = "unknown — host down" + (
+            f", last figures from {timezone.localtime(since):%H:%M}" if since else ""
+        )
     instance.elapsed_display = instance.progress = None
     if not instance.in_transition:
         return
@@ -66,12 +75,38 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
         instance.progress = min(95, int(elapsed * 100 / budget))
 
 
+def _decorate_host(host: Host, cutoff, now) -> None:
+    """A host header's display values: its state, the reason when down, the heartbeat's age."""
+    host.up = host.last_seen is not None and host.last_seen >= cutoff
+    host.shown_state = "up" if host.up else "down"  # Host.state, without a clock read per use
+    host.reason = "" if host.up else host.down_reason()
+    host.heartbeat_display = (
+        f"{format_duration((now - host.last_seen).total_seconds())} ago" if host.last_seen else "never"
+    )
+    host.gpu_list = []
+
+
+def _shared_host(by_id: dict, row, cutoff, now) -> Host:
+    """The one decorated object of a GPU's or an instance's host (one created after the hosts were read is
+    fetched and added)."""
+    if row.host_id not in by_id:
+        _decorate_host(row.host, cutoff, now)
+        by_id[row.host_id] = row.host
+    return by_id[row.host_id]
+
+
 def dashboard_context(user, base_url: str = "/") -> dict:
-    """Everything the cards show, in a fixed number of queries whatever the number of GPUs/instances.
+    """Everything the cards show, in a fixed number of queries whatever the number of hosts/GPUs/instances.
     `base_url`: the site's address as the browser reached it, for the cards' "use it through the gateway"
     lines (a loaded model is used through the gateway, never at its internal port)."""
     now = timezone.now()
-    gpus = list(Gpu.objects.select_related("host").exclude(index=None))  # replaced GPUs: admin and API only
+    cutoff = alive_cutoff()
+    hosts = list(Host.objects.all())
+    by_id = {host.pk: host for host in hosts}
+    for host in hosts:
+        _decorate_host(host, cutoff, now)
+    # replaced GPUs: admin and API only. Each GPU and instance shares its host's object (one state, no query).
+    gpus = list(Gpu.objects.exclude(index=None).order_by("host__name", "index"))
     instances = list(
         instance_queryset()
         .filter(status__in=GpuInstance.ACTIVE_STATUSES)
@@ -104,19 +139,27 @@ def dashboard_context(user, base_url: str = "/") -> dict:
     )
     holder = {}
     for instance in instances:
+        instance.host = _shared_host(by_id, instance, cutoff, now)
         _decorate_instance(instance, user, now)
         for link in instance.gpu_links.all():
             holder[link.gpu_id] = instance
     for gpu in gpus:
+        gpu.host = _shared_host(by_id, gpu, cutoff, now)
+        gpu.host.gpu_list.append(gpu)
         gpu.holder = holder.get(gpu.pk)
         gpu.other_processes = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
-        # Occupied by others: selectable, but the load needs "force" (the server checks it).
-        gpu.selectable = gpu.holder is None and gpu.state in (Gpu.State.IDLE, Gpu.State.OCCUPIED_BY_OTHERS)
+        # Occupied by others: selectable, but the load needs "force" (the server checks it). A down host's
+        # GPUs are not, even before the host check has marked them unavailable.
+        gpu.selectable = (
+            gpu.host.up and gpu.holder is None and gpu.state in (Gpu.State.IDLE, Gpu.State.OCCUPIED_BY_OTHERS)
+        )
     transitioning = any(i.in_transition for i in instances)
     # A host whose llama-server is missing, or whose GPU query fails, says so on top of the page.
-    host_problems = list(Host.objects.exclude(llama_server_error="", telemetry_error=""))
+    host_problems = [h for h in hosts if h.llama_server_error or h.telemetry_error]
     return {
         "host_problems": host_problems,
+        # Hosts with GPUs, and up hosts without (a worker that has not reported any yet).
+        "hosts": [h for h in hosts if h.gpu_list or h.up],
         "gpus": gpus,
         "instances": instances,
         "failures": failures,
@@ -195,16 +238,27 @@ def _parse_gpu_choice(values: list[str]) -> tuple[str | None, str]:
 @role_required(roles.can_load)
 def load(request):
     model_id = request.POST.get("model_id", "")
+    force = bool(request.POST.get("force"))
+    if request.POST.get("auto"):  # "let the controller choose": host (unless one is picked) and GPUs
+        try:
+            instance = services.request_load_auto(
+                model_id=model_id, actor=request.user, host_name=request.POST.get("host") or None, force=force
+            )
+        except services.LoadRefused as exc:
+            return _refused(request, exc)
+        return _after_action(
+            request,
+            f"Loading {model_id} on {instance.host.name} GPU {instance.gpu_ids} (instance #{instance.pk}).",
+        )
     try:
         host_name, gpu_spec = _parse_gpu_choice(request.POST.getlist("gpu"))
     except ValueError as exc:
         return _after_action(request, str(exc), 400)
     if not gpu_spec:
-        return _after_action(request, "Choose at least one GPU.", 400)
+        return _after_action(request, "Choose at least one GPU, or let the controller choose.", 400)
     try:
         instance = services.request_load(
-            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name,
-            force=bool(request.POST.get("force")),
+            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name, force=force,
         )  # fmt: skip
     except services.LoadRefused as exc:
         return _refused(request, exc)
@@ -222,13 +276,18 @@ def load_estimate(request):
     model = ModelConfig.objects.filter(pk=request.GET.get("model_id", "")).first()
     if model is None:
         return render(request, "partials/load_estimate.html", {**context, "error": "Choose a model."})
+    # "Let the controller choose": among the live hosts that have the model file (or have not said).
+    offered, missing = model_files.hosts_for(model)
+    chosen_host = next((h for h in offered if h.name == request.GET.get("host")), None)
+    context.update(offered_hosts=offered, missing_hosts=missing, chosen_host=chosen_host)
     try:
         host_name, gpu_spec = _parse_gpu_choice(request.GET.getlist("gpu"))
         if gpu_spec:
-            _, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu_spec), host_name)
+            host, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu_spec), host_name)
+            context["file_problem"] = model_files.refusal(model, host)
             prediction = estimates.predict(model, gpus)
         else:
-            choices, _ = placement.rank(model)
+            choices, _ = placement.rank(model, host=chosen_host)
             fitting = [c for c in choices if c.fits]
             prediction = fitting[0].prediction if fitting else None
             context.update(suggested=True, ranking=fitting)

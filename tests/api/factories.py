@@ -47,3 +47,29 @@ def make_instance(gpus, model, owner=None, status=GpuInstance.Status.RUNNING, **
         if active:
             Gpu.objects.filter(pk=gpu.pk).update(state=Gpu.State.MODEL_LOADED)
     return instance
+
+
+def make_cluster(model, owner=None, start: int = 0, count: int = 2, gpus_per_host: int = 2) -> list[Host]:
+    """Hosts box-<start>… with `gpus_per_host` GPUs each (and one replaced GPU, which lists skip): even ones
+    up with a running and a stopping instance, odd ones down (silent for an hour) with their instances
+    `unknown`."""
+    from datetime import timedelta
+
+    from django.utils import timezone
+
+    hosts = []
+    for n in range(start, start + count):
+        down = n % 2 == 1
+        host = Host.objects.create(
+            name=f"box-{n}",
+            last_seen=timezone.now() - timedelta(hours=1 if down else 0),
+            worker_hostname=f"node{n}.example",
+            worker_pid=1000 + n,
+            address=f"10.0.0.{n + 1}",
+        )
+        gpus = make_gpus(gpus_per_host, host_name=host.name)
+        Gpu.objects.create(host=host, index=None, uuid=f"GPU-{host.name}-replaced", name="Old card")
+        make_instance([gpus[0]], model, owner=owner, status="unknown" if down else "running")
+        make_instance([gpus[1]], model, owner=owner, status="unknown" if down else "stopping")
+        hosts.append(host)
+    return hosts
