@@ -1,6 +1,6 @@
 from rest_framework import serializers
 
-from gpus.models import Alert, AlertRule, Gpu
+from gpus.models import Alert, AlertRule, Gpu, Host
 
 
 class GpuProcessSerializer(serializers.Serializer):
@@ -11,8 +11,46 @@ class GpuProcessSerializer(serializers.Serializer):
     instance_id = serializers.IntegerField(allow_null=True, required=False)
 
 
-class GpuSerializer(serializers.ModelSerializer):
-    """A GPU's latest hardware status (whole-GPU memory, which counts every process on it)."""
+class HostStateFields(serializers.Serializer):
+    """`host_state` and `host_down_reason` of a row whose `host` is loaded with it (select_related)."""
+
+    host_state = serializers.ChoiceField(
+        choices=["up", "down"], source="host.state", read_only=True,
+        help_text="down: its worker was not heard from for LLAMACONTROLLER_HOST_TIMEOUT_SECONDS.",
+    )  # fmt: skip
+    host_down_reason = serializers.SerializerMethodField(
+        help_text='e.g. "host gpu-box-2 not heard from since 10:42"; null while the host is up.'
+    )
+
+    def get_host_down_reason(self, row) -> str | None:
+        return None if row.host.is_up else row.host.down_reason()
+
+
+class HostSerializer(serializers.ModelSerializer):
+    """A GPU host and the worker that holds its name. `state` is down when the worker was not heard from for
+    LLAMACONTROLLER_HOST_TIMEOUT_SECONDS; `gpu_count` counts its current GPUs (not replaced ones)."""
+
+    state = serializers.ChoiceField(choices=["up", "down"], read_only=True)
+    down_reason = serializers.SerializerMethodField(
+        help_text='e.g. "host gpu-box-2 not heard from since 10:42"; null while the host is up.'
+    )
+    gpu_count = serializers.IntegerField(read_only=True)
+
+    class Meta:
+        model = Host
+        fields = [
+            "id", "name", "state", "down_reason", "last_seen", "worker_hostname", "worker_pid",
+            "worker_started_at", "address", "gpu_count", "telemetry_error", "llama_server_error",
+        ]  # fmt: skip
+        read_only_fields = fields
+
+    def get_down_reason(self, host) -> str | None:
+        return None if host.is_up else host.down_reason()
+
+
+class GpuSerializer(HostStateFields, serializers.ModelSerializer):
+    """A GPU's latest hardware status (whole-GPU memory, which counts every process on it), and its host's
+    state."""
 
     host = serializers.CharField(source="host.name", read_only=True)
     memory_percent = serializers.FloatField(read_only=True, allow_null=True)
@@ -22,7 +60,8 @@ class GpuSerializer(serializers.ModelSerializer):
         model = Gpu
         fields = [
             "id", "host", "index", "uuid", "name", "simulated", "state", "state_reason", "memory_used_mib",
-            "memory_total_mib", "memory_percent", "utilization_pct", "processes", "updated_at",
+            "memory_total_mib", "memory_percent", "utilization_pct", "processes", "updated_at", "host_state",
+            "host_down_reason",
         ]  # fmt: skip
         read_only_fields = fields
 

@@ -1,9 +1,33 @@
+from django.db.models import Count, Q
+from drf_spectacular.utils import OpenApiParameter, extend_schema
 from rest_framework import viewsets
+from rest_framework.exceptions import ValidationError
 
 from accounts.permissions import IsViewer
-from gpus.models import Gpu
+from gpus.models import Gpu, Host
 
-from .serializers import GpuSerializer
+from .serializers import GpuSerializer, HostSerializer
+
+
+@extend_schema(parameters=[OpenApiParameter("state", str, enum=["up", "down"])])
+class HostViewSet(viewsets.ReadOnlyModelViewSet):
+    """GPU hosts with their state (up, or down with the reason), the worker that holds each name, its last
+    heartbeat and address, and how many GPUs it has. Filter: `?state=up` or `?state=down`."""
+
+    serializer_class = HostSerializer
+    permission_classes = [IsViewer]
+
+    def get_queryset(self):
+        # The GPU count in the same query as the hosts.
+        queryset = Host.objects.annotate(gpu_count=Count("gpus", filter=Q(gpus__index__isnull=False)))
+        state = self.request.query_params.get("state")
+        if state == "up":
+            queryset = queryset.up()
+        elif state == "down":
+            queryset = queryset.down()
+        elif state:
+            raise ValidationError({"state": ["must be up or down"]})
+        return queryset.order_by("name")
 
 
 class GpuViewSet(viewsets.ReadOnlyModelViewSet):
