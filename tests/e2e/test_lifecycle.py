@@ -406,7 +406,7 @@ def test_lifecycle_cli_load_ps_unload(worker, fake_gpus, tiny_model, users, sett
     instance = GpuInstance.objects.get()
     assert f"#{instance.pk} tiny on testhost GPU 0: running on port {instance.port}" in out.getvalue()
     header = ps_output().splitlines()[0].split()
-    assert header == ["ID", "MODEL", "GPUS", "PORT", "STATUS", "UPTIME", "MEMORY", "OWNER"]
+    assert header == ["ID", "MODEL", "HOST", "GPUS", "PORT", "STATUS", "UPTIME", "MEMORY", "OWNER"]
     with pytest.raises(CommandError, match="GPU busy"):
         call_command("load", "tiny", "--gpu", "0")
     with pytest.raises(CommandError, match="may not unload"):

@@ -1,9 +1,10 @@
 from django.core.management.base import BaseCommand
 
+from gpus.models import alive_cutoff
 from models_app.formatting import format_duration
 from models_app.models import GpuInstance
 
-COLUMNS = ["ID", "MODEL", "GPUS", "PORT", "STATUS", "UPTIME", "MEMORY", "OWNER"]
+COLUMNS = ["ID", "MODEL", "HOST", "GPUS", "PORT", "STATUS", "UPTIME", "MEMORY", "OWNER"]
 
 
 def memory(instance: GpuInstance) -> str:
@@ -13,8 +14,16 @@ def memory(instance: GpuInstance) -> str:
     return f"{instance.memory_used_mb} MiB / {instance.memory_total_mb} MiB ({percent}%)"
 
 
+def host_cell(host, cutoff) -> str:
+    up = host.last_seen is not None and host.last_seen >= cutoff
+    return host.name if up else f"{host.name} (down)"
+
+
 class Command(BaseCommand):
-    help = "The loaded models, like `ollama ps`: ID, MODEL, GPUS, PORT, STATUS, UPTIME, MEMORY, OWNER."
+    help = (
+        "The loaded models, like `ollama ps`: ID, MODEL, HOST, GPUS, PORT, STATUS, UPTIME, MEMORY, OWNER. "
+        'A down host shows as "box-2 (down)"; its instances are `unknown` and keep their last figures.'
+    )
 
     def add_arguments(self, parser):
         parser.add_argument(
@@ -27,12 +36,13 @@ class Command(BaseCommand):
         )
         if not all:
             instances = instances.filter(status__in=GpuInstance.ACTIVE_STATUSES)
-        several_hosts = len({i.host_id for i in instances}) > 1
+        cutoff = alive_cutoff()
         rows = [
             [
                 str(i.pk),
                 i.model_id,
-                f"{i.host.name}:{i.gpu_ids}" if several_hosts else i.gpu_ids,
+                host_cell(i.host, cutoff),
+                i.gpu_ids,
                 str(i.port or "-"),
                 i.status,
                 format_duration(i.uptime_seconds),
