@@ -2,6 +2,8 @@
 # LlamaController in two commands:
 #   ./lc.sh run    set up (virtual environment, requirements, llama-server, database, admin, test model) and run
 #   ./lc.sh test   set up the same way and run the whole test suite (extra arguments go to pytest)
+#   ./lc.sh worker set up the same way and run only a GPU host's worker for an existing cluster
+#                  (DATABASE_URL, REDIS_URL and LLAMACONTROLLER_HOST_NAME say which; README "Several GPU hosts")
 set -euo pipefail
 cd "$(dirname "$0")"
 
@@ -54,6 +56,9 @@ case "$command" in
   run)
     exec "$venv/bin/python" -m llamacontroller_site.runner "$@"
     ;;
+  worker)
+    exec "$venv/bin/python" -m llamacontroller_site.runner worker "$@"
+    ;;
   test)
     if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
       say "chromium is not installed: the browser test will be skipped (install it: apt-get install chromium)"
@@ -61,7 +66,7 @@ case "$command" in
     exec "$venv/bin/python" -m pytest "$@"
     ;;
   *)
-    echo "usage: ./lc.sh run | ./lc.sh test [pytest arguments]" >&2
+    echo "usage: ./lc.sh run | ./lc.sh test [pytest arguments] | ./lc.sh worker" >&2
     exit 2
     ;;
 esac

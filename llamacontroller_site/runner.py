@@ -187,7 +187,36 @@ def stop_instances() -> None:
         say(f"unloaded instance {instance_id}")
 
 
+def run_worker() -> int:
+    """`./lc.sh worker`: this machine joins a cluster as a GPU host. Only its worker runs here, on the queue
+    host.<LLAMACONTROLLER_HOST_NAME>, against the cluster's database and Redis (DATABASE_URL and REDIS_URL
+    must name them: an embedded database or broker would be a cluster of one). The web node migrates."""
+    os.chdir(REPO)
+    sys.path.insert(0, str(REPO))
+    missing = [name for name in ("DATABASE_URL", "REDIS_URL") if not os.environ.get(name)]
+    if missing:
+        say(
+            f"a GPU host's worker needs the cluster's {' and '.join(missing)} (see README, 'Several GPU hosts')"
+        )
+        return 2
+    data_dir = Path(os.environ.get("LLAMACONTROLLER_DATA_DIR", REPO / "data")).resolve()
+    os.environ.setdefault("DJANGO_SETTINGS_MODULE", "llamacontroller_site.settings")
+    prepare_environment(data_dir)
+    import django
+
+    django.setup()
+    from django.conf import settings
+
+    say(f"worker for host {settings.HOST_NAME} (queue {settings.HOST_QUEUE}); Ctrl-C stops it")
+    # exec: signals reach Celery itself; the llama-servers it started outlive it (and are adopted by the next).
+    argv = [sys.executable, "-m", "celery", "-A", "llamacontroller_site", "worker", "-Q", settings.HOST_QUEUE,
+            "-n", f"{settings.HOST_NAME}@%h", "-c", "4", "-l", "INFO"]  # fmt: skip
+    os.execv(sys.executable, argv)
+
+
 def main() -> int:
+    if sys.argv[1:2] == ["worker"]:
+        return run_worker()
     os.chdir(REPO)
     sys.path.insert(0, str(REPO))
     data_dir = Path(os.environ.get("LLAMACONTROLLER_DATA_DIR", REPO / "data")).resolve()
