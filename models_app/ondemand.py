@@ -282,6 +282,23 @@ def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
         raise LoadFailed(f"could not load {model.pk}: {exc.message}") from None
 
 
+def _check_down_host(model: ModelConfig) -> None:
+    """LoadFailed (with Retry-After) while the model's load on demand sits on a host that is down: it may well
+    still run there, and it comes back when the host does (one load on demand per model at a time)."""
+    stranded = (
+        GpuInstance.objects.filter(model=model, loaded_on_demand=True, status=Status.UNKNOWN)
+        .select_related("host")
+        .first()
+    )
+    if stranded is not None:
+        raise LoadFailed(
+            f"{model.pk} is loaded on host {stranded.host.name} (instance #{stranded.pk}), which is down "
+            f"({stranded.host.down_reason()}); it is used again when the host answers, or after an admin "
+            f"retires the host (manage.py clear_host {stranded.host.name} --retire)",
+            retry_after=settings.HOST_TIMEOUT_SECONDS,
+        )
+
+
 def _check_recent_failure(model: ModelConfig) -> None:
     """LoadFailed (with Retry-After) while the model's last load on demand failed moments ago."""
     now = timezone.now()
@@ -340,6 +357,7 @@ def ensure_running(
         if instance is None:
             check_wake(model, actor)
             _check_recent_failure(model)
+            _check_down_host(model)
             instance = _load(model, actor, deadline)
             if instance is None:
                 busy += 1

@@ -288,6 +288,20 @@ def test_a_recent_failure_is_answered_without_another_load(host, tiny_model, use
     assert GpuInstance.objects.filter(model=tiny_model).count() == 2
 
 
+def test_a_load_on_demand_stranded_on_a_down_host_is_answered_503_not_loaded_twice(
+    host, tiny_model, users, sent, settings
+):
+    other = Host.objects.create(name="box-2", last_seen=timezone.now() - timedelta(seconds=600))
+    stranded = running(tiny_model, add_gpu(other, 0), status=Status.UNKNOWN)
+    with pytest.raises(
+        LoadFailed, match=r"tiny is loaded on host box-2 \(instance #\d+\), which is down"
+    ) as caught:
+        ondemand.ensure_running(tiny_model, users["operator"])
+    assert "clear_host box-2 --retire" in caught.value.message
+    assert caught.value.retry_after == settings.HOST_TIMEOUT_SECONDS
+    assert list(GpuInstance.objects.filter(model=tiny_model)) == [stranded]  # nothing loaded elsewhere
+
+
 def test_timeout_leaves_the_load_going(host, tiny_model, users, sent):
     started = time.monotonic()
     with pytest.raises(Timeout, match="tiny is still pending") as caught:
