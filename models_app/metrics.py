@@ -25,7 +25,7 @@ from rest_framework.exceptions import AuthenticationFailed
 from accounts import roles
 from accounts.authentication import BearerTokenAuthentication
 from accounts.throttle import client_ip
-from gpus.models import Alert, AlertRule, Gpu
+from gpus.models import Alert, AlertRule, Gpu, Host
 
 from .models import GpuInstance, InstanceGpu
 
@@ -48,6 +48,24 @@ class ControllerCollector:
         yield from self._process_families(gpus)
         yield from self._instance_families()
         yield from self._alert_families()
+        yield from self._host_families()
+
+    def _host_families(self):
+        up = GaugeMetricFamily(
+            "llamacontroller_host_up",
+            "1 while the host's worker sends heartbeats, 0 once it is down (LLAMACONTROLLER_HOST_TIMEOUT_SECONDS).",
+            labels=["host"],
+        )
+        seen = GaugeMetricFamily(
+            "llamacontroller_host_last_heartbeat_seconds",
+            "Unix time of the host worker's last heartbeat.",
+            labels=["host"],
+        )
+        for host in Host.objects.all():
+            up.add_metric([host.name], 1 if host.is_up else 0)
+            if host.last_seen is not None:
+                seen.add_metric([host.name], host.last_seen.timestamp())
+        yield from (up, seen)
 
     def _gpu_families(self, gpus):
         used = GaugeMetricFamily(
@@ -133,7 +151,7 @@ class ControllerCollector:
         )
         status = GaugeMetricFamily(
             "llamacontroller_instance_status",
-            "1 for the instance's current status (pending, starting, running, stopping).",
+            "1 for the instance's current status (pending, starting, running, stopping, unknown).",
             labels=INSTANCE_LABELS + ["status"],
         )
         for instance in instances:

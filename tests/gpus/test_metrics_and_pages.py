@@ -8,7 +8,7 @@ from django.utils import timezone
 from prometheus_client.parser import text_string_to_metric_families
 
 from accounts.models import ApiToken
-from gpus.models import Alert, AlertRule, Gpu, MemorySample
+from gpus.models import Alert, AlertRule, Gpu, Host, MemorySample
 from tests.api.factories import make_gpus, make_instance
 
 pytestmark = pytest.mark.django_db
@@ -17,6 +17,7 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def world(users, tiny_model):
     gpus = make_gpus(3)
+    Host.objects.update(last_seen=timezone.now())  # its worker's heartbeat: up
     instance = make_instance(gpus[:2], tiny_model, owner=users["operator"], memory_used_mb=8200)
     for gpu, (ours, theirs) in zip(gpus[:2], [(4200, 3000), (4000, None)], strict=True):
         procs = [{"pid": 100 + gpu.index, "name": "llama-server", "used_mib": ours, "owner": "instance",
@@ -78,6 +79,16 @@ class TestMetrics:
         assert [s.labels["status"] for s in running] == ["running"]
         alerts = {s.labels["kind"]: s.value for s in found["llamacontroller_alerts_open"].samples}
         assert alerts["foreign_process"] == 1 and alerts["gpu_used_pct"] == 0
+        assert [(s.labels, s.value) for s in found["llamacontroller_host_up"].samples] == [
+            ({"host": "testhost"}, 1)
+        ]
+
+    def test_a_down_host_scrapes_as_zero(self, client, users, world, bearer):
+        Host.objects.update(last_seen=timezone.now() - timedelta(hours=1))
+        found = families(client.get("/metrics", HTTP_AUTHORIZATION=bearer(users["viewer"])).content.decode())
+        assert [s.value for s in found["llamacontroller_host_up"].samples] == [0]
+        (beat,) = found["llamacontroller_host_last_heartbeat_seconds"].samples
+        assert abs(beat.value - (timezone.now() - timedelta(hours=1)).timestamp()) < 5
 
     def test_needs_a_token_or_an_allowed_address(self, client, users, world, bearer, settings):
         assert client.get("/metrics").status_code == 401
