@@ -6,7 +6,7 @@ from django.template.response import TemplateResponse
 from gpus.admin import GpuAdmin
 from gpus.models import Gpu
 
-from .models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
+from .models import GpuInstance, HostModelFile, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
 
 
 @admin.register(LlamaBinary)
@@ -78,6 +78,26 @@ class ModelConfigForm(forms.ModelForm):
         return cleaned
 
 
+class HostModelFileInline(admin.TabularInline):
+    """What each host's worker reported about the model file: written by the workers, never typed in."""
+
+    model = HostModelFile
+    fields = ["host", "available", "reason", "size_bytes", "checked_at"]
+    readonly_fields = fields
+    extra = 0
+    can_delete = False
+    verbose_name_plural = "model file on each host (reported by its worker)"
+
+    def get_queryset(self, request):
+        return super().get_queryset(request).select_related("host")
+
+    def has_add_permission(self, request, obj=None):
+        return False
+
+    def has_change_permission(self, request, obj=None):
+        return False
+
+
 @admin.register(ModelConfig)
 class ModelConfigAdmin(admin.ModelAdmin):
     form = ModelConfigForm
@@ -85,6 +105,10 @@ class ModelConfigAdmin(admin.ModelAdmin):
     list_filter = ["on_demand", "allow_anonymous", "restart_on_crash", "binary"]
     search_fields = ["id", "name", "path"]
     readonly_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at"]
+
+    def get_inlines(self, request, obj):
+        # A new entry has no reports yet (and its add form then needs no inline management data).
+        return [HostModelFileInline] if obj is not None else []
 
 
 class InstanceGpuInline(admin.TabularInline):

@@ -11,3 +11,7 @@ class ModelsAppConfig(AppConfig):
         from .events import record_account_event
 
         account_event.connect(record_account_event, dispatch_uid="models_app.record_account_event")
+        # A registry change asks every live host to check the model files again (models_app/model_files.py).
+        from . import model_files
+
+        model_files.connect()

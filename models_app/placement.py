@@ -10,7 +10,8 @@ from django.utils import timezone
 
 from gpus.models import Gpu, Host
 
-from .models import InstanceGpu, LlamaBinary
+from . import model_files
+from .models import HostModelFile, InstanceGpu, LlamaBinary
 
 
 def _free_mib(gpu: Gpu) -> int:
@@ -93,7 +94,8 @@ def _used_by_others(gpu: Gpu) -> str | None:
 
 
 def _candidate_gpus(model, host: Host | None):
-    hosts = Host.objects.up()
+    # Live hosts whose worker did not report the model's file unusable (no report yet: not ruled out).
+    hosts = Host.objects.up().exclude(pk__in=model_files.hosts_without(model))
     if host is not None:
         hosts = hosts.filter(pk=host.pk)
     if model.binary_id:
@@ -113,15 +115,24 @@ def _candidate_gpus(model, host: Host | None):
     return gpus, holders
 
 
+def _without_file(model, host: Host | None) -> list[str]:
+    """Live hosts left out because their worker reported that it cannot serve the model, with the reason."""
+    rows = HostModelFile.objects.filter(model=model, available=False, host__in=Host.objects.up())
+    if host is not None:
+        rows = rows.filter(host=host)
+    return [f"host {row.host.name}: {row.reason}" for row in rows.select_related("host")]
+
+
 def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> tuple[list[Choice], list[str]]:
     """The GPU sets `model` may load on, best first, and why the other GPUs are out. Single GPUs that fit
     come first (idle ones before those shared with other people's processes, then by the memory left after
     the estimate); when no single GPU fits, the smallest set of a host's free GPUs that fits. GPU sets
-    predicted not to fit follow, for the explanation."""
+    predicted not to fit follow, for the explanation. Hosts whose worker reported that it cannot serve the
+    model (models_app/model_files.py) are left out, and said so."""
     from . import estimates
 
     gpus, holders = _candidate_gpus(model, host)
-    out = []
+    out = _without_file(model, host)
     usable = []
     for gpu in gpus:
         where = f"GPU {gpu.index} on {gpu.host.name}"
@@ -175,11 +186,13 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
     from .ondemand import NoCapacity, expires_at  # ondemand imports this module
 
     gpus, holders = _candidate_gpus(model, host)
+    without_file = _without_file(model, host)
     if not gpus:
         where = f"host {host.name}" if host is not None else "any host"
         raise NoCapacity(
             f"no GPU to load {model.pk} on: {where} has no live worker with a llama-server"
             + (f" ({model.binary.path} of {model.binary.host.name} is pinned)" if model.binary_id else "")
+            + (" that has the model file (" + "; ".join(without_file) + ")" if without_file else "")
         )
     choices, _ = rank(model, host=host)
     fitting = [c for c in choices if c.fits]
@@ -215,6 +228,7 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
     retry_after = 60
     if soonest is not None:
         retry_after = max(1, min(3600, int((soonest - timezone.now()).total_seconds()) + 1))
+    busy += [f"{note} (no model file)" for note in without_file]
     refusal = NoCapacity(f"no free GPU to load {model.pk} on: " + "; ".join(busy), retry_after=retry_after)
     refusal.freeing = freeing
     raise refusal

@@ -62,6 +62,13 @@ def reconcile_host(host_name: str) -> dict[str, int]:
     for orphan in find_orphans(host):
         done["orphans"] += 1
         logger.warning("orphan llama-server on %s: %s", host.name, orphan)
+    try:  # which registered models this host can serve; a failure here must not break the pass
+        from . import model_files
+
+        with transaction.atomic():
+            model_files.check_on_this_host(host)
+    except Exception:
+        logger.exception("%s: checking the model files failed", host.name)
     return dict(done)
 
 

@@ -7,6 +7,7 @@ flags the controller sets, flags that reach the network or run programs, and fla
 refused; every value that names an input file must resolve inside LLAMACONTROLLER_MODEL_DIRS, as the
 model path must."""
 
+import os
 import re
 from pathlib import Path
 
@@ -81,6 +82,22 @@ def check_model_path(raw: str) -> Path:
     if magic != b"GGUF":
         raise RegistryError(f"{raw}: not a GGUF file (bad magic bytes)")
     return resolved
+
+
+def check_model_path_form(raw: str) -> Path:
+    """check_model_path without touching the file: a .gguf path inside LLAMACONTROLLER_MODEL_DIRS, by its
+    text (normalised) or with whatever symlinks this node has followed. For a node that need not have the file
+    (the web node of a cluster); each host's worker checks the file itself (models_app/model_files.py)."""
+    if not raw or not str(raw).strip():
+        raise RegistryError("path is empty")
+    path = Path(os.path.normpath(Path(raw).expanduser()))
+    if path.suffix.lower() != ".gguf":
+        raise RegistryError(f"{raw}: not a .gguf file")
+    inside = any(p.is_relative_to(folder) for p in (path, path.resolve()) for folder in settings.MODEL_DIRS)
+    if not path.is_absolute() or not inside:
+        allowed = ", ".join(str(f) for f in settings.MODEL_DIRS)
+        raise RegistryError(f"{raw}: outside the allowed model folders ({allowed})")
+    return path
 
 
 def check_params_shape(params) -> dict:

@@ -14,9 +14,10 @@ from accounts.roles import can_administer, can_load, can_manage_instance
 from gpus.models import Gpu, Host
 from models_app import health
 
+from . import model_files
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
-from .registry import RegistryError, check_model_path
+from .registry import RegistryError, check_model_path, check_model_path_form
 from .state import transition
 
 logger = logging.getLogger(__name__)
@@ -79,10 +80,23 @@ def _model(model_id: str) -> ModelConfig:
     if model is None:
         raise LoadRefused(f"unknown model {model_id!r}", field="model_id")
     try:
-        check_model_path(model.path)
+        if model_files.reported(model):
+            # The hosts' workers report the file (checked per host in check_model_on_host); the web node
+            # need not have it, so only the path's form is checked here.
+            check_model_path_form(model.path)
+        else:  # nothing reported yet (a single machine, or no worker has started): check it here
+            check_model_path(model.path)
     except RegistryError as exc:
         raise LoadRefused(f"model {model.pk}: {exc}", field="model_id") from None
     return model
+
+
+def check_model_on_host(model: ModelConfig, host: Host) -> None:
+    """Refuse up front (409) a load on a host whose worker reported that it cannot serve the model, with its
+    reason. No report yet: accepted (the worker checks the file again when it loads)."""
+    reason = model_files.refusal(model, host)
+    if reason:
+        raise LoadRefused(reason, field="model_id", code="busy")
 
 
 def resolve_gpus(indices: list[int], host_name: str | None) -> tuple[Host, list[Gpu]]:
@@ -310,6 +324,7 @@ def request_load(
     model = _model(model_id)
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
     check_host_up(host)
+    check_model_on_host(model, host)
     if _holders(gpus):
         raise _busy(gpus)
     prediction = predict_load(model, gpus)
@@ -339,6 +354,41 @@ def request_load(
             )
     except _Busy:
         raise _busy(gpus) from None
+
+
+AUTO = "auto"  # what the CLI's --gpu (and the API's gpu_id) may say instead of GPU indices
+
+
+def request_load_auto(
+    *, model_id: str, actor, host_name: str | None = None, force: bool = False
+) -> GpuInstance:
+    """A load without GPUs: the controller picks the host (or, with `host_name`, that host's GPUs) with
+    placement.choose_gpus, as the load form's suggestion and the gateway's load on demand do, then loads as
+    request_load does. Nothing fits: 409 with what keeps each GPU busy."""
+    from . import placement
+    from .ondemand import NoCapacity  # ondemand imports this module
+
+    _check_actor(can_load(actor), actor, "load models")
+    model = _model(model_id)
+    host = None
+    if host_name:
+        host = Host.objects.filter(name=host_name).first()
+        if host is None:
+            raise LoadRefused(f"unknown host {host_name!r}", field="host")
+        check_host_up(host)
+        check_model_on_host(model, host)
+    try:
+        host, gpus = placement.choose_gpus(model, host=host)
+    except NoCapacity as exc:
+        raise LoadRefused(exc.message, field="gpu_id", code="busy") from None
+    return request_load(
+        model_id=model.pk,
+        gpu_spec=",".join(str(g.index) for g in gpus),
+        actor=actor,
+        host_name=host.name,
+        force=force,
+        note="GPUs chosen by the controller",
+    )
 
 
 # --- unload --------------------------------------------------------------------------------------------
@@ -405,6 +455,7 @@ def request_switch(
     model = _model(model_id)
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
     check_host_up(host, "switch")
+    check_model_on_host(model, host)
     old = _active_on(gpus)
     for instance in old:
         _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")

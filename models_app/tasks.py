@@ -14,7 +14,7 @@ from django.db import connections
 from gpus.models import Host
 from gpus.periodic import idempotent, once_per_period
 
-from . import binaries, cluster, hosts, lifecycle, ondemand, reconcile
+from . import binaries, cluster, hosts, lifecycle, model_files, ondemand, reconcile
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +51,13 @@ def kill_orphan(host_name: str, pid: int, actor_id: int | None = None) -> str | 
 @shared_task(name="models_app.tasks.reconcile_host", ignore_result=True)
 def reconcile_host(host_name: str) -> dict:
     return reconcile.reconcile_host(host_name)
+
+
+@shared_task(name="models_app.tasks.check_model_files", ignore_result=True)
+def check_model_files(host_name: str) -> dict:
+    """On the host's queue: report which registered models this host can serve (models_app/model_files.py)."""
+    host = Host.objects.filter(name=host_name).first()
+    return model_files.check_on_this_host(host) if host is not None else {}
 
 
 @shared_task(name="models_app.tasks.refresh_host", ignore_result=True)
@@ -149,6 +156,10 @@ def on_worker_ready(sender=None, **kwargs) -> None:
             logger.info("%s: llama-server %s %s", host.name, binary.path, binary.error or binary.version)
         if host.llama_server_error:
             logger.error("%s: %s", host.name, host.llama_server_error)
+        try:  # which registered models this host can serve; a failure must not skip the reconcile below
+            logger.info("model files on %s: %s", host.name, model_files.check_on_this_host(host))
+        except Exception:
+            logger.exception("%s: checking the model files failed", host.name)
         logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
     except Exception:  # a failed start-up check must not stop the worker; the next reconcile tries again
         logger.exception("start-up of the %s worker failed", settings.HOST_NAME)

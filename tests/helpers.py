@@ -26,3 +26,35 @@ def grow(child):
     child.stdin.write("more\n")
     child.stdin.flush()
     assert child.stdout.readline().strip() == "grew"
+
+
+def register_second_host(name: str, gpu_file, settings, *, default_binary: bool = True):
+    """Another live host with two fake GPUs of its own (its own uuids, written to `gpu_file`), registered as
+    its worker would; with `default_binary`, it (and every other host) gets a default llama-server row so that
+    placement considers it. The fake_gpus fixture's file stays this process's telemetry."""
+    import json
+
+    from gpus import services
+    from gpus.models import Host
+    from models_app.models import LlamaBinary
+    from tests.conftest import write_fake_gpu_file
+
+    data = json.loads(write_fake_gpu_file(gpu_file).read_text())
+    for gpu in data["gpus"]:
+        gpu["uuid"] = f"GPU-{name}-{gpu['index']}"
+    gpu_file.write_text(json.dumps(data))
+    own_file, settings.FAKE_GPUS_FILE = settings.FAKE_GPUS_FILE, str(gpu_file)
+    try:
+        host = services.register_host(name)
+    finally:
+        settings.FAKE_GPUS_FILE = own_file
+    if default_binary:
+        for each in Host.objects.exclude(llama_binaries__is_default=True):
+            LlamaBinary.objects.create(
+                host=each,
+                name="default",
+                path=f"/opt/{each.name}/llama-server",
+                is_default=True,
+                version="b1",
+            )
+    return host

@@ -158,17 +158,25 @@ def _compat_refusal(exc, gpu_id, model_id) -> Response:
     return Response({**refusal_body(exc), **body}, status=refusal_status(exc))
 
 
+class CompatLoadSerializer(LoadSerializer):
+    """The seed's load: GPU indexes, "0" when left out (the controller does not choose here)."""
+
+    gpu_id = serializers.CharField(
+        max_length=100, default="0", help_text='GPU indexes: "0" or "0,1"; default "0".'
+    )
+
+
 class ModelsLoadView(APIView):
     permission_classes = [IsOperator]
 
-    @extend_schema(request=LoadSerializer, responses={200: CompatAcceptedSchema, **COMPAT_REFUSALS})
+    @extend_schema(request=CompatLoadSerializer, responses={200: CompatAcceptedSchema, **COMPAT_REFUSALS})
     def post(self, request):
         """Load `model_id` on `gpu_id` (default "0"). `success` means accepted: poll gpu/status."""
         data = request.data
         if hasattr(data, "keys"):  # JSON object or form fields (a QueryDict: copy() keeps single values)
             data = data.copy()
             data.setdefault("gpu_id", "0")
-        form = LoadSerializer(data=data)
+        form = CompatLoadSerializer(data=data)
         form.is_valid(raise_exception=True)
         gpu_id, model_id = form.validated_data["gpu_id"], form.validated_data["model_id"]
         try:

@@ -4,7 +4,7 @@ from pathlib import Path
 from rest_framework import serializers
 
 from gpus.api.serializers import HostStateFields
-from models_app.models import GpuInstance, InstanceEvent, ModelConfig
+from models_app.models import GpuInstance, HostModelFile, InstanceEvent, ModelConfig
 from models_app.registry import (
     RegistryError,
     check_cli_params,
@@ -53,9 +53,18 @@ class InstanceSerializer(HostStateFields, serializers.ModelSerializer):
 
 class LoadSerializer(serializers.Serializer):
     model_id = serializers.CharField(max_length=100)
-    gpu_id = serializers.CharField(max_length=100, help_text='GPU indexes: "0" or "0,1"')
+    gpu_id = serializers.CharField(
+        max_length=100,
+        required=False,
+        help_text='GPU indexes: "0" or "0,1". Omit gpu_id (or send "auto") to let the controller choose the '
+        "host and GPUs: the placement that the load form suggests and the gateway uses, among the live hosts "
+        "that have the model file (409 with the reasons when nothing fits).",
+    )
     host = serializers.CharField(
-        max_length=100, required=False, help_text="Host name; default: the only host."
+        max_length=100,
+        required=False,
+        help_text="Host name; default: the only host with these GPU indexes. Without gpu_id: choose GPUs "
+        "on this host only.",
     )
     force = serializers.BooleanField(default=False, help_text="Load even onto GPUs others occupy.")
 
@@ -70,18 +79,40 @@ class UnloadGpusSerializer(serializers.Serializer):
     host = serializers.CharField(max_length=100, required=False)
 
 
+class HostModelFileSerializer(serializers.ModelSerializer):
+    host = serializers.CharField(source="host.name", read_only=True)
+    available = serializers.BooleanField(
+        read_only=True,
+        help_text="The file is there, inside the host's allowed folders, of the registered size.",
+    )
+    reason = serializers.CharField(
+        read_only=True, help_text="Why the host cannot serve it (empty when it can)."
+    )
+    checked_at = serializers.DateTimeField(
+        read_only=True, help_text="When the host's worker found this state (it checks often, writes changes)."
+    )
+
+    class Meta:
+        model = HostModelFile
+        fields = ["host", "available", "reason", "checked_at"]
+        read_only_fields = fields
+
+
 class ModelConfigSerializer(serializers.ModelSerializer):
     """The registry. The path must name a readable GGUF file inside the allowed folders; the header facts
-    and file size are read from it when it is saved."""
+    and file size are read from it when it is saved. `hosts`: what each host's worker reported about the
+    file; loads and placement skip hosts that reported it unavailable (a host not listed has not checked)."""
+
+    hosts = HostModelFileSerializer(source="host_files", many=True, read_only=True)
 
     class Meta:
         model = ModelConfig
         fields = [
             "id", "name", "path", "binary", "cli_params", "metadata", "gguf_metadata", "file_size_bytes",
             "restart_on_crash", "max_restarts", "on_demand", "keep_alive_seconds", "allow_anonymous",
-            "created_at", "updated_at",
+            "created_at", "updated_at", "hosts",
         ]  # fmt: skip
-        read_only_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at"]
+        read_only_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at", "hosts"]
 
     def get_fields(self):
         fields = super().get_fields()

@@ -1,7 +1,7 @@
 import re
 from datetime import UTC, datetime
 
-from django.db.models import ProtectedError
+from django.db.models import Prefetch, ProtectedError
 from django.shortcuts import get_object_or_404
 from django.utils import timezone
 from django.utils.dateparse import parse_datetime
@@ -19,7 +19,7 @@ from gpus.models import Gpu
 from models_app import health, services
 from models_app.events import record
 from models_app.logtail import read_tail
-from models_app.models import GpuInstance, InstanceEvent, ModelConfig
+from models_app.models import GpuInstance, HostModelFile, InstanceEvent, ModelConfig
 
 from .errors import RefusalMixin, refusals
 from .estimate import EstimateActions
@@ -68,16 +68,21 @@ class InstanceViewSet(
 
     @extend_schema(request=LoadSerializer, responses={202: InstanceSerializer, **refusals(409, 503)})
     def create(self, request):
-        """Load `model_id` on GPUs `gpu_id` ("0" or "0,1"). 400 bad input, 409 busy GPU, 503 broker down."""
+        """Load `model_id` on GPUs `gpu_id` ("0" or "0,1"); without `gpu_id` the controller chooses the host
+        and GPUs. 400 bad input, 409 busy GPU, nothing fits or no model file on the host, 503 broker down."""
         form = LoadSerializer(data=request.data)
         form.is_valid(raise_exception=True)
-        instance = services.request_load(
-            model_id=form.validated_data["model_id"],
-            gpu_spec=form.validated_data["gpu_id"],
-            actor=request.user,
-            host_name=form.validated_data.get("host"),
-            force=form.validated_data.get("force", False),
-        )
+        data = form.validated_data
+        common = {
+            "model_id": data["model_id"],
+            "actor": request.user,
+            "host_name": data.get("host"),
+            "force": data.get("force", False),
+        }
+        if data.get("gpu_id", services.AUTO).strip().lower() == services.AUTO:
+            instance = services.request_load_auto(**common)
+        else:
+            instance = services.request_load(gpu_spec=data["gpu_id"], **common)
         return Response(self._fresh(instance), status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(request=None, responses={202: InstanceSerializer, **refusals(400, 409, 503)})
@@ -131,7 +136,10 @@ class ModelConfigViewSet(RefusalMixin, EstimateActions, viewsets.ModelViewSet):
 
     serializer_class = ModelConfigSerializer
     permission_classes = [ReadViewerWriteAdmin]
-    queryset = ModelConfig.objects.all()
+    # Each model's per-host file reports in one more query, whatever the number of models and hosts.
+    queryset = ModelConfig.objects.prefetch_related(
+        Prefetch("host_files", queryset=HostModelFile.objects.select_related("host"))
+    )
     lookup_value_regex = "[-a-zA-Z0-9_]+"
 
     def perform_create(self, serializer):

@@ -18,7 +18,7 @@ from django.views.decorators.http import require_GET, require_POST
 from accounts import roles
 from accounts.decorators import role_required
 from gpus.models import Gpu, Host, alive_cutoff
-from models_app import health, ondemand, services
+from models_app import health, model_files, ondemand, services
 from models_app.api.errors import refusal_status
 from models_app.api.views import instance_queryset
 from models_app.formatting import format_duration
@@ -238,16 +238,27 @@ def _parse_gpu_choice(values: list[str]) -> tuple[str | None, str]:
 @role_required(roles.can_load)
 def load(request):
     model_id = request.POST.get("model_id", "")
+    force = bool(request.POST.get("force"))
+    if request.POST.get("auto"):  # "let the controller choose": host (unless one is picked) and GPUs
+        try:
+            instance = services.request_load_auto(
+                model_id=model_id, actor=request.user, host_name=request.POST.get("host") or None, force=force
+            )
+        except services.LoadRefused as exc:
+            return _refused(request, exc)
+        return _after_action(
+            request,
+            f"Loading {model_id} on {instance.host.name} GPU {instance.gpu_ids} (instance #{instance.pk}).",
+        )
     try:
         host_name, gpu_spec = _parse_gpu_choice(request.POST.getlist("gpu"))
     except ValueError as exc:
         return _after_action(request, str(exc), 400)
     if not gpu_spec:
-        return _after_action(request, "Choose at least one GPU.", 400)
+        return _after_action(request, "Choose at least one GPU, or let the controller choose.", 400)
     try:
         instance = services.request_load(
-            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name,
-            force=bool(request.POST.get("force")),
+            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name, force=force,
         )  # fmt: skip
     except services.LoadRefused as exc:
         return _refused(request, exc)
@@ -265,13 +276,18 @@ def load_estimate(request):
     model = ModelConfig.objects.filter(pk=request.GET.get("model_id", "")).first()
     if model is None:
         return render(request, "partials/load_estimate.html", {**context, "error": "Choose a model."})
+    # "Let the controller choose": among the live hosts that have the model file (or have not said).
+    offered, missing = model_files.hosts_for(model)
+    chosen_host = next((h for h in offered if h.name == request.GET.get("host")), None)
+    context.update(offered_hosts=offered, missing_hosts=missing, chosen_host=chosen_host)
     try:
         host_name, gpu_spec = _parse_gpu_choice(request.GET.getlist("gpu"))
         if gpu_spec:
-            _, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu_spec), host_name)
+            host, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu_spec), host_name)
+            context["file_problem"] = model_files.refusal(model, host)
             prediction = estimates.predict(model, gpus)
         else:
-            choices, _ = placement.rank(model)
+            choices, _ = placement.rank(model, host=chosen_host)
             fitting = [c for c in choices if c.fits]
             prediction = fitting[0].prediction if fitting else None
             context.update(suggested=True, ranking=fitting)

@@ -1,12 +1,22 @@
 from django.core.management.base import BaseCommand
 
-from models_app.services import request_load
+from models_app.services import AUTO, request_load, request_load_auto
 
 from ._lifecycle import add_common_arguments, add_force_argument, request_and_report
 
 
+def load(*, gpu_spec: str, **request):
+    """`--gpu auto`: the controller chooses the host (or, with --host, that host's GPUs) and the GPUs."""
+    if gpu_spec.strip().lower() == AUTO:
+        return request_load_auto(**request)
+    return request_load(gpu_spec=gpu_spec, **request)
+
+
 class Command(BaseCommand):
-    help = "Load a model onto GPUs of one host: `load MODEL --gpu 0,1 [--host NAME] [--wait] [--user NAME] [--force]`."
+    help = (
+        "Load a model onto GPUs of one host: `load MODEL --gpu 0,1 [--host NAME] [--wait] [--user NAME] "
+        "[--force]`; `--gpu auto` lets the controller choose the host and GPUs."
+    )
 
     def add_arguments(self, parser):
         parser.add_argument("model", help="Model id from the registry.")
@@ -14,6 +24,4 @@ class Command(BaseCommand):
         add_force_argument(parser)
 
     def handle(self, model, gpu, host, user, wait, force, **options):
-        request_and_report(
-            self, request_load, model=model, gpu=gpu, host=host, user=user, wait=wait, force=force
-        )
+        request_and_report(self, load, model=model, gpu=gpu, host=host, user=user, wait=wait, force=force)
