@@ -20,9 +20,11 @@ def open_alerts_banner() -> dict:
 @register.simple_tag
 def instance_breakdown(instance) -> dict:
     """{"gpus": [{"index", "mib", "gib"}], "processes": [{"pid", "name", "used_mib", "gpu_index"}]} for an
-    instance whose `gpu_links` (with their GPUs) are loaded; empty without per-process figures."""
+    instance whose `gpu_links` (with their GPUs) are loaded, or given as a list in `links` (the dashboard);
+    empty without per-process figures."""
     gpus, processes = [], []
-    for link in instance.gpu_links.all():
+    links = getattr(instance, "links", None)
+    for link in instance.gpu_links.all() if links is None else links:
         mine = [p for p in link.gpu.processes or [] if p.get("instance_id") == instance.pk]
         known = [p for p in mine if p.get("used_mib") is not None]
         if not known:
