@@ -2,6 +2,7 @@
 
 import pytest
 from django.db import IntegrityError, transaction
+from django.utils import timezone
 
 from gpus.models import Gpu, Host
 from models_app import services
@@ -93,7 +94,7 @@ def test_lifecycle_request_load_missing_model_file(fake_gpus, tiny_model, settin
 
 
 def test_lifecycle_request_load_hosts(fake_gpus, tiny_model):
-    other = Host.objects.create(name="other")
+    other = Host.objects.create(name="other", last_seen=timezone.now())  # its worker's heartbeat: up
     Gpu.objects.create(host=other, index=0, uuid="GPU-other-0", name="x", memory_total_mib=100)
     # GPU 0 exists on both hosts: the host must be named.
     with pytest.raises(LoadRefused) as refused:
