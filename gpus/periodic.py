@@ -9,7 +9,8 @@ twice. Every task in CELERY_BEAT_SCHEDULE therefore carries one of two marks (a 
   name, on the Celery broker) before it acts, and gives up quietly when another run holds it. The lock expires
   at 0.8 of the period, a little before the next run is due, and is never released early: a second beat's
   message for the same period, taken a moment later, finds it held. Two beats out of phase still act once per
-  period (whichever sends first after the lock expired acts; the other's message finds the lock).
+  period (whichever sends first after the lock expired acts; the other's message finds the lock). A run that
+  fails has still used its period: the next period's run tries again.
 - `idempotent(reason)`: acting twice does no harm (e.g. a second prune finds nothing left to delete).
 
 If Redis cannot be asked (it is the broker, so this is rare: the task came through it), the task runs anyway
