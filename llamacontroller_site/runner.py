@@ -6,6 +6,7 @@ import json
 import os
 import secrets
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -43,10 +44,12 @@ def choose_gpu_backend(data_dir: Path) -> None:
         return
     fake_file = data_dir / "fake-gpus.json"
     if not fake_file.exists():
+        # GPU uuids are unique in the cluster: two simulated hosts on one machine must not share them.
+        host = os.environ.get("LLAMACONTROLLER_HOST_NAME") or socket.gethostname().split(".")[0]
         gpus = [
             {
                 "index": i,
-                "uuid": f"GPU-00000000-demo-0000-0000-00000000000{i}",
+                "uuid": f"GPU-simulated-{host}-{i}",
                 "name": "Simulated GPU (24 GiB)",
                 "memory_total_mib": 24564,
                 "baseline_used_mib": 5,
