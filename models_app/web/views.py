@@ -86,6 +86,21 @@ def _decorate_host(host: Host, cutoff, now) -> None:
     host.gpu_list = []
 
 
+GPU_STATES = dict(Gpu.State.choices)
+
+
+def _toggle_title(gpu: Gpu) -> str:
+    """The load form's hint on a GPU: why it cannot be chosen, or that it is free."""
+    if not gpu.host.up:
+        return gpu.host.reason
+    if gpu.state == Gpu.State.OCCUPIED_BY_OTHERS:
+        return gpu.state_reason
+    if gpu.selectable:
+        return "Free"
+    label = GPU_STATES.get(gpu.state, gpu.state)
+    return f"{label}: {gpu.holder.model.name}" if gpu.holder else label
+
+
 def _shared_host(by_id: dict, row, cutoff, now) -> Host:
     """The one decorated object of a GPU's or an instance's host (one created after the hosts were read is
     fetched and added)."""
@@ -105,15 +120,18 @@ def dashboard_context(user, base_url: str = "/") -> dict:
     by_id = {host.pk: host for host in hosts}
     for host in hosts:
         _decorate_host(host, cutoff, now)
-    # replaced GPUs: admin and API only. Each GPU and instance shares its host's object (one state, no query).
-    gpus = list(Gpu.objects.exclude(index=None).order_by("host__name", "index"))
+    # Each GPU and instance shares its host's object (one state, no query); the instances' GPU links share
+    # these GPU objects too (replaced GPUs included: they still have their instances).
+    all_gpus = list(Gpu.objects.order_by("host__name", "index"))
+    gpu_by_id = {gpu.pk: gpu for gpu in all_gpus}
+    gpus = [gpu for gpu in all_gpus if gpu.index is not None]  # replaced GPUs: admin and API only
     instances = list(
         instance_queryset()
         .filter(status__in=GpuInstance.ACTIVE_STATUSES)
         .order_by("host__name", "requested_at")
         .prefetch_related(
             # A list (to_attr): the manager's per-instance queryset clone costs more than the rows.
-            Prefetch("gpu_links", queryset=InstanceGpu.objects.select_related("gpu"), to_attr="links"),
+            Prefetch("gpu_links", queryset=InstanceGpu.objects.all(), to_attr="links"),
             Prefetch(
                 "events",
                 queryset=InstanceEvent.objects.filter(kind__in=STOP_EVENT_KINDS).order_by("-created_at"),
@@ -143,6 +161,8 @@ def dashboard_context(user, base_url: str = "/") -> dict:
         instance.host = _shared_host(by_id, instance, cutoff, now)
         _decorate_instance(instance, user, now)
         for link in instance.links:
+            if link.gpu_id in gpu_by_id:  # else a GPU newer than the read above: fetched on use (rare)
+                link.gpu = gpu_by_id[link.gpu_id]
             holder[link.gpu_id] = instance
     for gpu in gpus:
         gpu.host = _shared_host(by_id, gpu, cutoff, now)
@@ -154,6 +174,7 @@ def dashboard_context(user, base_url: str = "/") -> dict:
         gpu.selectable = (
             gpu.host.up and gpu.holder is None and gpu.state in (Gpu.State.IDLE, Gpu.State.OCCUPIED_BY_OTHERS)
         )
+        gpu.toggle_title = _toggle_title(gpu)
     transitioning = any(i.in_transition for i in instances)
     # A host whose llama-server is missing, or whose GPU query fails, says so on top of the page.
     host_problems = [h for h in hosts if h.llama_server_error or h.telemetry_error]

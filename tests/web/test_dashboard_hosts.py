@@ -8,7 +8,7 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from gpus.models import Host
-from tests.api.factories import make_cluster, make_gpus
+from tests.api.factories import make_cluster, make_gpus, make_instance
 
 HTMX = {"HTTP_HX_REQUEST": "true", "HTTP_HX_CURRENT_URL": "http://testserver/"}
 
@@ -77,3 +77,26 @@ def test_dashboard_queries_do_not_grow_with_hosts(client, users, tiny_model):
     make_gpus(3, host_name="empty")
     Host.objects.create(name="bare", last_seen=timezone.now())
     assert _count(client) == two
+
+
+def test_cards_escape_what_people_and_processes_named(client, users, tiny_model):
+    from gpus.models import Gpu
+
+    tiny_model.name = '<script>alert("m")</script>'
+    tiny_model.save(update_fields=["name"])
+    gpus = make_gpus(2, host_name="box-<b>")
+    Host.objects.filter(name="box-<b>").update(last_seen=timezone.now())
+    instance = make_instance([gpus[0]], tiny_model, owner=users["operator"])
+    Gpu.objects.filter(pk=gpus[1].pk).update(
+        state_reason="<i>busy</i>",
+        processes=[{"pid": 77, "name": "<img src=x>", "used_mib": 5, "owner": "orphan", "instance_id": None}],
+    )
+    client.force_login(users["admin"])
+    page = client.get("/", **HTMX).content.decode()
+    assert "<script>" not in page and "&lt;script&gt;alert(&quot;m&quot;)&lt;/script&gt;" in page
+    assert "<img src=x>" not in page and "&lt;img src=x&gt;" in page and "&lt;i&gt;busy&lt;/i&gt;" in page
+    assert (
+        f'action="/gpus/{gpus[1].pk}/orphans/77/kill/"' in page
+        and f'href="/gpus/{gpus[1].pk}/history/"' in page
+    )
+    assert f'href="/instances/{instance.pk}/log/"' in page and 'name="csrfmiddlewaretoken"' in page
