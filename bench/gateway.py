@@ -239,11 +239,12 @@ def main() -> None:
         for name, runs in rows.items():
             print(f"{name:<24} {med(r[1] for r in runs):>9.1f} {med(r[0] for r in runs) * 1000:>15.1f}")
         ratio = med(r[1] for r in rows["gateway /v1"]) / med(r[1] for r in rows["direct /v1"])
-        overhead = (
-            med(g[0] - d[0] for g, d in zip(rows["gateway /v1"], rows["direct /v1"], strict=True)) * 1000
-        )
+        pairs = sorted(g[0] - d[0] for g, d in zip(rows["gateway /v1"], rows["direct /v1"], strict=True))
+        overhead = med(pairs) * 1000
+        quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
         print(
             f"gateway/direct tokens/s: {ratio:.3f}x; first-token overhead (median of pairs): {overhead:.2f} ms"
+            f" (quartiles {quartiles[0] * 1000:.1f} / {quartiles[2] * 1000:.1f} ms)"
         )
 
         # --- concurrent streams -------------------------------------------------------------------------

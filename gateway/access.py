@@ -9,15 +9,20 @@ Two short per-process caches keep the database off the way to the first token:
   user and role, is believed for that long. So a revoked token, a deactivated user or a changed role takes
   effect within that time, not at once (an expiry date is checked on every request). `last_used_at` is
   written when the token is checked against the database (to the minute, as before).
-- A model's running instances (GATEWAY_INSTANCE_CACHE_SECONDS, default 2 s). Never trusted blindly: a request
-  is counted on an instance by one UPDATE that matches only while the row is still running with the port
-  and key in the cache (`ondemand.request_started`). That UPDATE runs while the request goes upstream
+- A model's running instances (GATEWAY_INSTANCE_CACHE_SECONDS, default 10 s). Never trusted blindly: a
+  request is counted on an instance by one UPDATE that matches only while the row is still running with the
+  port and key in the cache (`ondemand.request_started`). That UPDATE runs while the request goes upstream
   (exchange.py); its answer is used only once the UPDATE matched. No match drops the entry, the database is
   read again, and the answer of the stale address is dropped unread and the request sent again where it is
   counted (or the model loads on demand). A failure to reach the instance drops the entry too. Registry
   changes to a model with a running instance (e.g. its anonymous use) reach the gateway within this time.
+
+An entry in use is read again in the background once half its time has passed (refresh ahead), so steady
+traffic does not wait for the database when an entry would have expired; the bound holds all the same (no
+entry outlives its time after the database read that made it).
 """
 
+import contextlib
 import threading
 import time
 from dataclasses import dataclass
@@ -34,6 +39,7 @@ from accounts.roles import can_read, role_of
 from models_app import ondemand
 from models_app.models import GpuInstance, ModelConfig
 
+from .db import submit
 from .errors import GatewayError
 from .translate import model_id_of
 
@@ -79,21 +85,29 @@ class _CsrfCheck(CsrfViewMiddleware):
 
 class _Expiring:
     """A small map whose entries expire (monotonic clock), shared by the event loop and the database threads
-    of one web worker. Bounded: when full, expired entries go, then everything."""
+    of one web worker. Bounded: when full, expired entries go, then everything. Past half its time an entry
+    is due for a refresh: `get` says so to one caller, which re-reads it in the background, so that steady
+    use finds it fresh without waiting for the database, and no entry is believed longer than its time after
+    the read that made it."""
 
     def __init__(self, size: int = 4096):
         self.size = size
-        self.entries: dict = {}
+        self.entries: dict = {}  # key -> [expires, due, value, refreshing]
         self.lock = threading.Lock()
 
-    def get(self, key):
+    def get(self, key) -> tuple[object, bool]:
+        """(the value or None, whether the caller should refresh it now)."""
         entry = self.entries.get(key)
         if entry is None:
-            return None
-        if entry[0] <= time.monotonic():
+            return None, False
+        now = time.monotonic()
+        if entry[0] <= now:
             self.entries.pop(key, None)
-            return None
-        return entry[1]
+            return None, False
+        due = entry[1] <= now and not entry[3]
+        if due:
+            entry[3] = True
+        return entry[2], due
 
     def put(self, key, value, seconds: float) -> None:
         if seconds <= 0:
@@ -101,11 +115,11 @@ class _Expiring:
         now = time.monotonic()
         with self.lock:
             if len(self.entries) >= self.size:
-                for stale in [k for k, (until, _) in list(self.entries.items()) if until <= now]:
+                for stale in [k for k, entry in list(self.entries.items()) if entry[0] <= now]:
                     self.entries.pop(stale, None)
                 if len(self.entries) >= self.size:
                     self.entries.clear()
-            self.entries[key] = (now + seconds, value)
+            self.entries[key] = [now + seconds, now + seconds / 2, value, False]
 
     def drop(self, key) -> None:
         self.entries.pop(key, None)
@@ -136,11 +150,30 @@ def _bearer(request) -> str | None:
     return parts[1]
 
 
-def _cached_token(key: str) -> ApiToken | None:
-    token = _tokens.get(key)
+def _cached_token(raw: str, key: str) -> ApiToken | None:
+    token, due = _tokens.get(key)
     if token is not None and token.expires_at is not None and token.expires_at <= timezone.now():
         _tokens.drop(key)  # expired meanwhile: the database check says so
         return None
+    if due:
+        submit(_refresh_token, raw, key)
+    return token
+
+
+def _refresh_token(raw: str, key: str) -> None:
+    with contextlib.suppress(tokens.TokenRejected):  # the entry is gone: the next request is refused
+        _check_token(raw, key)
+
+
+def _check_token(raw: str, key: str) -> ApiToken:
+    """The database's check (TokenRejected, and the entry goes), the user's role read, the entry renewed."""
+    try:
+        token = tokens.check(raw)
+    except tokens.TokenRejected:
+        _tokens.drop(key)
+        raise
+    role_of(token.user)  # kept on the user object, and so in the cache
+    _tokens.put(key, token, settings.GATEWAY_TOKEN_CACHE_SECONDS)
     return token
 
 
@@ -148,7 +181,7 @@ def cached_caller(request) -> Caller | None:
     """No database (the event loop may call it): the caller of an API token checked within the cache's time;
     None when the token is not in the cache, or when no token was sent (the session needs the database)."""
     raw = _bearer(request)
-    token = _cached_token(hash_token(raw)) if raw is not None else None
+    token = _cached_token(raw, hash_token(raw)) if raw is not None else None
     return Caller(user=token.user, token=token) if token is not None else None
 
 
@@ -160,14 +193,12 @@ def authenticate(request) -> Caller:
     raw = _bearer(request)
     if raw is not None:
         key = hash_token(raw)
-        token = _cached_token(key)
+        token = _cached_token(raw, key)
         if token is None:
             try:
-                token = tokens.check(raw)
+                token = _check_token(raw, key)
             except tokens.TokenRejected as exc:
                 raise GatewayError(401, TOKEN_REJECTED[exc.reason], code="invalid_token") from None
-            role_of(token.user)  # read now: kept on the user object, and so in the cache
-            _tokens.put(key, token, settings.GATEWAY_TOKEN_CACHE_SECONDS)
         return Caller(user=token.user, token=token)
     user = getattr(request, "user", None) or AnonymousUser()
     if user.is_authenticated and request.method not in ("GET", "HEAD", "OPTIONS"):
@@ -225,23 +256,31 @@ def running_instances(model_id: str) -> tuple[list[GpuInstance], bool]:
     """The model's running instances (each with its model and host read in the same query), the one with the
     fewest requests in flight first; and whether they came from the cache (`request_started` checks each
     against its row either way)."""
-    cached = _instances.get(model_id)
+    cached = cached_instances(model_id)
     if cached is not None:
-        return list(cached), True
+        return cached, True
+    return _read_instances(model_id), False
+
+
+def _read_instances(model_id: str) -> list[GpuInstance]:
     rows = list(
         GpuInstance.objects.filter(model_id=model_id, status=Status.RUNNING)
         .exclude(port=None)
         .select_related("model", "host")
         .order_by("in_flight", "-loaded_at")
     )
-    if rows:  # none: the slow path loads or waits, and the next request looks again
+    if rows:
         _instances.put(model_id, rows, settings.GATEWAY_INSTANCE_CACHE_SECONDS)
-    return rows, False
+    else:  # none: the slow path loads or waits, and the next request looks again
+        _instances.drop(model_id)
+    return rows
 
 
 def cached_instances(model_id: str) -> list[GpuInstance] | None:
     """No database: the model's running instances as the cache has them (None: not cached)."""
-    cached = _instances.get(model_id)
+    cached, due = _instances.get(model_id)
+    if due:
+        submit(_read_instances, model_id)
     return list(cached) if cached is not None else None
 
 

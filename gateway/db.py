@@ -5,11 +5,14 @@ closing) a database connection each time — milliseconds before the first token
 connections (as CONN_MAX_AGE would); a connection the server dropped is replaced and the call made once
 more."""
 
+import logging
 import threading
 from concurrent.futures import ThreadPoolExecutor
 
 from asgiref.sync import sync_to_async
 from django.db import InterfaceError, OperationalError, connections
+
+logger = logging.getLogger(__name__)
 
 THREADS = 4
 _executor = ThreadPoolExecutor(max_workers=THREADS, thread_name_prefix="gateway-db")
@@ -44,3 +47,15 @@ def close_connections() -> None:
 
     for future in [_executor.submit(close) for _ in range(THREADS)]:
         future.result()
+
+
+def submit(function, *args) -> None:
+    """`function(*args)` on a gateway database thread, not waited for (a cache's refresh); a failure is
+    logged."""
+    _executor.submit(_guarded(function), *args).add_done_callback(_log_failure)
+
+
+def _log_failure(future) -> None:
+    exc = future.exception()
+    if exc is not None:
+        logger.warning("a gateway background call failed: %r", exc)

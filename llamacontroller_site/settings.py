@@ -316,12 +316,13 @@ GATEWAY_MAX_BODY_BYTES = envint("LLAMACONTROLLER_GATEWAY_MAX_BODY_BYTES", 32 * 1
 # Requests beyond an instance's parallel slots wait in a queue this long (per web worker); beyond it: 429.
 GATEWAY_QUEUE_SIZE = envint("LLAMACONTROLLER_GATEWAY_QUEUE_SIZE", 16, minimum=0)
 # Per web worker, the gateway remembers a checked API token (its user and role) and a model's running instances
-# this many seconds (0: not at all): a revoked token, a deactivated user or a changed role is refused within the
-# token cache's time (an expiry is exact); a cached instance is checked against its row (still running, same
-# start) by the in-flight count's UPDATE before its answer is used (gateway/access.py).
+# this many seconds (0: not at all; read again in the background past half of it): a revoked token, a
+# deactivated user or a changed role is refused within the token cache's time (an expiry is exact); a cached
+# instance is checked against its row (still running, same start) by the in-flight count's UPDATE before its
+# answer is used (gateway/access.py).
 GATEWAY_TOKEN_CACHE_SECONDS = envint("LLAMACONTROLLER_GATEWAY_TOKEN_CACHE_SECONDS", 5, minimum=0, maximum=60)
 GATEWAY_INSTANCE_CACHE_SECONDS = envint(
-    "LLAMACONTROLLER_GATEWAY_INSTANCE_CACHE_SECONDS", 2, minimum=0, maximum=60
+    "LLAMACONTROLLER_GATEWAY_INSTANCE_CACHE_SECONDS", 10, minimum=0, maximum=60
 )
 USAGE_RETENTION_DAYS = envint("LLAMACONTROLLER_USAGE_RETENTION_DAYS", 90, minimum=1)
 # Proxies in front of the web server that append to X-Forwarded-For (0: REMOTE_ADDR is the client).

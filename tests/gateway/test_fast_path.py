@@ -87,6 +87,41 @@ def test_with_a_cache_time_of_0_revocation_is_immediate(instance, llama, users, 
     assert len(checks) == 2
 
 
+def wait_for(condition, seconds=5.0):
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+
+
+def test_a_token_in_use_is_checked_again_in_the_background(
+    instance, llama, users, bearer, checks, clock, settings
+):
+    settings.GATEWAY_TOKEN_CACHE_SECONDS = 5
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200  # checked on the way
+    clock(3)  # past half its time: the next use has it checked again, off the request's way
+    assert chat(auth)[0] == 200
+    wait_for(lambda: len(checks) == 2)
+    ApiToken.objects.update(revoked_at=timezone.now())
+    clock(3)  # 6 s after the first check, 3 after the second: still believed (within 5 s of a check)
+    assert chat(auth)[0] == 200
+    wait_for(lambda: not access._tokens.entries)  # that use's check found the revocation
+    status, answer = chat(auth)
+    assert status == 401 and "revoked" in answer["error"]["message"]
+
+
+def test_instances_in_use_are_read_again_in_the_background(instance, llama, users, bearer, clock, settings):
+    settings.GATEWAY_INSTANCE_CACHE_SECONDS = 10
+    auth = bearer(users["viewer"])
+    assert chat(auth)[0] == 200
+    [before] = access.cached_instances("tiny")
+    clock(6)
+    assert chat(auth)[0] == 200
+    wait_for(lambda: access.cached_instances("tiny")[0] is not before)
+    assert access.cached_instances("tiny")[0].pk == instance.pk
+
+
 def test_a_deactivated_user_or_a_lost_role_is_refused_after_the_cache_time(
     instance, llama, users, bearer, clock, settings
 ):
