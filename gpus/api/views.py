@@ -4,7 +4,7 @@ from rest_framework import viewsets
 from rest_framework.exceptions import ValidationError
 
 from accounts.permissions import IsViewer
-from gpus.models import Gpu, Host
+from gpus.models import Gpu, Host, alive_cutoff
 
 from .serializers import GpuSerializer, HostSerializer
 
@@ -24,7 +24,9 @@ class HostViewSet(viewsets.ReadOnlyModelViewSet):
         if state == "up":
             queryset = queryset.up()
         elif state == "down":
-            queryset = queryset.down()
+            # As `state` says down: not heard from within the timeout, or never (Host.objects.down() gives
+            # a host that has never been heard from its first timeout).
+            queryset = queryset.filter(Q(last_seen__lt=alive_cutoff()) | Q(last_seen=None))
         elif state:
             raise ValidationError({"state": ["must be up or down"]})
         return queryset.order_by("name")

@@ -5,7 +5,7 @@ from django.db import connection
 from django.test.utils import CaptureQueriesContext
 from rest_framework.test import APIClient
 
-from tests.api.factories import make_cluster
+from tests.api.factories import make_cluster, make_gpus
 
 HOST_FIELDS = {"id", "name", "state", "down_reason", "last_seen", "worker_hostname", "worker_pid",
                "worker_started_at", "address", "gpu_count", "telemetry_error", "llama_server_error"}  # fmt: skip
@@ -32,6 +32,11 @@ def test_hosts_list_their_state_worker_and_gpu_count(viewer_client, users, tiny_
 
     assert viewer_client.get(f"/api/v1/hosts/{down.pk}/").json()["state"] == "down"
     assert [h["name"] for h in viewer_client.get("/api/v1/hosts/?state=down").json()["results"]] == ["box-1"]
+    make_gpus(1, host_name="fresh")  # never heard from: down, in the list and in the filter alike
+    fresh = viewer_client.get("/api/v1/hosts/?state=down").json()["results"]
+    assert [(h["name"], h["state"], h["down_reason"]) for h in fresh] == [
+        ("box-1", "down", down.down_reason()), ("fresh", "down", "host fresh not heard from yet")
+    ]  # fmt: skip
     assert [h["name"] for h in viewer_client.get("/api/v1/hosts/?state=up").json()["results"]] == ["box-0"]
     assert viewer_client.get("/api/v1/hosts/?state=sideways").status_code == 400
     assert viewer_client.get("/api/v1/hosts/?limit=1").json()["results"][0]["name"] == "box-0"
