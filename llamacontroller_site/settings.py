@@ -170,6 +170,8 @@ SPECTACULAR_SETTINGS = {
     "SWAGGER_UI_DIST": "SIDECAR",
     "SWAGGER_UI_FAVICON_HREF": "SIDECAR",
     "REDOC_DIST": "SIDECAR",
+    # One name for the up/down choice of a host, wherever it appears (hosts, GPUs, instances).
+    "ENUM_NAME_OVERRIDES": {"HostStateEnum": ["up", "down"]},
     # The errors each operation may answer (400/401/403/404) are part of the schema.
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",

@@ -162,7 +162,8 @@ class GpuInstance(models.Model):
             # under way or running (one that is stopping may overlap with its successor).
             models.UniqueConstraint(
                 fields=["model"],
-                condition=Q(loaded_on_demand=True) & Q(status__in=["pending", "starting", "running", "unknown"]),
+                condition=Q(loaded_on_demand=True)
+                & Q(status__in=["pending", "starting", "running", "unknown"]),
                 name="instance_one_on_demand_per_model",
             ),
             # Two live instances on one host never share a port.
@@ -223,7 +224,9 @@ class HostModelFile(models.Model):
         constraints = [models.UniqueConstraint(fields=["host", "model"], name="host_model_file_once")]
 
     def __str__(self) -> str:
-        return f"{self.model_id} on {self.host_id and self.host.name}: {'ok' if self.available else self.reason}"
+        return (
+            f"{self.model_id} on {self.host_id and self.host.name}: {'ok' if self.available else self.reason}"
+        )
 
 
 class InstanceGpu(models.Model):
