@@ -24,6 +24,7 @@ from models_app import processes
 from models_app.models import GpuInstance, InstanceEvent
 from tests.conftest import REPO, kill_test_processes, purge_queues, worker_env
 from tests.e2e.test_gateway import free_port
+from tests.e2e.test_lifecycle import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -37,16 +38,6 @@ HOST_ENV = {
     "box-a": {},
     "box-b": {"LLAMACONTROLLER_LLAMA_SERVER_HOST": "0.0.0.0", "LLAMACONTROLLER_HOST_ADDRESS": "127.0.0.2"},
 }
-
-
-def wait_until(check, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def fake_gpu_file(path: Path, host: str) -> str:
