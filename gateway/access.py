@@ -11,11 +11,10 @@ Two short per-process caches keep the database off the way to the first token:
   written when the token is checked against the database (to the minute, as before).
 - A model's running instances (GATEWAY_INSTANCE_CACHE_SECONDS, default 10 s). Never trusted blindly: a
   request is counted on an instance by one UPDATE that matches only while the row is still running with the
-  port and key in the cache (`ondemand.request_started`). That UPDATE runs while the request goes upstream
-  (exchange.py); its answer is used only once the UPDATE matched. No match drops the entry, the database is
-  read again, and the answer of the stale address is dropped unread and the request sent again where it is
-  counted (or the model loads on demand). A failure to reach the instance drops the entry too. Registry
-  changes to a model with a running instance (e.g. its anonymous use) reach the gateway within this time.
+  port and key in the cache (`ondemand.request_started`), before anything is sent to it. No match drops the
+  entry and the database is read again (or the model loads on demand): a stale entry never sends a request
+  to a stopped or restarted instance. A failure to reach the instance drops the entry too. Registry changes
+  to a model with a running instance (e.g. its anonymous use) reach the gateway within this time.
 
 An entry in use is read again in the background once half its time has passed (refresh ahead), so steady
 traffic does not wait for the database when an entry would have expired; the bound holds all the same (no

@@ -55,9 +55,7 @@ class Exchange:
     instance: object = None
     keep_alive: int | None = None
     counted: bool = False  # request_started was called: request_finished must follow
-    # The in-flight count under way on a database thread (the fast path): its result, the instance the
-    # request is counted on (or None), is awaited before anything reaches the client (confirm()).
-    pending: asyncio.Future | None = None
+    counting: asyncio.Future | None = None  # the way in's database call that may count the request
     gate: slots.Gate | None = None
     response: httpx.Response | None = None
     status: int = 200
@@ -80,9 +78,10 @@ class Exchange:
         except ValueError as exc:
             raise GatewayError(400, str(exc)) from None
         # The usual case, a token and a model seen moments ago: the caller, the model and its instance come
-        # from the caches (access.py) without leaving the event loop, and the one database call, the
-        # in-flight count (which also checks the cached instance against its row), runs while the request
-        # goes upstream: send() awaits it before it hands anything back.
+        # from the caches (access.py) without leaving the event loop, and one database call counts the
+        # request on the instance, which also checks the cached instance against its row. (Run while the
+        # request went upstream instead, that call took CPU from llama-server's prompt on a two-core
+        # machine, and cost more than it hid.)
         caller = access.cached_caller(request)
         model_id = model_id_of(name.strip()) if isinstance(name, str) else ""
         instances = access.cached_instances(model_id) if caller is not None and model_id else None
@@ -90,14 +89,17 @@ class Exchange:
             self.target = access.Target(caller=caller, model=None)
             self.target.model = access.find_model(caller, name, known=instances[0].model)
             instances.sort(key=slots.local_load)  # the least busy here first (the cache's order is older)
-            self.instance = instances[0]
-            self.pending = asyncio.ensure_future(
-                db(access.start_request)(model_id, instances, True, self.keep_alive)
-            )
-            await self.enter_gate()
-            return
-        await db(self._resolve)(request, name)
+            await self._counting(self._start, model_id, instances, True)
+        else:
+            await self._counting(self._resolve, request, name)
         await self.acquire()
+
+    async def _counting(self, function, *args) -> None:
+        """`function` on a database thread, where it may count the request (and says so on self). Shielded:
+        a client that leaves meanwhile does not stop it, and finish() waits for it, so that a count made is
+        always ended."""
+        self.counting = asyncio.ensure_future(db(function)(*args))
+        await asyncio.shield(self.counting)
 
     def _resolve(self, request, name) -> None:
         """One hop before the first byte: who asks (known before the model, so a refusal for the model is
@@ -108,8 +110,15 @@ class Exchange:
         instances, cached = access.running_instances(model_id) if model_id else ([], False)
         known = instances[0].model if instances else None
         self.target.model = access.find_model(caller, name, known=known)
+        self._start(model_id, instances, cached)
+
+    def _start(self, model_id: str, instances: list, cached: bool) -> None:
         instance = access.start_request(model_id, instances, cached, self.keep_alive)
         if instance is not None:
+            self.instance, self.counted = instance, True
+
+    def _count(self, instance) -> None:
+        if access.request_started(instance, self.keep_alive):
             self.instance, self.counted = instance, True
 
     async def acquire(self) -> None:
@@ -121,9 +130,8 @@ class Exchange:
                 self.target, self.keep_alive
             )
             self.load_seconds += time.perf_counter() - loading
-            if await db(access.request_started)(instance, self.keep_alive):
-                self.instance, self.counted = instance, True
-            # else it stopped meanwhile (an idle unload won the race): look again
+            await self._counting(self._count, instance)
+            # not counted: it stopped meanwhile (an idle unload won the race): look again
         await self.enter_gate()
 
     async def enter_gate(self) -> None:
@@ -131,60 +139,11 @@ class Exchange:
         await gate.enter(slots.queue_size())
         self.gate = gate
 
-    async def confirm(self) -> bool:
-        """Wait for the in-flight count begun in begin(); True when the request is counted on the instance it
-        was sent to. Otherwise (that instance stopped or restarted meanwhile) the request is counted
-        elsewhere or loads its model on demand, with a slot there, and False says so. A cancelled wait
-        leaves the count to finish()."""
-        if self.pending is None:
-            return True
-        sent_to = self.instance
-        instance = await asyncio.shield(self.pending)
-        self.pending = None
-        if instance is not None:
-            self.instance, self.counted = instance, True
-            if (instance.pk, instance.port, instance.api_key) == (sent_to.pk, sent_to.port, sent_to.api_key):
-                return True
-        else:
-            self.instance = None
-        if self.gate is not None:
-            self.gate.leave()
-            self.gate = None
-        await self.acquire()
-        return False
-
     def deadline(self) -> float:
         return self.started + settings.GATEWAY_MAX_REQUEST_SECONDS
 
     async def send(self, path: str, payload: bytes, *, stream: bool) -> httpx.Response:
-        """POST to the instance; with `stream` the body is read by the caller (and closed by finish()). When
-        the request's count is still under way (the cached instance), the request goes out meanwhile and
-        its answer is used once the count confirms the instance; if it does not (the instance stopped or
-        restarted within the cache's seconds), that answer is dropped unread and the request is sent again
-        where it is counted."""
-        if self.pending is None:
-            return await self._post(path, payload, stream=stream)
-        sending = asyncio.ensure_future(self._post(path, payload, stream=stream))
-        try:
-            confirmed = await self.confirm()
-        except BaseException:
-            await self._abandon(sending)
-            raise
-        if confirmed:
-            return await sending
-        await self._abandon(sending)
-        return await self._post(path, payload, stream=stream)
-
-    async def _abandon(self, sending: asyncio.Future) -> None:
-        sending.cancel()
-        with contextlib.suppress(BaseException):
-            await sending
-        if self.response is not None:
-            with contextlib.suppress(Exception):
-                await self.response.aclose()
-            self.response = None
-
-    async def _post(self, path: str, payload: bytes, *, stream: bool) -> httpx.Response:
+        """POST to the instance; with `stream` the body is read by the caller (and closed by finish())."""
         client = upstream.client()
         request = client.build_request(
             "POST",
@@ -241,14 +200,9 @@ class Exchange:
         await asyncio.shield(self._complete())
 
     async def _complete(self) -> None:
-        if self.pending is not None:  # never confirmed (refused, or the client left): is it counted?
-            try:
-                instance = await self.pending
-            except Exception:
-                logger.exception("the in-flight count of a request failed")
-                instance = None
-            self.pending = None
-            self.instance, self.counted = instance, instance is not None
+        if self.counting is not None:  # a count under way when the client left: wait for its outcome
+            with contextlib.suppress(Exception):
+                await self.counting
         await db(self._write)()
 
     def _write(self) -> None:

@@ -16,15 +16,21 @@ millisecond before every gateway request reached its view. The gateway's routes 
 `llamacontroller_site.asgi` sends the exact paths of `gateway.urls` here; everything else (the site, the
 REST API under /api/v1/, the API docs) goes through the whole chain as before."""
 
+import asyncio
+import contextlib
+
 from asgiref.sync import markcoroutinefunction, sync_to_async
 from django.contrib.auth.middleware import AuthenticationMiddleware
 from django.contrib.sessions.middleware import SessionMiddleware
-from django.core.handlers.asgi import ASGIHandler
+from django.core import signals
+from django.core.exceptions import RequestAborted
+from django.core.handlers.asgi import ASGIHandler, get_script_prefix
 from django.core.handlers.exception import convert_exception_to_response
+from django.db import close_old_connections
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
-from django.urls import URLPattern
+from django.urls import URLPattern, set_script_prefix
 
 from . import urls
 
@@ -55,13 +61,21 @@ class _Inline:
 
 class _Session(_Inline):
     """The session store is lazy: nothing is read unless the view asks for the user (no API token sent).
-    Only then may the way out write (a modified session), so only then does it go through a thread."""
+    Only then may the way out write (a modified session), so only then does it go through a thread, which
+    looks after its database connection as the request signals would (they run on the event loop here)."""
 
     async def respond(self, request, response):
         session = getattr(request, "session", None)
         if session is not None and (session.accessed or session.modified):
-            return await sync_to_async(self.process_response)(request, response)
+            return await sync_to_async(self._save)(request, response)
         return self.process_response(request, response)
+
+    def _save(self, request, response):
+        close_old_connections()
+        try:
+            return self.process_response(request, response)
+        finally:
+            close_old_connections()
 
 
 # Outermost first, in the site's MIDDLEWARE order.
@@ -77,16 +91,72 @@ PATHS = frozenset("/" + str(p.pattern) for p in urls.urlpatterns if isinstance(p
 
 
 class GatewayHandler(ASGIHandler):
+    """Django's ASGI handler (5.2) with three thread hops fewer per request:
+
+    - no ThreadSensitiveContext: that gives each request a thread of its own for its synchronous calls,
+      started on the event loop at the first of them and joined through another new thread at the end —
+      each thread start blocked the loop for about a millisecond on a busy two-core machine;
+    - the request_started and request_finished signals are sent on the event loop, not through a thread:
+      their receivers (Django's own: reset_queries, close_old_connections, close_caches, reset_urlconf)
+      touch only the calling thread's database connections, and the event loop has none (the gateway's
+      database work runs on gateway/db.py's threads, which keep theirs in order themselves);
+    - closing the response (which sends request_finished) likewise: the gateway's responses are JSON or an
+      async stream, nothing to close in a thread.
+
+    Under load those hops were the largest part of the time before the view ran: a thread must be woken on
+    cores that llama-server keeps busy. `handle` follows Django's line by line otherwise."""
+
     async def __call__(self, scope, receive, send):
-        """Django's, less its ThreadSensitiveContext: that gives each request a thread of its own for its
-        synchronous calls, started on the event loop at the first of them and joined through another new
-        thread at the end — each thread start blocked the loop for about a millisecond on a busy two-core
-        machine. The gateway's few synchronous calls here (the request signals' receivers, closing the
-        response, saving a session that was read) are short and share asgiref's one thread instead; its
-        database work runs on gateway/db.py's threads."""
         if scope["type"] != "http":
             raise ValueError(f"the gateway serves only HTTP, not {scope['type']}")
         await self.handle(scope, receive, send)
+
+    async def handle(self, scope, receive, send):
+        try:
+            body_file = await self.read_body(receive)
+        except RequestAborted:
+            return
+        set_script_prefix(get_script_prefix(scope))
+        signals.request_started.send(sender=self.__class__, scope=scope)
+        request, error_response = self.create_request(scope, body_file)
+        if request is None:
+            body_file.close()
+            await self.send_response(error_response, send)
+            error_response.close()
+            return
+
+        async def process_request(request, send):
+            response = await self.run_get_response(request)
+            with contextlib.suppress(asyncio.CancelledError):  # the client left during send_response
+                await self.send_response(response, send)
+            return response
+
+        # The view races the client's disconnect (Django's order: the listener first).
+        tasks = [
+            asyncio.create_task(self.listen_for_disconnect(receive)),
+            asyncio.create_task(process_request(request, send)),
+        ]
+        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+        for task in tasks:
+            if task.done():
+                try:
+                    task.result()
+                except RequestAborted:
+                    pass
+                except AssertionError:
+                    body_file.close()
+                    raise
+            else:
+                task.cancel()  # lets the view handle its cancellation
+                with contextlib.suppress(asyncio.CancelledError):
+                    await task
+        try:
+            response = tasks[1].result()
+        except asyncio.CancelledError:
+            signals.request_finished.send(sender=self.__class__)
+        else:
+            response.close()
+        body_file.close()
 
     def load_middleware(self, is_async=False):
         self._view_middleware = []

@@ -245,8 +245,6 @@ async def _generate_or_chat(request, kind: str):
             return JsonResponse(_no_prompt_answer(name, kind, "unload", 0))
         await exchange.begin(request, body)
         if empty:
-            # Counted on a running instance (or loaded now) before "load" is answered.
-            await exchange.confirm()
             # An empty prompt loads the model (and sets its keep_alive), as Ollama's clients expect.
             load_ns = int((time.perf_counter() - exchange.started) * 1e9)
             return JsonResponse(_no_prompt_answer(name, kind, "load", load_ns))

@@ -320,8 +320,8 @@ GATEWAY_QUEUE_SIZE = envint("LLAMACONTROLLER_GATEWAY_QUEUE_SIZE", 16, minimum=0)
 # Per web worker, the gateway remembers a checked API token (its user and role) and a model's running instances
 # this many seconds (0: not at all; read again in the background past half of it): a revoked token, a
 # deactivated user or a changed role is refused within the token cache's time (an expiry is exact); a cached
-# instance is checked against its row (still running, same start) by the in-flight count's UPDATE before its
-# answer is used (gateway/access.py).
+# instance is checked against its row (still running, same start) by the in-flight count's UPDATE before a
+# request is sent to it (gateway/access.py).
 GATEWAY_TOKEN_CACHE_SECONDS = envint("LLAMACONTROLLER_GATEWAY_TOKEN_CACHE_SECONDS", 5, minimum=0, maximum=60)
 GATEWAY_INSTANCE_CACHE_SECONDS = envint(
     "LLAMACONTROLLER_GATEWAY_INSTANCE_CACHE_SECONDS", 10, minimum=0, maximum=60

@@ -152,14 +152,14 @@ def test_an_expiry_is_exact_even_for_a_cached_token(instance, llama, users, monk
 
 def test_a_restarted_instance_is_not_asked_with_its_old_address(instance, llama, users, bearer):
     """A restart keeps the row but changes port and key: the cached copy no longer matches the count's
-    UPDATE, so the answer comes from the new address (a request already sent to the old one is dropped)."""
+    UPDATE, so the request goes to the new address, and nothing to the old one."""
     auth = bearer(users["viewer"])
     assert chat(auth)[0] == 200
     GpuInstance.objects.filter(pk=instance.pk).update(port=18998, api_key="new-secret", pid=4343)
     llama.seen.clear()
     status, answer = chat(auth)
     assert status == 200 and answer["choices"][0]["message"]["content"] == "Hello"
-    answered = [r for r in llama.seen if r.url.path == "/v1/chat/completions"][-1]
+    [answered] = [r for r in llama.seen if r.url.path == "/v1/chat/completions"]
     assert answered.url.port == 18998 and answered.headers["Authorization"] == "Bearer new-secret"
     assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
     assert list(UsageRecord.objects.values_list("instance_id", "status")) == [(instance.pk, 200)] * 2
