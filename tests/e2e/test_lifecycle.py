@@ -157,9 +157,12 @@ def test_lifecycle_seed_3_refresh_updates_and_nothing_stale_after_unload(
     assert 0 < instance.memory_used_mb < instance.memory_total_mb
 
     unload_and_check(instance, settings)
+    # The unload refreshes the host right after it marks the instance stopped (no beat runs here): GPU 1 is
+    # idle again, with no process of the instance. (Read at once, the row could predate that refresh.)
+    wait_until(
+        lambda: Gpu.objects.get(host=fake_gpus.host, index=1).state == "idle", 10, "the unload's refresh"
+    )
     gpu = Gpu.objects.get(host=fake_gpus.host, index=1)
-    # The unload refreshed the host at once: GPU 1 is idle again, with no process of the instance.
-    assert gpu.state == "idle"
     assert not [p for p in gpu.processes if p["pid"] == instance.pid]
     assert gpu.memory_used_mib < settings.GPU_BUSY_MIB
     assert str(instance.pk) not in [line.split()[0] for line in ps_output().splitlines()[1:]]
