@@ -37,7 +37,7 @@ def admin_connection(url: str):
 def create_database(url: str) -> None:
     name = urlparse(url).path.lstrip("/")
     with admin_connection(url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}"')
+        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')  # a kept one may still have sessions
         conn.execute(f'CREATE DATABASE "{name}"')
 
 

@@ -30,6 +30,9 @@ from urllib.parse import urlparse
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+sys.path.insert(0, str(REPO / "bench"))
+from api import create_database, drop_database  # noqa: E402  (bench/api.py: the same throwaway database)
+
 DEFAULT_PG = "postgres://postgres@127.0.0.1:5432/lc_bench_scale"
 GPUS_PER_HOST = 8
 INSTANCES_PER_HOST = 4
@@ -51,25 +54,6 @@ def parse_args():
     parser.add_argument("--runs", type=int, default=20, help="requests per endpoint and size (default 20)")
     parser.add_argument("--keep", action="store_true", help="keep the PostgreSQL database")
     return parser.parse_args()
-
-
-def admin_connection(url: str):
-    import psycopg
-
-    return psycopg.connect(urlparse(url)._replace(path="/postgres").geturl(), autocommit=True)
-
-
-def create_database(url: str) -> None:
-    name = urlparse(url).path.lstrip("/")
-    with admin_connection(url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
-        conn.execute(f'CREATE DATABASE "{name}"')
-
-
-def drop_database(url: str) -> None:
-    name = urlparse(url).path.lstrip("/")
-    with admin_connection(url) as conn:
-        conn.execute(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 def prepare_environment(data: Path, database_url: str) -> None:
