@@ -168,16 +168,20 @@ def hosts_without(model: ModelConfig):
     return HostModelFile.objects.filter(model=model, available=False).values("host_id")
 
 
+def missing_on_live_hosts(model: ModelConfig, host: Host | None = None) -> list[tuple[Host, str]]:
+    """The live hosts (or just `host`) whose worker reported that it cannot serve `model`, with the reason."""
+    rows = HostModelFile.objects.filter(model=model, available=False, host__in=Host.objects.up())
+    if host is not None:
+        rows = rows.filter(host=host)
+    return [(row.host, row.reason) for row in rows.select_related("host").order_by("host__name")]
+
+
 def hosts_for(model: ModelConfig) -> tuple[list[Host], list[tuple[Host, str]]]:
     """For the load form: the live hosts that may serve `model` (reported the file, or have not reported),
     and those that reported that they cannot, with the reason."""
-    rows = {row.host_id: row for row in HostModelFile.objects.filter(model=model, available=False)}
-    offered, missing = [], []
-    for host in Host.objects.up().order_by("name"):
-        if host.pk in rows:
-            missing.append((host, rows[host.pk].reason))
-        else:
-            offered.append(host)
+    missing = missing_on_live_hosts(model)
+    ruled_out = {h.pk for h, _ in missing}
+    offered = [h for h in Host.objects.up().order_by("name") if h.pk not in ruled_out]
     return offered, missing
 
 

@@ -11,7 +11,7 @@ from django.utils import timezone
 from gpus.models import Gpu, Host
 
 from . import model_files
-from .models import HostModelFile, InstanceGpu, LlamaBinary
+from .models import InstanceGpu, LlamaBinary
 
 
 def _free_mib(gpu: Gpu) -> int:
@@ -117,10 +117,7 @@ def _candidate_gpus(model, host: Host | None):
 
 def _without_file(model, host: Host | None) -> list[str]:
     """Live hosts left out because their worker reported that it cannot serve the model, with the reason."""
-    rows = HostModelFile.objects.filter(model=model, available=False, host__in=Host.objects.up())
-    if host is not None:
-        rows = rows.filter(host=host)
-    return [f"host {row.host.name}: {row.reason}" for row in rows.select_related("host")]
+    return [f"host {h.name}: {reason}" for h, reason in model_files.missing_on_live_hosts(model, host)]
 
 
 def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> tuple[list[Choice], list[str]]:
@@ -186,8 +183,8 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
     from .ondemand import NoCapacity, expires_at  # ondemand imports this module
 
     gpus, holders = _candidate_gpus(model, host)
-    without_file = _without_file(model, host)
     if not gpus:
+        without_file = _without_file(model, host)
         where = f"host {host.name}" if host is not None else "any host"
         raise NoCapacity(
             f"no GPU to load {model.pk} on: {where} has no live worker with a llama-server"
@@ -228,7 +225,7 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
     retry_after = 60
     if soonest is not None:
         retry_after = max(1, min(3600, int((soonest - timezone.now()).total_seconds()) + 1))
-    busy += [f"{note} (no model file)" for note in without_file]
+    busy += [f"{note} (no model file)" for note in _without_file(model, host)]
     refusal = NoCapacity(f"no free GPU to load {model.pk} on: " + "; ".join(busy), retry_after=retry_after)
     refusal.freeing = freeing
     raise refusal
