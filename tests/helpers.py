@@ -1,5 +1,7 @@
 """Helpers shared by tests: instance rows and processes that stand in for llama-server."""
 
+import time
+
 import psutil
 from django.utils import timezone
 
@@ -58,3 +60,25 @@ def register_second_host(name: str, gpu_file, settings, *, default_binary: bool 
                 version="b1",
             )
     return host
+
+
+def wait_for(instance, *statuses, timeout=30.0):
+    """Until the instance's status is one of `statuses` (returned, refreshed); else AssertionError."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        instance.refresh_from_db()
+        if instance.status in statuses:
+            return instance
+        time.sleep(0.05)
+    raise AssertionError(f"instance #{instance.pk} is {instance.status}, not {statuses}: {instance.error}")
+
+
+def wait_until(check, timeout=30.0, what="condition"):
+    """Until `check()` is truthy (its value is returned); else AssertionError naming `what`."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = check()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out waiting for {what}")

@@ -24,7 +24,7 @@ from models_app import processes
 from models_app.models import GpuInstance, InstanceEvent
 from tests.conftest import REPO, kill_test_processes, purge_queues, worker_env
 from tests.e2e.test_gateway import free_port
-from tests.e2e.test_lifecycle import wait_until
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

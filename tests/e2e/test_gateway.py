@@ -20,6 +20,7 @@ from models_app import processes
 from models_app.models import GpuInstance, ModelConfig
 from models_app.services import request_load, request_unload
 from tests.conftest import REPO, worker_env
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -30,16 +31,6 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
-
-
-def wait_for(instance, *statuses, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        instance.refresh_from_db()
-        if instance.status in statuses:
-            return instance
-        time.sleep(0.05)
-    raise AssertionError(f"instance #{instance.pk} is {instance.status}, not {statuses}: {instance.error}")
 
 
 @pytest.fixture

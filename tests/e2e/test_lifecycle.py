@@ -21,6 +21,7 @@ from models_app import processes, tasks
 from models_app.memory import refresh_host_memory
 from models_app.models import GpuInstance, InstanceEvent, LlamaBinary
 from models_app.services import LoadRefused, request_load, request_switch, request_unload
+from tests.helpers import wait_for, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -28,26 +29,6 @@ Status = GpuInstance.Status
 
 
 # --- helpers ---------------------------------------------------------------------------------------------
-
-
-def wait_for(instance, *statuses, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        instance.refresh_from_db()
-        if instance.status in statuses:
-            return instance
-        time.sleep(0.05)
-    raise AssertionError(f"instance #{instance.pk} is {instance.status}, not {statuses}: {instance.error}")
-
-
-def wait_until(check, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def our_servers(settings) -> dict[int, int]:

@@ -10,20 +10,11 @@ from django.db import connection
 
 from models_app import ondemand, processes, tasks
 from models_app.models import GpuInstance, InstanceEvent, LlamaBinary, ModelConfig
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 Status = GpuInstance.Status
-
-
-def wait_until(check, timeout=30.0, what="condition"):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        value = check()
-        if value:
-            return value
-        time.sleep(0.05)
-    raise AssertionError(f"timed out waiting for {what}")
 
 
 def test_cold_model_loads_on_demand_once_for_concurrent_callers_then_idles_out(

@@ -2,27 +2,16 @@
 llama-server (`--ngl` used to make llama-server exit with `error: invalid argument: --ngl`). The worker
 discovers its binaries at start, and the server it starts sees none of the controller's secrets."""
 
-import time
-
 import pytest
 
 from models_app import processes
 from models_app.models import GpuInstance, LlamaBinary
 from models_app.services import request_load, request_unload
+from tests.helpers import wait_for
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 Status = GpuInstance.Status
-
-
-def wait_for(instance, *statuses, timeout=30.0):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        instance.refresh_from_db()
-        if instance.status in statuses:
-            return instance
-        time.sleep(0.05)
-    raise AssertionError(f"instance #{instance.pk} is {instance.status}, not {statuses}: {instance.error}")
 
 
 def test_readme_flags_load_through_the_worker(

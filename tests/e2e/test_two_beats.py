@@ -21,6 +21,7 @@ from django.utils import timezone
 from gpus.models import Host
 from gpus.periodic import lock_key
 from tests.conftest import REPO, CeleryWorker, purge_queues, worker_env
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -32,15 +33,6 @@ QUIET = {  # nothing else is due while the test runs
     "LLAMACONTROLLER_IDLE_CHECK_SECONDS": 600,
     "LLAMACONTROLLER_HOST_TIMEOUT_SECONDS": 600,
 }
-
-
-def wait_until(check, timeout: float, what: str):
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if value := check():
-            return value
-        time.sleep(0.1)
-    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
 
 
 def test_two_beats_reconcile_each_host_once_per_period(tmp_path):
