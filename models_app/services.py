@@ -99,14 +99,20 @@ def check_model_on_host(model: ModelConfig, host: Host) -> None:
         raise LoadRefused(reason, field="model_id", code="busy")
 
 
+def host_named(host_name: str, code: str = "invalid") -> Host:
+    """The host of that name, or LoadRefused ("unknown host", field host)."""
+    host = Host.objects.filter(name=host_name).first()
+    if host is None:
+        raise LoadRefused(f"unknown host {host_name!r}", field="host", code=code)
+    return host
+
+
 def resolve_gpus(indices: list[int], host_name: str | None) -> tuple[Host, list[Gpu]]:
     """The host and its GPUs with these indices, in the order asked. Without a host name, the one host
     that has GPUs with all these indices."""
     wanted = ",".join(str(i) for i in indices)
     if host_name:
-        host = Host.objects.filter(name=host_name).first()
-        if host is None:
-            raise LoadRefused(f"unknown host {host_name!r}", field="host")
+        host = host_named(host_name)
         found = {gpu.index: gpu for gpu in Gpu.objects.filter(host=host, index__in=indices)}
         missing = [i for i in indices if i not in found]
         if missing:
@@ -372,9 +378,7 @@ def request_load_auto(
     model = _model(model_id)
     host = None
     if host_name:
-        host = Host.objects.filter(name=host_name).first()
-        if host is None:
-            raise LoadRefused(f"unknown host {host_name!r}", field="host")
+        host = host_named(host_name)
         check_host_up(host)
         check_model_on_host(model, host)
     try:
@@ -503,9 +507,7 @@ def request_switch(
 def kill_orphan(*, host_name: str, pid: int, actor) -> None:
     """Ask the host's worker to kill an unowned llama-server; it checks again before killing."""
     _check_actor(can_administer(actor), actor, "kill processes")
-    host = Host.objects.filter(name=host_name).first()
-    if host is None:
-        raise LoadRefused(f"unknown host {host_name!r}", field="host", code="not_found")
+    host = host_named(host_name, code="not_found")
     try:
         pid = int(pid)
     except (TypeError, ValueError):

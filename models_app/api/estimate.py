@@ -122,11 +122,7 @@ class EstimateActions:
         if spec is not None:
             _, gpus = services.resolve_gpus(services.parse_gpu_spec(spec), host_name)
         else:
-            host = None
-            if host_name is not None:
-                host = placement.Host.objects.filter(name=host_name).first()
-                if host is None:
-                    raise LoadRefused(f"unknown host {host_name!r}", field="host")
+            host = services.host_named(host_name) if host_name is not None else None
             choices, _ = placement.rank(model, host=host, overrides=overrides)
             fitting = [c for c in choices if c.fits]
             gpus = fitting[0].gpus if fitting else []
@@ -144,11 +140,7 @@ class EstimateActions:
         model = self.get_object()
         overrides = overrides_from(request.query_params)
         host_name = host_param(request.query_params)
-        host = None
-        if host_name is not None:
-            host = placement.Host.objects.filter(name=host_name).first()
-            if host is None:
-                raise LoadRefused(f"unknown host {host_name!r}", field="host")
+        host = services.host_named(host_name) if host_name is not None else None
         choices, unavailable = placement.rank(model, host=host, overrides=overrides)
         fitting = [c for c in choices if c.fits]
         return Response(
