@@ -102,7 +102,8 @@ def dispatch_reconcile() -> int:
 # passes at once could mark them (and record the event) twice.
 @once_per_period(lambda: settings.HOST_CHECK_SECONDS)
 def check_hosts() -> dict:
-    """Beat, on the default queue: work sent to hosts that went quiet fails, and their GPUs are marked."""
+    """Beat, on the default queue: hosts that went down get their GPUs marked, their running instances
+    `unknown` and their pending and stopping work failed (models_app/hosts.py)."""
     return hosts.check_hosts()
 
 
