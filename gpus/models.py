@@ -57,11 +57,15 @@ class Host(models.Model):
     def state(self) -> str:
         return "up" if self.is_up else "down"
 
+    def down_prefix(self) -> str:
+        """How every down_reason of this host begins (the GPU marks are found by it)."""
+        return f"host {self.name} not heard from"
+
     def down_reason(self) -> str:
         """Why the host counts as down, e.g. "host gpu-box-2 not heard from since 10:42"."""
         if self.last_seen is None:
-            return f"host {self.name} not heard from yet"
-        return f"host {self.name} not heard from since {timezone.localtime(self.last_seen):%H:%M}"
+            return f"{self.down_prefix()} yet"
+        return f"{self.down_prefix()} since {timezone.localtime(self.last_seen):%H:%M}"
 
     @property
     def queue(self) -> str:

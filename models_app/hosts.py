@@ -23,10 +23,6 @@ Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
 
 
-def lost_prefix(host: Host) -> str:
-    return f"host {host.name} not heard from"
-
-
 def check_hosts() -> dict[str, int]:
     """One pass over the hosts that are down."""
     now = timezone.now()
@@ -67,7 +63,7 @@ def check_hosts() -> dict[str, int]:
         marked = InstanceEvent.objects.filter(
             kind=Kind.HOST_LOST,
             instance=None,
-            detail__startswith=f"{lost_prefix(host)} ",
+            detail__startswith=f"{host.down_prefix()} ",
             created_at__gte=since,
         )
         if not marked.exists():
@@ -81,7 +77,7 @@ def check_hosts() -> dict[str, int]:
 def clear_host(host: Host, actor=None) -> int:
     """An admin clears a lost host's GPUs (it is back, or its GPUs are known to be free). Returns the GPUs
     cleared; the event records who did it."""
-    count = clear_host_lost(host, lost_prefix(host))
+    count = clear_host_lost(host, host.down_prefix())
     record(Kind.HOST_LOST, actor=actor, detail=f"host {host.name}: {count} GPU(s) cleared of the lost mark")
     return count
 
