@@ -10,6 +10,7 @@ from rest_framework.test import APIClient
 from models_app import binaries
 from models_app.models import GpuInstance, InstanceEvent
 from models_app.services import request_load, request_unload
+from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 Status = GpuInstance.Status
@@ -57,7 +58,10 @@ def test_second_load_is_predicted_from_the_first(celery_worker, fake_gpus, tiny_
     # llama.cpp's own estimate (llama-fit-params, where the build has it) is stored beside ours.
     opinion = first.memory_estimate.get("fit_params")
     assert opinion is None or opinion[0]["model_mib"] >= 0
-    event = first.events.get(kind=InstanceEvent.Kind.ESTIMATE)
+    # The estimate event follows the measured figure that `loaded` waited for: wait for it too.
+    event = wait_until(
+        lambda: first.events.filter(kind=InstanceEvent.Kind.ESTIMATE).first(), 10, "the estimate event"
+    )
     assert f"estimated {first.memory_estimated_mb} MiB" in event.detail
     assert f"measured {first.memory_measured_mb} MiB (process): error {error:+.1f} %" in event.detail
     stopped(first)

@@ -97,7 +97,10 @@ def test_lifecycle_seed_1_single_gpu_memory(worker, fake_gpus, tiny_model, users
         f"{instance.memory_used_mb} MiB / {instance.memory_total_mb} MiB ({instance.memory_percent}%)" in line
     )
     assert "running" in line and "operator" in line
-    memory_event = instance.events.get(kind=InstanceEvent.Kind.MEMORY)
+    # The memory event is written just after the figures it reports: wait for it, not for the figures.
+    memory_event = wait_until(
+        lambda: instance.events.filter(kind=InstanceEvent.Kind.MEMORY).first(), 10, "the memory event"
+    )
     assert f"Model tiny loaded on GPU 0: {instance.memory_used_mb} MiB / {instance.memory_total_mb} MiB" in (
         memory_event.detail
     )
