@@ -154,6 +154,8 @@ class GpuInstance(models.Model):
     keep_alive_seconds = models.PositiveIntegerField(
         null=True, blank=True, help_text="A request's keep_alive, within the admin's limit."
     )
+    # Who asked for that keep_alive (a username, or "anonymous"): the idle unload's event names them.
+    keep_alive_by = models.CharField(max_length=150, blank=True)
 
     class Meta:
         ordering = ["-requested_at"]
