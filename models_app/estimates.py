@@ -38,6 +38,7 @@ class Prediction:
     llama_version: str = ""
     gpu_name: str = ""
     context_note: str = ""  # the context was lowered to fit, as llama-server's --fit will
+    no_gpu: str = ""  # set when the placement found no GPU that fits: why (the estimate is then host-only)
 
     @property
     def total_mib(self) -> int:
@@ -50,6 +51,8 @@ class Prediction:
     @property
     def fits(self) -> bool | None:
         """True or False; None when there is no estimate or no free-memory figure."""
+        if self.no_gpu:
+            return False
         if self.estimate is None or any(f is None for f in self.free_mib):
             return None
         return all(after >= 0 for after in self.free_after_mib)
@@ -59,6 +62,8 @@ class Prediction:
 
     def summary(self) -> str:
         """ "≈ 6.1 GiB on GPU 0: fits, 74.0 GiB free" / "does not fit: 5.2 GiB free after train.py"."""
+        if self.no_gpu:
+            return f"no GPU fits: {self.no_gpu}"
         if self.estimate is None:
             return f"no estimate: {self.error}"
         where = f"GPU {self.gpu_label()}"
@@ -122,6 +127,23 @@ class Prediction:
         data["gpu_name"] = self.gpu_name
         data["formula_mib"] = sum(self.raw_mib)
         return data
+
+
+def suggested(model, choices, unavailable: list[str], overrides: dict | None = None) -> Prediction:
+    """The prediction on the placement's first choice that fits (`choices`, `unavailable`: placement.rank);
+    when none fits, a host-only estimate that says so, and why, instead of "fits" on no GPU."""
+    fitting = [c for c in choices if c.fits]
+    if fitting:
+        return predict(model, fitting[0].gpus, overrides)
+    prediction = predict(model, [], overrides)
+    if choices:
+        why = "; ".join(c.explain() for c in choices[:3])
+    elif unavailable:
+        why = "every GPU is taken or unavailable: " + "; ".join(unavailable[:3])
+    else:
+        why = "no live host has reported a GPU"
+    prediction.no_gpu = why
+    return prediction
 
 
 def gib(mib: int | float | None) -> str:
@@ -266,24 +288,41 @@ def _lower_context(prediction: Prediction, facts, options: dict) -> None:
     prediction.context_note = f"context {best.estimate.settings.n_ctx} tokens: llama-server's --fit lowers the trained {trained} to fit"
 
 
+# The flags an estimate may override (query parameters, the CLI), in llama-server's short spellings: every
+# memory flag the README lists. Switches take 1/true/on or 0/false/off.
+OVERRIDES = {
+    "c": "ctx-size", "ngl": "gpu-layers", "ctk": "cache-type-k", "ctv": "cache-type-v", "fa": "flash-attn",
+    "np": "parallel", "b": "batch-size", "ub": "ubatch-size", "sm": "split-mode", "ts": "tensor-split",
+    "nkvo": "no-kv-offload", "swa-full": "swa-full", "kvu": "kv-unified",
+}  # fmt: skip
+WHOLE_OPTIONS = ("ctx-size", "gpu-layers", "parallel", "batch-size", "ubatch-size")
+SWITCHES = {"1": True, "true": True, "on": True, "0": False, "false": False, "off": False}
+
+
 def parse_overrides(raw: dict) -> dict:
-    """Query parameters (`c`, `ngl`, `ctk`, ..., in llama-server's short names) as canonical options;
-    EstimateError names a bad one."""
+    """Query parameters (`c`, `ngl`, `ctk`, `nkvo`, ..., in llama-server's short names) as canonical options;
+    EstimateError names a bad one (a name that is not an override included)."""
     options = {}
     for name, value in raw.items():
-        canonical = estimator.SHORT_SPELLINGS.get(name)
-        if canonical is None or value in (None, ""):
+        canonical = OVERRIDES.get(name)
+        if canonical is None:
+            raise estimator.EstimateError(f"{name}: not a flag an estimate takes ({', '.join(OVERRIDES)})")
+        if value in (None, ""):
             continue
-        if canonical in ("ctx-size", "gpu-layers", "parallel", "batch-size", "ubatch-size"):
-            try:
-                number = int(value)
-            except (TypeError, ValueError):
-                raise estimator.EstimateError(f"{name}: {value!r} is not a whole number") from None
+        if canonical in WHOLE_OPTIONS:
+            number = estimator.whole_number(name, value)
             if number < (-1 if canonical in ("gpu-layers", "parallel") else 0) or number > 10_000_000:
                 raise estimator.EstimateError(f"{name}: {number} is out of range")
             value = number
+        elif canonical in ("no-kv-offload", "swa-full", "kv-unified"):
+            on = SWITCHES.get(str(value).strip().lower())
+            if on is None:
+                raise estimator.EstimateError(f"{name}: {value!r} is not 1/true/on or 0/false/off")
+            if canonical == "kv-unified":  # one shared cache, or one per slot: either replaces the model's
+                options["no-kv-unified"] = not on
+            value = on
         options[canonical] = value
-    # Check the rest (cache types, flash attention) the way the estimator will.
+    # Check the rest (cache types, flash attention, the split) the way the estimator will.
     estimator.settings_for(
         estimator.GgufFacts(path="", architecture="x", metadata={"x.block_count": 1}, tensors={}), options
     )

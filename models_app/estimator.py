@@ -21,6 +21,8 @@ The formulas follow llama.cpp (README "Memory prediction"):
 
 from __future__ import annotations
 
+import math
+import re
 from dataclasses import asdict, dataclass, field
 
 from .gguf_header import EstimateError, GgufFacts, gguf_facts, read_header  # noqa: F401 (the estimator's API)
@@ -65,6 +67,12 @@ SHORT_SPELLINGS = {
     "np": "parallel", "b": "batch-size", "ub": "ubatch-size", "sm": "split-mode", "ts": "tensor-split",
     "nkvo": "no-kv-offload", "kvu": "kv-unified", "no-kvu": "no-kv-unified", "mg": "main-gpu", "fitc": "fit-ctx",
 }  # fmt: skip
+# V cache types that need flash attention: llama-server refuses a quantized V cache with `-fa off`.
+UNQUANTIZED = {"f32", "f16", "bf16"}
+SPLIT_MODES = ("none", "layer", "row", "tensor")
+# Numbers as llama-server reads them: ASCII digits only (Python's int() and float() also take "１００").
+WHOLE = re.compile(r"[+-]?[0-9]+", re.ASCII)
+DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
 
 
 def memory_options(cli_params: dict | None, catalogue=None) -> dict:
@@ -104,14 +112,39 @@ class LoadSettings:
     swa_full: bool
 
 
+def whole_number(name: str, raw) -> int:
+    """`raw` as an int: an int, or ASCII digits with an optional sign; EstimateError naming `name`."""
+    if isinstance(raw, int) and not isinstance(raw, bool):
+        return raw
+    text = str(raw).strip()
+    if not WHOLE.fullmatch(text):
+        raise EstimateError(f"{name}: {raw!r} is not a whole number")
+    return int(text)
+
+
+def tensor_split(raw) -> list[float]:
+    """`-ts 3,1` (or 3/1) as proportions: finite, not negative, not all zero; EstimateError otherwise."""
+    items = [x.strip() for x in str(raw).replace("/", ",").split(",") if x.strip()]
+    if not items or not all(DECIMAL.fullmatch(x) for x in items):
+        raise EstimateError(f"tensor-split: {raw!r} is not a list of numbers")
+    split = [float(x) for x in items]
+    if not all(math.isfinite(x) for x in split):  # "1e999" is a decimal too
+        raise EstimateError(f"tensor-split: {raw!r} has a number too large")
+    if any(x < 0 for x in split) or sum(split) <= 0:
+        raise EstimateError(f"tensor-split: {raw!r} needs positive proportions")
+    return split
+
+
+def switch(options: dict, name: str) -> bool:
+    """A bare flag: on when present (null or true in cli_params), off when absent or false."""
+    return name in options and str(options[name]).lower() not in ("false", "0", "off")
+
+
 def _int(options: dict, name: str, default: int) -> int:
     raw = options.get(name)
     if raw is None:
         return default
-    try:
-        return int(str(raw).strip())
-    except ValueError:
-        raise EstimateError(f"{name}: {raw!r} is not a whole number") from None
+    return whole_number(name, raw)
 
 
 def settings_for(facts: GgufFacts, options: dict, *, on_gpu: bool = True) -> LoadSettings:
@@ -127,9 +160,9 @@ def settings_for(facts: GgufFacts, options: dict, *, on_gpu: bool = True) -> Loa
     if n_seq < 1:
         raise EstimateError(f"parallel: {n_seq} must be at least 1")
     kv_unified = not explicit_np
-    if "kv-unified" in options:
+    if switch(options, "kv-unified"):
         kv_unified = True
-    if "no-kv-unified" in options:
+    if switch(options, "no-kv-unified"):
         kv_unified = False
     n_batch = _int(options, "batch-size", 2048)
     n_ubatch = min(_int(options, "ubatch-size", 512), n_batch)
@@ -149,30 +182,33 @@ def settings_for(facts: GgufFacts, options: dict, *, on_gpu: bool = True) -> Loa
     fa = str(options.get("flash-attn", "auto")).lower()
     if fa not in ("on", "off", "auto", "1", "0", "true", "false", "none"):
         raise EstimateError(f"flash-attn: {fa!r} is not on, off or auto")
+    flash_attn = fa not in ("off", "0", "false")
+    if not flash_attn and cache_v not in UNQUANTIZED:
+        # llama.cpp's llama_context refuses it before allocating anything.
+        raise EstimateError(
+            f"cache-type-v: a quantized V cache ({cache_v}) requires flash attention "
+            "(llama-server: quantized V cache requires flash_attn); use -fa on or auto"
+        )
+    split_mode = str(options.get("split-mode") or "layer").lower()
+    if split_mode not in SPLIT_MODES:
+        raise EstimateError(f"split-mode: {split_mode!r} is not one of {', '.join(SPLIT_MODES)}")
     split = None
     if options.get("tensor-split") not in (None, ""):
-        try:
-            split = [float(x) for x in str(options["tensor-split"]).replace("/", ",").split(",") if x.strip()]
-        except ValueError:
-            raise EstimateError(
-                f"tensor-split: {options['tensor-split']!r} is not a list of numbers"
-            ) from None
-        if not split or any(x < 0 for x in split) or sum(split) <= 0:
-            raise EstimateError(f"tensor-split: {options['tensor-split']!r} needs positive proportions")
+        split = tensor_split(options["tensor-split"])
     return LoadSettings(
         n_ctx=n_ctx,
         n_gpu_layers=ngl,
         cache_k=cache_k,
         cache_v=cache_v,
-        flash_attn=fa not in ("off", "0", "false"),
+        flash_attn=flash_attn,
         n_seq=n_seq,
         kv_unified=kv_unified,
         n_batch=n_batch,
         n_ubatch=min(n_ubatch, n_ctx) if n_ctx else n_ubatch,
-        split_mode=str(options.get("split-mode") or "layer"),
+        split_mode=split_mode,
         tensor_split=split,
-        kv_offload="no-kv-offload" not in options,
-        swa_full="swa-full" in options,
+        kv_offload=not switch(options, "no-kv-offload"),
+        swa_full=switch(options, "swa-full"),
     )
 
 
@@ -187,7 +223,7 @@ class DeviceEstimate:
     kv: int = 0
     compute: int = 0
     overhead: int = 0
-    layers: list[int] = field(default_factory=list)
+    layers: list[int] = field(default_factory=list)  # block indexes; n_layer stands for the output layer
     output: bool = False
 
     @property
@@ -221,7 +257,7 @@ class Estimate:
                 "compute_mib": mib(d.compute),
                 "overhead_mib": mib(d.overhead),
                 "total_mib": mib(d.total),
-                "layers": len(d.layers),
+                "layers": len(d.layers) - int(d.output),  # repeating blocks; the output layer is apart
                 "output_layer": d.output,
             }
 
@@ -395,10 +431,8 @@ def estimate(
         else:
             host.weights += size
             host.kv += kv
-            if not is_output:
-                host.layers.append(il)
-            else:
-                host.output = True
+            host.layers.append(il)
+            host.output = host.output or is_output
     if gpus:
         used = [d for d in devices if d.layers] or devices[:1]
         for d in used:

@@ -15,12 +15,16 @@ FLAG_PARAMETERS = [
     OpenApiParameter("c", int, description="Context size (-c); default the model's flags, else its trained context."),
     OpenApiParameter("ngl", int, description="Layers on the GPUs (-ngl); -1 or more than the model has: all."),
     OpenApiParameter("ctk", str, description="K cache type (-ctk): f16, q8_0, q4_0, ..."),
-    OpenApiParameter("ctv", str, description="V cache type (-ctv)."),
+    OpenApiParameter("ctv", str, description="V cache type (-ctv); a quantized one needs flash attention."),
     OpenApiParameter("fa", str, description="Flash attention (-fa): on, off, auto."),
     OpenApiParameter("np", int, description="Parallel slots (-np)."),
     OpenApiParameter("b", int, description="Logical batch size (-b)."),
     OpenApiParameter("ub", int, description="Micro-batch size (-ub)."),
+    OpenApiParameter("sm", str, description="Split mode (-sm): none, layer, row."),
     OpenApiParameter("ts", str, description="Tensor split (-ts), e.g. 3,1."),
+    OpenApiParameter("nkvo", str, description="No KV offload (-nkvo): 1 keeps the KV cache in host memory."),
+    OpenApiParameter("swa-full", str, description="Full-size sliding-window cache (--swa-full): 1 or 0."),
+    OpenApiParameter("kvu", str, description="One KV cache shared by the slots (-kvu 1) or one per slot (0)."),
 ]  # fmt: skip
 
 
@@ -75,9 +79,18 @@ class PlacementSerializer(serializers.Serializer):
     unavailable = serializers.ListField(child=serializers.CharField(), help_text="GPUs left out, and why.")
 
 
-def overrides_from(query) -> dict:
-    """The flag parameters as canonical options; a bad one is a 400 naming it."""
-    options = {}
+def overrides_from(query, *, also: tuple[str, ...]) -> dict:
+    """The flag parameters as canonical options; a bad one, or a parameter the endpoint does not know (a
+    typo such as `ngll` would otherwise be estimated without it), is a 400 naming it. `also`: the endpoint's
+    other parameters."""
+    known = {p.name for p in FLAG_PARAMETERS} | set(also) | {"format"}
+    unknown = sorted(name for name in query if name not in known)
+    if unknown:
+        names = ", ".join(repr(name[:40]) for name in unknown[:5])
+        raise LoadRefused(
+            f"unknown parameter {names}: known are {', '.join(sorted(known))}", field=unknown[0][:40]
+        )
+    given = {}
     for parameter in FLAG_PARAMETERS:
         value = query.get(parameter.name)
         if value is None:
@@ -85,10 +98,16 @@ def overrides_from(query) -> dict:
         if len(value) > 100 or "\x00" in value:
             raise LoadRefused(f"{parameter.name}: value too long or not text", field=parameter.name)
         try:
-            options.update(estimates.parse_overrides({parameter.name: value}))
+            estimates.parse_overrides({parameter.name: value})
         except EstimateError as exc:
             raise LoadRefused(str(exc), field=parameter.name) from None
-    return options
+        given[parameter.name] = value
+    try:  # together: -fa off with a quantized -ctv is refused, as llama-server refuses it
+        return estimates.parse_overrides(given)
+    except EstimateError as exc:
+        canonical = str(exc).split(":")[0]
+        field = next((n for n, c in estimates.OVERRIDES.items() if c == canonical and n in given), None)
+        raise LoadRefused(str(exc), field=field) from None
 
 
 def host_param(query) -> str | None:
@@ -116,17 +135,15 @@ class EstimateActions:
         """The model's predicted memory per GPU (weights, KV cache, compute, CUDA context), corrected by what
         earlier loads on that kind of GPU measured, and whether it fits in their free memory now."""
         model = self.get_object()
-        overrides = overrides_from(request.query_params)
+        overrides = overrides_from(request.query_params, also=("gpu_id", "host"))
         host_name = host_param(request.query_params)
         spec = request.query_params.get("gpu_id")
         if spec is not None:
             _, gpus = services.resolve_gpus(services.parse_gpu_spec(spec), host_name)
-        else:
-            host = services.host_named(host_name) if host_name is not None else None
-            choices, _ = placement.rank(model, host=host, overrides=overrides)
-            fitting = [c for c in choices if c.fits]
-            gpus = fitting[0].gpus if fitting else []
-        return Response(estimates.predict(model, gpus, overrides).as_dict())
+            return Response(estimates.predict(model, gpus, overrides).as_dict())
+        host = services.host_named(host_name) if host_name is not None else None
+        choices, unavailable = placement.rank(model, host=host, overrides=overrides)
+        return Response(estimates.suggested(model, choices, unavailable, overrides).as_dict())
 
     @extend_schema(
         parameters=[OpenApiParameter("host", str, description="Only this host's GPUs."), *FLAG_PARAMETERS],
@@ -138,7 +155,7 @@ class EstimateActions:
         estimate (idle before shared with other people's processes), then the smallest set that fits, with
         the reasons; the GPUs left out (held, unavailable) and why."""
         model = self.get_object()
-        overrides = overrides_from(request.query_params)
+        overrides = overrides_from(request.query_params, also=("host",))
         host_name = host_param(request.query_params)
         host = services.host_named(host_name) if host_name is not None else None
         choices, unavailable = placement.rank(model, host=host, overrides=overrides)
