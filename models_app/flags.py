@@ -7,6 +7,7 @@ its help, or, when that head is too long, the head alone on its line and the hel
 (indented by 40 spaces)."""
 
 import difflib
+import math
 import re
 import subprocess
 from dataclasses import dataclass
@@ -21,6 +22,10 @@ VERSION_LINE = re.compile(r"^version: (\S+) \(([^)]*)\)\s*$", re.MULTILINE)
 # Metavar words that name a file or a folder: FNAME, FILE, PATH, JINJA_TEMPLATE_FILE, DIR, ...
 FILE_WORDS = {"FNAME", "FILE", "FILENAME", "PATH", "DIR", "DIRECTORY"}
 DIR_WORDS = {"DIR", "DIRECTORY"}
+# Options whose value is a comma-separated list of proportions (`-ts 3,1`): finite ASCII numbers only, so that
+# no NaN reaches llama-server, the estimator or a JSON answer.
+NUMBER_LIST_FLAGS = {"--tensor-split"}
+DECIMAL = re.compile(r"[+-]?([0-9]+\.?[0-9]*|\.[0-9]+)([eE][+-]?[0-9]+)?", re.ASCII)
 
 
 class FlagError(ValueError):
@@ -200,6 +205,10 @@ class Catalogue:
                     f"{self.label}: flag '{name}' needs a value ({metavar}), got {got}"
                     + (" (quote on/off/yes/no in YAML)" if isinstance(item, bool) else "")
                 )
+            if isinstance(item, float) and not math.isfinite(item):
+                raise FlagError(f"{self.label}: flag '{name}' has the value {item}: not a finite number")
+            if set(flag.option["names"]) & NUMBER_LIST_FLAGS:
+                check_number_list(self.label, name, item)
             parts = str(item).split() if nargs > 1 else [str(item)]
             if len(parts) != nargs:
                 raise FlagError(
@@ -208,3 +217,11 @@ class Catalogue:
                 )
             words.append(parts)
         return words if words else None
+
+
+def check_number_list(label: str, name: str, value) -> None:
+    """`3,1` or `0.5/0.5`: finite ASCII numbers (FlagError otherwise: nan, inf, 1e999, full-width digits)."""
+    items = [x.strip() for x in str(value).replace("/", ",").split(",")]
+    bad = [x for x in items if not DECIMAL.fullmatch(x) or not math.isfinite(float(x))]
+    if bad:
+        raise FlagError(f"{label}: flag '{name}' needs finite numbers separated by commas, not {bad[0]!r}")

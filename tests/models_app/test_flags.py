@@ -258,6 +258,31 @@ def test_yaml_import_refuses_unknown_flags_and_writes_nothing(tmp_path, tiny_mod
     assert ModelConfig.objects.get(pk="flagged").cli_params == {"c": 2048, "ngl": 99}
 
 
+@pytest.mark.parametrize(
+    "value", ["nan,1", "inf,1", "1,1e999", "-inf", "１,1", "3,a", float("nan"), float("inf")]
+)
+def test_a_tensor_split_must_be_finite_numbers(catalogue, value):
+    # NaN reached the estimator (500) and the CLI's JSON (`[NaN, 1.0]`, not JSON) before.
+    with pytest.raises(RegistryError, match="finite number"):
+        registry.cli_args({"ts": value}, catalogue)
+    assert registry.cli_args({"ts": "3,1"}, catalogue) == ["-ts", "3,1"]
+    assert registry.cli_args({"tensor-split": "0.5/0.5"}, catalogue) == ["--tensor-split", "0.5/0.5"]
+
+
+def test_no_flag_takes_a_float_that_is_not_finite(catalogue):
+    with pytest.raises(RegistryError, match="not a finite number"):
+        registry.cli_args({"temp": float("inf")}, catalogue)
+    assert registry.cli_args({"temp": 0.7}, catalogue) == ["--temp", "0.7"]
+
+
+@pytest.mark.django_db
+def test_yaml_import_refuses_a_tensor_split_that_is_not_finite(tmp_path, tiny_model_file, llama_server_path):
+    with pytest.raises(CommandError, match="flag 'ts' needs finite numbers") as caught:
+        call_command("import_models", str(write_registry(tmp_path, tiny_model_file, {"ts": "nan,1"})))
+    assert "entry 1 (flagged)" in str(caught.value)
+    assert not ModelConfig.objects.exists()
+
+
 @pytest.mark.django_db
 def test_yaml_on_without_quotes_is_explained(tmp_path, tiny_model_file, llama_server_path):
     path = tmp_path / "models.yaml"
