@@ -7,6 +7,7 @@ from gpus.admin import GpuAdmin
 from gpus.models import Gpu
 
 from .models import GpuInstance, HostModelFile, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
+from .registry import RegistryError, check_cli_params, model_file
 
 
 @admin.register(LlamaBinary)
@@ -57,16 +58,25 @@ class ModelConfigForm(forms.ModelForm):
             self.fields["binary"].queryset = LlamaBinary.objects.filter(error="").select_related("host")
 
     def clean_path(self):
-        from .registry import RegistryError, check_model_path
-
+        # The registry's one way to take a path (API and import too): relative paths inside the model
+        # folders, and the GGUF facts and size read from the file, saved with it.
         try:
-            return str(check_model_path(self.cleaned_data["path"]))
+            self.file_values = model_file(self.cleaned_data["path"])
         except RegistryError as exc:
             raise forms.ValidationError(str(exc)) from None
+        return self.file_values["path"]
+
+    def save(self, commit=True):
+        entry = super().save(commit=False)
+        if getattr(self, "file_values", None):
+            entry.gguf_metadata = self.file_values["gguf_metadata"]
+            entry.file_size_bytes = self.file_values["file_size_bytes"]
+        if commit:
+            entry.save()
+            self.save_m2m()
+        return entry
 
     def clean(self):
-        from .registry import RegistryError, check_cli_params
-
         cleaned = super().clean()
         if "cli_params" in cleaned and not self.has_error("path"):
             try:

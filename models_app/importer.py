@@ -25,7 +25,7 @@ from django.utils.text import slugify
 
 from .events import record
 from .models import InstanceEvent, ModelConfig
-from .registry import RegistryError, check_cli_params, check_model_path, file_facts
+from .registry import RegistryError, check_cli_params, model_file
 
 
 class ImportRejected(Exception):
@@ -88,13 +88,16 @@ def _entry_values(entry, position: int, base: Path) -> dict:
     raw_path = entry.get("path")
     if not isinstance(raw_path, str) or not raw_path.strip():
         raise RegistryError(f"{label}: missing path")
-    path = Path(raw_path).expanduser()
-    if not path.is_absolute():
-        path = base / path
+    name = str(entry.get("name") or model_id)
+    for field_name, value in (("id", model_id), ("name", name)):
+        limit = ModelConfig._meta.get_field(field_name).max_length
+        if len(value) > limit:
+            raise RegistryError(f"{label}: {field_name} is {len(value)} characters long, at most {limit}")
     try:
-        resolved = check_model_path(str(path))
+        # The registry's one way to take a path (admin and API too); relative: next to the YAML file first.
+        file_values = model_file(raw_path, base=base)
         # Checked against the flag catalogue of every host's default llama-server.
-        cli_params = check_cli_params(parameters.get("cli_params"), model_path=resolved)
+        cli_params = check_cli_params(parameters.get("cli_params"), model_path=file_values["path"])
     except RegistryError as exc:
         raise RegistryError(f"{label}: {exc}") from None
     restart = parameters.get("restart_on_crash", False)
@@ -114,8 +117,8 @@ def _entry_values(entry, position: int, base: Path) -> dict:
         raise RegistryError(f"{label}: {exc}") from None
     return {
         "id": model_id,
-        "name": str(entry.get("name") or model_id),
-        "path": str(resolved),
+        "name": name,
+        **file_values,
         "cli_params": cli_params,
         "metadata": metadata,
         "restart_on_crash": restart,
@@ -154,9 +157,7 @@ def parse_registry_file(file_path: Path) -> list[dict]:
 
 
 def import_registry(file_path: Path, *, dry_run: bool = False) -> ImportReport:
-    entries = parse_registry_file(file_path)
-    for values in entries:  # header facts are read before the transaction: file I/O stays outside it
-        values.update(file_facts(Path(values["path"])))
+    entries = parse_registry_file(file_path)  # header facts too: file I/O stays outside the transaction
     report = ImportReport()
     with transaction.atomic():
         existing = ModelConfig.objects.in_bulk([v["id"] for v in entries])

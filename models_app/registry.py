@@ -14,6 +14,7 @@ from pathlib import Path
 from django.conf import settings
 
 from .flags import Catalogue, FlagError
+from .models import ModelConfig
 
 FLAG_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
@@ -70,12 +71,19 @@ def check_allowed_path(raw: str, *, base: Path | None = None, directory: bool = 
     return resolved
 
 
-def check_model_path(raw: str) -> Path:
-    """The resolved path of a readable .gguf file inside LLAMACONTROLLER_MODEL_DIRS."""
+def check_model_path(raw: str, *, base: Path | None = None) -> Path:
+    """The resolved path of a readable .gguf file inside LLAMACONTROLLER_MODEL_DIRS. A relative path is looked
+    up in `base` (the import's YAML folder) and then in each model folder in order; the first existing file
+    is taken (none existing: the first candidate's error)."""
     if not raw or not str(raw).strip():
         raise RegistryError("path is empty")
     if Path(raw).suffix.lower() != ".gguf":
         raise RegistryError(f"{raw}: not a .gguf file")
+    if not Path(raw).expanduser().is_absolute():
+        folders = [base] if base is not None else []
+        folders += [Path(f) for f in settings.MODEL_DIRS]
+        found = next((f / raw for f in folders if (f / raw).exists()), None)
+        raw = str(found or folders[0] / raw) if folders else raw
     resolved = check_allowed_path(raw)
     with resolved.open("rb") as handle:
         magic = handle.read(4)
@@ -204,6 +212,17 @@ def check_cli_params(params, *, binary=None, model_path: str | Path | None = Non
     for catalogue in catalogues:
         cli_args(params, catalogue, model_path)
     return params
+
+
+def model_file(raw: str, *, base: Path | None = None) -> dict:
+    """The one way every entry point (admin, REST API, import_models) takes a model path: resolved and checked
+    (check_model_path: relative paths inside the model folders), with the facts read from the file. Returns
+    the fields to save: path, gguf_metadata, file_size_bytes."""
+    resolved = check_model_path(raw, base=base)
+    limit = ModelConfig._meta.get_field("path").max_length
+    if len(str(resolved)) > limit:
+        raise RegistryError(f"{raw}: the resolved path is longer than {limit} characters")
+    return {"path": str(resolved), **file_facts(resolved)}
 
 
 def file_facts(path: Path) -> dict:

@@ -1,17 +1,11 @@
 from datetime import datetime
-from pathlib import Path
 
 from rest_framework import serializers
+from rest_framework.utils import html
 
 from gpus.api.serializers import HostStateFields
 from models_app.models import GpuInstance, HostModelFile, InstanceEvent, ModelConfig
-from models_app.registry import (
-    RegistryError,
-    check_cli_params,
-    check_model_path,
-    check_params_shape,
-    file_facts,
-)
+from models_app.registry import RegistryError, check_cli_params, check_params_shape, model_file
 
 
 class InstanceSerializer(HostStateFields, serializers.ModelSerializer):
@@ -51,7 +45,17 @@ class InstanceSerializer(HostStateFields, serializers.ModelSerializer):
         return expires_at(instance)
 
 
-class LoadSerializer(serializers.Serializer):
+class FieldsAsSent:
+    """A form's empty field is a value, refused as blank like JSON's "": DRF reads `gpu_id=` in form data as
+    if it were left out, which for gpu_id would mean "choose for me". Only an omitted field is omitted."""
+
+    def to_internal_value(self, data):
+        if html.is_html_input(data):
+            data = {key: data.get(key) for key in data}
+        return super().to_internal_value(data)
+
+
+class LoadSerializer(FieldsAsSent, serializers.Serializer):
     model_id = serializers.CharField(max_length=100)
     gpu_id = serializers.CharField(
         max_length=100,
@@ -74,7 +78,7 @@ class SwitchSerializer(serializers.Serializer):
     force = serializers.BooleanField(default=False, help_text="Load even onto GPUs others occupy.")
 
 
-class UnloadGpusSerializer(serializers.Serializer):
+class UnloadGpusSerializer(FieldsAsSent, serializers.Serializer):
     gpu_id = serializers.CharField(max_length=100)
     host = serializers.CharField(max_length=100, required=False)
 
@@ -121,10 +125,13 @@ class ModelConfigSerializer(serializers.ModelSerializer):
         return fields
 
     def validate_path(self, value):
+        # The registry's one way to take a path (admin and import too): relative paths inside the model
+        # folders, the facts read from the file and saved with it (create/update).
         try:
-            return str(check_model_path(value))
+            self._file_values = model_file(value)
         except RegistryError as exc:
             raise serializers.ValidationError(str(exc)) from None
+        return self._file_values["path"]
 
     def validate_cli_params(self, value):
         try:
@@ -158,8 +165,7 @@ class ModelConfigSerializer(serializers.ModelSerializer):
 
     def _with_facts(self, validated_data):
         if "path" in validated_data:
-            path = Path(validated_data["path"])
-            validated_data.update(file_facts(path))
+            validated_data.update(self._file_values)
         return validated_data
 
     def create(self, validated_data):
