@@ -31,27 +31,30 @@ class Command(BaseCommand):
         entry = ModelConfig.objects.filter(pk=model).first()
         if entry is None:
             raise CommandError(f"unknown model {model!r}")
+        ranking = None
         try:
             overrides = estimates.parse_overrides({"c": ctx} if ctx is not None else {})
             if gpu is not None:
                 _, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu), host)
+                prediction = estimates.predict(entry, gpus, overrides)
             else:
-                host_row = placement.Host.objects.filter(name=host).first() if host else None
+                host_row = services.host_named(host) if host else None
                 choices, out = placement.rank(entry, host=host_row, overrides=overrides)
-                for line in [c.explain() for c in choices] + out:
-                    self.stdout.write(f"  {line}")
-                fitting = [c for c in choices if c.fits]
-                gpus = fitting[0].gpus if fitting else []
-                if fitting:
-                    self.stdout.write(
-                        f"suggestion: GPU {fitting[0].prediction.gpu_label()} on {fitting[0].host.name}"
-                    )
+                prediction = estimates.suggested(entry, choices, out, overrides)
+                ranking = {"ranking": [c.as_dict() for c in choices], "unavailable": out}
         except (LoadRefused, estimator.EstimateError) as exc:
             raise CommandError(getattr(exc, "message", str(exc))) from None
-        prediction = estimates.predict(entry, gpus, overrides)
-        if as_json:
-            self.stdout.write(json.dumps(prediction.as_dict(), indent=2, ensure_ascii=False))
+        if as_json:  # JSON only: the estimate, and without --gpu the ranking it was chosen from
+            data = {**prediction.as_dict(), **(ranking or {})}
+            self.stdout.write(json.dumps(data, indent=2, ensure_ascii=False, allow_nan=False))
         else:
+            if ranking is not None:
+                for line in [c["explanation"] for c in ranking["ranking"]] + ranking["unavailable"]:
+                    self.stdout.write(f"  {line}")
+                if prediction.gpus:
+                    self.stdout.write(
+                        f"suggestion: GPU {prediction.gpu_label()} on {prediction.gpus[0].host.name}"
+                    )
             self.stdout.write(prediction.summary())
             if prediction.estimate is not None:
                 for label, part in self._parts(prediction):
