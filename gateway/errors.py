@@ -5,6 +5,8 @@ import json
 
 from django.http import HttpResponse
 
+from llamacontroller_site.query import unstorable
+
 OLLAMA = "ollama"
 OPENAI = "openai"
 
@@ -32,6 +34,18 @@ class GatewayError(Exception):
         self.message = message
         self.code = code or _OPENAI_TYPES.get(status, "error")
         self.retry_after = retry_after
+
+
+def model_name_problem(name) -> GatewayError | None:
+    """The 400 for a model name that is no name (missing, empty, not a string) or that the database cannot
+    take (a NUL character: PostgreSQL refuses it; a lone surrogate: not UTF-8), or None. Every model name a
+    client sends is checked with this before it is looked up or recorded; the message never repeats it."""
+    if not isinstance(name, str) or not name.strip():
+        return GatewayError(400, "model is required", code="missing_model")
+    problem = unstorable(name)
+    if problem:
+        return GatewayError(400, f"model {problem}", code="invalid_model")
+    return None
 
 
 def ollama_body(message: str) -> bytes:

@@ -13,7 +13,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from . import access, translate
 from .db import db
-from .errors import OLLAMA, GatewayError, error_response
+from .errors import OLLAMA, GatewayError, error_response, model_name_problem
 from .exchange import Exchange, read_json
 from .translate import BadRequest, StreamState, tagged
 from .views_common import authenticate_only, list_models
@@ -121,7 +121,11 @@ async def ps(request):
 
 def _show(request, body):
     caller = access.authenticate(request)
-    model = access.find_model(caller, body.get("model") or body.get("name"))
+    name = body.get("model") or body.get("name")
+    problem = model_name_problem(name)
+    if problem is not None:
+        raise problem
+    model = access.find_model(caller, name)
     facts = model.gguf_metadata or {}
     capabilities = ["embedding"] if "embeddings" in (model.cli_params or {}) else ["completion"]
     return {
@@ -275,9 +279,9 @@ async def _generate_or_chat(request, kind: str):
 
 
 def _with_model(body: dict) -> dict:
-    model = body.get("model")
-    if not isinstance(model, str) or not model.strip():
-        raise GatewayError(400, "model is required", code="missing_model")
+    problem = model_name_problem(body.get("model"))
+    if problem is not None:
+        raise problem
     return body
 
 

@@ -9,7 +9,7 @@ from django.conf import settings
 from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse, StreamingHttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from .errors import OPENAI, GatewayError, error_response, openai_body
+from .errors import OPENAI, GatewayError, error_response, model_name_problem, openai_body
 from .exchange import Exchange, read_json
 from .views_common import authenticate_only, list_models
 
@@ -123,9 +123,10 @@ async def _proxy(request, path: str):
         except GatewayError:
             await authenticate_only(request, exchange)  # 401 comes before 400
             raise
-        if not isinstance(body.get("model"), str) or not body.get("model"):
+        problem = model_name_problem(body.get("model"))
+        if problem is not None:
             await authenticate_only(request, exchange)
-            raise GatewayError(400, "model is required", code="missing_model")
+            raise problem
         await exchange.begin(request, body)
         stream = body.get("stream") is True
         response = await exchange.send(path, raw, stream=stream)

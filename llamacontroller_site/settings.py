@@ -59,6 +59,7 @@ INSTALLED_APPS = [
 MIDDLEWARE = [
     "django.middleware.security.SecurityMiddleware",
     "llamacontroller_site.static_files.AsyncWhiteNoiseMiddleware",  # WhiteNoise, without a thread per request
+    "llamacontroller_site.input_guard.InputGuardMiddleware",  # NUL in a parameter: 400; a 403 logs one line
     "django.contrib.sessions.middleware.SessionMiddleware",
     "django.middleware.common.CommonMiddleware",
     "django.middleware.csrf.CsrfViewMiddleware",

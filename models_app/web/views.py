@@ -10,7 +10,6 @@ from django.core.cache import cache
 from django.core.paginator import Paginator
 from django.db import DatabaseError
 from django.db.models import Prefetch
-from django.http import Http404
 from django.shortcuts import get_object_or_404, redirect, render
 from django.utils import timezone
 from django.views.decorators.http import require_GET, require_POST
@@ -18,9 +17,10 @@ from django.views.decorators.http import require_GET, require_POST
 from accounts import roles
 from accounts.decorators import role_required
 from gpus.models import Gpu, Host, alive_cutoff
+from llamacontroller_site.query import BadParameter, whole_number
 from models_app import health, model_files, ondemand, services
 from models_app.api.errors import refusal_status
-from models_app.api.views import instance_queryset
+from models_app.api.views import MAX_ID, instance_queryset
 from models_app.formatting import format_duration
 from models_app.logtail import read_tail
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
@@ -397,10 +397,14 @@ def events(request):
         "user": request.GET.get("user", "").strip(),
         "kind": request.GET.get("kind", "").strip(),
     }
+    status = 200
     if filters["instance"]:
-        if not filters["instance"].isdigit():
-            raise Http404("No such instance.")
-        queryset = queryset.filter(instance_id=int(filters["instance"]))
+        # ASCII digits only: "²".isdigit() is true but int("²") raises, and int("١٠") is 10.
+        try:
+            queryset = queryset.filter(instance_id=whole_number(filters["instance"], "instance", 1, MAX_ID))
+        except BadParameter as exc:
+            messages.error(request, f"Instance {exc.message}.")
+            queryset, status = queryset.none(), 400
     if filters["user"]:
         queryset = queryset.filter(actor_name=filters["user"])
     if filters["kind"]:
@@ -408,4 +412,4 @@ def events(request):
     page = Paginator(queryset, EVENTS_PER_PAGE).get_page(request.GET.get("page"))
     query = urlencode({k: v for k, v in filters.items() if v})
     context = {"page": page, "filters": filters, "kinds": InstanceEvent.Kind.choices, "query": query}
-    return render(request, "events.html", context)
+    return render(request, "events.html", context, status=status)
