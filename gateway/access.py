@@ -68,10 +68,12 @@ class Caller:
 
 @dataclass
 class Target:
-    """A caller and the model they may use (None until it is looked up)."""
+    """A caller and the model they may use (None until it is looked up); whether the request's keep_alive
+    was ignored (it would have shortened the timer of an instance the caller may not unload)."""
 
     caller: Caller
     model: ModelConfig | None
+    keep_alive_ignored: bool = False
 
 
 # --- authentication ---------------------------------------------------------------------------------------
@@ -290,16 +292,16 @@ def forget_instances(model_id: str) -> None:
 
 
 def start_request(
-    model_id: str, instances: list[GpuInstance], cached: bool, keep_alive: int | None
+    target: Target, model_id: str, instances: list[GpuInstance], cached: bool, keep_alive: int | None
 ) -> GpuInstance | None:
     """Count the request on the first of `instances` that still runs as read; when they came from the cache
     and none does, read the database once more. None: no running instance (load on demand, or wait)."""
     for instance in instances:
-        if request_started(instance, keep_alive):
+        if request_started(target, instance, keep_alive):
             return instance
     forget_instances(model_id)
     if cached:
-        return start_request(model_id, running_instances(model_id)[0], False, keep_alive)
+        return start_request(target, model_id, running_instances(model_id)[0], False, keep_alive)
     return None
 
 
@@ -309,11 +311,12 @@ def resolve(request, name) -> Target:
     return Target(caller=caller, model=find_model(caller, name))
 
 
-def ensure_running(target: Target, keep_alive: int | None) -> GpuInstance:
+def ensure_running(target: Target) -> GpuInstance:
     """Slow path (a worker thread, not the shared one): load on demand and wait, or wait for a load under
-    way (models_app.ondemand). Its refusals become the gateway's answers."""
+    way (models_app.ondemand). Its refusals become the gateway's answers. The request's keep_alive is kept
+    when the request is counted on the instance (`request_started`)."""
     try:
-        instance = ondemand.ensure_running(target.model, target.caller.user, keep_alive_seconds=keep_alive)
+        instance = ondemand.ensure_running(target.model, target.caller.user)
         # Read here what the event loop reads later (upstream.base_url, slots): a wait for the load refreshed
         # the row, which drops its related objects, and the event loop may not query.
         instance.host, instance.model  # noqa: B018
@@ -329,12 +332,13 @@ def _refusal(exc) -> GatewayError:
     return GatewayError(exc.status, exc.message, code=code, retry_after=exc.retry_after)
 
 
-def request_started(instance: GpuInstance, keep_alive: int | None) -> bool:
+def request_started(target: Target, instance: GpuInstance, keep_alive: int | None) -> bool:
     """False when the instance stopped running meanwhile (an idle unload won the race) or is no longer the
-    start that `instance` describes (restarted, on another port with another key)."""
-    return ondemand.request_started(
-        instance.pk, keep_alive_seconds=keep_alive, port=instance.port, api_key=instance.api_key
-    )
+    start that `instance` describes (restarted, on another port with another key). The request's keep_alive
+    shortens the instance's idle timer only if the caller may unload it (`ondemand.apply_keep_alive`)."""
+    counted, ignored = ondemand.request_started_by(instance, target.caller.user, keep_alive)
+    target.keep_alive_ignored = target.keep_alive_ignored or ignored
+    return counted
 
 
 def request_finished(instance_id: int) -> None:

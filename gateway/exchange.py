@@ -113,12 +113,12 @@ class Exchange:
         self._start(model_id, instances, cached)
 
     def _start(self, model_id: str, instances: list, cached: bool) -> None:
-        instance = access.start_request(model_id, instances, cached, self.keep_alive)
+        instance = access.start_request(self.target, model_id, instances, cached, self.keep_alive)
         if instance is not None:
             self.instance, self.counted = instance, True
 
     def _count(self, instance) -> None:
-        if access.request_started(instance, self.keep_alive):
+        if access.request_started(self.target, instance, self.keep_alive):
             self.instance, self.counted = instance, True
 
     async def acquire(self) -> None:
@@ -126,9 +126,7 @@ class Exchange:
         then count the request on it. Then a slot of the instance, waiting in its queue if need be."""
         while not self.counted:
             loading = time.perf_counter()
-            instance = await sync_to_async(access.ensure_running, thread_sensitive=False)(
-                self.target, self.keep_alive
-            )
+            instance = await sync_to_async(access.ensure_running, thread_sensitive=False)(self.target)
             self.load_seconds += time.perf_counter() - loading
             await self._counting(self._count, instance)
             # not counted: it stopped meanwhile (an idle unload won the race): look again

@@ -50,36 +50,46 @@ def tagged(model_id: str) -> str:
 
 # --- keep_alive -----------------------------------------------------------------------------------------
 
-_DURATION = re.compile(r"(-?\d+(?:\.\d+)?)(ns|us|µs|ms|s|m|h)")
+# Ollama's rules: a number of seconds, or a Go duration ("5m", "1h30m", "-1s"; here also seconds as text).
+# ASCII digits only (Python's float() also reads "1_000", "inf", "nan" and other scripts' digits).
+_SECONDS_TEXT = re.compile(r"[-+]?[0-9]+(?:\.[0-9]+)?")
+_DURATION = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]+)?(?:ns|us|µs|ms|s|m|h))+")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 FOREVER = -1  # a negative keep_alive: as long as the admin's limit allows
+_LONGEST = 10**9  # seconds; models_app.ondemand clamps further, to the admin's limit
+_KEEP_ALIVE_SHAPE = 'keep_alive must be a duration such as "5m" or a number of seconds'
 
 
 def keep_alive_seconds(value) -> int | None:
     """Ollama's keep_alive (seconds as a number, or a Go duration "5m", "1h30m", "-1") in whole seconds;
-    None when absent; FOREVER (-1) when negative. models_app.ondemand clamps it to the admin's limit."""
+    None when absent; FOREVER (-1) when negative; at most 10**9. BadRequest for anything else (inf, nan,
+    1e999: Go's JSON refuses them too). models_app.ondemand clamps it to the admin's limit."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):
-        raise BadRequest('keep_alive must be a duration such as "5m" or a number of seconds')
-    if isinstance(value, int | float):
-        seconds = float(value)
+        raise BadRequest(_KEEP_ALIVE_SHAPE)
+    if isinstance(value, int):  # exact, however long (float() of a 400-digit integer overflows)
+        return FOREVER if value < 0 else min(value, _LONGEST)
+    if isinstance(value, float):
+        seconds = value
     elif isinstance(value, str):
         text = value.strip()
-        try:
+        if _SECONDS_TEXT.fullmatch(text):
             seconds = float(text)
-        except ValueError:
-            parts = _DURATION.findall(text)
-            if not parts or "".join(n + u for n, u in parts) != text.replace("+", ""):
-                raise BadRequest(f'keep_alive {value!r} is not a duration such as "5m"') from None
-            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in parts)
+        elif _DURATION.fullmatch(text):
+            seconds = sum(float(n) * _UNIT_SECONDS[u] for n, u in _DURATION_PART.findall(text))
+            if text.startswith("-"):
+                seconds = -seconds
+        else:
+            raise BadRequest(f'keep_alive {value[:50]!r} is not a duration such as "5m"')
     else:
-        raise BadRequest('keep_alive must be a duration such as "5m" or a number of seconds')
-    if math.isnan(seconds):
-        raise BadRequest("keep_alive is not a number")
+        raise BadRequest(_KEEP_ALIVE_SHAPE)
+    if not math.isfinite(seconds):
+        raise BadRequest("keep_alive must be a finite duration or number of seconds")
     if seconds < 0:
         return FOREVER
-    return min(int(math.ceil(seconds)), 10**9)
+    return min(math.ceil(seconds), _LONGEST)
 
 
 # --- requests -------------------------------------------------------------------------------------------

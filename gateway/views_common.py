@@ -1,8 +1,11 @@
-"""What the Ollama and OpenAI views share: listing, authenticating a request refused for its body."""
+"""What the Ollama and OpenAI views share: listing, authenticating a request refused for its body, the note
+on an ignored keep_alive."""
 
 from . import access
 from .db import db
 from .exchange import Exchange
+
+KEEP_ALIVE_HEADER = "X-LlamaController-Keep-Alive"
 
 
 def _list(request):
@@ -27,3 +30,11 @@ async def authenticate_only(request, exchange: Exchange) -> None:
             401, "authentication required: send 'Authorization: Bearer <API token>'", code="unauthorized"
         )
     exchange.target = access.Target(caller=caller, model=None)
+
+
+def noted(exchange: Exchange, response):
+    """The response, with a header where the request's keep_alive was ignored: it would have shortened the
+    idle timer of an instance the caller may not unload (models_app.ondemand.apply_keep_alive)."""
+    if exchange.target is not None and exchange.target.keep_alive_ignored:
+        response[KEEP_ALIVE_HEADER] = "ignored (you may not unload this model)"
+    return response

@@ -16,7 +16,7 @@ from .db import db
 from .errors import OLLAMA, GatewayError, error_response, model_name_problem
 from .exchange import Exchange, read_json
 from .translate import BadRequest, StreamState, tagged
-from .views_common import authenticate_only, list_models
+from .views_common import authenticate_only, list_models, noted
 
 NDJSON = "application/x-ndjson"
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
@@ -251,7 +251,7 @@ async def _generate_or_chat(request, kind: str):
         if empty:
             # An empty prompt loads the model (and sets its keep_alive), as Ollama's clients expect.
             load_ns = int((time.perf_counter() - exchange.started) * 1e9)
-            return JsonResponse(_no_prompt_answer(name, kind, "load", load_ns))
+            return noted(exchange, JsonResponse(_no_prompt_answer(name, kind, "load", load_ns)))
         stream = body.get("stream", True) is not False
         response = await exchange.send(route, json.dumps(upstream_body).encode(), stream=True)
         if response.status_code != 200:
@@ -262,14 +262,16 @@ async def _generate_or_chat(request, kind: str):
             iterator = _ndjson(exchange, response, state)
             exchange.guard(iterator)
             handed_over = True
-            return StreamingHttpResponse(iterator, content_type=NDJSON, headers=STREAM_HEADERS)
+            return noted(
+                exchange, StreamingHttpResponse(iterator, content_type=NDJSON, headers=STREAM_HEADERS)
+            )
         chunks = [chunk async for chunk in _events(exchange, response, state)]
         if "error" in chunks[-1]:
             raise GatewayError(502, chunks[-1]["error"])
-        return JsonResponse(translate.merge_chunks(chunks, kind))
+        return noted(exchange, JsonResponse(translate.merge_chunks(chunks, kind)))
     except GatewayError as exc:
         exchange.status, exchange.error = exc.status, exc.message
-        return error_response(OLLAMA, exc)
+        return noted(exchange, error_response(OLLAMA, exc))
     except asyncio.CancelledError:
         exchange.client_left()
         raise
@@ -330,8 +332,8 @@ async def _embed(request, endpoint: str, field: str):
         exchange.prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
         total_ns = int((time.perf_counter() - exchange.started) * 1e9)
         if field == "prompt":  # the older /api/embeddings
-            return JsonResponse({"embedding": vectors[0] if vectors else []})
-        return JsonResponse(
+            return noted(exchange, JsonResponse({"embedding": vectors[0] if vectors else []}))
+        reply = JsonResponse(
             {
                 "model": body["model"],
                 "embeddings": vectors,
@@ -340,9 +342,10 @@ async def _embed(request, endpoint: str, field: str):
                 "prompt_eval_count": exchange.prompt_tokens or 0,
             }
         )
+        return noted(exchange, reply)
     except GatewayError as exc:
         exchange.status, exchange.error = exc.status, exc.message
-        return error_response(OLLAMA, exc)
+        return noted(exchange, error_response(OLLAMA, exc))
     except asyncio.CancelledError:
         exchange.client_left()
         raise

@@ -11,7 +11,7 @@ from django.views.decorators.csrf import csrf_exempt
 
 from .errors import OPENAI, GatewayError, error_response, model_name_problem, openai_body
 from .exchange import Exchange, read_json
-from .views_common import authenticate_only, list_models
+from .views_common import authenticate_only, list_models, noted
 
 STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 
@@ -136,7 +136,9 @@ async def _proxy(request, path: str):
             exchange.guard(iterator)
             handed_over = True
             content_type = response.headers.get("content-type", "text/event-stream")
-            return StreamingHttpResponse(iterator, content_type=content_type, headers=STREAM_HEADERS)
+            return noted(
+                exchange, StreamingHttpResponse(iterator, content_type=content_type, headers=STREAM_HEADERS)
+            )
         content = await response.aread() if stream else response.content
         try:
             payload = json.loads(content)
@@ -150,14 +152,15 @@ async def _proxy(request, path: str):
                 # Not streamed: the first token came predicted_ms before the end.
                 predicted = float(payload["timings"].get("predicted_ms") or 0) / 1000
                 exchange.first_token_at = time.perf_counter() - predicted
-        return HttpResponse(
+        answer = HttpResponse(
             content,
             status=response.status_code,
             content_type=response.headers.get("content-type", "application/json"),
         )
+        return noted(exchange, answer)
     except GatewayError as exc:
         exchange.status, exchange.error = exc.status, exc.message
-        return error_response(OPENAI, exc)
+        return noted(exchange, error_response(OPENAI, exc))
     except asyncio.CancelledError:
         exchange.client_left()
         raise

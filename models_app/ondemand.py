@@ -15,7 +15,9 @@ Idle unload rule (also in the README): an instance loaded on demand unloads once
 request in flight, none finished) for its keep-alive: the request's `keep_alive` (at most
 GATEWAY_MAX_KEEP_ALIVE_SECONDS), else the model's `keep_alive_seconds`, else KEEP_ALIVE_SECONDS. An
 instance loaded by hand stays, unless its model sets `keep_alive_seconds` (then that applies to it too, and
-a request's keep_alive as well). A model's `keep_alive_seconds` of 0, or a KEEP_ALIVE_SECONDS of 0 for models
+a request's keep_alive as well). A request's keep_alive may shorten the timer only of an instance its caller may
+unload (the unload action's rule: operators their own instances, admins any); from anyone else it counts only
+where it lengthens the timer, and the gateway says it was ignored. A model's `keep_alive_seconds` of 0, or a KEEP_ALIVE_SECONDS of 0 for models
 that set none, means "never unloaded for idleness". An in-flight count older than the gateway's request
 cap (GATEWAY_MAX_REQUEST_SECONDS, a web process killed mid-stream) is ignored.
 """
@@ -131,6 +133,10 @@ def check_wake(model: ModelConfig, actor) -> None:
 # --- keep-alive ----------------------------------------------------------------------------------------
 
 
+# keep_alive_by of a request's keep_alive sent without credentials (not a valid username: they cannot clash).
+ANONYMOUS = "(anonymous)"
+
+
 def clamp_keep_alive(seconds: float) -> int:
     """A request's keep_alive within the admin's limit; negative (Ollama: forever) is the limit itself."""
     limit = settings.GATEWAY_MAX_KEEP_ALIVE_SECONDS
@@ -139,8 +145,9 @@ def clamp_keep_alive(seconds: float) -> int:
     return min(int(seconds), limit)
 
 
-def keep_alive_of(instance: GpuInstance) -> int | None:
-    """The idle seconds after which `instance` unloads, or None when it stays (see the module's rule)."""
+def base_keep_alive(instance: GpuInstance) -> int | None:
+    """The idle seconds the instance has without a request's keep_alive; None when it stays whatever a
+    request asks (loaded by hand with no keep-alive in the registry, or a keep-alive of 0: never)."""
     model = instance.model
     if model.keep_alive_seconds is None:
         if not instance.loaded_on_demand:
@@ -148,11 +155,50 @@ def keep_alive_of(instance: GpuInstance) -> int | None:
         base = settings.KEEP_ALIVE_SECONDS
     else:
         base = model.keep_alive_seconds
-    if base == 0:
+    return base or None
+
+
+def keep_alive_of(instance: GpuInstance) -> int | None:
+    """The idle seconds after which `instance` unloads, or None when it stays (see the module's rule)."""
+    base = base_keep_alive(instance)
+    if base is None:
         return None
     if instance.keep_alive_seconds is not None:
         return instance.keep_alive_seconds
     return base
+
+
+def asker(actor) -> str:
+    """keep_alive_by for a request of `actor`."""
+    return actor.get_username() if _authenticated(actor) else ANONYMOUS
+
+
+def apply_keep_alive(instance: GpuInstance, actor, seconds: float) -> bool:
+    """Keep a request's keep_alive (clamped) on the instance for the idle timer. In full from a caller who
+    may unload the instance; from anyone else only where it does not shorten the timer in effect (the
+    row's own keep_alive, else the model's or the default), decided by the UPDATE itself so that a stale
+    copy of the row cannot shorten it. False: ignored."""
+    seconds = clamp_keep_alive(seconds)
+    if can_manage_instance(actor, instance):
+        _update(
+            "{keep_alive_seconds} = %s, {keep_alive_by} = %s",
+            "{id} = %s",
+            [seconds, asker(actor), instance.pk],
+        )
+        applied = True
+    else:
+        base = base_keep_alive(instance)
+        applied = base is not None and (
+            _update(
+                "{keep_alive_seconds} = %s, {keep_alive_by} = %s",
+                "{id} = %s AND COALESCE({keep_alive_seconds}, %s) <= %s",
+                [seconds, asker(actor), instance.pk, base, seconds],
+            )
+            == 1
+        )
+    if applied:
+        instance.keep_alive_seconds, instance.keep_alive_by = seconds, asker(actor)
+    return applied
 
 
 def _max_request_seconds() -> int:
@@ -193,17 +239,19 @@ def request_started(
     *,
     port: int | None = None,
     api_key: str | None = None,
+    keep_alive_by: str = "",
 ) -> bool:
     """A gateway request begins on the instance: one more in flight, used now, and the request's keep_alive
-    (clamped) kept for the idle timer — one UPDATE. False when the instance is no longer running (an idle
-    unload won the race): call `ensure_running` again, and do not call `request_finished` for this one.
+    (clamped) kept for the idle timer with who asked — one UPDATE. The caller has checked that the asker may
+    set it (`request_started_by` does). False when the instance is no longer running (an idle unload won the
+    race): call `ensure_running` again, and do not call `request_finished` for this one.
     `port` and `api_key`: the caller's copy of the row (the gateway caches it), which must still describe this
     start of the instance (a restart keeps the row but gets a new port and key): False otherwise."""
     sets = "{in_flight} = {in_flight} + 1, {last_used_at} = %s"
     params: list = [connection.ops.adapt_datetimefield_value(timezone.now())]
     if keep_alive_seconds is not None:
-        sets += ", {keep_alive_seconds} = %s"
-        params.append(clamp_keep_alive(keep_alive_seconds))
+        sets += ", {keep_alive_seconds} = %s, {keep_alive_by} = %s"
+        params += [clamp_keep_alive(keep_alive_seconds), keep_alive_by]
     where = "{id} = %s AND {status} = %s"
     params += [instance_id, str(Status.RUNNING)]
     if port is not None:
@@ -213,6 +261,23 @@ def request_started(
         where += " AND {api_key} = %s"
         params.append(api_key)
     return _update(sets, where, params) == 1
+
+
+def request_started_by(instance: GpuInstance, actor, keep_alive_seconds: float | None) -> tuple[bool, bool]:
+    """`request_started` for `actor`'s request on the caller's copy of the row: (counted, whether the
+    request's keep_alive was ignored: see `apply_keep_alive`). One UPDATE, two where the keep_alive comes
+    from a caller who may not unload the instance."""
+    trusted = keep_alive_seconds is None or can_manage_instance(actor, instance)
+    counted = request_started(
+        instance.pk,
+        keep_alive_seconds if trusted else None,
+        port=instance.port,
+        api_key=instance.api_key,
+        keep_alive_by=asker(actor),
+    )
+    if not counted or trusted:
+        return counted, False
+    return True, not apply_keep_alive(instance, actor, keep_alive_seconds)
 
 
 def request_finished(instance_id: int) -> None:
@@ -347,7 +412,7 @@ def ensure_running(
     """A running instance of `model`: one that runs (any host), else the load under way (waited for), else
     a load on demand if `actor` may wake the model (on the GPU `placement.choose_gpus` picks). Waits at
     most `timeout` seconds (GATEWAY_LOAD_TIMEOUT_SECONDS). `keep_alive_seconds`: the request's keep_alive,
-    clamped and kept on the instance. Raises NotAllowed, NoCapacity, LoadFailed or Timeout."""
+    kept on the instance as `apply_keep_alive` allows. Raises NotAllowed, NoCapacity, LoadFailed or Timeout."""
     check_use(model, actor)
     timeout = settings.GATEWAY_LOAD_TIMEOUT_SECONDS if timeout is None else timeout
     deadline = time.monotonic() + timeout
@@ -373,9 +438,7 @@ def ensure_running(
             if instance is None:
                 continue  # unloaded before it was ready: look again
         if keep_alive_seconds is not None:
-            seconds = clamp_keep_alive(keep_alive_seconds)
-            GpuInstance.objects.filter(pk=instance.pk).update(keep_alive_seconds=seconds)
-            instance.keep_alive_seconds = seconds
+            apply_keep_alive(instance, actor, keep_alive_seconds)
         return instance
 
 
@@ -437,7 +500,13 @@ def _unload_if_idle(instance_id: int, now: datetime) -> GpuInstance | None:
         idle = (now - idle_since(row)).total_seconds()
         if idle < keep_alive:
             return None
-        detail = f"{IDLE_EVENT_PREFIX}{describe_idle(idle)} (keep-alive {describe_idle(keep_alive)})"
+        detail = f"{IDLE_EVENT_PREFIX}{describe_idle(idle)} (keep-alive {describe_idle(keep_alive)}"
+        if row.keep_alive_seconds is not None and row.keep_alive_by:  # a request's keep_alive: whose
+            who = (
+                "an anonymous request" if row.keep_alive_by == ANONYMOUS else f"{row.keep_alive_by}'s request"
+            )
+            detail += f", asked by {who}"
+        detail += ")"
         if row.in_flight > 0:
             detail += (
                 f"; {row.in_flight} in-flight request(s) ignored: none for over {_max_request_seconds()} s"
