@@ -201,7 +201,10 @@ class Exchange:
         if self.counting is not None:  # a count under way when the client left: wait for its outcome
             with contextlib.suppress(Exception):
                 await self.counting
-        await db(self._write)()
+        try:
+            await db(self._write)()
+        except GatewayError as exc:  # the answer is given: a record the database refused is only logged
+            logger.error("could not write the usage record of a %s request: %s", self.endpoint, exc.message)
 
     def _write(self) -> None:
         try:
