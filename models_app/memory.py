@@ -16,6 +16,7 @@ from gpus.telemetry import process_trees
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu
 from .processes import is_alive
+from .state import NO_MEMORY
 
 logger = logging.getLogger(__name__)
 
@@ -134,6 +135,10 @@ def _store_figures(figures: list[gpu_services.InstanceMemory]) -> None:
             ],
             ["memory_used_mb", "memory_total_mb", "memory_source", "memory_updated_at"],
         )
+        # One that stopped after the claims were read keeps no figure (state.transition cleared it).
+        GpuInstance.objects.filter(pk__in=[f.instance_id for f in known]).exclude(
+            status__in=GpuInstance.ACTIVE_STATUSES
+        ).update(**NO_MEMORY)
     if unknown:
         GpuInstance.objects.filter(pk__in=unknown).update(memory_source=GpuInstance.MemorySource.NONE)
 
