@@ -14,6 +14,7 @@ api_v1 = [
 ]
 
 handler404 = "llamacontroller_site.errors.page_not_found"
+handler500 = "llamacontroller_site.errors.server_error"
 
 urlpatterns = [
     path("healthz", healthz, name="healthz"),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import psutil
 from django.conf import settings
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
 from .binaries import BinaryError, binary_for_load, catalogue_for, catalogue_of_path
@@ -28,6 +28,7 @@ from .processes import (
     is_llama_server,
     launch,
     log_tail,
+    note_failure,
     port_is_free,
     scrubbed_env,
     stop_process,
@@ -260,6 +261,24 @@ def _unexpected(exc: Exception) -> str:
     return f"unexpected error: {type(exc).__name__}: {exc}"
 
 
+def _give_up(instance: GpuInstance, exc: Exception, **kwargs) -> None:
+    """A load or resumed start that hit an unexpected error ends failed with it. The cause goes into the log
+    first: if the database is what failed, the row cannot take it now, and the reconcile pass that settles
+    the instance later names it from the log (not "the worker ... was lost")."""
+    message = _unexpected(exc)
+    note_failure(log_path_for(instance), message)
+    try:
+        fail(instance, message, **kwargs)
+    except (OperationalError, InterfaceError):
+        if connection.in_atomic_block:
+            raise  # the caller's transaction went with the connection
+        connection.close()  # a dropped connection: a new one may work at once
+        try:
+            fail(instance, message, **kwargs)
+        except (OperationalError, InterfaceError):
+            logger.exception("instance %s: the failure could not be recorded", instance.pk)
+
+
 def load_instance(instance_id: int) -> None:
     """Start llama-server for a pending instance and see it healthy. Idempotent: an instance that is not
     pending (already started, running, or stopped) is left alone."""
@@ -270,7 +289,7 @@ def load_instance(instance_id: int) -> None:
         _load(instance)
     except Exception as exc:  # whatever went wrong, the instance ends in a definite state
         logger.exception("load of instance %s failed", instance.pk)
-        fail(instance, _unexpected(exc))
+        _give_up(instance, exc)
 
 
 def _load(instance: GpuInstance) -> None:
@@ -317,7 +336,7 @@ def resume_start(instance_id: int) -> None:
         return
     except Exception as exc:
         logger.exception("resumed start of instance %s failed", instance.pk)
-        fail(instance, _unexpected(exc), expected=[Status.STARTING])
+        _give_up(instance, exc, expected=[Status.STARTING])
         return
     _mark_running(
         instance, detail=f"pid {instance.pid}, port {instance.port} (adopted after a worker restart)"
@@ -431,18 +450,42 @@ def _finish_cancelled(instance: GpuInstance, launched: tuple[int, float] | None 
 
 
 def unload_instance(instance_id: int, actor=None) -> None:
-    """Stop the instance's process and mark it stopped. Idempotent: a stopped instance is left alone."""
+    """Stop the instance's process and mark it stopped. Idempotent: a stopped instance is left alone, so a
+    database connection dropped on the way (a restart, pg_terminate_backend) is closed and the unload tried
+    once more on a new one; it goes on from where the first try got."""
+    try:
+        _unload_instance(instance_id, actor)
+    except (OperationalError, InterfaceError):
+        if connection.in_atomic_block:
+            raise  # the caller's transaction is lost with the connection: only the caller can start over
+        logger.warning("unload of instance %s: database connection lost; trying again", instance_id)
+        connection.close()
+        _unload_instance(instance_id, actor)
+
+
+def _unload_instance(instance_id: int, actor) -> None:
     instance = GpuInstance.objects.select_related("host").filter(pk=instance_id).first()
     if instance is None:
         return
     try:
         _unload(instance, actor)
+    except (OperationalError, InterfaceError):
+        raise  # nothing can be recorded on a lost connection (unload_instance tries again)
     except Exception as exc:  # whatever went wrong, the instance does not stay `stopping`
         logger.exception("unload of instance %s failed", instance.pk)
         _unload_failed(instance, _unexpected(exc), actor)
 
 
 def _unload(instance: GpuInstance, actor) -> None:
+    if (
+        instance.status == Status.RUNNING
+        and instance.pid
+        and not is_alive(instance.pid, instance.process_create_time)
+    ):
+        # It died before anybody asked it to stop: that is a crash, with its exit code (not restarted: it
+        # was to stop anyway).
+        record_crash(instance)
+        return
     if instance.status in (Status.PENDING, Status.STARTING, Status.RUNNING):
         # Called without a request (e.g. the admin's kill): ask first, as a request would.
         transition(
@@ -496,6 +539,29 @@ def _unload_failed(instance: GpuInstance, message: str, actor) -> None:
         lease_expires_at=None,
     ):
         refresh_memory(instance.host.name)
+
+
+def record_crash(instance: GpuInstance, expected=(Status.RUNNING,)) -> bool:
+    """The instance's process is gone unasked: `crashed` with its exit code and the end of its log."""
+    code = exit_code_of(instance.pid, instance.log_path)
+    message = f"llama-server (pid {instance.pid}) exited unexpectedly" + (
+        f" with code {code}" if code is not None else ""
+    )
+    tail = log_tail(instance.log_path)
+    if not transition(
+        instance,
+        Status.CRASHED,
+        expected=expected,
+        event_kind=Kind.CRASHED,
+        detail=message,
+        error=f"{message}\n--- last lines of the log ---\n{tail}" if tail else message,
+        exit_code=code,
+        stopped_at=timezone.now(),
+    ):
+        return False
+    logger.warning("instance %s crashed: %s", instance.pk, message)
+    refresh_memory(instance.host.name)
+    return True
 
 
 def refresh_memory(host_name: str) -> None:

@@ -52,7 +52,9 @@ def scrubbed_env(source: dict[str, str] | None = None) -> dict[str, str]:
 
 
 LOG_TAIL_LINES = 20
+START_MARK = "[llamacontroller] "  # then the time and "starting: [argv]" (launch)
 EXIT_MARK = "[llamacontroller] llama-server pid {pid} exited with code {code}"
+FAILURE_MARK = "[llamacontroller] the worker gave the load up: "
 
 # Processes this process started, so that they are reaped (no zombies) and their exit codes known.
 _children_lock = threading.Lock()
@@ -104,6 +106,26 @@ def exit_code_of(pid: int | None, log_path: str) -> int | None:
                 return int(line[len(prefix) :].strip())
             except ValueError:
                 return None
+    return None
+
+
+def note_failure(log_path: str | Path, message: str) -> None:
+    """Write why the worker gave the load up into the instance's log. When the database is what failed, the
+    instance row cannot say so; the reconcile pass that settles the instance later reads it from here."""
+    try:
+        with open(log_path, "ab") as log:
+            log.write(f"{FAILURE_MARK}{message}\n".encode())
+    except OSError:
+        pass
+
+
+def failure_note(log_path: str) -> str | None:
+    """The reason noted by note_failure since llama-server last started, if any."""
+    for line in reversed(log_tail(log_path, 50).splitlines()):
+        if line.startswith(FAILURE_MARK):
+            return line[len(FAILURE_MARK) :].strip()
+        if line.startswith(START_MARK) and " starting: " in line:
+            return None
     return None
 
 
@@ -170,7 +192,7 @@ def launch(argv: list[str], *, env: dict[str, str], log_path: Path) -> tuple[int
     thread of this process when it exits, which also appends its exit code to the log."""
     log_path.parent.mkdir(parents=True, exist_ok=True)
     with open(log_path, "ab") as log:
-        log.write(f"[llamacontroller] {timezone.now():%Y-%m-%d %H:%M:%S} starting: {argv!r}\n".encode())
+        log.write(f"{START_MARK}{timezone.now():%Y-%m-%d %H:%M:%S} starting: {argv!r}\n".encode())
         log.flush()
         try:
             proc = subprocess.Popen(
