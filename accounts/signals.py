@@ -7,6 +7,7 @@ from django.contrib.auth.signals import user_login_failed
 from django.dispatch import receiver
 
 from . import audit
+from .throttle import client_ip
 
 
 def _refused_while_locked(request) -> bool:
@@ -19,9 +20,7 @@ def _refused_while_locked(request) -> bool:
 
 
 def _source(request) -> str:
-    address = getattr(request, "axes_ip_address", None) or (
-        request.META.get("REMOTE_ADDR") if request else None
-    )
+    address = getattr(request, "axes_ip_address", None) or (client_ip(request) if request else None)
     return f" from {address}" if address else ""
 
 

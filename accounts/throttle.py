@@ -4,8 +4,12 @@ username, means a stranger guessing the admin's password locks only themselves o
 in from their own address. `manage.py axes_reset_username NAME` (or axes_reset) lifts a lock at once.
 
 This module holds what axes calls back into: the client address (REMOTE_ADDR, or X-Forwarded-For as
-written by LLAMACONTROLLER_PROXY_COUNT trusted proxies) and the page shown while locked."""
+written by LLAMACONTROLLER_PROXY_COUNT trusted proxies) and the page shown while locked. `client_ip` is the
+one place that says who the client is: the login lock, the audit trail and the /metrics allow-list use it.
+The web server trusts no forwarded header itself (runner.web_command: --forwarded-allow-ips=), so
+REMOTE_ADDR is the connection's peer whatever a client sends."""
 
+import ipaddress
 import math
 
 from django.conf import settings
@@ -21,7 +25,14 @@ def client_ip(request) -> str | None:
         return remote
     forwarded = [part.strip() for part in request.META.get("HTTP_X_FORWARDED_FOR", "").split(",")]
     forwarded = [part for part in forwarded if part]
-    return forwarded[-proxies] if len(forwarded) >= proxies else remote
+    if len(forwarded) < proxies:
+        return remote
+    address = forwarded[-proxies]
+    try:
+        ipaddress.ip_address(address)
+    except ValueError:  # not written by a proxy of ours (a misconfigured PROXY_COUNT): the peer it is
+        return remote
+    return address
 
 
 def lockout_response(request, original_response=None, credentials=None):

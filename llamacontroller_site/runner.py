@@ -140,10 +140,13 @@ def start_embedded_redis(data_dir: Path):
 def web_command(venv_bin: Path, bind: str = BIND, workers: int = 2) -> list[str]:
     """gunicorn serving the ASGI application with uvicorn workers (Django's documented recipe): streamed
     gateway answers hold no thread; the sync views run in Django's thread pool as before, and WhiteNoise
-    serves the static files. Each worker process has its own event loop and its own httpx client."""
+    serves the static files. Each worker process has its own event loop and its own httpx client.
+    Forwarded headers are trusted from no address: uvicorn would otherwise take X-Forwarded-For from any
+    local client as the client's address (its default trusts 127.0.0.1). The client's address is the socket
+    peer, or what LLAMACONTROLLER_PROXY_COUNT trusted proxies wrote (accounts.throttle.client_ip)."""
     return [
         str(venv_bin / "gunicorn"), "llamacontroller_site.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
-        "-b", bind, "-w", str(workers), "--access-logfile", "-",
+        "-b", bind, "-w", str(workers), "--access-logfile", "-", "--forwarded-allow-ips=",
         # A stream lasts as long as its answer: gunicorn's timeout is the worker heartbeat, not a request limit.
         "--graceful-timeout", "10",
     ]  # fmt: skip
