@@ -28,8 +28,8 @@ def _secret_key() -> str:
     if key_file.is_file():
         return key_file.read_text().strip()
     raise ImproperlyConfigured(
-        "SECRET_KEY is not set (and no generated key exists in LLAMACONTROLLER_DATA_DIR): "
-        "set SECRET_KEY to a long random string"
+        f"SECRET_KEY is not set (and no generated key exists in {DATA_DIR}): set SECRET_KEY to a long random "
+        "string, or run management commands as `./lc.sh manage COMMAND` (the run command's settings)"
     )
 
 

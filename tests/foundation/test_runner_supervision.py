@@ -173,6 +173,7 @@ def test_manage_py_without_secret_key_says_so_in_one_line(tmp_path):
     assert result.returncode != 0
     assert result.stderr.count("\n") == 1, result.stderr
     assert "SECRET_KEY is not set" in result.stderr and "Traceback" not in result.stderr
+    assert "./lc.sh manage COMMAND" in result.stderr  # what to do instead
 
 
 def test_lc_manage_runs_with_the_run_commands_environment(tmp_path):
