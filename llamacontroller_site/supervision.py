@@ -79,7 +79,13 @@ class Supervisor:
 
     def stop(self, name: str, timeout: float = 15.0) -> None:
         process = self.children.get(name)
-        if process is None or process.poll() is not None:
+        if process is None:
+            return
+        if process.poll() is not None:
+            # The leader is gone (a worker killed with SIGKILL); what is left of its group goes too (a group's id
+            # is not handed out as a pid while the group has members, so this reaches nobody else).
+            with contextlib.suppress(ProcessLookupError):
+                os.killpg(process.pid, signal.SIGKILL)
             return
         try:
             os.killpg(process.pid, signal.SIGTERM)

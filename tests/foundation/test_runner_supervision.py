@@ -118,6 +118,23 @@ def test_children_die_with_their_parent_even_on_sigkill(tmp_path):
                 os.kill(pid, signal.SIGKILL)
 
 
+def test_stopping_a_child_whose_leader_was_killed_ends_the_rest_of_its_group():
+    """A worker killed with SIGKILL leaves its pool processes: the stop ends them too."""
+    from llamacontroller_site.supervision import Supervisor
+
+    supervisor = Supervisor()
+    script = "import subprocess, sys, time; print(subprocess.Popen(['sleep', '120']).pid, flush=True); time.sleep(120)"
+    leader = supervisor.children["worker"] = subprocess.Popen(
+        [sys.executable, "-c", script], stdout=subprocess.PIPE, text=True, start_new_session=True
+    )
+    pool = int(leader.stdout.readline())
+    leader.kill()
+    leader.wait()
+    assert not gone(pool)
+    supervisor.stop("worker")
+    wait_until(lambda: gone(pool), 10, "the rest of the group to end")
+
+
 # --- the embedded Redis: kept port, restarted when killed ------------------------------------------
 
 
