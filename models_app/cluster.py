@@ -6,9 +6,12 @@ claim names the worker by machine id, pid and process start time. On the same ma
 is gone (killed with SIGKILL) is replaced at once; on another machine only after the host timed out.
 
 The claimed worker writes `Host.last_seen` every HOST_HEARTBEAT_SECONDS from a thread of its main process
-(`Heartbeat`). When a heartbeat finds the host was down, the host has returned: an event says so and a
-reconcile pass adopts the instances whose processes outlived the silence (models_app/reconcile.py). A worker
-whose claim was taken over by another stops itself."""
+(`Heartbeat`), but only after it pinged itself through the broker and its consumer answered: "up" means the
+worker can take work, not only that its process runs (a worker that retries a dead broker address writes no
+heartbeat, so its host goes down and its work is given up). The ping is answered by the consumer of the main
+process, so a pool busy with long loads does not silence the host. When a heartbeat finds the host was down,
+the host has returned: an event says so and a reconcile pass adopts the instances whose processes outlived
+the silence (models_app/reconcile.py). A worker whose claim was taken over by another stops itself."""
 
 import logging
 import os
@@ -16,6 +19,7 @@ import signal
 import socket
 import threading
 import uuid
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -172,28 +176,65 @@ def heartbeat(host_name: str, me: WorkerIdentity) -> bool:
     return True
 
 
-class Heartbeat(threading.Thread):
-    """The worker's heartbeat, in its main process (the pool's children come and go)."""
+def broker_probe(app, nodename: str) -> Callable[[], str | None]:
+    """A check that this worker (Celery node `nodename`) takes work: a ping sent through the broker, answered
+    by the worker's own consumer. The probe returns None when it answered, else why not."""
+    timeout = min(5.0, max(1.0, settings.HOST_HEARTBEAT_SECONDS / 2))
 
-    def __init__(self, host_name: str, me: WorkerIdentity):
+    def probe() -> str | None:
+        try:
+            replies = app.control.ping(destination=[nodename], timeout=timeout)
+        except Exception as exc:  # the broker cannot be reached at all
+            return f"the broker cannot be reached: {exc}"
+        if any(nodename in reply for reply in replies):
+            return None
+        return f"the worker did not answer a ping through the broker within {timeout:g}s"
+
+    return probe
+
+
+class Heartbeat(threading.Thread):
+    """The worker's heartbeat, in its main process (the pool's children come and go). With a `probe`, a
+    beat is written only when the probe finds that the worker takes work."""
+
+    def __init__(self, host_name: str, me: WorkerIdentity, probe: Callable[[], str | None] | None = None):
         super().__init__(name=f"heartbeat-{host_name}", daemon=True)
-        self.host_name, self.me = host_name, me
+        self.host_name, self.me, self.probe = host_name, me, probe
         self.stopped = threading.Event()
+        self.withheld: str | None = None  # why the last beat was not written
+
+    def can_take_work(self) -> bool:
+        reason = self.probe() if self.probe else None
+        if reason and reason != self.withheld:
+            logger.error("%s: no heartbeat written: %s", self.host_name, reason)
+        elif not reason and self.withheld:
+            logger.warning("%s: the worker takes work again; heartbeats resume", self.host_name)
+        self.withheld = reason
+        return reason is None
 
     def run(self) -> None:
         while not self.stopped.wait(settings.HOST_HEARTBEAT_SECONDS):
-            try:
-                if not heartbeat(self.host_name, self.me):
-                    logger.critical(
-                        "%s: another worker holds this host name now; this worker (%s) stops",
-                        self.host_name,
-                        self.me.describe(),
-                    )
-                    os.kill(os.getpid(), signal.SIGTERM)
-                    return
-            except Exception:  # the database may be briefly away: the next beat tries again
-                logger.exception("%s: heartbeat failed", self.host_name)
-                connections.close_all()
+            if not self.beat():
+                return
+
+    def beat(self) -> bool:
+        """One beat. False when another worker holds the host name now: this one stops."""
+        if not self.can_take_work():
+            return True
+        try:
+            if heartbeat(self.host_name, self.me):
+                return True
+        except Exception:  # the database may be briefly away: the next beat tries again
+            logger.exception("%s: heartbeat failed", self.host_name)
+            connections.close_all()
+            return True
+        logger.critical(
+            "%s: another worker holds this host name now; this worker (%s) stops",
+            self.host_name,
+            self.me.describe(),
+        )
+        os.kill(os.getpid(), signal.SIGTERM)
+        return False
 
     def stop(self) -> None:
         self.stopped.set()

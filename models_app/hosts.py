@@ -2,16 +2,22 @@
 models_app/cluster.py): its GPUs become unavailable with the reason, its running and starting instances become
 `unknown` (the processes may well be alive: they run in their own sessions), its pending and stopping instances
 fail, and a HOST_LOST event says so. The check runs from beat on the default queue (the lost host's own queue
-has nobody to take it). When the host answers again, its reconcile pass settles the unknown instances."""
+has nobody to take it). When the host answers again, its reconcile pass settles the unknown instances.
+
+The same pass watches the work of the hosts that are up: a load no worker took is sent again (10 s, 20 s,
+40 s) and then given up, and an unload still `stopping` long after the host's own pass would have finished it
+is given up, each naming the host. Neither depends on the host's queue being read."""
 
 import logging
 from collections import Counter
+from datetime import timedelta
 
 from django.utils import timezone
 
 from gpus.models import Host, alive_cutoff
 from gpus.services import clear_host_lost, mark_host_lost
 
+from . import reconcile
 from .events import record
 from .lifecycle import last_change
 from .models import GpuInstance, InstanceEvent
@@ -24,7 +30,32 @@ Kind = InstanceEvent.Kind
 
 
 def check_hosts() -> dict[str, int]:
-    """One pass over the hosts that are down."""
+    """One pass over the hosts that are down, then over the untaken work of those that are up."""
+    done = _check_down_hosts()
+    for outcome, count in check_untaken().items():
+        done[outcome] = done.get(outcome, 0) + count
+    return done
+
+
+def check_untaken() -> dict[str, int]:
+    """Loads that no worker took are sent again or given up; unloads that nobody finished are given up."""
+    done: Counter[str] = Counter()
+    never = timezone.now() - timedelta(days=36500)  # a host registered without a worker's claim
+    waiting = GpuInstance.objects.filter(
+        host__in=Host.objects.up(), status__in=[Status.PENDING, Status.STOPPING]
+    ).select_related("host", "model")
+    for instance in waiting:
+        started = instance.host.worker_started_at or never
+        if instance.status == Status.PENDING:
+            outcome = reconcile.resend_pending(instance, worker_started_at=started)
+        else:
+            outcome = reconcile.give_up_unload(instance, worker_started_at=started)
+        if outcome:
+            done[outcome] += 1
+    return dict(done)
+
+
+def _check_down_hosts() -> dict[str, int]:
     now = timezone.now()
     cutoff = alive_cutoff()
     done: Counter[str] = Counter()

@@ -72,16 +72,18 @@ def reconcile_host(host_name: str) -> dict[str, int]:
     return dict(done)
 
 
-def _is_lost(instance: GpuInstance, extra_seconds: float = 0) -> bool:
+def _is_lost(instance: GpuInstance, extra_seconds: float = 0, worker_started_at=None) -> bool:
     """Nobody works on the instance any more. A lease settles it: run out, nobody does; held, somebody does
-    unless it was last renewed before this worker started (by the host's previous worker, now gone).
-    Without one (waiting in the queue), it is lost after the grace time or a worker restart."""
+    unless it was last renewed before the host's worker started (by its previous worker, now gone).
+    Without one (waiting in the queue), it is lost after the grace time or a worker restart.
+    `worker_started_at`: when the host's worker started (default: this process, on the host's worker)."""
+    started = WORKER_STARTED_AT if worker_started_at is None else worker_started_at
     expired = lifecycle.lease_expired(instance)
     if expired is not None:
         renewed = instance.lease_expires_at - timedelta(seconds=lifecycle.lease_seconds())
-        return expired or renewed < WORKER_STARTED_AT
+        return expired or renewed < started
     changed = lifecycle.last_change(instance)
-    if changed < WORKER_STARTED_AT:
+    if changed < started:
         return True
     return (timezone.now() - changed).total_seconds() > GRACE_SECONDS + extra_seconds
 
@@ -213,21 +215,60 @@ def _check_pending(instance: GpuInstance) -> str | None:
     ):
         _send("resume_start", instance)
         return "adopted"
-    if tagged:
-        return None
+    # Not started: the beat's pass sends the load again or gives it up (resend_pending), whether or not
+    # this host's worker takes anything from its queue.
+    return None
+
+
+def resend_pending(instance: GpuInstance, worker_started_at) -> str | None:
+    """A load that no worker took is sent again, each time waiting twice as long, then given up with the
+    host named. Run by beat on the default queue (models_app/hosts.py), not by the host's own reconcile
+    pass: a host whose worker takes nothing from its queue runs no reconcile pass either."""
     # A restart waits out its back-off before it counts as lost; each resend waits twice as long.
     backoff = 2**instance.restart_count if instance.restart_count else 0
     resends = _resends(instance)
-    if not _is_lost(instance, extra_seconds=backoff + GRACE_SECONDS * (2**resends - 1)):
+    extra = backoff + GRACE_SECONDS * (2**resends - 1)
+    if not _is_lost(instance, extra_seconds=extra, worker_started_at=worker_started_at):
         return None
     # The load is idempotent: a duplicate does nothing.
     if _resend(instance, "load_model", Kind.REQUESTED, "load"):
         return "resent"
+    host = instance.host
     lifecycle.fail(
         instance,
-        f"the worker did not take the load (sent {MAX_RESENDS + 1} times)",
+        f"host {host.name} did not take the load (sent {MAX_RESENDS + 1} times to {host.queue}, the last "
+        f"{GRACE_SECONDS + extra:.0f}s ago): its worker takes no work from its queue",
         expected=[Status.PENDING],
     )
+    return "failed"
+
+
+def give_up_unload(instance: GpuInstance, worker_started_at) -> str | None:
+    """The host's own pass sends an unload again and at last stops the process itself (_check_stopping).
+    When it has not acted for far longer than that takes, the host's worker takes no work: the unload
+    fails, naming the host. Run by beat on the default queue (models_app/hosts.py)."""
+    # Longer than any wait of the host's own pass: a resend's, or the stop it does after the last one.
+    wait = GRACE_SECONDS * 2 ** (MAX_RESENDS + 1) + settings.STOP_TIMEOUT + 2 * settings.RECONCILE_SECONDS
+    if not _is_lost(instance, extra_seconds=wait, worker_started_at=worker_started_at):
+        return None
+    host = instance.host
+    reason = (
+        f"host {host.name} did not take the unload within {GRACE_SECONDS + wait:.0f}s: its worker takes no "
+        f"work from {host.queue}; its llama-server may still run (reported as an orphan when the worker "
+        "takes work again)"
+    )
+    if not transition(
+        instance,
+        Status.FAILED,
+        expected=[Status.STOPPING],
+        event_kind=Kind.FAILED,
+        detail=reason,
+        error=reason,
+        stopped_at=timezone.now(),
+        lease_expires_at=None,
+    ):
+        return None
+    logger.warning("instance %s failed: %s", instance.pk, reason)
     return "failed"
 
 

@@ -103,7 +103,8 @@ def dispatch_reconcile() -> int:
 @once_per_period(lambda: settings.HOST_CHECK_SECONDS)
 def check_hosts() -> dict:
     """Beat, on the default queue: hosts that went down get their GPUs marked, their running instances
-    `unknown` and their pending and stopping work failed (models_app/hosts.py)."""
+    `unknown` and their pending and stopping work failed; on hosts that are up, loads no worker took are sent
+    again and then given up, as are unloads nobody finished (models_app/hosts.py)."""
     return hosts.check_hosts()
 
 
@@ -166,7 +167,9 @@ def on_worker_ready(sender=None, **kwargs) -> None:
         logger.exception("start-up of the %s worker failed", settings.HOST_NAME)
     finally:
         connections.close_all()
-    _heartbeat = cluster.Heartbeat(settings.HOST_NAME, cluster.this_worker())
+    # Each beat first pings this worker through the broker: "up" means it takes work (models_app/cluster.py).
+    probe = cluster.broker_probe(sender.app, sender.hostname)
+    _heartbeat = cluster.Heartbeat(settings.HOST_NAME, cluster.this_worker(), probe=probe)
     _heartbeat.start()
 
 
