@@ -91,11 +91,22 @@ def create_time_of(pid: int) -> float | None:
         return None
 
 
-def exit_code_of(pid: int | None, log_path: str) -> int | None:
+def exit_code_of(pid: int | None, log_path: str, wait: float = 3.0) -> int | None:
     """The exit code if this process (or the worker that started it) saw it: reaped here, or the line the
-    reaper thread appended to the log."""
+    reaper appended to the log. A process that is a zombie still is about to be reaped by its parent (the
+    pool process that started it, or the worker's main process: models_app/subreaper.py): its code is
+    waited for, up to `wait` seconds."""
     if not pid:
         return None
+    deadline = time.monotonic() + wait
+    while True:
+        code = _recorded_exit_code(pid, log_path)
+        if code is not None or time.monotonic() >= deadline or not _is_zombie(pid):
+            return code
+        time.sleep(0.05)
+
+
+def _recorded_exit_code(pid: int, log_path: str) -> int | None:
     with _children_lock:
         if pid in _exit_codes:
             return _exit_codes[pid]
@@ -107,6 +118,13 @@ def exit_code_of(pid: int | None, log_path: str) -> int | None:
             except ValueError:
                 return None
     return None
+
+
+def _is_zombie(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.Error:
+        return False
 
 
 def note_failure(log_path: str | Path, message: str) -> None:
@@ -162,27 +180,32 @@ def cap_log(log_path: str, max_bytes: int | None = None) -> bool:
     return True
 
 
+def tag_of(pid: int) -> tuple[int, str] | None:
+    """(instance id, log path) when the process carries our instance tag; None otherwise (or unreadable)."""
+    try:
+        with open(f"/proc/{pid}/environ", "rb") as handle:
+            data = handle.read()
+    except OSError:  # gone, or another user's
+        return None
+    if ENV_INSTANCE_ID.encode() + b"=" not in data:
+        return None
+    values = dict(item.split(b"=", 1) for item in data.split(b"\0") if b"=" in item)
+    try:
+        instance_id = int(values[ENV_INSTANCE_ID.encode()])
+    except (KeyError, ValueError):
+        return None
+    return instance_id, values.get(ENV_INSTANCE_LOG.encode(), b"").decode("utf-8", "replace")
+
+
 def tagged_processes() -> dict[int, tuple[int, str]]:
     """pid -> (instance id, log path) for every live process carrying our instance tag."""
     found: dict[int, tuple[int, str]] = {}
-    key_id, key_log = ENV_INSTANCE_ID.encode() + b"=", ENV_INSTANCE_LOG.encode() + b"="
     for entry in os.listdir("/proc"):
         if not entry.isdigit():
             continue
-        try:
-            with open(f"/proc/{entry}/environ", "rb") as handle:
-                data = handle.read()
-        except OSError:  # gone, or another user's
-            continue
-        if key_id not in data:
-            continue
-        values = dict(item.split(b"=", 1) for item in data.split(b"\0") if b"=" in item)
-        try:
-            instance_id = int(values[ENV_INSTANCE_ID.encode()])
-        except (KeyError, ValueError):
-            continue
-        if is_alive(int(entry), None):
-            found[int(entry)] = (instance_id, values.get(key_log[:-1], b"").decode("utf-8", "replace"))
+        tag = tag_of(int(entry))
+        if tag is not None and is_alive(int(entry), None):
+            found[int(entry)] = tag
     return found
 
 
@@ -212,14 +235,18 @@ def launch(argv: list[str], *, env: dict[str, str], log_path: Path) -> tuple[int
 
 
 def _reap(proc: subprocess.Popen, log_path: Path) -> None:
-    code = proc.wait()
+    record_exit(proc.pid, proc.wait(), log_path)
+
+
+def record_exit(pid: int, code: int, log_path: str | Path) -> None:
+    """Keep the exit code of a process reaped here, and append it to its log for any other process."""
     with _children_lock:
-        _exit_codes[proc.pid] = code
+        _exit_codes[pid] = code
         while len(_exit_codes) > 1000:
             _exit_codes.pop(next(iter(_exit_codes)))
     try:
         with open(log_path, "ab") as log:
-            log.write((EXIT_MARK.format(pid=proc.pid, code=code) + "\n").encode())
+            log.write((EXIT_MARK.format(pid=pid, code=code) + "\n").encode())
     except OSError:
         pass
 

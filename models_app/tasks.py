@@ -14,7 +14,7 @@ from django.db import connections
 from gpus.models import Host
 from gpus.periodic import idempotent, once_per_period
 
-from . import binaries, cluster, hosts, lifecycle, model_files, ondemand, reconcile
+from . import binaries, cluster, hosts, lifecycle, model_files, ondemand, reconcile, subreaper
 
 logger = logging.getLogger(__name__)
 
@@ -125,6 +125,7 @@ def _host_worker(sender) -> bool:
 _heartbeat: cluster.Heartbeat | None = None
 
 
+_reaper: subreaper.OrphanReaper | None = None
 @worker_init.connect
 def on_worker_init(sender=None, **kwargs) -> None:
     """Before it takes any task, a host's worker claims its host name; a second worker for a name that a
@@ -133,6 +134,9 @@ def on_worker_init(sender=None, **kwargs) -> None:
         return
     try:
         cluster.claim(settings.HOST_NAME)
+    # Before the pool forks: llama-servers of a pool process that dies come to this process, not PID 1, and
+    # their exit codes are kept (models_app/subreaper.py).
+    subreaper.become_subreaper()
     except cluster.HostNameTaken as exc:
         logger.critical("refusing to start: %s", exc)
         print(f"llamacontroller worker: refusing to start: {exc}", file=sys.stderr, flush=True)
@@ -144,8 +148,9 @@ def on_worker_init(sender=None, **kwargs) -> None:
 @worker_ready.connect
 def on_worker_ready(sender=None, **kwargs) -> None:
     """A host's worker starts: register the host and its GPUs, discover and verify its llama-server
-    binaries (with their flag catalogues), reconcile, and start the heartbeat."""
-    global _heartbeat
+    binaries (with their flag catalogues), reconcile, and start the heartbeat and the reaper of the
+    llama-servers that pool processes leave behind (models_app/subreaper.py)."""
+    global _heartbeat, _reaper
     if not _host_worker(sender):
         return
     try:
@@ -173,10 +178,14 @@ def on_worker_ready(sender=None, **kwargs) -> None:
     _heartbeat.start()
 
 
+    _reaper = subreaper.OrphanReaper()
+    _reaper.start()
 @worker_shutdown.connect
 def on_worker_shutdown(sender=None, **kwargs) -> None:
     if _heartbeat is None:
         return
+    if _reaper is not None:
+        _reaper.stop()
     _heartbeat.stop()
     try:
         cluster.release(settings.HOST_NAME)
