@@ -14,6 +14,13 @@
 - cold start: a request for an unloaded model -> first token (load on demand through the real worker),
   against a bare llama-server start + first token.
 
+    .venv/bin/python bench/gateway.py --rounds 5 [--streams 16] [--pause 1] [--model gemma|tiny]
+
+runs only the load case instead: the model served with `-np 4` and the web app with two workers (as the run
+command has), `--streams` concurrent streams for `--rounds` rounds, `--pause` seconds apart (kept-alive upstream
+connections idle meanwhile), through the gateway and straight to llama-server; it prints the answers' status
+counts and the 5xx among them (the issue saw 4 of 80 answer 502 "Server disconnected without sending a response").
+
 The web app runs as the run command runs it (gunicorn with one uvicorn worker), with a real Celery worker,
 a temporary SQLite database and an embedded Redis; GPUs are simulated, llama-server runs on the CPU."""
 
@@ -52,6 +59,11 @@ def parse_args():
     parser.add_argument(
         "--open", type=int, default=100, help="open streams for the memory figure (default 100)"
     )
+    parser.add_argument(
+        "--rounds", type=int, default=0,
+        help="only the load case: --streams concurrent streams this many rounds, model with -np 4, 2 web workers",
+    )  # fmt: skip
+    parser.add_argument("--pause", type=float, default=1.0, help="seconds between load rounds (default 1)")
     parser.add_argument(
         "--no-repack", action="store_true",
         help="serve with llama-server's -nr (no weight repacking): needed where the CPU advertises AMX that "
@@ -112,6 +124,53 @@ def med(values) -> float:
     return statistics.median(values)
 
 
+def load_rounds(url: str, headers: dict, streams: int, rounds: int, tokens: int, pause: float):
+    """`streams` concurrent streams, `rounds` times: the count of each outcome (an HTTP status, "200+error" for a
+    stream that ended with an error event, or the client's exception), and the first error bodies."""
+    import collections
+
+    import httpx
+
+    outcomes, errors, lock = collections.Counter(), [], threading.Lock()
+
+    def one(n):
+        try:
+            with (
+                httpx.Client(trust_env=False, timeout=600) as own,
+                own.stream(
+                    "POST", url, json=openai_body(PROMPTS[n % 4], tokens), headers=headers
+                ) as response,
+            ):
+                body = b"".join(response.iter_raw())
+                outcome = response.status_code
+                if outcome == 200 and b'"error"' in body:
+                    outcome = "200+error"
+        except httpx.HTTPError as exc:
+            outcome, body = type(exc).__name__, str(exc).encode()
+        with lock:
+            outcomes[outcome] += 1
+            if outcome != 200 and len(errors) < 5:
+                errors.append(f"{outcome}: {body[-300:].decode(errors='replace').strip()}")
+
+    for round_ in range(rounds):
+        if round_:
+            time.sleep(pause)
+        threads = [threading.Thread(target=one, args=(n,)) for n in range(streams)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+    return outcomes, errors
+
+
+def report_load(name: str, outcomes, errors, streams: int, rounds: int) -> None:
+    server_errors = sum(n for k, n in outcomes.items() if isinstance(k, int) and k >= 500)
+    counts = ", ".join(f"{k}: {n}" for k, n in sorted(outcomes.items(), key=str))
+    print(f"{name:<12} {streams} streams x {rounds} rounds: {counts}; 5xx: {server_errors}", flush=True)
+    for error in errors:
+        print(f"    {error}")
+
+
 def main() -> None:
     args = parse_args()
     data = Path(tempfile.mkdtemp(prefix="llamacontroller-bench-gateway-"))
@@ -145,7 +204,7 @@ def main() -> None:
         from models_app.testmodel import write_tiny_model
 
         path = write_tiny_model(settings.MODEL_DIRS[0] / "tiny.gguf")
-    params = {"c": 16 * 512, "np": 16}
+    params = {"c": 4 * 1024, "np": 4} if args.rounds else {"c": 16 * 512, "np": 16}
     if args.no_repack:
         params["nr"] = None
     ModelConfig.objects.update_or_create(
@@ -165,7 +224,8 @@ def main() -> None:
     )  # fmt: skip
     port = 18099
     web = subprocess.Popen(
-        web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=1) + ["--access-logfile", "/dev/null"],
+        web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=2 if args.rounds else 1)
+        + ["--access-logfile", "/dev/null"],
         cwd=REPO, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     gateway = f"http://127.0.0.1:{port}"
@@ -183,6 +243,28 @@ def main() -> None:
             except httpx.HTTPError:
                 time.sleep(0.1)
         web_worker = psutil.Process(web.pid).children()[0]
+
+        if args.rounds:  # --- only the load case ------------------------------------------------------
+            instance = request_load(model_id="gemma3-270m", gpu_spec="0", actor=None)
+            while (
+                GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get() != "running"
+            ):
+                time.sleep(0.05)
+            instance.refresh_from_db()
+            direct = f"http://127.0.0.1:{instance.port}/v1/chat/completions"
+            direct_auth = {"Authorization": f"Bearer {instance.api_key}"}
+            print(f"load: {args.streams} concurrent streams of {args.tokens} tokens, {args.rounds} rounds "
+                  f"{args.pause:g} s apart, the model with -np 4, 2 web workers", flush=True)  # fmt: skip
+            for name, url, headers in [("gateway /v1", gateway + "/v1/chat/completions", auth),
+                                       ("direct /v1", direct, direct_auth)]:  # fmt: skip
+                started = time.perf_counter()
+                outcomes, errors = load_rounds(
+                    url, headers, args.streams, args.rounds, args.tokens, args.pause
+                )
+                report_load(name, outcomes, errors, args.streams, args.rounds)
+                print(f"    {time.perf_counter() - started:.1f} s", flush=True)
+            results.append("ok")
+            return
 
         # --- cold start -------------------------------------------------------------------------------
         cold = []

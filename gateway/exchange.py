@@ -141,20 +141,18 @@ class Exchange:
         return self.started + settings.GATEWAY_MAX_REQUEST_SECONDS
 
     async def send(self, path: str, payload: bytes, *, stream: bool) -> httpx.Response:
-        """POST to the instance; with `stream` the body is read by the caller (and closed by finish())."""
-        client = upstream.client()
-        request = client.build_request(
-            "POST",
-            upstream.base_url(self.instance) + path,
-            content=payload,
-            headers=upstream.headers(self.instance),
-        )
+        """POST to the instance; with `stream` the body is read by the caller (and closed by finish()).
+        A connection that broke before any answer is tried once more, on a new connection: nothing has
+        reached the client yet. (llama-server closes a connection idle for 5 s; a request sent on it just
+        then fails with "Server disconnected without sending a response".)"""
         try:
-            if stream:
-                self.response = await client.send(request, stream=True)
-            else:
-                async with asyncio.timeout(max(0.001, self.deadline() - time.perf_counter())):
-                    self.response = await client.send(request)
+            try:
+                self.response = await self._post(upstream.client(), path, payload, stream)
+            except upstream.RETRYABLE as exc:
+                logger.info(
+                    "instance %s: %r before any answer; once more on a new connection", self.instance.pk, exc
+                )
+                self.response = await self._post(upstream.fresh_client(), path, payload, stream)
         except TimeoutError:
             raise GatewayError(
                 504, f"no answer within {settings.GATEWAY_MAX_REQUEST_SECONDS}s", code="timeout"
@@ -169,6 +167,20 @@ class Exchange:
                 502, f"the model's server could not be reached: {exc}", code="upstream_error"
             ) from None
         return self.response
+
+    async def _post(
+        self, client: httpx.AsyncClient, path: str, payload: bytes, stream: bool
+    ) -> httpx.Response:
+        request = client.build_request(
+            "POST",
+            upstream.base_url(self.instance) + path,
+            content=payload,
+            headers=upstream.headers(self.instance),
+        )
+        if stream:
+            return await client.send(request, stream=True)
+        async with asyncio.timeout(max(0.001, self.deadline() - time.perf_counter())):
+            return await client.send(request)
 
     def client_left(self) -> None:
         """The client disconnected before the answer began (499, as nginx logs it) or during it."""

@@ -5,7 +5,17 @@ import asyncio
 import httpx
 from django.conf import settings
 
-_clients: dict[int, tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
+_clients: dict[tuple[int, bool], tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
+
+# llama-server (cpp-httplib) closes a connection idle for 5 s, and each open connection holds one of its few
+# HTTP threads meanwhile. The pool forgets idle connections well before: a request never goes out on one the
+# server is closing, and a closed one frees the server's thread.
+KEEPALIVE_EXPIRY = 2.0
+
+# Failures with nothing received from the server: a request on a kept-alive connection that the server closed
+# (RemoteProtocolError "Server disconnected without sending a response", a reset, a broken pipe). Tried once
+# more on a new connection (Exchange.send). Not connection refused or a timeout: a new connection fares no better.
+RETRYABLE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
 def timeout() -> httpx.Timeout:
@@ -20,12 +30,25 @@ def timeout() -> httpx.Timeout:
 def client() -> httpx.AsyncClient:
     """The worker's client: one connection pool for every instance. A client belongs to the event loop it
     was made on (a server has one loop per worker; tests start new ones)."""
+    return _client(fresh=False)
+
+
+def fresh_client() -> httpx.AsyncClient:
+    """A client that keeps no connection: each request on a new one (the retry of a broken request)."""
+    return _client(fresh=True)
+
+
+def _client(fresh: bool) -> httpx.AsyncClient:
     loop = asyncio.get_running_loop()
-    held = _clients.get(id(loop))
+    held = _clients.get((id(loop), fresh))
     if held is None or held[0] is not loop:
-        limits = httpx.Limits(max_connections=None, max_keepalive_connections=64, keepalive_expiry=30)
+        # Per instance the gateway sends at most its slot count at once (slots.py): so many connections stay.
+        kept = 0 if fresh else 64
+        limits = httpx.Limits(
+            max_connections=None, max_keepalive_connections=kept, keepalive_expiry=KEEPALIVE_EXPIRY
+        )
         held = (loop, httpx.AsyncClient(timeout=timeout(), limits=limits, trust_env=False))
-        _clients[id(loop)] = held
+        _clients[(id(loop), fresh)] = held
         for key in [k for k, (other, _) in _clients.items() if other.is_closed()]:
             del _clients[key]
     return held[1]
