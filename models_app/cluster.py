@@ -214,8 +214,11 @@ class Heartbeat(threading.Thread):
 
     def run(self) -> None:
         while not self.stopped.wait(settings.HOST_HEARTBEAT_SECONDS):
-            if not self.beat():
-                return
+            try:
+                if not self.beat():
+                    return
+            finally:
+                connections.close_all()  # none held between beats (PostgreSQL: back to the process's pool)
 
     def beat(self) -> bool:
         """One beat. False when another worker holds the host name now: this one stops."""

@@ -204,3 +204,30 @@ def test_12_concurrent_requests_for_7_rounds_stay_under_the_bound(tmp_path, user
     assert statuses == [200] * 84, log_path.read_text()[-3000:]
     assert counts and max(counts) <= workers * pool_size, (max(counts), counts)
     assert after <= workers * pool_size
+
+
+@pytest.mark.django_db(transaction=True)
+def test_the_heartbeat_thread_holds_no_connection_between_beats(fake_gpus, settings, monkeypatch):
+    """The worker's main process beats every few seconds for ever: its connection goes back after each beat."""
+    from django.db import connections
+
+    from models_app import cluster
+
+    settings.HOST_HEARTBEAT_SECONDS = 0.01
+    open_at_entry, beats = [], threading.Event()
+
+    def heartbeat(host_name, me):
+        open_at_entry.append(connections["default"].connection is not None)
+        with connections["default"].cursor() as cursor:  # what a beat does: a query
+            cursor.execute("SELECT 1")
+        if len(open_at_entry) >= 3:
+            beats.set()
+        return True
+
+    monkeypatch.setattr(cluster, "heartbeat", heartbeat)
+    thread = cluster.Heartbeat(fake_gpus.host.name, cluster.this_worker())
+    thread.start()
+    assert beats.wait(10)
+    thread.stop()
+    thread.join(5)
+    assert open_at_entry[:3] == [False, False, False]
