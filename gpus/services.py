@@ -6,10 +6,12 @@ figures back (`InstanceMemory`). The GPU query runs before any database work, ne
 """
 
 import logging
+import os
 import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+import psutil
 from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
@@ -19,8 +21,6 @@ from .models import Gpu, Host, MemorySample
 from .telemetry import GpuReading, TelemetryBackend, TelemetryError, get_backend, sample_with_timeout
 
 logger = logging.getLogger(__name__)
-
-LLAMA_SERVER_NAMES = ("llama-server",)
 
 
 @dataclass(frozen=True)
@@ -187,20 +187,54 @@ def attribute(claim: InstanceClaim, readings_by_pk: dict[int, GpuReading], taken
     )
 
 
-def _process_rows(reading: GpuReading, owner_of: dict[int, int]) -> list[dict]:
+def executable_of(pid: int | None) -> str | None:
+    """The real path of the process's executable on this machine; None when it cannot be read (gone, another
+    user's process, not on this machine). A process chooses its own name and arguments, not this."""
+    if not pid:
+        return None
+    try:
+        return os.path.realpath(psutil.Process(pid).exe()) or None
+    except (psutil.Error, OSError, ValueError):
+        return None
+
+
+def _process_rows(reading: GpuReading, owner_of: dict[int, int], llama_servers: frozenset[str]) -> list[dict]:
     rows = []
     for p in reading.processes:
         instance_id = owner_of.get(p.pid) if p.pid is not None else None
         if instance_id is not None:
             owner = "instance"
-        elif any(name in (p.name or "") for name in LLAMA_SERVER_NAMES):
-            owner = "orphan"  # a llama-server on our GPU that no active instance owns
+        elif llama_servers and executable_of(p.pid) in llama_servers:
+            # One of the host's own llama-server binaries on our GPU that no active instance owns. A name
+            # proves nothing: any local user can call a process llama-server.
+            owner = "orphan"
         else:
             owner = "foreign"
         rows.append(
             {"pid": p.pid, "name": p.name, "used_mib": p.used_mib, "owner": owner, "instance_id": instance_id}
         )
     return rows
+
+
+def why_not_orphan(gpu: Gpu, pid: int) -> tuple[str, str] | None:
+    """None when the GPU's latest telemetry lists `pid` as an orphan llama-server; else (code, reason):
+    "not_found" when it does not list the pid at all, "busy" when it lists it as something else."""
+    where = f"GPU {gpu.index} of {gpu.host.name}"
+    listed = next((p for p in gpu.processes or [] if p.get("pid") == pid), None)
+    if listed is None:
+        when = f" at {timezone.localtime(gpu.updated_at):%H:%M:%S}" if gpu.updated_at else ""
+        return "not_found", f"pid {pid} is not among the processes on {where} (latest telemetry{when})"
+    if listed.get("owner") == "instance":
+        return (
+            "busy",
+            f"pid {pid} on {where} belongs to instance #{listed.get('instance_id')}: unload it instead",
+        )
+    if listed.get("owner") != "orphan":
+        return "busy", (
+            f"pid {pid} on {where} ({str(listed.get('name') or 'unnamed')[:100]}) is not running one of the "
+            "host's llama-server binaries: only those are killed as orphans"
+        )
+    return None
 
 
 def _gpu_state(reading: GpuReading, ours: bool, processes: list[dict]) -> tuple[str, str]:
@@ -213,9 +247,15 @@ def _gpu_state(reading: GpuReading, ours: bool, processes: list[dict]) -> tuple[
     return Gpu.State.IDLE, ""
 
 
-def refresh_host(host_name: str, claims: list[InstanceClaim], sampled: Sampled | None = None):
+def refresh_host(
+    host_name: str,
+    claims: list[InstanceClaim],
+    sampled: Sampled | None = None,
+    llama_servers: frozenset[str] = frozenset(),
+):
     """Sample the host's GPUs once, update the Gpu rows, write one bulk of samples, and return the memory
-    of each claimed instance. A failed query marks the GPUs unavailable and returns source "none" for
+    of each claimed instance. `llama_servers`: the real paths of the host's llama-server binaries (an
+    unowned process running one of them is an orphan; runs on the host itself, which reads the processes). A failed query marks the GPUs unavailable and returns source "none" for
     every instance (the caller keeps their last figures). Database queries: a fixed handful, whatever the
     number of GPUs or instances."""
     sampled = sampled or sample_gpus()
@@ -256,7 +296,7 @@ def refresh_host(host_name: str, claims: list[InstanceClaim], sampled: Sampled |
         gpu.index, gpu.name, gpu.simulated = reading.index, reading.name, reading.simulated
         gpu.memory_total_mib, gpu.memory_used_mib = reading.memory_total_mib, reading.memory_used_mib
         gpu.utilization_pct = reading.utilization_pct
-        gpu.processes = _process_rows(reading, owner_of)
+        gpu.processes = _process_rows(reading, owner_of, llama_servers)
         gpu.state, gpu.state_reason = _gpu_state(reading, gpu.pk in claimed_pks, gpu.processes)
         samples.append(
             MemorySample(

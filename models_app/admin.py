@@ -316,7 +316,7 @@ class GpuWithOrphanKillAdmin(GpuAdmin):
                 if process.get("owner") != "orphan" or not process.get("pid"):
                     continue
                 try:
-                    kill_orphan(host_name=gpu.host.name, pid=process["pid"], actor=request.user)
+                    kill_orphan(gpu=gpu, pid=process["pid"], actor=request.user)
                     asked += 1
                 except LoadRefused as exc:
                     self.message_user(request, f"PID {process['pid']}: {exc.message}", messages.ERROR)

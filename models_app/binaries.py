@@ -30,6 +30,15 @@ INSTALL_HINT = (
 NOT_FOUND_ANY_MORE = "not found at the worker's last start"
 
 
+def known_paths(host_name: str) -> frozenset[str]:
+    """The real paths of the llama-server binaries the host's worker registered: only a process running one
+    of these counts as an orphan llama-server, or may be killed as one."""
+    from .models import LlamaBinary
+
+    paths = LlamaBinary.objects.filter(host__name=host_name).values_list("path", flat=True)
+    return frozenset(os.path.realpath(path) for path in paths if path)
+
+
 def check_executable(path: str) -> str:
     """The absolute path if it names an executable regular file, else BinaryError."""
     resolved = os.path.abspath(os.path.expanduser(path))

@@ -12,7 +12,10 @@ from django.conf import settings
 from django.db import IntegrityError, InterfaceError, OperationalError, connection, transaction
 from django.utils import timezone
 
-from .binaries import BinaryError, binary_for_load, catalogue_for, catalogue_of_path
+from gpus.models import Gpu
+from gpus.services import executable_of, why_not_orphan
+
+from .binaries import BinaryError, binary_for_load, catalogue_for, catalogue_of_path, known_paths
 from .events import record
 from .flags import RUN_TIMEOUT, Catalogue
 from .models import GpuInstance, InstanceEvent
@@ -25,7 +28,6 @@ from .processes import (
     exit_code_of,
     health_status,
     is_alive,
-    is_llama_server,
     launch,
     log_tail,
     note_failure,
@@ -541,18 +543,29 @@ def owned_pids(host) -> set[int]:
     return set().union(*process_trees(live).values())
 
 
-def kill_orphan(host, pid: int, actor=None) -> str:
-    """Kill an unowned llama-server (its process group) after checking again that it is one. Returns what
-    was done; writes an ORPHAN_KILLED event when it killed."""
+def kill_orphan(host, pid: int, actor=None, gpu_id: int | None = None) -> str:
+    """Kill an orphan llama-server (its process group) after checking all of it again, right before the
+    kill: the GPU's telemetry, read afresh, lists the pid as an orphan (on GPU `gpu_id`; any of the host's
+    when None), its executable is one of the host's llama-server binaries, no active instance owns it, and
+    the pid is still the process first looked at (its create time). Returns what was done; writes an
+    ORPHAN_KILLED event when it killed."""
     try:
         proc = psutil.Process(pid)
         create_time = proc.create_time()
     except psutil.Error:
         return f"pid {pid} is not running on {host.name}"
-    if not is_llama_server(proc):
-        return f"pid {pid} on {host.name} is not a llama-server: left alone"
+    refresh_memory(host.name)  # the telemetry as of now
+    gpus = Gpu.objects.filter(host=host).select_related("host")
+    reasons = [why_not_orphan(gpu, pid) for gpu in (gpus.filter(pk=gpu_id) if gpu_id else gpus)]
+    if None not in reasons:
+        why = reasons[0][1] if reasons else f"no such GPU on {host.name}"
+        return f"pid {pid} left alone: {why}"
+    if executable_of(pid) not in known_paths(host.name):
+        return f"pid {pid} on {host.name} is not running one of the host's llama-server binaries: left alone"
     if pid in owned_pids(host):
         return f"pid {pid} on {host.name} belongs to an active instance: unload it instead"
+    if create_time_of(pid) != create_time:
+        return f"pid {pid} on {host.name} is another process since it was checked: left alone"
     try:
         described = " ".join(proc.cmdline())[:300]
     except psutil.Error:

@@ -13,6 +13,7 @@ from gpus import services as gpu_services
 from gpus.dbutil import update_rows
 from gpus.telemetry import process_trees
 
+from . import binaries
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu
 from .processes import is_alive
@@ -61,7 +62,9 @@ def refresh_host_memory(
     claims = active_claims(host_name)
     # One transaction for the cycle's writes: one commit (one WAL flush) instead of one per statement.
     with transaction.atomic():
-        figures = gpu_services.refresh_host(host_name, claims, sampled)
+        figures = gpu_services.refresh_host(
+            host_name, claims, sampled, llama_servers=binaries.known_paths(host_name)
+        )
         _store_figures(figures)
     evaluate_alerts(host_name)
     return figures

@@ -11,6 +11,7 @@ from django.conf import settings
 from django.db import IntegrityError, transaction
 
 from accounts.roles import can_administer, can_load, can_manage_instance
+from gpus import services as gpu_services
 from gpus.models import Gpu, Host
 from models_app import health
 
@@ -504,20 +505,27 @@ def request_switch(
 # --- orphans -------------------------------------------------------------------------------------------
 
 
-def kill_orphan(*, host_name: str, pid: int, actor) -> None:
-    """Ask the host's worker to kill an unowned llama-server; it checks again before killing."""
+def kill_orphan(*, gpu: Gpu, pid: int, actor) -> None:
+    """Ask the GPU's host's worker to kill an orphan llama-server: one that the GPU's latest telemetry lists
+    as an orphan (running one of the host's llama-server binaries, owned by no active instance). Refused
+    (404 not listed, 409 listed as something else) otherwise; the worker checks all of it again, with the
+    process's create time, right before the kill."""
     _check_actor(can_administer(actor), actor, "kill processes")
-    host = host_named(host_name, code="not_found")
     try:
         pid = int(pid)
     except (TypeError, ValueError):
         raise LoadRefused(f"pid {pid!r} is not a number", field="pid") from None
     if pid <= 1:
         raise LoadRefused(f"pid {pid} is not a process that can be killed", field="pid")
+    refusal = gpu_services.why_not_orphan(gpu, pid)
+    if refusal is not None:
+        code, reason = refusal
+        raise LoadRefused(reason, field="pid", code=code)
+    host = gpu.host
     check_broker()
     from . import tasks
 
     try:
-        tasks.kill_orphan.apply_async(args=[host.name, pid, _actor_id(actor)], queue=host.queue)
+        tasks.kill_orphan.apply_async(args=[host.name, pid, _actor_id(actor), gpu.pk], queue=host.queue)
     except Exception as exc:  # the broker went away since the ping
         raise LoadRefused(f"the task queue (Redis) is unreachable: {exc}", code="unavailable") from None

@@ -39,11 +39,13 @@ def unload_model(instance_id: int, actor_id: int | None = None) -> None:
 
 
 @shared_task(name="models_app.tasks.kill_orphan", ignore_result=True)
-def kill_orphan(host_name: str, pid: int, actor_id: int | None = None) -> str | None:
+def kill_orphan(
+    host_name: str, pid: int, actor_id: int | None = None, gpu_id: int | None = None
+) -> str | None:
     host = Host.objects.filter(name=host_name).first()
     if host is None:
         return None
-    message = lifecycle.kill_orphan(host, pid, actor=_user(actor_id))
+    message = lifecycle.kill_orphan(host, pid, actor=_user(actor_id), gpu_id=gpu_id)
     logger.info(message)
     return message
 

@@ -27,6 +27,7 @@ def refusals(*statuses: int) -> dict:
     """`extend_schema(responses=...)` entries for the refusals an operation may answer (400, 409, 503)."""
     descriptions = {
         status.HTTP_400_BAD_REQUEST: "Refused: the request does not apply (the reason is in `detail`).",
+        status.HTTP_404_NOT_FOUND: "Not found (the reason is in `detail`).",
         status.HTTP_409_CONFLICT: "Refused: the GPU or object is busy (the reason is in `detail`).",
         status.HTTP_503_SERVICE_UNAVAILABLE: "The task queue (Redis) is unreachable.",
     }

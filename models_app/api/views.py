@@ -251,8 +251,10 @@ class HealthView(APIView):
 
 
 class OrphanKillView(RefusalMixin, APIView):
-    """Kill a llama-server process on this GPU that no instance owns (admins). 202: the host's worker checks
-    again that the process is an unowned llama-server, then kills its process group."""
+    """Kill an orphan llama-server on this GPU (admins): one the GPU's latest telemetry lists as an orphan
+    (running one of the host's llama-server binaries, owned by no instance); 404 when it lists no such pid,
+    409 when it lists it as something else. 202: the host's worker checks all of it again (and that the pid
+    is still the same process), then kills its process group."""
 
     permission_classes = [IsAdminRole]
 
@@ -260,12 +262,12 @@ class OrphanKillView(RefusalMixin, APIView):
         request=None,
         responses={
             202: inline_serializer("OrphanKill", {"detail": serializers.CharField()}),
-            **refusals(400, 409, 503),
+            **refusals(400, 404, 409, 503),
         },
     )
     def post(self, request, gpu_pk: int, pid: int):
         gpu = get_object_or_404(Gpu.objects.select_related("host"), pk=gpu_pk)
-        services.kill_orphan(host_name=gpu.host.name, pid=pid, actor=request.user)
+        services.kill_orphan(gpu=gpu, pid=pid, actor=request.user)
         return Response(
             {"detail": f"killing orphan process {pid} on {gpu.host.name} GPU {gpu.index}"},
             status=status.HTTP_202_ACCEPTED,

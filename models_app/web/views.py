@@ -363,7 +363,7 @@ def switch(request, pk: int):
 def kill_orphan(request, gpu_pk: int, pid: int):
     gpu = get_object_or_404(Gpu.objects.select_related("host"), pk=gpu_pk)
     try:
-        services.kill_orphan(host_name=gpu.host.name, pid=pid, actor=request.user)
+        services.kill_orphan(gpu=gpu, pid=pid, actor=request.user)
     except services.LoadRefused as exc:
         return _refused(request, exc)
     return _after_action(request, f"Killing orphan process {pid} on {gpu.host.name} GPU {gpu.index}.")

@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from models_app import hosts, lifecycle, processes, reconcile
-from models_app.models import GpuInstance, InstanceEvent
+from models_app.models import GpuInstance, InstanceEvent, LlamaBinary
 from models_app.services import request_load
 
 Status = GpuInstance.Status
@@ -156,11 +156,11 @@ def test_lifecycle_orphans_found_and_killed(fake_gpus, tiny_model, fake_llama, t
     assert found[tagged]["instance_id"] == stopped.pk
     assert found[untagged]["gpus"] == [1]
 
-    assert "belongs to an active instance" in lifecycle.kill_orphan(
-        fake_gpus.host, owned.pid, actor=users["admin"]
-    )
+    assert "belongs to instance #" in lifecycle.kill_orphan(fake_gpus.host, owned.pid, actor=users["admin"])
     assert processes.is_alive(owned.pid, owned.process_create_time)
-    assert "not a llama-server" in lifecycle.kill_orphan(fake_gpus.host, os.getpid())
+    assert "left alone" in lifecycle.kill_orphan(fake_gpus.host, os.getpid())  # on no GPU
+    # An orphan runs one of the host's llama-server binaries (tests/gpus/test_kill_orphan.py).
+    LlamaBinary.objects.create(host=fake_gpus.host, name="stand-in", path=fake_llama)
     message = lifecycle.kill_orphan(fake_gpus.host, untagged, actor=users["admin"])
     assert message.startswith(f"killed orphan pid {untagged}")
     assert not processes.is_alive(untagged, None)

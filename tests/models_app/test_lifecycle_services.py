@@ -221,16 +221,23 @@ def test_lifecycle_switch_hands_gpus_over(
 
 
 def test_lifecycle_kill_orphan_service(fake_gpus, users, sent):
+    gpu = fake_gpus.gpus[0]
+    gpu.processes = [
+        {"pid": 1234, "name": "llama-server", "used_mib": 1, "owner": "orphan", "instance_id": None}
+    ]
+    gpu.save()
     with pytest.raises(LoadRefused) as refused:
-        services.kill_orphan(host_name="testhost", pid=1234, actor=users["operator"])
+        services.kill_orphan(gpu=gpu, pid=1234, actor=users["operator"])
     assert refused.value.code == "forbidden"
     with pytest.raises(LoadRefused) as refused:
-        services.kill_orphan(host_name="nowhere", pid=1234, actor=users["admin"])
-    assert refused.value.code == "not_found"
+        services.kill_orphan(gpu=fake_gpus.gpus[1], pid=1234, actor=users["admin"])
+    assert refused.value.code == "not_found"  # not on that GPU
     with pytest.raises(LoadRefused):
-        services.kill_orphan(host_name="testhost", pid="x", actor=users["admin"])
-    services.kill_orphan(host_name="testhost", pid=1234, actor=users["admin"])
-    assert sent == [("kill_orphan", ["testhost", 1234, users["admin"].pk], {"queue": "host.testhost"})]
+        services.kill_orphan(gpu=gpu, pid="x", actor=users["admin"])
+    services.kill_orphan(gpu=gpu, pid=1234, actor=users["admin"])
+    assert sent == [
+        ("kill_orphan", ["testhost", 1234, users["admin"].pk, gpu.pk], {"queue": "host.testhost"})
+    ]
 
 
 def test_dispatchers_fan_out_to_live_hosts_only(fake_gpus, sent, settings):

@@ -22,7 +22,13 @@ def test_api(client, users, orphan_on_gpu0, sent, who, expected):
     response = client.post(reverse("orphan-kill-api", args=[orphan_on_gpu0.pk, 4321]))
     assert response.status_code == expected
     assert sent == (
-        [("kill_orphan", ["testhost", 4321, users["admin"].pk], {"queue": "host.testhost"})]
+        [
+            (
+                "kill_orphan",
+                ["testhost", 4321, users["admin"].pk, orphan_on_gpu0.pk],
+                {"queue": "host.testhost"},
+            )
+        ]
         if expected == 202
         else []
     )
@@ -51,4 +57,6 @@ def test_admin_action(client, users, orphan_on_gpu0, sent):
         changelist, {"action": "kill_orphans", "_selected_action": [orphan_on_gpu0.pk]}, follow=True
     )
     assert "Kill requested for 1 orphan process" in response.content.decode()
-    assert sent == [("kill_orphan", ["testhost", 4321, users["admin"].pk], {"queue": "host.testhost"})]
+    assert sent == [
+        ("kill_orphan", ["testhost", 4321, users["admin"].pk, orphan_on_gpu0.pk], {"queue": "host.testhost"})
+    ]

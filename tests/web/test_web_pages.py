@@ -7,6 +7,7 @@ from django.db import OperationalError, connection
 from django.test import Client
 from django.test.utils import CaptureQueriesContext
 
+from gpus.models import Gpu
 from models_app.models import GpuInstance, InstanceEvent, ModelConfig
 from tests.api.factories import make_gpus, make_instance
 
@@ -45,6 +46,8 @@ def second_model(tiny_model):
 def test_page_matrix(visitor, name, method, path, headers, rule, users, fake_gpus, tiny_model, second_model,
                      django_capture_on_commit_callbacks):  # fmt: skip
     instance = make_instance([fake_gpus.gpus[0]], tiny_model, owner=users["operator"])
+    orphan = {"pid": 4321, "name": "llama-server", "used_mib": 1, "owner": "orphan", "instance_id": None}
+    Gpu.objects.filter(pk=fake_gpus.gpus[0].pk).update(processes=[orphan])  # as the telemetry lists it
     url = path.format(instance=instance.pk, gpu=fake_gpus.gpus[0].pk)
     data = {"load": {"model_id": "tiny", "gpu": "testhost:1"}, "switch": {"model_id": "tiny2"}}.get(name, {})
     client = Client()
