@@ -13,6 +13,7 @@ from pathlib import Path
 import httpx
 import pytest
 from django.db import connection
+from django.test import Client
 
 from accounts.models import ApiToken
 from gateway.models import UsageRecord
@@ -114,6 +115,13 @@ def test_an_exhausted_pool_answers_503_not_a_hang(client, users):
         error = response.json()["error"]
         assert error["code"] == "database_busy" and "the database is busy" in error["message"]
         assert response["Retry-After"] == "1"
+        started = time.monotonic()  # the REST API likewise (llamacontroller_site/errors.py)
+        response = Client(raise_request_exception=False).get(
+            "/api/v1/gpus/", HTTP_AUTHORIZATION=f"Bearer {token}"
+        )
+        assert time.monotonic() - started < 5
+        assert response.status_code == 503, response.content
+        assert "couldn't get a connection" in response.json()["detail"]
     finally:
         for conn in held:
             pool.putconn(conn)
