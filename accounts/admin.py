@@ -3,9 +3,11 @@ from django.contrib.auth import get_user_model
 from django.contrib.auth.admin import UserAdmin
 from django.db import transaction
 from django.shortcuts import redirect
+from django.urls import reverse
 
 from . import audit, roles, tokens, users
-from .models import ApiToken
+from .models import ApiToken, PasswordCheckFailures
+from .views import AdminPasswordChangeView
 
 
 @admin.register(ApiToken)
@@ -126,12 +128,15 @@ def _admin_site_permission(request) -> bool:
 
 admin.site.has_permission = _admin_site_permission
 
-_admin_password_change = admin.site.password_change
-
 
 def _audited_admin_password_change(request, extra_context=None):
-    """The admin's own "Change password" page (it asks for the current password): an event when done."""
-    response = _admin_password_change(request, extra_context)
+    """The admin's own "Change password" page, as AdminSite.password_change serves it, with the current
+    password throttled like logins (accounts/throttle.py) and an event when done."""
+    request.current_app = admin.site.name
+    response = AdminPasswordChangeView.as_view(
+        success_url=reverse("admin:password_change_done", current_app=admin.site.name),
+        extra_context={**admin.site.each_context(request), **(extra_context or {})},
+    )(request)
     if request.method == "POST" and response.status_code == 302:
         audit.emit(
             audit.USER_CHANGED,
@@ -142,3 +147,12 @@ def _audited_admin_password_change(request, extra_context=None):
 
 
 admin.site.password_change = _audited_admin_password_change
+
+
+@admin.register(PasswordCheckFailures)
+class PasswordCheckFailuresAdmin(admin.ModelAdmin):
+    """Wrong current passwords per user (accounts/throttle.py); deleting a row lifts its lock at once."""
+
+    list_display = ["user", "failures", "last_failure_at", "locked_until"]
+    raw_id_fields = ["user"]
+    readonly_fields = ["failures", "last_failure_at", "locked_until"]

@@ -46,3 +46,24 @@ class ApiToken(models.Model):
         if self.revoked_at is not None:
             return False
         return self.expires_at is None or self.expires_at > timezone.now()
+
+
+class PasswordCheckFailures(models.Model):
+    """Wrong current passwords given to change one's own password (the web form's old_password, the API's
+    current_password): after LOGIN_MAX_FAILURES of them in a row the change is refused for that user for
+    LOGIN_LOCKOUT_SECONDS (accounts/throttle.py). A stolen session must not become a way to guess the
+    password. One row per user that ever got it wrong."""
+
+    user = models.OneToOneField(
+        settings.AUTH_USER_MODEL, on_delete=models.CASCADE, primary_key=True, related_name="+"
+    )
+    failures = models.PositiveIntegerField(default=0)
+    last_failure_at = models.DateTimeField(null=True, blank=True)
+    locked_until = models.DateTimeField(null=True, blank=True)
+
+    class Meta:
+        verbose_name = "failed current-password checks"
+        verbose_name_plural = verbose_name
+
+    def __str__(self) -> str:
+        return f"user {self.user_id}: {self.failures} failure(s)"

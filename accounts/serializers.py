@@ -3,8 +3,9 @@ from django.contrib.auth.password_validation import validate_password
 from django.db import transaction
 from django.utils import timezone
 from rest_framework import serializers
+from rest_framework.exceptions import Throttled
 
-from . import roles, users
+from . import roles, throttle, users
 from .models import ApiToken
 
 User = get_user_model()
@@ -67,10 +68,19 @@ class UserSerializer(serializers.ModelSerializer):
         password = attrs.get("password")
         current = attrs.pop("current_password", None)
         own = self.instance is not None and request is not None and self.instance.pk == request.user.pk
-        if password and own and not self.instance.check_password(current or ""):
-            # A stolen session (or an unattended screen) must not be enough to take the account over.
-            problem = "wrong password" if current else "required to change your own password"
-            raise serializers.ValidationError({"current_password": [problem]})
+        if password and own:
+            # A stolen session (or an unattended screen) must not be enough to take the account over, nor a
+            # way to guess the password: wrong ones are counted like logins (429 while locked).
+            if not current:
+                raise serializers.ValidationError(
+                    {"current_password": ["required to change your own password"]}
+                )
+            try:
+                right = throttle.check_current_password(self.instance, current, request, "API")
+            except throttle.PasswordCheckLocked as exc:
+                raise Throttled(wait=exc.seconds, detail=exc.message) from None
+            if not right:
+                raise serializers.ValidationError({"current_password": ["wrong password"]})
         if self.instance is None and not password:
             raise serializers.ValidationError({"password": ["required when creating a user"]})
         if password:

@@ -11,7 +11,7 @@ from django.views.decorators.http import require_POST
 
 from . import audit, roles, tokens
 from .decorators import role_required
-from .forms import TokenCreateForm
+from .forms import ThrottledPasswordChangeForm, TokenCreateForm
 from .models import ApiToken
 
 
@@ -21,9 +21,29 @@ class LoginView(auth_views.LoginView):
     redirect_authenticated_user = True
 
 
-class PasswordChangeView(auth_views.PasswordChangeView):
-    """Change your own password: the current one is asked for, the session stays logged in, and the
-    change is an event."""
+class ThrottledPasswordChange:
+    """The current password is counted like logins (throttle.check_current_password): while the change is
+    locked the form says why, with status 429."""
+
+    form_class = ThrottledPasswordChangeForm
+
+    def get_form_kwargs(self):
+        return {**super().get_form_kwargs(), "request": self.request}
+
+    def form_invalid(self, form):
+        response = super().form_invalid(form)
+        if form.locked:
+            response.status_code = 429
+        return response
+
+
+class AdminPasswordChangeView(ThrottledPasswordChange, auth_views.PasswordChangeView):
+    """The admin's own "Change password" page (admin.py)."""
+
+
+class PasswordChangeView(ThrottledPasswordChange, auth_views.PasswordChangeView):
+    """Change your own password: the current one is asked for (and throttled), the session stays logged
+    in, and the change is an event."""
 
     template_name = "registration/password_change_form.html"
     success_url = "/"
