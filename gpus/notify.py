@@ -1,5 +1,13 @@
 """Alert delivery: the webhook body (Slack-compatible `text`, plus the alert as data) and the e-mail.
-Called by the Celery tasks in gpus/tasks.py, which retry with backoff."""
+Called by the Celery tasks in gpus/tasks.py, which retry with backoff.
+
+Alert messages carry what others chose: process names, model names. They reach each channel as text, never
+as its markup: Slack reads `<!channel>`, `<@U123>` and `<url|label>` as mentions and links, so the
+webhook's `text` has `&`, `<` and `>` escaped as Slack asks; line breaks and other control characters
+become spaces everywhere (a name cannot start a line that looks like another alert, or break the e-mail's
+subject header). The webhook's `alert` object keeps the values as data (JSON, unescaped)."""
+
+import re
 
 import requests
 from django.conf import settings
@@ -10,9 +18,24 @@ from .models import Alert
 WEBHOOK_TIMEOUT_SECONDS = 10
 
 
+# C0 and C1 controls, DEL, and Unicode's line and paragraph separators.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]")
+
+
+def plain(value) -> str:
+    """One line of text: control characters (line breaks among them) become spaces."""
+    return _CONTROL.sub(" ", str(value))
+
+
+def slack_escape(text: str) -> str:
+    """Slack's own rule for text that is not markup: only &, < and > are escaped."""
+    return text.replace("&", "&amp;").replace("<", "&lt;").replace(">", "&gt;")
+
+
 def alert_text(alert: Alert, event: str) -> str:
+    """The alert in one plain line (e-mail); the webhook escapes it for Slack."""
     marker = {"fired": "FIRING", "resolved": "RESOLVED"}.get(event, event.upper())
-    return f"[{marker}] [{alert.rule.get_severity_display()}] {alert.rule.name}: {alert.message}"
+    return plain(f"[{marker}] [{alert.rule.get_severity_display()}] {alert.rule.name}: {alert.message}")
 
 
 def payload(alert: Alert, event: str) -> dict:
@@ -20,7 +43,7 @@ def payload(alert: Alert, event: str) -> dict:
         return moment.isoformat() if moment else None
 
     return {
-        "text": alert_text(alert, event),
+        "text": slack_escape(alert_text(alert, event)),
         "event": event,
         "alert": {
             "id": alert.pk,
@@ -58,7 +81,7 @@ def send_email(alert: Alert, event: str) -> int:
     text = alert_text(alert, event)
     return send_mail(
         subject=f"LlamaController: {text[:150]}",
-        message=f"{text}\n\nStarted {alert.started_at:%Y-%m-%d %H:%M:%S %Z}. Subject: {alert.subject}.",
+        message=f"{text}\n\nStarted {alert.started_at:%Y-%m-%d %H:%M:%S %Z}. Subject: {plain(alert.subject)}.",
         from_email=None,
         recipient_list=settings.ALERT_EMAILS,
     )
