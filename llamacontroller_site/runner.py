@@ -320,11 +320,12 @@ def run() -> int:
     sys.path.insert(0, str(REPO))
     data_dir = Path(os.environ.get("LLAMACONTROLLER_DATA_DIR", REPO / "data")).resolve()
     try:
-        lock = lock_data_folder(data_dir)  # noqa: F841 (held, by this open file, until the process ends)
+        lock = lock_data_folder(data_dir)  # held, by this open file, until the process ends
     except AlreadyRunning as exc:
         say(
-            f"refusing to start: another ./lc.sh run (pid {exc}) runs with the data folder {data_dir}. Stop "
-            "that one first (Ctrl-C in its terminal), or give this one its own LLAMACONTROLLER_DATA_DIR.",
+            f"refusing to start: another ./lc.sh run (pid {exc}) runs with the data folder {data_dir} (or its "
+            "watchdog is stopping what it left). Stop that one first (Ctrl-C in its terminal), or give this one "
+            "its own LLAMACONTROLLER_DATA_DIR.",
             err=True,
         )
         return 1
@@ -365,7 +366,7 @@ def run() -> int:
         if stopping:
             return 0
         # Started before the worker: whatever the worker starts, the watchdog can stop.
-        watchdog = Watchdog(data_dir / "watchdog.log")
+        watchdog = Watchdog(data_dir / "watchdog.log", lock)
         venv_bin = Path(sys.executable).parent
         celery = [sys.executable, "-m", "celery", "-A", "llamacontroller_site"]
         supervisor.start(

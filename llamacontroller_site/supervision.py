@@ -100,13 +100,16 @@ class Supervisor:
 class Watchdog:
     """The run command's side of the watchdog (see the module's docstring)."""
 
-    def __init__(self, log_file: Path):
+    def __init__(self, log_file: Path, lock):
+        """`lock`: the data folder's lock (lock_data_folder). The watchdog holds it too, so that no new run
+        starts in the folder while it is still stopping what a dead run left."""
         read_end, self.write_end = os.pipe()  # both not inheritable: only the watchdog gets the read end
         log = open(log_file, "ab")  # noqa: SIM115 (the child keeps its copy)
         try:
             self.process = subprocess.Popen(
                 [sys.executable, "-m", "llamacontroller_site.runner", "watchdog", str(read_end), str(os.getpid())],
-                cwd=REPO, pass_fds=[read_end], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                cwd=REPO, pass_fds=[read_end, lock.fileno()], stdin=subprocess.DEVNULL, stdout=log,
+                stderr=subprocess.STDOUT,
                 start_new_session=True,  # the terminal's Ctrl-C and hang-up are for the run command
             )  # fmt: skip
         finally:
