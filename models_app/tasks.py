@@ -125,20 +125,20 @@ def _host_worker(sender) -> bool:
 
 
 _heartbeat: cluster.Heartbeat | None = None
-
-
 _reaper: subreaper.OrphanReaper | None = None
+
+
 @worker_init.connect
 def on_worker_init(sender=None, **kwargs) -> None:
     """Before it takes any task, a host's worker claims its host name; a second worker for a name that a
     live worker holds stops here, with the reason (models_app/cluster.py)."""
     if not _host_worker(sender):
         return
-    try:
-        cluster.claim(settings.HOST_NAME)
     # Before the pool forks: llama-servers of a pool process that dies come to this process, not PID 1, and
     # their exit codes are kept (models_app/subreaper.py).
     subreaper.become_subreaper()
+    try:
+        cluster.claim(settings.HOST_NAME)
     except cluster.HostNameTaken as exc:
         logger.critical("refusing to start: %s", exc)
         print(f"llamacontroller worker: refusing to start: {exc}", file=sys.stderr, flush=True)
@@ -178,16 +178,16 @@ def on_worker_ready(sender=None, **kwargs) -> None:
     probe = cluster.broker_probe(sender.app, sender.hostname)
     _heartbeat = cluster.Heartbeat(settings.HOST_NAME, cluster.this_worker(), probe=probe)
     _heartbeat.start()
-
-
     _reaper = subreaper.OrphanReaper()
     _reaper.start()
+
+
 @worker_shutdown.connect
 def on_worker_shutdown(sender=None, **kwargs) -> None:
-    if _heartbeat is None:
-        return
     if _reaper is not None:
         _reaper.stop()
+    if _heartbeat is None:
+        return
     _heartbeat.stop()
     try:
         cluster.release(settings.HOST_NAME)
