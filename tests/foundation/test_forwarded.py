@@ -31,6 +31,13 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+@pytest.fixture(scope="module", autouse=True)
+def collected_static():
+    """The login page names its static files through the manifest that `./lc.sh run` writes at start."""
+    command = [sys.executable, "manage.py", "collectstatic", "--noinput", "--verbosity", "0"]
+    subprocess.run(command, cwd=REPO, env=worker_env(), check=True, timeout=300)
+
+
 @contextmanager
 def web_server(tmp_path, proxy_count: int):
     """The web server as `./lc.sh run` starts it (one worker), with a login lock after 3 failures and a
