@@ -147,21 +147,26 @@ def _message(message) -> dict:
         ]
     calls = message.get("tool_calls")
     if calls:
-        out["tool_calls"] = [
-            {
-                "id": call.get("id") or f"call_{n}",
-                "type": "function",
-                "function": {
-                    "name": (call.get("function") or {}).get("name", ""),
-                    "arguments": json.dumps((call.get("function") or {}).get("arguments") or {}),
-                },
-            }
-            for n, call in enumerate(calls)
-            if isinstance(call, dict)
-        ]
+        if not isinstance(calls, list):  # `"tool_calls": 1` was a 500 (found by the gateway's fuzz test)
+            raise BadRequest("a message's tool_calls must be a list")
+        out["tool_calls"] = [_tool_call(n, call) for n, call in enumerate(calls) if isinstance(call, dict)]
     if role == "tool" and message.get("tool_name"):
         out["name"] = message["tool_name"]
     return out
+
+
+def _tool_call(n: int, call: dict) -> dict:
+    function = call.get("function") or {}
+    if not isinstance(function, dict):
+        raise BadRequest("a tool call's function must be an object with name and arguments")
+    return {
+        "id": call.get("id") or f"call_{n}",
+        "type": "function",
+        "function": {
+            "name": function.get("name", ""),
+            "arguments": json.dumps(function.get("arguments") or {}),
+        },
+    }
 
 
 def chat_request(body: dict) -> dict:
