@@ -88,8 +88,8 @@ def _entry_values(entry, position: int, base: Path) -> dict:
     raw_path = entry.get("path")
     if not isinstance(raw_path, str) or not raw_path.strip():
         raise RegistryError(f"{label}: missing path")
-    name = str(entry.get("name") or model_id)
-    for field_name, value in (("id", model_id), ("name", name)):
+    display_name = str(entry.get("name") or model_id)
+    for field_name, value in (("id", model_id), ("name", display_name)):
         limit = ModelConfig._meta.get_field(field_name).max_length
         if len(value) > limit:
             raise RegistryError(f"{label}: {field_name} is {len(value)} characters long, at most {limit}")
@@ -117,7 +117,7 @@ def _entry_values(entry, position: int, base: Path) -> dict:
         raise RegistryError(f"{label}: {exc}") from None
     return {
         "id": model_id,
-        "name": name,
+        "name": display_name,
         **file_values,
         "cli_params": cli_params,
         "metadata": metadata,
