@@ -16,29 +16,20 @@ import time
 from pathlib import Path
 
 from llamacontroller_site.private_files import create_private, private_secret, write_private
-from llamacontroller_site.supervision import AlreadyRunning, Supervisor, Watchdog, lock_data_folder, watch
+from llamacontroller_site.supervision import (
+    AlreadyRunning,
+    Supervisor,
+    Watchdog,
+    keep_redis_up,
+    lock_data_folder,
+    say,
+    show,
+    watch,
+)
 
 REPO = Path(__file__).resolve().parent.parent
 BIND = os.environ.get("LLAMACONTROLLER_BIND", "127.0.0.1:8000")
-# The embedded Redis is restarted when it dies, unless it died this often within a minute.
-REDIS_RESTARTS_PER_MINUTE = 5
 USAGE = "usage: ./lc.sh run | worker | manage COMMAND [ARGS] | test [pytest arguments]"
-
-
-def say(message: str, *, err: bool = False) -> None:
-    show(f"[llamacontroller] {message}", sys.stderr if err else sys.stdout)
-
-
-def show(text: str, stream=None) -> None:
-    stream = stream or sys.stdout
-    try:
-        print(text, file=stream, flush=True)
-    except OSError:
-        # The terminal is gone (hang-up) or its reader quit (`./lc.sh run | head`): carry on without output,
-        # rather than crash past the stop of what this command started.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, stream.fileno())
-        os.close(devnull)
 
 
 def prepare_environment(data_dir: Path) -> list[str]:
@@ -182,26 +173,6 @@ def start_embedded_redis(data_dir: Path):
     return server
 
 
-def keep_redis_up(server, restarts: list[float]) -> bool:
-    """The embedded Redis died (killed, crashed): start it again on the same port with the same password, so
-    that every client reconnects by itself. False (stop everything) when it cannot start or keeps dying."""
-    if server.process.poll() is None:
-        return True
-    code = server.process.returncode
-    now = time.monotonic()
-    restarts[:] = [t for t in restarts if now - t < 60] + [now]
-    if len(restarts) > REDIS_RESTARTS_PER_MINUTE:
-        say(f"the embedded Redis exited with code {code}, {len(restarts)} times within a minute: stopping")
-        return False
-    say(f"the embedded Redis exited with code {code}: restarting it on port {server.port}")
-    try:
-        server.start()
-    except RuntimeError as exc:
-        say(f"could not restart the embedded Redis ({exc}; see its log in the data folder): stopping")
-        return False
-    return True
-
-
 def web_command(venv_bin: Path, bind: str = BIND, workers: int = 2) -> list[str]:
     """gunicorn serving the ASGI application with uvicorn workers (Django's documented recipe): streamed
     gateway answers hold no thread; the sync views run in Django's thread pool as before, and WhiteNoise
@@ -311,7 +282,7 @@ def run_watchdog(read_end: int, runner_pid: int) -> int:
         django.setup()
         stop_instances()
 
-    return watch(read_end, runner_pid, stop, say)
+    return watch(read_end, runner_pid, stop)
 
 
 def run() -> int:

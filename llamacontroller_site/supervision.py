@@ -15,14 +15,53 @@ import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import psutil
 
 PR_SET_PDEATHSIG = 1
+# The embedded Redis is restarted when it dies, unless it died this often within a minute.
+REDIS_RESTARTS_PER_MINUTE = 5
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 REPO = Path(__file__).resolve().parent.parent
+
+
+def say(message: str, *, err: bool = False) -> None:
+    show(f"[llamacontroller] {message}", sys.stderr if err else sys.stdout)
+
+
+def show(text: str, stream=None) -> None:
+    stream = stream or sys.stdout
+    try:
+        print(text, file=stream, flush=True)
+    except OSError:
+        # The terminal is gone (hang-up) or its reader quit (`./lc.sh run | head`): carry on without output,
+        # rather than crash past the stop of what this command started.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, stream.fileno())
+        os.close(devnull)
+
+
+def keep_redis_up(server, restarts: list[float]) -> bool:
+    """The embedded Redis died (killed, crashed): start it again on the same port with the same password, so
+    that every client reconnects by itself. False (stop everything) when it cannot start or keeps dying."""
+    if server.process.poll() is None:
+        return True
+    code = server.process.returncode
+    now = time.monotonic()
+    restarts[:] = [t for t in restarts if now - t < 60] + [now]
+    if len(restarts) > REDIS_RESTARTS_PER_MINUTE:
+        say(f"the embedded Redis exited with code {code}, {len(restarts)} times within a minute: stopping")
+        return False
+    say(f"the embedded Redis exited with code {code}: restarting it on port {server.port}")
+    try:
+        server.start()
+    except RuntimeError as exc:
+        say(f"could not restart the embedded Redis ({exc}; see its log in the data folder): stopping")
+        return False
+    return True
 
 
 def die_with_parent():
@@ -130,7 +169,7 @@ class Watchdog:
             self.process.kill()
 
 
-def watch(read_end: int, runner_pid: int, stop_instances, say) -> int:
+def watch(read_end: int, runner_pid: int, stop_instances) -> int:
     """The watchdog process: wait for the run command's end; if it ended without "done", stop what it left:
     the host's instances, if its worker held the host name, and the URL file of its embedded Redis."""
     for sig in (signal.SIGINT, signal.SIGHUP):

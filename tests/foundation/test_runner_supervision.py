@@ -17,7 +17,7 @@ import pytest
 import redis
 from django.db import connection
 
-from llamacontroller_site import runner
+from llamacontroller_site import runner, supervision
 from llamacontroller_site.embedded_redis import EmbeddedRedis
 from llamacontroller_site.supervision import AlreadyRunning, lock_data_folder
 from models_app import lifecycle, processes
@@ -160,20 +160,20 @@ def test_killed_embedded_redis_is_restarted_on_the_same_port_and_password(tmp_pa
     try:
         port, url = server.port, server.url
         restarts: list[float] = []
-        assert runner.keep_redis_up(server, restarts) and restarts == []
+        assert supervision.keep_redis_up(server, restarts) and restarts == []
         os.kill(server.process.pid, signal.SIGKILL)
         server.process.wait()
-        assert runner.keep_redis_up(server, restarts)
+        assert supervision.keep_redis_up(server, restarts)
         assert server.port == port and redis.Redis.from_url(url).ping()
         assert f"exited with code -9: restarting it on port {port}" in capsys.readouterr().out
         # One that keeps dying stops the run, saying so.
-        for _ in range(runner.REDIS_RESTARTS_PER_MINUTE - 1):
+        for _ in range(supervision.REDIS_RESTARTS_PER_MINUTE - 1):
             server.process.kill()
             server.process.wait()
-            runner.keep_redis_up(server, restarts)
+            supervision.keep_redis_up(server, restarts)
         server.process.kill()
         server.process.wait()
-        assert not runner.keep_redis_up(server, restarts)
+        assert not supervision.keep_redis_up(server, restarts)
         assert "times within a minute: stopping" in capsys.readouterr().out
     finally:
         server.stop()
