@@ -349,9 +349,20 @@ def _pad(n: int) -> int:
 
 
 def compute_bytes(facts: GgufFacts, s: LoadSettings) -> int:
-    """The compute buffer of one device: activations proportional to the micro-batch, plus the attention's
-    mask per KV cache (f16 with flash attention) and, without flash attention, the f32 scores of all
-    heads. Fitted to llama-server's own logged buffers (docs/benchmarks.md)."""
+    """The compute buffer of one device: ggml's allocator sizes it for the graph's busiest moment, while the
+    attention masks (one per KV cache, f16 with flash attention, f32 without) live through the whole graph.
+    The busiest moment is the largest of three phases, each proportional to the micro-batch:
+
+    - the gated FFN: gate, up and their product, n_ff wide each, plus one more that the allocator cannot
+      reuse once the attention's smaller tensors took its place, and the residual stream;
+    - the attention: with flash attention the Q/K/V projections beside the FFN's inputs; without it the f32
+      scores of all heads over the largest cache, plus the projections;
+    - the output: the logits of one token per slot (llama-server reserves n_parallel outputs) and the
+      final hidden states.
+
+    Fitted to llama-server's logged buffers on this project's CPU build (the 8B-shaped header, Gemma 3 270M
+    and the tiny model, at micro-batches 64-1024 and contexts 512-16384: docs/benchmarks.md); the
+    coefficients are fits, not llama.cpp's code."""
     n_embd = int(facts.key("embedding_length") or 0)
     n_ff_raw = facts.key("feed_forward_length") or 4 * n_embd
     n_ff = max(n_ff_raw) if isinstance(n_ff_raw, list) else int(n_ff_raw)
@@ -367,13 +378,16 @@ def compute_bytes(facts: GgufFacts, s: LoadSettings) -> int:
     if any(sliding):
         n_swa = int(facts.key("attention.sliding_window") or 0)
         caches.append(min(full_cells, _pad(n_swa * (s.n_seq if s.kv_unified else 1) + ub)))
+    # Floats per micro-batch token, doubled to keep the halves integral.
+    ffn = ub * 2 * (8 * n_ff + 3 * n_embd)  # 4 n_ff + 1.5 n_embd, in f32
+    output = _vocab(facts) * s.n_seq * 4 + ub * 4 * 5 * n_embd
     if s.flash_attn:
-        activations = ub * 4 * (2 * n_ff + 2 * n_embd + 4 * q_dim)
-        attention = sum(cells * ub * 2 for cells in caches)
+        masks = sum(cells * ub * 2 for cells in caches)
+        attention = ub * 4 * (2 * n_ff + 2 * n_embd + 4 * q_dim)
     else:
-        activations = ub * 4 * (2 * n_ff + 2 * n_embd + q_dim)
-        attention = max(caches) * ub * heads * 4 + sum(cells * ub * 4 for cells in caches)
-    return activations + attention
+        masks = sum(cells * ub * 4 for cells in caches)
+        attention = max(caches) * ub * heads * 4 + ub * 2 * (11 * q_dim + 2 * n_embd)  # + 5.5 q + n_embd
+    return masks + max(ffn, attention, output)
 
 
 def estimate(
