@@ -6,6 +6,7 @@ One run per data folder, and none for a host name that a live worker holds: a re
 
 `./lc.sh manage <command>` runs manage.py with the same environment (data folder, embedded Redis, GPUs)."""
 
+import contextlib
 import json
 import os
 import secrets
@@ -304,6 +305,7 @@ def run() -> int:
     notes = prepare_environment(data_dir)
     migrate()
     from django.conf import settings
+    from django.db import DatabaseError
 
     holder = host_name_holder()
     if holder:
@@ -359,9 +361,10 @@ def run() -> int:
                 break
             if redis_server and not keep_redis_up(redis_server, redis_restarts):
                 break
-            if not claimed and worker_claimed(worker.pid):
-                claimed = True
-                watchdog.tell(f"claimed {worker.pid}")
+            with contextlib.suppress(DatabaseError):  # the database away a moment: asked again next turn
+                if not claimed and worker_claimed(worker.pid):
+                    claimed = True
+                    watchdog.tell(f"claimed {worker.pid}")
             time.sleep(0.5)
     finally:
         for sig in (signal.SIGINT, signal.SIGHUP):
