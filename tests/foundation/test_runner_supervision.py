@@ -16,6 +16,7 @@ import psutil
 import pytest
 import redis
 from django.db import connection
+from django.test import override_settings
 
 from llamacontroller_site import runner, supervision
 from llamacontroller_site.embedded_redis import EmbeddedRedis
@@ -77,6 +78,31 @@ def test_second_run_command_is_refused_before_it_does_anything(tmp_path):
     assert result.stderr.count("\n") == 1 and "refusing to start: another ./lc.sh run" in result.stderr
     assert f"pid {os.getpid()}" in result.stderr
     assert sorted(p.name for p in data.iterdir()) == ["run.lock"]
+
+
+@pytest.mark.django_db(transaction=True)
+def test_run_for_a_host_name_a_live_worker_holds_is_refused_before_it_starts_anything(tmp_path):
+    """Another data folder, the same database and host name (held by this live process, as a worker would):
+    refused in one line, nothing printed or started before, and only its own worker's claim counts."""
+    from models_app import cluster
+    from tests.conftest import database_url
+
+    cluster.claim("taken-host")
+    data = tmp_path / "data"
+    result = subprocess.run(
+        [sys.executable, "-m", "llamacontroller_site.runner"], cwd=REPO, capture_output=True, text=True,
+        env=clean_env(LLAMACONTROLLER_DATA_DIR=str(data), DATABASE_URL=database_url(),
+                      LLAMACONTROLLER_HOST_NAME="taken-host"),
+        timeout=90,
+    )  # fmt: skip
+    assert result.returncode == 1
+    assert result.stdout == ""
+    assert result.stderr.count("\n") == 1
+    assert "refusing to start: host name 'taken-host' is held by another worker" in result.stderr
+    assert not (data / "embedded-redis.port").exists()
+    assert runner.worker_claimed(os.getpid()) is False  # settings.HOST_NAME is another host
+    with override_settings(HOST_NAME="taken-host"):
+        assert runner.worker_claimed(os.getpid()) and not runner.worker_claimed(os.getpid() + 1)
 
 
 def test_lc_sh_without_a_command_prints_its_usage():
