@@ -11,6 +11,8 @@ from django.db import models
 from django.db.models import Avg, Max, Q
 from django.utils import timezone
 
+from llamacontroller_site.query import BadParameter, whole_number
+
 from .models import Alert, MemorySample
 
 WINDOWS = {"1h": 3600, "24h": 24 * 3600, "7d": 7 * 24 * 3600}
@@ -68,15 +70,14 @@ def parse_span(window: str | None, resolution: str | None, now: datetime | None 
     if resolution in (None, "", "auto"):
         step = next(s for s in NICE_STEPS if s >= least)
     else:
-        if not (resolution.isascii() and resolution.isdigit()) or len(resolution) > 9:
-            raise HistoryError("resolution", "must be a whole number of seconds, or auto")
-        step = int(resolution)
-        if step < least or step > seconds:
+        try:
+            step = whole_number(resolution, "resolution", least, seconds)
+        except BadParameter:
             raise HistoryError(
                 "resolution",
-                f"must be between {least} and {seconds} seconds for window {window} "
+                f"must be auto or a whole number of seconds from {least} to {seconds} for window {window} "
                 f"(at most {MAX_POINTS} points per series)",
-            )
+            ) from None
     end = now or timezone.now()
     # Whole buckets: the first starts on a multiple of the step, so points do not shift between calls.
     start_epoch = (int(end.timestamp()) - seconds) // step * step

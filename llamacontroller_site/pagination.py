@@ -3,12 +3,10 @@ ignores a bad `limit` and passes any size on to the database (a 23-digit limit w
 offset that is not a whole number in range answers 400 naming the parameter, and the schema states the
 range."""
 
-import re
-
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 
-_WHOLE_NUMBER = re.compile(r"[0-9]+", re.ASCII)
+from .query import BadParameter, whole_number
 
 
 class StrictLimitOffsetPagination(LimitOffsetPagination):
@@ -26,10 +24,10 @@ class StrictLimitOffsetPagination(LimitOffsetPagination):
         text = request.query_params.get(name, "")
         if text == "":  # absent, or empty as an HTML form sends it
             return default
-        # The length first: int() refuses strings of more than 4300 digits.
-        if len(text) > len(str(high)) or not _WHOLE_NUMBER.fullmatch(text) or not low <= int(text) <= high:
-            raise ValidationError({name: [f"must be a whole number from {low} to {high}"]})
-        return int(text)
+        try:
+            return whole_number(text, name, low, high)
+        except BadParameter as exc:
+            raise ValidationError({name: [exc.message]}) from None
 
     def get_schema_operation_parameters(self, view):
         parameters = super().get_schema_operation_parameters(view)
