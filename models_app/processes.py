@@ -230,8 +230,36 @@ def launch(argv: list[str], *, env: dict[str, str], log_path: Path) -> tuple[int
         except OSError as exc:
             raise StartError(f"cannot start {argv[0]}: {exc.strerror or exc}") from None
     create_time = create_time_of(proc.pid)
+    _note_launch(proc.pid, create_time, log_path)
     threading.Thread(target=_reap, args=(proc, log_path), name=f"reap-{proc.pid}", daemon=True).start()
     return proc.pid, create_time or time.time()
+
+
+def _launch_file(pid: int) -> Path:
+    return Path(settings.INSTANCE_LOG_DIR) / ".launched" / str(pid)
+
+
+def _note_launch(pid: int, create_time: float | None, log_path: Path) -> None:
+    """Which log a process started here writes to, by pid: the worker's main process reaps it if this pool
+    process dies, and by then the process may be a zombie already, whose environment cannot be read."""
+    path = _launch_file(pid)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(f"{create_time or 0}\n{log_path}\n")
+    except OSError:
+        pass
+
+
+def launched_log(pid: int) -> str | None:
+    """The log of the llama-server `pid` started by launch(), if it is that very process (not a reused pid)."""
+    try:
+        created, log_path = _launch_file(pid).read_text().splitlines()[:2]
+    except (OSError, ValueError):
+        return None
+    actual = create_time_of(pid)
+    if actual is None or abs(actual - float(created)) > 1.0:
+        return None
+    return log_path
 
 
 def _reap(proc: subprocess.Popen, log_path: Path) -> None:
@@ -240,6 +268,7 @@ def _reap(proc: subprocess.Popen, log_path: Path) -> None:
 
 def record_exit(pid: int, code: int, log_path: str | Path) -> None:
     """Keep the exit code of a process reaped here, and append it to its log for any other process."""
+    _launch_file(pid).unlink(missing_ok=True)
     with _children_lock:
         _exit_codes[pid] = code
         while len(_exit_codes) > 1000:

@@ -38,9 +38,9 @@ def become_subreaper() -> bool:
 
 
 class OrphanReaper(threading.Thread):
-    """Learns every llama-server below this process while it runs (its log path, from its instance tag:
-    a dead process's environment cannot be read), and when one that is now its own child exits, reaps it and
-    appends its exit code to its log. Children of a live pool process are left to that process."""
+    """Learns every llama-server below this process (its log path, from the note processes.launch left, or
+    from its instance tag while it runs), and when one that is now its own child exits, reaps it and appends
+    its exit code to its log. Children of a live pool process are left to that process."""
 
     def __init__(self, interval: float = 0.5):
         super().__init__(name="llama-server-reaper", daemon=True)
@@ -67,12 +67,13 @@ class OrphanReaper(threading.Thread):
             current.add(child.pid)
             if child.pid in self.known or child.pid in self.untagged:
                 continue
-            tag = processes.tag_of(child.pid)
+            # The launch's note first: one that died before a scan saw it is a zombie, with no environment.
+            log_path = processes.launched_log(child.pid) or (processes.tag_of(child.pid) or (0, None))[1]
             created = processes.create_time_of(child.pid)
-            if tag is None or created is None:
+            if log_path is None or created is None:
                 self.untagged.add(child.pid)
             else:
-                self.known[child.pid] = (created, tag[1])
+                self.known[child.pid] = (created, log_path)
         self.untagged &= current
         return [reaped for pid in list(self.known) if (reaped := self._reap(pid)) is not None]
 

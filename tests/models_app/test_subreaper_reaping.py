@@ -106,3 +106,27 @@ def test_exit_code_of_waits_for_a_zombie_to_be_reaped(fake_llama, tmp_path, reap
 
     threading.Thread(target=reap_later).start()
     assert processes.exit_code_of(server.pid, str(log)) == -9
+
+
+def test_one_that_died_before_any_scan_saw_it_is_reaped_by_its_launch_note(
+    subreaper_here, fake_llama, tmp_path, reap
+):
+    """Re-parented and killed at once (a zombie: its environment is gone): the note launch() leaves by pid
+    says which log is its."""
+    log = tmp_path / "testhost-instance-9.log"
+    pool = subprocess.Popen(
+        [sys.executable, "-c", POOL_PROCESS, fake_llama, "/nonexistent/other.log"],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    server_pid = int(pool.stdout.readline())
+    reap.append(server_pid)
+    processes._note_launch(server_pid, processes.create_time_of(server_pid), log)  # as launch() does
+    pool.kill()
+    pool.wait()
+    _until(lambda: psutil.Process(server_pid).ppid() == os.getpid())
+    os.kill(server_pid, signal.SIGKILL)
+    _until(lambda: psutil.Process(server_pid).status() == psutil.STATUS_ZOMBIE)
+    assert OrphanReaper().scan() == [(server_pid, -9)]  # the first scan ever
+    assert processes.exit_code_of(server_pid, str(log), wait=0) == -9
+    assert processes.launched_log(server_pid) is None  # the note is gone with the process
