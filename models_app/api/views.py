@@ -16,6 +16,7 @@ from rest_framework.views import APIView
 from accounts import roles
 from accounts.permissions import IsAdminRole, IsOperator, IsViewer, ReadViewerWriteAdmin
 from gpus.models import Gpu
+from llamacontroller_site.query import BadParameter, whole_number
 from models_app import health, services
 from models_app.events import record
 from models_app.logtail import read_tail
@@ -111,7 +112,7 @@ class InstanceViewSet(
         return Response(self._fresh(new), status=status.HTTP_202_ACCEPTED)
 
     @extend_schema(
-        parameters=[OpenApiParameter("bytes", int, description="At most this many bytes (default 65536).")],
+        parameters=[OpenApiParameter("bytes", int, description="At most this many bytes, 1 to 1048576 (default 65536).")],
         responses=inline_serializer("LogTail", {"id": serializers.IntegerField(), "log": serializers.CharField(),
                                                 "problem": serializers.CharField(allow_null=True)}),
     )  # fmt: skip
@@ -119,10 +120,10 @@ class InstanceViewSet(
     def log(self, request, pk=None):
         """The tail of the instance's llama-server log."""
         instance = self.get_object()
-        try:
-            max_bytes = min(max(int(request.query_params.get("bytes", 65536)), 1), 1024 * 1024)
-        except ValueError:
-            raise ValidationError({"bytes": ["must be a whole number"]}) from None
+        try:  # ASCII digits only: int() reads "١٠٠" as 100
+            max_bytes = whole_number(request.query_params.get("bytes", "65536"), "bytes", 1, 1024 * 1024)
+        except BadParameter as exc:
+            raise ValidationError({"bytes": [exc.message]}) from None
         text, problem = read_tail(instance.log_path, max_bytes)
         return Response({"id": instance.pk, "log": text, "problem": problem})
 
