@@ -1,7 +1,7 @@
 from django import forms
 from django.contrib.auth.forms import PasswordChangeForm
 
-from llamacontroller_site.query import AsciiIntegerField
+from utilities.query import AsciiIntegerField
 
 from . import throttle
 

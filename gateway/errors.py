@@ -5,7 +5,7 @@ import json
 
 from django.http import HttpResponse
 
-from llamacontroller_site.query import unstorable
+from utilities.query import unstorable
 
 OLLAMA = "ollama"
 OPENAI = "openai"

@@ -11,7 +11,7 @@ from django.db import models
 from django.db.models import Avg, Max, Q
 from django.utils import timezone
 
-from llamacontroller_site.query import BadParameter, whole_number
+from utilities.query import BadParameter, whole_number
 
 from .models import Alert, MemorySample
 

@@ -11,7 +11,7 @@
   that Django logs with it at WARNING: a user without a role could fill the logs. Django still logs the
   403 in one line ("Forbidden: /events/").
 
-Non-ASCII digits are the views' business (llamacontroller_site.query), since only they know which parameter
+Non-ASCII digits are the views' business (utilities.query), since only they know which parameter
 is a number."""
 
 from asgiref.sync import iscoroutinefunction, markcoroutinefunction
@@ -21,8 +21,7 @@ from django.http import HttpResponse, JsonResponse
 from django.urls import get_resolver, get_urlconf
 
 from gateway.handler import PATHS as GATEWAY_PATHS
-
-from .query import NUL_MESSAGE
+from utilities.query import NUL_MESSAGE
 
 
 def _with_nul(params) -> list[str]:

@@ -6,7 +6,7 @@ range."""
 from rest_framework.exceptions import ValidationError
 from rest_framework.pagination import LimitOffsetPagination
 
-from .query import BadParameter, whole_number
+from utilities.query import BadParameter, whole_number
 
 
 class StrictLimitOffsetPagination(LimitOffsetPagination):

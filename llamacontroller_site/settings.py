@@ -176,7 +176,7 @@ REST_FRAMEWORK = {
     "DEFAULT_PERMISSION_CLASSES": ["rest_framework.permissions.IsAuthenticated"],
     "DEFAULT_SCHEMA_CLASS": "drf_spectacular.openapi.AutoSchema",
     "DEFAULT_PAGINATION_CLASS": "llamacontroller_site.pagination.StrictLimitOffsetPagination",
-    "DEFAULT_FILTER_BACKENDS": ["llamacontroller_site.query.RefuseNulCharacters"],
+    "DEFAULT_FILTER_BACKENDS": ["utilities.query.RefuseNulCharacters"],
     "PAGE_SIZE": 100,
 }
 SPECTACULAR_SETTINGS = {

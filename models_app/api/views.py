@@ -16,11 +16,11 @@ from rest_framework.views import APIView
 from accounts import roles
 from accounts.permissions import IsAdminRole, IsOperator, IsViewer, ReadViewerWriteAdmin
 from gpus.models import Gpu
-from llamacontroller_site.query import BadParameter, whole_number
 from models_app import health, services
 from models_app.events import record
 from models_app.logtail import read_tail
 from models_app.models import GpuInstance, HostModelFile, InstanceEvent, ModelConfig
+from utilities.query import BadParameter, whole_number
 
 from .errors import RefusalMixin, refusals
 from .estimate import EstimateActions

@@ -17,13 +17,13 @@ from django.views.decorators.http import require_GET, require_POST
 from accounts import roles
 from accounts.decorators import role_required
 from gpus.models import Gpu, Host, alive_cutoff
-from llamacontroller_site.query import BadParameter, whole_number
 from models_app import health, model_files, ondemand, services
 from models_app.api.errors import refusal_status
 from models_app.api.views import MAX_ID, instance_queryset
 from models_app.formatting import format_duration
 from models_app.logtail import read_tail
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
+from utilities.query import BadParameter, whole_number
 
 Status = GpuInstance.Status
 TRANSITIONS = (Status.PENDING, Status.STARTING, Status.STOPPING)

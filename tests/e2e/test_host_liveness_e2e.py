@@ -81,7 +81,7 @@ def test_a_worker_that_lost_its_broker_is_down_and_its_load_fails(worker_on, own
     _wait(lambda: " ready." in worker_on.log_path.read_text(errors="replace"), 60, "the worker")
     for _ in range(2):  # writes after the start's own ones: the heartbeat thread's
         seen = _last_seen()
-        _wait(lambda: _last_seen() > seen, 10, "a heartbeat")
+        _wait(lambda seen=seen: _last_seen() > seen, 10, "a heartbeat")
     assert Host.objects.get(name=HOST_NAME).is_up
     # A load its worker will never see (it is queued on the test's broker, which that worker does not read).
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)

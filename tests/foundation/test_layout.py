@@ -1,5 +1,6 @@
 """Dependencies point one way (README "Layout"): accounts imports no other app of ours, gpus never imports
-models_app, gpus/telemetry imports no Django, and no app imports the site package."""
+models_app, gpus/telemetry imports no Django, no app imports the site package, and utilities (shared by every
+app) imports none of ours."""
 
 import ast
 from pathlib import Path
@@ -31,6 +32,8 @@ def imported_modules(package: str) -> dict[str, set[str]]:
         ("gpus", ("models_app", "llamacontroller_site")),
         ("gpus/telemetry", ("django", "models_app", "accounts")),
         ("models_app", ("llamacontroller_site",)),
+        ("gateway", ("llamacontroller_site",)),
+        ("utilities", ("accounts", "gpus", "models_app", "gateway", "llamacontroller_site")),
     ],
 )
 def test_dependencies_point_one_way(package, forbidden):
