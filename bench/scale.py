@@ -134,9 +134,9 @@ def time_requests(client, path: str, headers: dict, runs: int) -> dict:
 
 
 def release_period_locks() -> None:
-    """The dispatchers act once per period (gpus/periodic.py: a Redis lock); each timed call gets a fresh
+    """The dispatchers act once per period (utilities/periodic.py: a Redis lock); each timed call gets a fresh
     period, so that it pays the lock and fans out. Our own embedded Redis: nobody else's locks."""
-    from gpus import periodic
+    from utilities import periodic
 
     client = periodic.redis_client()
     keys = list(client.scan_iter(match=periodic.KEY_PREFIX + "*"))

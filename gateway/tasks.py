@@ -1,6 +1,6 @@
 from celery import shared_task
 
-from gpus.periodic import idempotent
+from utilities.periodic import idempotent
 
 from . import usage
 

@@ -16,7 +16,8 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
-from .dbutil import update_rows
+from utilities.dbutil import update_rows
+
 from .models import Gpu, Host, MemorySample
 from .telemetry import GpuReading, TelemetryBackend, TelemetryError, get_backend, sample_with_timeout
 

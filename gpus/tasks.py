@@ -8,9 +8,10 @@ import requests
 from celery import shared_task
 from django.conf import settings
 
+from utilities.periodic import idempotent, once_per_period
+
 from . import alerts, notify, services
 from .models import Alert
-from .periodic import idempotent, once_per_period
 
 logger = logging.getLogger(__name__)
 

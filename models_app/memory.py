@@ -10,8 +10,8 @@ from django.utils import timezone
 
 from gpus import alerts as gpu_alerts
 from gpus import services as gpu_services
-from gpus.dbutil import update_rows
 from gpus.telemetry import process_trees
+from utilities.dbutil import update_rows
 
 from . import binaries
 from .events import record

@@ -12,7 +12,7 @@ from django.contrib.auth import get_user_model
 from django.db import connections
 
 from gpus.models import Host
-from gpus.periodic import idempotent, once_per_period
+from utilities.periodic import idempotent, once_per_period
 
 from . import binaries, cluster, hosts, lifecycle, model_files, ondemand, reconcile, subreaper
 
@@ -76,7 +76,9 @@ def live_hosts() -> list[Host]:
 
 
 @shared_task(name="models_app.tasks.dispatch_refresh", ignore_result=True)
-@once_per_period(lambda: settings.GPU_REFRESH_SECONDS)  # two beats: one fan-out per period (gpus/periodic.py)
+@once_per_period(
+    lambda: settings.GPU_REFRESH_SECONDS
+)  # two beats: one fan-out per period (utilities/periodic.py)
 def dispatch_refresh() -> int:
     """Beat: one GPU refresh per live host, expiring before the next one is due."""
     hosts = live_hosts()

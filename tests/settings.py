@@ -20,7 +20,7 @@ if not os.environ.get("REDIS_URL"):
 from llamacontroller_site.settings import *  # noqa: E402,F403
 from llamacontroller_site.settings import DATABASES  # noqa: E402
 
-# Beat tasks act once per period (gpus/periodic.py); tests call them directly, several times in a row.
+# Beat tasks act once per period (utilities/periodic.py); tests call them directly, several times in a row.
 PERIODIC_LOCKS = False
 PASSWORD_HASHERS = ["django.contrib.auth.hashers.MD5PasswordHasher"]
 # No collectstatic in tests: WhiteNoise serves from the finders, and its root exists (no warning per request).

@@ -1,5 +1,5 @@
 """Two `celery beat` processes by mistake, against the real broker and a real worker: every reconcile period
-both beats send dispatch_reconcile, and the host still gets one reconcile message per period (gpus/periodic.py).
+both beats send dispatch_reconcile, and the host still gets one reconcile message per period (utilities/periodic.py).
 
 Deterministic by construction: both beats start together, so one of them (the leader) sends each period's
 message up to about a second before the other; the leader's message takes the lock (0.8 of the period, 2.4 s)
@@ -19,9 +19,9 @@ from django.conf import settings
 from django.utils import timezone
 
 from gpus.models import Host
-from gpus.periodic import lock_key
 from tests.conftest import REPO, CeleryWorker, purge_queues, worker_env
 from tests.helpers import wait_until
+from utilities.periodic import lock_key
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 

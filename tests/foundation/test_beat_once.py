@@ -1,4 +1,4 @@
-"""Two beats by mistake do not double-act (gpus/periodic.py): every periodic task is guarded by a short Redis
+"""Two beats by mistake do not double-act (utilities/periodic.py): every periodic task is guarded by a short Redis
 lock or idempotent. Against the tests' real Redis (the Celery broker)."""
 
 import importlib
@@ -12,8 +12,8 @@ import redis
 from django.conf import settings as django_settings
 from django.utils import timezone
 
-from gpus import periodic
 from gpus.models import Host
+from utilities import periodic
 
 
 @pytest.fixture
@@ -42,7 +42,7 @@ def test_every_beat_task_is_guarded_or_idempotent():
     """A periodic task added without a thought for two beats fails here; a lock lasts 0.8 of its period."""
     for entry, spec in django_settings.CELERY_BEAT_SCHEDULE.items():
         guard = getattr(beat_task(spec["task"]).run, "periodic_guard", None)
-        assert guard, f"{entry}: {spec['task']} needs @once_per_period or @idempotent (gpus/periodic.py)"
+        assert guard, f"{entry}: {spec['task']} needs @once_per_period or @idempotent (utilities/periodic.py)"
         if guard[0] == "once_per_period":
             assert guard[1] == spec["task"], entry  # locked under its own name
             assert periodic.period_of(guard) == spec["schedule"], entry
@@ -116,7 +116,7 @@ def test_a_redis_outage_still_runs_the_task(locks_on, settings, caplog):
     def tick():
         acted.append(1)
 
-    with caplog.at_level(logging.WARNING, logger="gpus.periodic"):
+    with caplog.at_level(logging.WARNING, logger="utilities.periodic"):
         tick()
         tick()
     assert len(acted) == 2
