@@ -76,9 +76,8 @@ def live_hosts() -> list[Host]:
 
 
 @shared_task(name="models_app.tasks.dispatch_refresh", ignore_result=True)
-@once_per_period(
-    lambda: settings.GPU_REFRESH_SECONDS
-)  # two beats: one fan-out per period (utilities/periodic.py)
+# Two beats: one fan-out per period (utilities/periodic.py).
+@once_per_period(lambda: settings.GPU_REFRESH_SECONDS)
 def dispatch_refresh() -> int:
     """Beat: one GPU refresh per live host, expiring before the next one is due."""
     hosts = live_hosts()
