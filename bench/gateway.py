@@ -128,9 +128,11 @@ def load_rounds(url: str, headers: dict, streams: int, rounds: int, tokens: int,
     """`streams` concurrent streams, `rounds` times: the count of each outcome (an HTTP status, "200+error" for a
     stream that ended with an error event, or the client's exception), and the first error bodies."""
     import collections
+    import logging
 
     import httpx
 
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
     outcomes, errors, lock = collections.Counter(), [], threading.Lock()
 
     def one(n):
