@@ -10,6 +10,7 @@ from django.utils import timezone
 
 from gpus import alerts as gpu_alerts
 from gpus import services as gpu_services
+from gpus.alert_rules import InstanceFacts
 from gpus.telemetry import process_trees
 from utilities.dbutil import update_rows
 
@@ -94,7 +95,7 @@ def _record_alert_events(transitions: list[gpu_alerts.Transition]) -> None:
         record(kind, instance=instance, detail=f"{t.rule_name}: {t.message}"[:1000])
 
 
-def instance_facts(host_name: str) -> list[gpu_alerts.InstanceFacts]:
+def instance_facts(host_name: str) -> list[InstanceFacts]:
     """The host's running instances and those that crashed within the crash rules' window (two queries,
     the (host, status) index)."""
     crashed_since = timezone.now() - (gpu_alerts.crash_window() or timedelta(0))
@@ -110,7 +111,7 @@ def instance_facts(host_name: str) -> list[gpu_alerts.InstanceFacts]:
     for instance_id, gpu_pk in links.values_list("instance_id", "gpu_id"):
         gpus.setdefault(instance_id, []).append(gpu_pk)
     return [
-        gpu_alerts.InstanceFacts(
+        InstanceFacts(
             instance_id=pk,
             label=f"{model_name} (#{pk}) on {host_name} GPU {gpu_ids}",
             gpu_pks=tuple(gpus.get(pk, ())),

@@ -8,7 +8,7 @@ from django.core import mail
 from django.utils import timezone
 
 from gpus import alerts, notify, tasks
-from gpus.alerts import InstanceFacts, leak_rate, leak_slope
+from gpus.alert_rules import InstanceFacts, leak_rate, leak_slope
 from gpus.models import Alert, AlertRule, Gpu, Host, MemorySample
 
 pytestmark = pytest.mark.django_db
