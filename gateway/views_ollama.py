@@ -1,25 +1,25 @@
 """Ollama-compatible routes, translated to and from llama-server's OpenAI-compatible stream (NDJSON out,
 one JSON object per line, never an empty line)."""
 
-import asyncio
 import json
 import time
 from datetime import UTC, datetime
+from functools import partial
 
 import httpx
 from django.conf import settings
-from django.http import HttpResponseNotAllowed, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponseNotAllowed, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
 from . import access, translate
 from .db import db
 from .errors import OLLAMA, GatewayError, error_response, model_name_problem
 from .exchange import Exchange, read_json
-from .translate import BadRequest, StreamState, tagged
-from .views_common import authenticate_only, list_models, noted
+from .protocol import Call, hand_over, serve
+from .translate import StreamState, tagged
+from .views_common import list_models
 
 NDJSON = "application/x-ndjson"
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
 FAR_FUTURE = datetime(2318, 1, 1, tzinfo=UTC)  # Ollama's "never" (keep_alive < 0)
 
 
@@ -191,14 +191,8 @@ async def _events(exchange: Exchange, response: httpx.Response, state: StreamSta
 
 
 async def _ndjson(exchange: Exchange, response: httpx.Response, state: StreamState):
-    try:
-        async for chunk in _events(exchange, response, state):
-            yield _line(chunk)
-    except (asyncio.CancelledError, GeneratorExit):
-        exchange.disconnected = True
-        raise
-    finally:
-        await exchange.finish()
+    async for chunk in _events(exchange, response, state):
+        yield _line(chunk)
 
 
 def _no_prompt_answer(model_name: str, kind: str, reason: str, load_ns: int) -> dict:
@@ -221,143 +215,109 @@ async def _unload(request, exchange: Exchange, body: dict) -> None:
     await db(run)()
 
 
-async def _generate_or_chat(request, kind: str):
-    if request.method != "POST":
-        return HttpResponseNotAllowed(["POST"])
-    exchange = Exchange(endpoint=f"/api/{kind}")
-    handed_over = False
-    try:
-        try:
-            _, body = await read_json(request)
-            if kind == "chat":
-                route, upstream_body = "/v1/chat/completions", translate.chat_request(_with_model(body))
-                empty = not body.get("messages")
-            else:
-                route, upstream_body = translate.generate_request(_with_model(body))
-                empty = not body.get("prompt")
-            exchange.keep_alive = translate.keep_alive_seconds(body.get("keep_alive"))
-        except BadRequest as exc:
-            await authenticate_only(request, exchange)
-            raise GatewayError(400, str(exc)) from None
-        except GatewayError:
-            await authenticate_only(request, exchange)
-            raise
-        name = body["model"]
-        if empty and exchange.keep_alive == 0:
-            exchange.model_name = name
-            await _unload(request, exchange, body)
-            return JsonResponse(_no_prompt_answer(name, kind, "unload", 0))
-        await exchange.begin(request, body)
-        if empty:
-            # An empty prompt loads the model (and sets its keep_alive), as Ollama's clients expect.
-            load_ns = int((time.perf_counter() - exchange.started) * 1e9)
-            return noted(exchange, JsonResponse(_no_prompt_answer(name, kind, "load", load_ns)))
-        stream = body.get("stream", True) is not False
-        response = await exchange.send(route, json.dumps(upstream_body).encode(), stream=True)
-        if response.status_code != 200:
-            exchange.status = response.status_code
-            raise GatewayError(response.status_code, _error_message(await response.aread()))
-        state = StreamState(name, kind)
-        if stream:
-            iterator = _ndjson(exchange, response, state)
-            exchange.guard(iterator)
-            handed_over = True
-            return noted(
-                exchange, StreamingHttpResponse(iterator, content_type=NDJSON, headers=STREAM_HEADERS)
-            )
-        chunks = [chunk async for chunk in _events(exchange, response, state)]
-        if "error" in chunks[-1]:
-            raise GatewayError(502, chunks[-1]["error"])
-        return noted(exchange, JsonResponse(translate.merge_chunks(chunks, kind)))
-    except GatewayError as exc:
-        exchange.status, exchange.error = exc.status, exc.message
-        return noted(exchange, error_response(OLLAMA, exc))
-    except asyncio.CancelledError:
-        exchange.client_left()
-        raise
-    finally:
-        if not handed_over:
-            await exchange.finish()
+def _generate_or_chat_checks(body: dict, kind: str) -> tuple[str, dict, bool, int | None]:
+    """The upstream route and body, whether the prompt is empty, and the keep_alive (BadRequest: 400)."""
+    if kind == "chat":
+        route, upstream_body = "/v1/chat/completions", translate.chat_request(body)
+        empty = not body.get("messages")
+    else:
+        route, upstream_body = translate.generate_request(body)
+        empty = not body.get("prompt")
+    return route, upstream_body, empty, translate.keep_alive_seconds(body.get("keep_alive"))
 
 
-def _with_model(body: dict) -> dict:
-    problem = model_name_problem(body.get("model"))
-    if problem is not None:
-        raise problem
-    return body
+async def _generate_or_chat(call: Call, kind: str):
+    exchange, body = call.exchange, call.body
+    route, upstream_body, empty, keep_alive = call.checked
+    name = body["model"]
+    if empty and keep_alive == 0:
+        exchange.model_name = name
+        await _unload(call.request, exchange, body)
+        return JsonResponse(_no_prompt_answer(name, kind, "unload", 0))
+    await exchange.begin(call.request, body)
+    if empty:
+        # An empty prompt loads the model (and sets its keep_alive), as Ollama's clients expect.
+        load_ns = int((time.perf_counter() - exchange.started) * 1e9)
+        return JsonResponse(_no_prompt_answer(name, kind, "load", load_ns))
+    stream = body.get("stream", True) is not False
+    response = await exchange.send(route, json.dumps(upstream_body).encode(), stream=True)
+    if response.status_code != 200:
+        exchange.status = response.status_code
+        raise GatewayError(response.status_code, _error_message(await response.aread()))
+    state = StreamState(name, kind)
+    if stream:
+        return hand_over(exchange, _ndjson(exchange, response, state), NDJSON)
+    chunks = [chunk async for chunk in _events(exchange, response, state)]
+    if "error" in chunks[-1]:
+        raise GatewayError(502, chunks[-1]["error"])
+    return JsonResponse(translate.merge_chunks(chunks, kind))
+
+
+def _serve_generate_or_chat(request, kind: str):
+    checks, answer = partial(_generate_or_chat_checks, kind=kind), partial(_generate_or_chat, kind=kind)
+    return serve(request, OLLAMA, f"/api/{kind}", answer, checks)
 
 
 @csrf_exempt
 async def generate(request):
-    return await _generate_or_chat(request, "generate")
+    return await _serve_generate_or_chat(request, "generate")
 
 
 @csrf_exempt
 async def chat(request):
-    return await _generate_or_chat(request, "chat")
+    return await _serve_generate_or_chat(request, "chat")
 
 
 # --- embeddings -----------------------------------------------------------------------------------------
 
 
-async def _embed(request, endpoint: str, field: str):
-    if request.method != "POST":
-        return HttpResponseNotAllowed(["POST"])
-    exchange = Exchange(endpoint=endpoint)
-    try:
-        try:
-            _, body = await read_json(request)
-            _with_model(body)
-            inputs = translate.embed_inputs(body, field)
-            dimensions = body.get("dimensions")
-            translate.truncate_embedding([1.0], dimensions)
-        except BadRequest as exc:
-            await authenticate_only(request, exchange)
-            raise GatewayError(400, str(exc)) from None
-        except GatewayError:
-            await authenticate_only(request, exchange)
-            raise
-        await exchange.begin(request, body)
-        payload = {"model": body["model"], "input": inputs}
-        response = await exchange.send("/v1/embeddings", json.dumps(payload).encode(), stream=False)
-        exchange.status = response.status_code
-        if response.status_code != 200:
-            raise GatewayError(response.status_code, _error_message(response.content))
-        answer = response.json()
-        exchange.mark_first_token()
-        vectors = [
-            translate.truncate_embedding(item["embedding"], dimensions)
-            for item in sorted(answer.get("data") or [], key=lambda item: item.get("index", 0))
-        ]
-        exchange.prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
-        total_ns = int((time.perf_counter() - exchange.started) * 1e9)
-        if field == "prompt":  # the older /api/embeddings
-            return noted(exchange, JsonResponse({"embedding": vectors[0] if vectors else []}))
-        reply = JsonResponse(
-            {
-                "model": body["model"],
-                "embeddings": vectors,
-                "total_duration": total_ns,
-                "load_duration": int(exchange.load_seconds * 1e9),
-                "prompt_eval_count": exchange.prompt_tokens or 0,
-            }
-        )
-        return noted(exchange, reply)
-    except GatewayError as exc:
-        exchange.status, exchange.error = exc.status, exc.message
-        return noted(exchange, error_response(OLLAMA, exc))
-    except asyncio.CancelledError:
-        exchange.client_left()
-        raise
-    finally:
-        await exchange.finish()
+def _embed_checks(body: dict, field: str) -> tuple[list, int | None]:
+    """The inputs and the dimensions asked for (BadRequest: 400)."""
+    inputs = translate.embed_inputs(body, field)
+    dimensions = body.get("dimensions")
+    translate.truncate_embedding([1.0], dimensions)
+    return inputs, dimensions
+
+
+async def _embed(call: Call, field: str):
+    exchange, body = call.exchange, call.body
+    inputs, dimensions = call.checked
+    await exchange.begin(call.request, body)
+    payload = {"model": body["model"], "input": inputs}
+    response = await exchange.send("/v1/embeddings", json.dumps(payload).encode(), stream=False)
+    exchange.status = response.status_code
+    if response.status_code != 200:
+        raise GatewayError(response.status_code, _error_message(response.content))
+    answer = response.json()
+    exchange.mark_first_token()
+    vectors = [
+        translate.truncate_embedding(item["embedding"], dimensions)
+        for item in sorted(answer.get("data") or [], key=lambda item: item.get("index", 0))
+    ]
+    exchange.prompt_tokens = (answer.get("usage") or {}).get("prompt_tokens")
+    total_ns = int((time.perf_counter() - exchange.started) * 1e9)
+    if field == "prompt":  # the older /api/embeddings
+        return JsonResponse({"embedding": vectors[0] if vectors else []})
+    return JsonResponse(
+        {
+            "model": body["model"],
+            "embeddings": vectors,
+            "total_duration": total_ns,
+            "load_duration": int(exchange.load_seconds * 1e9),
+            "prompt_eval_count": exchange.prompt_tokens or 0,
+        }
+    )
+
+
+def _serve_embed(request, endpoint: str, field: str):
+    return serve(request, OLLAMA, endpoint, partial(_embed, field=field), partial(_embed_checks, field=field))
 
 
 @csrf_exempt
 async def embed(request):
-    return await _embed(request, "/api/embed", "input")
+    return await _serve_embed(request, "/api/embed", "input")
 
 
 @csrf_exempt
 async def embeddings(request):
-    return await _embed(request, "/api/embeddings", "prompt")
+    return await _serve_embed(request, "/api/embeddings", "prompt")

@@ -1,19 +1,17 @@
 """OpenAI-compatible routes: passed to the instance's own /v1 routes byte for byte (SSE unbuffered)."""
 
-import asyncio
 import json
 import time
 
 import httpx
 from django.conf import settings
-from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse, StreamingHttpResponse
+from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from .errors import OPENAI, GatewayError, error_response, model_name_problem, openai_body
-from .exchange import Exchange, read_json
-from .views_common import authenticate_only, list_models, noted
-
-STREAM_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}
+from .errors import OPENAI, GatewayError, error_response, openai_body
+from .exchange import Exchange
+from .protocol import Call, hand_over, serve
+from .views_common import list_models
 
 
 @csrf_exempt
@@ -102,83 +100,51 @@ async def _passthrough(exchange: Exchange, response: httpx.Response):
                 exchange.error = f"stopped at the {settings.GATEWAY_MAX_REQUEST_SECONDS}s cap"
                 yield b"data: " + openai_body(504, exchange.error, "timeout") + b"\n\n"
                 return
-    except (asyncio.CancelledError, GeneratorExit):
-        exchange.disconnected = True
-        raise
     except httpx.HTTPError as exc:
         exchange.error = f"the model's server broke off the answer: {exc or exc.__class__.__name__}"
         yield b"data: " + openai_body(502, exchange.error, "upstream_error") + b"\n\n"
-    finally:
-        await exchange.finish()
 
 
-async def _proxy(request, path: str):
-    if request.method != "POST":
-        return HttpResponseNotAllowed(["POST"])
-    exchange = Exchange(endpoint=path)
-    handed_over = False
+async def _proxy(call: Call):
+    """The request passed to the instance's route of the same path (the exchange's endpoint)."""
+    exchange = call.exchange
+    await exchange.begin(call.request, call.body)
+    stream = call.body.get("stream") is True
+    response = await exchange.send(exchange.endpoint, call.raw, stream=stream)
+    exchange.status = response.status_code
+    if stream and response.status_code == 200:
+        content_type = response.headers.get("content-type", "text/event-stream")
+        return hand_over(exchange, _passthrough(exchange, response), content_type)
+    content = await response.aread() if stream else response.content
     try:
-        try:
-            raw, body = await read_json(request)
-        except GatewayError:
-            await authenticate_only(request, exchange)  # 401 comes before 400
-            raise
-        problem = model_name_problem(body.get("model"))
-        if problem is not None:
-            await authenticate_only(request, exchange)
-            raise problem
-        await exchange.begin(request, body)
-        stream = body.get("stream") is True
-        response = await exchange.send(path, raw, stream=stream)
-        exchange.status = response.status_code
-        if stream and response.status_code == 200:
-            iterator = _passthrough(exchange, response)
-            exchange.guard(iterator)
-            handed_over = True
-            content_type = response.headers.get("content-type", "text/event-stream")
-            return noted(
-                exchange, StreamingHttpResponse(iterator, content_type=content_type, headers=STREAM_HEADERS)
-            )
-        content = await response.aread() if stream else response.content
-        try:
-            payload = json.loads(content)
-        except ValueError:
-            payload = {}
-        if isinstance(payload, dict):
-            _usage_from(exchange, payload)
-            if response.status_code >= 400:
-                exchange.error = str((payload.get("error") or {}).get("message") or content[:500])
-            elif exchange.completion_tokens and payload.get("timings"):
-                # Not streamed: the first token came predicted_ms before the end.
-                predicted = float(payload["timings"].get("predicted_ms") or 0) / 1000
-                exchange.first_token_at = time.perf_counter() - predicted
-        answer = HttpResponse(
-            content,
-            status=response.status_code,
-            content_type=response.headers.get("content-type", "application/json"),
-        )
-        return noted(exchange, answer)
-    except GatewayError as exc:
-        exchange.status, exchange.error = exc.status, exc.message
-        return noted(exchange, error_response(OPENAI, exc))
-    except asyncio.CancelledError:
-        exchange.client_left()
-        raise
-    finally:
-        if not handed_over:
-            await exchange.finish()
+        payload = json.loads(content)
+    except ValueError:
+        payload = {}
+    if isinstance(payload, dict):
+        _usage_from(exchange, payload)
+        if response.status_code >= 400:
+            exchange.error = str((payload.get("error") or {}).get("message") or content[:500])
+        elif exchange.completion_tokens and payload.get("timings"):
+            # Not streamed: the first token came predicted_ms before the end.
+            predicted = float(payload["timings"].get("predicted_ms") or 0) / 1000
+            exchange.first_token_at = time.perf_counter() - predicted
+    return HttpResponse(
+        content,
+        status=response.status_code,
+        content_type=response.headers.get("content-type", "application/json"),
+    )
 
 
 @csrf_exempt
 async def chat_completions(request):
-    return await _proxy(request, "/v1/chat/completions")
+    return await serve(request, OPENAI, "/v1/chat/completions", _proxy)
 
 
 @csrf_exempt
 async def completions(request):
-    return await _proxy(request, "/v1/completions")
+    return await serve(request, OPENAI, "/v1/completions", _proxy)
 
 
 @csrf_exempt
 async def embeddings(request):
-    return await _proxy(request, "/v1/embeddings")
+    return await serve(request, OPENAI, "/v1/embeddings", _proxy)
