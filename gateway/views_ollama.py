@@ -17,7 +17,7 @@ from .errors import OLLAMA, GatewayError, error_response, model_name_problem
 from .exchange import Exchange, read_json
 from .protocol import Call, hand_over, serve
 from .translate import StreamState, tagged
-from .views_common import list_models
+from .views_common import listable, listing
 
 NDJSON = "application/x-ndjson"
 FAR_FUTURE = datetime(2318, 1, 1, tzinfo=UTC)  # Ollama's "never" (keep_alive < 0)
@@ -63,13 +63,7 @@ def _describe(model) -> dict:
 
 @csrf_exempt
 async def tags(request):
-    if request.method != "GET":
-        return HttpResponseNotAllowed(["GET"])
-    try:
-        rows = await list_models(request)
-    except GatewayError as exc:
-        return error_response(OLLAMA, exc)
-    return JsonResponse({"models": [_describe(m) for m in rows]})
+    return await listing(request, OLLAMA, listable, lambda rows: {"models": [_describe(m) for m in rows]})
 
 
 def _context_length(instance) -> int | None:
@@ -110,13 +104,7 @@ def _running(request) -> list[dict]:
 
 @csrf_exempt
 async def ps(request):
-    if request.method != "GET":
-        return HttpResponseNotAllowed(["GET"])
-    try:
-        rows = await db(_running)(request)
-    except GatewayError as exc:
-        return error_response(OLLAMA, exc)
-    return JsonResponse({"models": rows})
+    return await listing(request, OLLAMA, _running, lambda rows: {"models": rows})
 
 
 def _show(request, body):

@@ -5,23 +5,21 @@ import time
 
 import httpx
 from django.conf import settings
-from django.http import HttpResponse, HttpResponseNotAllowed, JsonResponse
+from django.http import HttpResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from .errors import OPENAI, GatewayError, error_response, openai_body
+from .errors import OPENAI, openai_body
 from .exchange import Exchange
 from .protocol import Call, hand_over, serve
-from .views_common import list_models
+from .views_common import listable, listing
 
 
 @csrf_exempt
 async def models(request):
-    if request.method != "GET":
-        return HttpResponseNotAllowed(["GET"])
-    try:
-        rows = await list_models(request)
-    except GatewayError as exc:
-        return error_response(OPENAI, exc)
+    return await listing(request, OPENAI, listable, _model_list)
+
+
+def _model_list(rows) -> dict:
     data = [
         {
             "id": m.pk,
@@ -31,7 +29,7 @@ async def models(request):
         }
         for m in rows
     ]
-    return JsonResponse({"object": "list", "data": data})
+    return {"object": "list", "data": data}
 
 
 def _usage_from(exchange: Exchange, payload: dict) -> None:

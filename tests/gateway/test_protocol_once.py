@@ -106,6 +106,19 @@ def test_a_stream_dropped_unread_is_finished_on_both_dialects(path, view, instan
     assert in_flight(instance) == 0
 
 
+@pytest.mark.parametrize("path", ["/api/tags", "/api/ps", "/v1/models"])
+def test_every_listing_answers_alike(path, instance, llama, users, bearer):
+    auth = bearer(users["viewer"])
+    status, response, _ = request("POST", path, {}, auth=auth)
+    assert status == 405 and response["Allow"] == "GET"
+    status, response, content = request("GET", path, auth="Bearer lc_nonsense")
+    assert status == 401 and response["WWW-Authenticate"] == "Bearer" and message(path, content)
+    status, _, content = request("GET", path, auth=auth)
+    rows = json.loads(content)["data" if path.startswith("/v1/") else "models"]
+    assert status == 200 and len(rows) == 1
+    assert not UsageRecord.objects.exists()  # listings are not usage
+
+
 # Steps of the protocol that only gateway/protocol.py takes (gateway/exchange.py defines them).
 PROTOCOL_STEPS = {"finish", "client_left", "guard", "authenticate_only", "noted", "StreamingHttpResponse"}
 
