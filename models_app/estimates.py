@@ -1,5 +1,5 @@
 """Memory predictions for the registry's models on the inventory's GPUs: the plain-Python estimate
-(models_app/estimator.py) with the model's flags resolved through its llama-server's catalogue, corrected by
+(models_app/estimator/) with the model's flags resolved through its llama-server's catalogue, corrected by
 what earlier loads of the model on that kind of GPU with that llama.cpp version measured, and compared with
 the GPUs' free memory (other people's processes and our instances count, as telemetry last saw them).
 

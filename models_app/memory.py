@@ -14,7 +14,7 @@ from gpus.alert_rules import InstanceFacts
 from gpus.telemetry import process_trees
 from utilities.dbutil import update_rows
 
-from . import binaries
+from . import binaries, estimator
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu
 from .processes import is_alive
@@ -208,8 +208,6 @@ def fit_params_opinion(instance: GpuInstance, stored: dict) -> list[dict] | None
     has no such tool. Runs in the worker after the load, never in a request."""
     import os
     from pathlib import Path
-
-    from . import estimator
 
     settings_used = (stored.get("breakdown") or {}).get("settings") or {}
     if not instance.argv or not settings_used:

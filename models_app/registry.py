@@ -13,6 +13,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from .estimator import EstimateError, gguf_facts
 from .flags import Catalogue, FlagError
 from .models import ModelConfig
 
@@ -232,9 +233,8 @@ def file_facts(path: Path) -> dict:
 
 def read_gguf_facts(path: Path) -> dict:
     """A few header facts (architecture, layers, context, parameters); {} when the header is unreadable. Read by
-    the header-only parser (models_app/gguf_header.py): no tensor data, no walk over the vocabulary in Python."""
-    from .gguf_header import EstimateError, gguf_facts
-
+    the header-only parser (models_app/estimator/gguf_header.py): no tensor data, no walk over the vocabulary in
+    Python."""
     try:
         header = gguf_facts(path)
     except (OSError, EstimateError):  # a truncated or foreign file: the facts stay empty, loading reports it

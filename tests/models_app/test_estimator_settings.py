@@ -5,7 +5,7 @@ switches follow cli_params' null/false, and the breakdown counts blocks and the 
 import pytest
 
 from models_app import estimates, estimator
-from models_app.gguf_header import GgufFacts
+from models_app.estimator import GgufFacts
 
 FACTS = GgufFacts(
     path="x.gguf",
