@@ -1,10 +1,16 @@
 """Helpers shared by tests: instance rows and processes that stand in for llama-server."""
 
+import contextlib
+import subprocess
+import sys
 import time
+from pathlib import Path
 
+import httpx
 import psutil
 from django.utils import timezone
 
+from llamacontroller_site.embedded_redis import free_port
 from models_app.models import GpuInstance, InstanceGpu
 
 
@@ -82,3 +88,39 @@ def wait_until(check, timeout=30.0, what="condition"):
             return value
         time.sleep(0.05)
     raise AssertionError(f"timed out waiting for {what}")
+
+
+@contextlib.contextmanager
+def web_server(env: dict, log_path, *, workers: int = 1, timeout: float = 30.0, access_log: bool = True):
+    """The web server as `./lc.sh run` starts it (runner.web_command: gunicorn with uvicorn workers) on a free
+    port, with `env`; yields its base URL once /api/version answers, and stops it on the way out."""
+    from llamacontroller_site.runner import REPO, web_command
+
+    port = free_port()
+    argv = web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=workers)
+    if not access_log:
+        argv[argv.index("--access-logfile") + 1] = "/dev/null"
+    with open(log_path, "wb") as log:
+        web = subprocess.Popen(
+            argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True
+        )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                if httpx.get(url + "/api/version", timeout=5).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if web.poll() is not None or time.monotonic() > deadline:
+                raise AssertionError(f"the web server did not answer: {Path(log_path).read_text()[-3000:]}")
+            time.sleep(0.1)
+        yield url
+    finally:
+        web.terminate()
+        try:
+            web.wait(15)
+        except subprocess.TimeoutExpired:
+            web.kill()
+            web.wait()

@@ -2,11 +2,7 @@
 test database, a real Celery worker, the real llama-server with the tiny model on simulated GPUs, and the
 real `ollama` and `openai` client packages."""
 
-import socket
-import subprocess
-import sys
 import time
-from pathlib import Path
 
 import httpx
 import ollama
@@ -15,49 +11,22 @@ import pytest
 
 from accounts.models import ApiToken
 from gateway.models import UsageRecord
-from llamacontroller_site.runner import web_command
 from models_app import processes
 from models_app.models import GpuInstance, ModelConfig
 from models_app.services import request_load, request_unload
-from tests.conftest import REPO, worker_env
-from tests.helpers import wait_for
+from tests.conftest import worker_env
+from tests.helpers import wait_for, web_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
 Status = GpuInstance.Status
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 @pytest.fixture
 def gateway(celery_worker, tmp_path, settings):
     """The web app as `./lc.sh run` serves it (one worker process), on a free port; its base URL."""
-    port = free_port()
-    log = open(tmp_path / "web.log", "wb")  # noqa: SIM115
-    argv = web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=1)
-    web = subprocess.Popen(
-        argv, cwd=REPO, env=worker_env(), stdout=log, stderr=subprocess.STDOUT, start_new_session=True
-    )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 30
-    while True:
-        try:
-            if httpx.get(url + "/api/version", timeout=1).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if web.poll() is not None or time.monotonic() > deadline:
-            web.kill()
-            raise AssertionError((tmp_path / "web.log").read_text()[-3000:])
-        time.sleep(0.1)
-    yield url
-    web.terminate()
-    web.wait(15)
-    log.close()
+    with web_server(worker_env(), tmp_path / "web.log") as url:
+        yield url
 
 
 @pytest.fixture

@@ -4,23 +4,18 @@
 closed (after 5 s idle) as a request went out on it. The rounds here are spaced by about that idle time."""
 
 import collections
-import subprocess
-import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 from accounts.models import ApiToken
 from gateway.models import UsageRecord
-from llamacontroller_site.runner import web_command
 from models_app.models import GpuInstance
 from models_app.services import request_load, request_unload
-from tests.conftest import REPO, worker_env
-from tests.e2e.test_gateway import free_port
-from tests.helpers import wait_for
+from tests.conftest import worker_env
+from tests.helpers import wait_for, web_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -31,32 +26,8 @@ PAUSE = 4.95  # between rounds: kept-alive connections reach llama-server's 5 s 
 
 @pytest.fixture
 def gateway_two_workers(celery_worker, tmp_path):
-    port = free_port()
-    log_path = tmp_path / "web.log"
-    with open(log_path, "wb") as log:
-        web = subprocess.Popen(
-            web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=2),
-            cwd=REPO,
-            env=worker_env(),
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while True:
-        try:
-            if httpx.get(url + "/api/version", timeout=5).status_code == 200:
-                break
-        except httpx.HTTPError:
-            pass
-        if web.poll() is not None or time.monotonic() > deadline:
-            web.kill()
-            raise AssertionError(log_path.read_text()[-3000:])
-        time.sleep(0.1)
-    yield url
-    web.terminate()
-    web.wait(15)
+    with web_server(worker_env(), tmp_path / "web.log", workers=2, timeout=60) as url:
+        yield url
 
 
 @pytest.fixture

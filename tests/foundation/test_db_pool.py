@@ -3,12 +3,10 @@ each request, task and gateway call; a forked child does not use its parent's; a
 
 import json
 import os
-import socket
 import subprocess
 import sys
 import threading
 import time
-from pathlib import Path
 
 import httpx
 import pytest
@@ -17,8 +15,8 @@ from django.test import Client
 
 from accounts.models import ApiToken
 from gateway.models import UsageRecord
-from llamacontroller_site.runner import web_command
 from tests.conftest import REPO, worker_env
+from tests.helpers import web_server
 
 postgres_only = pytest.mark.skipif(
     connection.vendor != "postgresql", reason="the connection pool is PostgreSQL's (SQLite has none)"
@@ -132,12 +130,6 @@ def test_an_exhausted_pool_answers_503_not_a_hang(client, users):
 # --- the web server as the run command starts it ---------------------------------------------------
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def connection_count(app_name: str) -> int:
     with connection.cursor() as cursor:
         cursor.execute(
@@ -155,29 +147,9 @@ def test_12_concurrent_requests_for_7_rounds_stay_under_the_bound(tmp_path, user
     web worker kept its own for 60 s). Now: at most 2 workers x LLAMACONTROLLER_DB_POOL_SIZE."""
     workers, pool_size, app_name = 2, 3, f"lc-pool-test-{os.getpid()}"
     token = ApiToken.issue(users["viewer"], "pool test")[1]
-    port = free_port()
     env = worker_env(LLAMACONTROLLER_DB_POOL_SIZE=pool_size, PGAPPNAME=app_name)  # libpq reads PGAPPNAME
     log_path = tmp_path / "web.log"
-    with open(log_path, "wb") as log:
-        web = subprocess.Popen(
-            web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=workers),
-            cwd=REPO,
-            env=env,
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            start_new_session=True,
-        )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while True:
-            try:
-                if httpx.get(url + "/api/version", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert web.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.1)
+    with web_server(env, log_path, workers=workers) as url:
         counts, statuses, stop = [], [], threading.Event()
 
         def sample():
@@ -206,9 +178,6 @@ def test_12_concurrent_requests_for_7_rounds_stay_under_the_bound(tmp_path, user
         stop.set()
         sampler.join()
         after = connection_count(app_name)
-    finally:
-        web.terminate()
-        web.wait(15)
     assert statuses == [200] * 84, log_path.read_text()[-3000:]
     assert counts and max(counts) <= workers * pool_size, (max(counts), counts)
     assert after <= workers * pool_size

@@ -4,31 +4,22 @@ X-Forwarded-For from 127.0.0.1, so any local client could name its own address: 
 and the /metrics allow-list passed a spoofed header."""
 
 import re
-import socket
 import subprocess
 import sys
-import time
 from contextlib import contextmanager
-from pathlib import Path
 
 import httpx
 import pytest
 from django.contrib.auth.hashers import PBKDF2PasswordHasher
 
 from accounts.throttle import client_ip
-from llamacontroller_site.runner import web_command
 from models_app.models import InstanceEvent
 from tests.conftest import REPO, worker_env
+from tests.helpers import web_server as run_web_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
 
 ALLOWED = "10.9.9.9"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -42,34 +33,14 @@ def collected_static():
 def web_server(tmp_path, proxy_count: int):
     """The web server as `./lc.sh run` starts it (one worker), with a login lock after 3 failures and a
     /metrics allow-list of one address; its base URL."""
-    port = free_port()
     env = worker_env(
         LLAMACONTROLLER_PROXY_COUNT=proxy_count,
         LLAMACONTROLLER_LOGIN_MAX_FAILURES=3,
         LLAMACONTROLLER_METRICS_ALLOWED_ADDRESSES=ALLOWED,
         FORWARDED_ALLOW_IPS="*",  # gunicorn's own default comes from here: the command line must win
     )
-    log_path = tmp_path / f"web-{port}.log"
-    with open(log_path, "wb") as log:
-        web = subprocess.Popen(
-            web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=1),
-            cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 60
-        while True:
-            try:
-                if httpx.get(url + "/api/version", timeout=1).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert web.poll() is None and time.monotonic() < deadline, log_path.read_text()[-3000:]
-            time.sleep(0.1)
+    with run_web_server(env, tmp_path / f"web-{proxy_count}.log", timeout=60) as url:
         yield url
-    finally:
-        web.terminate()
-        web.wait(15)
 
 
 @pytest.fixture
