@@ -452,18 +452,42 @@ def _finish_cancelled(instance: GpuInstance, launched: tuple[int, float] | None 
 
 
 def unload_instance(instance_id: int, actor=None) -> None:
-    """Stop the instance's process and mark it stopped. Idempotent: a stopped instance is left alone."""
+    """Stop the instance's process and mark it stopped. Idempotent: a stopped instance is left alone, so a
+    database connection dropped on the way (a restart, pg_terminate_backend) is closed and the unload tried
+    once more on a new one; it goes on from where the first try got."""
+    try:
+        _unload_instance(instance_id, actor)
+    except (OperationalError, InterfaceError):
+        if connection.in_atomic_block:
+            raise  # the caller's transaction is lost with the connection: only the caller can start over
+        logger.warning("unload of instance %s: database connection lost; trying again", instance_id)
+        connection.close()
+        _unload_instance(instance_id, actor)
+
+
+def _unload_instance(instance_id: int, actor) -> None:
     instance = GpuInstance.objects.select_related("host").filter(pk=instance_id).first()
     if instance is None:
         return
     try:
         _unload(instance, actor)
+    except (OperationalError, InterfaceError):
+        raise  # nothing can be recorded on a lost connection (unload_instance tries again)
     except Exception as exc:  # whatever went wrong, the instance does not stay `stopping`
         logger.exception("unload of instance %s failed", instance.pk)
         _unload_failed(instance, _unexpected(exc), actor)
 
 
 def _unload(instance: GpuInstance, actor) -> None:
+    if (
+        instance.status == Status.RUNNING
+        and instance.pid
+        and not is_alive(instance.pid, instance.process_create_time)
+    ):
+        # It died before anybody asked it to stop: that is a crash, with its exit code (not restarted: it
+        # was to stop anyway).
+        record_crash(instance)
+        return
     if instance.status in (Status.PENDING, Status.STARTING, Status.RUNNING):
         # Called without a request (e.g. the admin's kill): ask first, as a request would.
         transition(
@@ -517,6 +541,29 @@ def _unload_failed(instance: GpuInstance, message: str, actor) -> None:
         lease_expires_at=None,
     ):
         refresh_memory(instance.host.name)
+
+
+def record_crash(instance: GpuInstance, expected=(Status.RUNNING,)) -> bool:
+    """The instance's process is gone unasked: `crashed` with its exit code and the end of its log."""
+    code = exit_code_of(instance.pid, instance.log_path)
+    message = f"llama-server (pid {instance.pid}) exited unexpectedly" + (
+        f" with code {code}" if code is not None else ""
+    )
+    tail = log_tail(instance.log_path)
+    if not transition(
+        instance,
+        Status.CRASHED,
+        expected=expected,
+        event_kind=Kind.CRASHED,
+        detail=message,
+        error=f"{message}\n--- last lines of the log ---\n{tail}" if tail else message,
+        exit_code=code,
+        stopped_at=timezone.now(),
+    ):
+        return False
+    logger.warning("instance %s crashed: %s", instance.pk, message)
+    refresh_memory(instance.host.name)
+    return True
 
 
 def refresh_memory(host_name: str) -> None:

@@ -313,24 +313,8 @@ def _check_unknown(instance: GpuInstance) -> str | None:
 
 def crash(instance: GpuInstance, expected=(Status.RUNNING,)) -> bool:
     """A running instance's process is gone: `crashed` with its exit code and log tail; maybe restart."""
-    code = processes.exit_code_of(instance.pid, instance.log_path)
-    message = f"llama-server (pid {instance.pid}) exited unexpectedly" + (
-        f" with code {code}" if code is not None else ""
-    )
-    tail = processes.log_tail(instance.log_path)
-    if not transition(
-        instance,
-        Status.CRASHED,
-        expected=expected,
-        event_kind=Kind.CRASHED,
-        detail=message,
-        error=f"{message}\n--- last lines of the log ---\n{tail}" if tail else message,
-        exit_code=code,
-        stopped_at=timezone.now(),
-    ):
+    if not lifecycle.record_crash(instance, expected):
         return False
-    logger.warning("instance %s crashed: %s", instance.pk, message)
-    lifecycle.refresh_memory(instance.host.name)
     maybe_restart(instance)
     return True
 
