@@ -19,11 +19,11 @@ import pytest
 from accounts.models import ApiToken
 from gateway.models import UsageRecord
 from gpus.models import Gpu, Host
+from llamacontroller_site.embedded_redis import free_port
 from llamacontroller_site.runner import web_command
 from models_app import processes
 from models_app.models import GpuInstance, InstanceEvent
 from tests.conftest import REPO, kill_test_processes, purge_queues, worker_env
-from tests.e2e.test_gateway import free_port
 from tests.helpers import wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
