@@ -4,7 +4,7 @@ the median time of RUNS requests and the query count of the dashboard partial (`
 an admin signed in), the instance list, the GPU list and the host list (`?limit=1000`: every row, one page);
 and the time of one call of `dispatch_refresh` and `dispatch_reconcile`, the beat fan-out (one message per
 live host), sent to an embedded Redis that no worker reads (a real publish per host, after the once-per-period
-lock), and with apply_async replaced by a counter (the lock, the database read and the loop).
+lock), and with the sender (utilities.dispatch.publish) replaced by a counter (the lock, the database read and the loop).
 
     .venv/bin/python bench/scale.py                      # PostgreSQL on 127.0.0.1:5432 (trust auth)
     .venv/bin/python bench/scale.py --database sqlite    # a temporary SQLite file
@@ -145,14 +145,14 @@ def release_period_locks() -> None:
 
 
 def time_dispatch(runs: int) -> dict:
-    """One call of each dispatcher: to the embedded broker, and with apply_async counting instead."""
+    """One call of each dispatcher: to the embedded broker, and with the sender counting instead."""
     from django.db import connection
     from django.test.utils import CaptureQueriesContext
 
     from models_app import tasks
 
     result = {}
-    for name, task in (("refresh", tasks.refresh_host), ("reconcile", tasks.reconcile_host)):
+    for name in ("refresh", "reconcile"):
         dispatch = getattr(tasks, f"dispatch_{name}")
         release_period_locks()
         dispatch()  # warm: the broker connection and the queues' declaration
@@ -163,7 +163,7 @@ def time_dispatch(runs: int) -> dict:
             sent = dispatch()
             times.append((time.perf_counter() - started) * 1000)
         assert sent is not None, f"dispatch_{name} did not act (period lock held?)"
-        with mock.patch.object(task, "apply_async") as counter:
+        with mock.patch("utilities.dispatch.publish") as counter:
             release_period_locks()
             with CaptureQueriesContext(connection) as captured:
                 dispatch()
@@ -260,9 +260,7 @@ def main():
         print(f"{hosts:>5} {gpus:>5} {instances:>5} | {cell('dashboard'):>15} "
               f"{r['dashboard']['kib']:5.0f} | {cell('instances'):>13} | {cell('gpus'):>13} | "
               f"{cell('hosts'):>12} | {fan('refresh'):>22} | {fan('reconcile'):>22}")  # fmt: skip
-    print(
-        "\nrefresh / reconcile: to the embedded broker / with apply_async counting (messages sent, queries)"
-    )
+    print("\nrefresh / reconcile: to the embedded broker / with the sender counting (messages sent, queries)")
 
 
 if __name__ == "__main__":

@@ -15,6 +15,7 @@ from datetime import datetime, timedelta
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
+from . import dispatch
 from .alert_rules import (
     HOST_KINDS,
     InstanceFacts,
@@ -87,10 +88,8 @@ def apply(rule: AlertRule, alert: Alert | None, obs: Observation | None, host: H
     if event is None:
         return None
     if rule.notify:
-        from .tasks import deliver_alert
-
-        # robust: a broker that is down loses this delivery (logged), never the evaluation.
-        transaction.on_commit(lambda: deliver_alert.delay(alert.pk, event), robust=True)
+        # on commit, robust: a broker that is down loses this delivery (logged), never the evaluation.
+        dispatch.send_alert_delivery(alert.pk, event)
     logger.warning("alert %s: %s — %s", event, rule.name, alert.message)
     return Transition(alert.pk, rule.name, event, alert.message, alert.instance_id, alert.gpu_id)
 

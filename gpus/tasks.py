@@ -10,7 +10,7 @@ from django.conf import settings
 
 from utilities.periodic import idempotent, once_per_period
 
-from . import alerts, notify, services
+from . import alerts, dispatch, notify, services
 from .models import Alert
 
 logger = logging.getLogger(__name__)
@@ -36,9 +36,9 @@ def deliver_alert(alert_id: int, event: str) -> int:
     if not Alert.objects.filter(pk=alert_id).exists():
         return 0
     for index in range(len(settings.ALERT_WEBHOOK_URLS)):
-        post_alert_webhook.delay(alert_id, event, index)
+        dispatch.send_alert_webhook(alert_id, event, index)
     if notify.email_configured():
-        email_alert.delay(alert_id, event)
+        dispatch.send_alert_email(alert_id, event)
     return len(settings.ALERT_WEBHOOK_URLS)
 
 

@@ -31,6 +31,7 @@ from django.utils import timezone
 
 from gpus.models import Host, alive_cutoff
 
+from . import dispatch
 from .events import record
 from .models import InstanceEvent
 
@@ -170,9 +171,8 @@ def heartbeat(host_name: str, me: WorkerIdentity) -> bool:
     if previous is not None and previous < alive_cutoff():
         host = Host.objects.get(name=host_name)
         _record_return(host, previous)
-        from . import tasks  # the pass that adopts what outlived the silence, now rather than at its turn
-
-        tasks.reconcile_host.apply_async(args=[host_name], queue=host.queue)
+        # the pass that adopts what outlived the silence, now rather than at its turn
+        dispatch.send_reconcile(host, at_once=True)
     return True
 
 

@@ -19,6 +19,7 @@ from django.utils import timezone
 
 from gpus.models import Host
 
+from . import dispatch
 from .models import HostModelFile, ModelConfig
 
 logger = logging.getLogger(__name__)
@@ -109,20 +110,8 @@ def check_on_this_host(host: Host) -> dict[str, int]:
 def send_checks() -> int:
     """Send `check_model_files` to every live host's queue. A broker that is down only delays the report
     until the next reconcile pass: never an error for the registry change that asked."""
-    from . import tasks
-
     hosts = list(Host.objects.up().only("name"))
-    for host in hosts:
-        try:
-            tasks.check_model_files.apply_async(
-                args=[host.name],
-                queue=host.queue,
-                expires=settings.RECONCILE_SECONDS,
-                retry=True,
-                retry_policy={"max_retries": 1, "interval_start": 0.2},
-            )
-        except Exception:
-            logger.exception("could not ask %s to check the model files", host.name)
+    dispatch.send_model_file_checks(hosts, expires=settings.RECONCILE_SECONDS, at_once=True)
     return len(hosts)
 
 

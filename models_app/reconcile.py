@@ -15,7 +15,7 @@ from django.utils import timezone
 from gpus.models import Host
 from gpus.telemetry.procs import cuda_visible_devices_by_pid
 
-from . import lifecycle, processes
+from . import dispatch, lifecycle, processes
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu
 from .state import transition
@@ -102,15 +102,8 @@ def _resend(instance: GpuInstance, task_name: str, event_kind: str, what: str) -
         instance=instance,
         detail=f"{RESENT} to {instance.host.queue}: no worker took the {what} ({count + 1} of {MAX_RESENDS})",
     )
-    _send(task_name, instance)
+    dispatch.send_again(task_name, instance, at_once=False)
     return "resent"
-
-
-def _send(task_name: str, instance: GpuInstance, **options) -> None:
-    from . import tasks
-
-    task = getattr(tasks, task_name)
-    transaction.on_commit(lambda: task.apply_async(args=[instance.pk], queue=instance.host.queue, **options))
 
 
 def _check_running(instance: GpuInstance) -> str | None:
@@ -175,7 +168,7 @@ def _check_starting(instance: GpuInstance) -> str | None:
     ).update(lease_expires_at=lifecycle.lease_until(lifecycle.lease_seconds())):
         return None
     record(Kind.ADOPTED, instance=instance, detail=f"waiting for pid {instance.pid} to become healthy")
-    _send("resume_start", instance)
+    dispatch.send_again(dispatch.RESUME_START, instance, at_once=False)
     return "adopted"
 
 
@@ -196,7 +189,7 @@ def _start_over(instance: GpuInstance) -> str | None:
         detail=f"{RESENT}: the worker was lost before llama-server started; loading again",
         lease_expires_at=None,
     ):
-        _send("load_model", instance)
+        dispatch.send_again(dispatch.LOAD_MODEL, instance, at_once=False)
         return "reloaded"
     return None
 
@@ -213,7 +206,7 @@ def _check_pending(instance: GpuInstance) -> str | None:
         process_create_time=processes.create_time_of(tagged),
         log_path=str(lifecycle.log_path_for(instance)),
     ):
-        _send("resume_start", instance)
+        dispatch.send_again(dispatch.RESUME_START, instance, at_once=False)
         return "adopted"
     # Not started: the beat's pass sends the load again or gives it up (resend_pending), whether or not
     # this host's worker takes anything from its queue.
@@ -231,7 +224,7 @@ def resend_pending(instance: GpuInstance, worker_started_at) -> str | None:
     if not _is_lost(instance, extra_seconds=extra, worker_started_at=worker_started_at):
         return None
     # The load is idempotent: a duplicate does nothing.
-    if _resend(instance, "load_model", Kind.REQUESTED, "load"):
+    if _resend(instance, dispatch.LOAD_MODEL, Kind.REQUESTED, "load"):
         return "resent"
     host = instance.host
     lifecycle.fail(
@@ -275,7 +268,7 @@ def give_up_unload(instance: GpuInstance, worker_started_at) -> str | None:
 def _check_stopping(instance: GpuInstance) -> str | None:
     if not _is_lost(instance, extra_seconds=settings.STOP_TIMEOUT):
         return None
-    if _resend(instance, "unload_model", Kind.UNLOAD_REQUESTED, "unload"):
+    if _resend(instance, dispatch.UNLOAD_MODEL, Kind.UNLOAD_REQUESTED, "unload"):
         return "resent"
     # Nobody takes the unload: this pass runs on the host's worker, so it stops the process itself.
     lifecycle.unload_instance(instance.pk)
@@ -359,7 +352,7 @@ def maybe_restart(instance: GpuInstance) -> bool:
         return False
     except _Lost:
         return False
-    _send("load_model", instance, countdown=delay)
+    dispatch.send_again(dispatch.LOAD_MODEL, instance, at_once=False, countdown=delay)
     return True
 
 

@@ -15,7 +15,7 @@ from gpus import services as gpu_services
 from gpus.models import Gpu, Host
 from models_app import health
 
-from . import model_files
+from . import dispatch, model_files
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
 from .registry import RegistryError, check_model_path, check_model_path_form
@@ -251,25 +251,6 @@ def check_broker() -> None:
         raise LoadRefused(f"the task queue (Redis) is unreachable: {error}", code="unavailable")
 
 
-def _send(task_name: str, args: list, queue: str, instance_id: int | None = None) -> None:
-    from . import tasks
-
-    try:
-        getattr(tasks, task_name).apply_async(
-            args=args, queue=queue, retry=True, retry_policy={"max_retries": 2, "interval_start": 0.2}
-        )
-    except Exception as exc:  # the broker went away between the ping and the commit
-        logger.exception("could not queue %s%s", task_name, args)
-        instance = GpuInstance.objects.filter(pk=instance_id).first() if instance_id else None
-        if instance is not None and task_name == "load_model":
-            message = f"could not queue the load: {exc}"
-            transition(
-                instance, Status.FAILED, expected=[Status.PENDING], event_kind=Kind.FAILED,
-                detail=message, error=message,
-            )  # fmt: skip
-        # A lost unload is redone by the reconcile pass (the instance stays `stopping`).
-
-
 def _actor_id(actor) -> int | None:
     return actor.pk if actor is not None and getattr(actor, "is_authenticated", False) else None
 
@@ -303,7 +284,7 @@ def _create_pending(
     except IntegrityError:
         raise _Busy() from None
     record(event_kind, instance=instance, actor=actor, detail=detail)
-    transaction.on_commit(lambda: _send("load_model", [instance.pk], host.queue, instance.pk))
+    dispatch.send_load(instance, at_once=False)
     return instance
 
 
@@ -424,9 +405,7 @@ def request_unload(*, instance: GpuInstance, actor, detail: str = "") -> GpuInst
             if instance.status == Status.STOPPING:
                 return instance
             raise LoadRefused(f"instance #{instance.pk} is not loaded (it is {instance.status})")
-        args = [instance.pk, _actor_id(actor)]
-        queue = instance.host.queue
-        transaction.on_commit(lambda: _send("unload_model", args, queue))
+        dispatch.send_unload(instance, _actor_id(actor), at_once=False)
     return instance
 
 
@@ -523,9 +502,7 @@ def kill_orphan(*, gpu: Gpu, pid: int, actor) -> None:
         raise LoadRefused(reason, field="pid", code=code)
     host = gpu.host
     check_broker()
-    from . import tasks
-
     try:
-        tasks.kill_orphan.apply_async(args=[host.name, pid, _actor_id(actor), gpu.pk], queue=host.queue)
+        dispatch.send_kill_orphan(host, pid, _actor_id(actor), gpu.pk, at_once=True)
     except Exception as exc:  # the broker went away since the ping
         raise LoadRefused(f"the task queue (Redis) is unreachable: {exc}", code="unavailable") from None

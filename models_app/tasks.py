@@ -14,7 +14,7 @@ from django.db import connections
 from gpus.models import Host
 from utilities.periodic import idempotent, once_per_period
 
-from . import binaries, cluster, hosts, lifecycle, model_files, ondemand, reconcile, subreaper
+from . import binaries, cluster, dispatch, hosts, lifecycle, model_files, ondemand, reconcile, subreaper
 
 logger = logging.getLogger(__name__)
 
@@ -80,24 +80,14 @@ def live_hosts() -> list[Host]:
 @once_per_period(lambda: settings.GPU_REFRESH_SECONDS)
 def dispatch_refresh() -> int:
     """Beat: one GPU refresh per live host, expiring before the next one is due."""
-    hosts = live_hosts()
-    for host in hosts:
-        refresh_host.apply_async(
-            args=[host.name], queue=host.queue, expires=settings.GPU_REFRESH_SECONDS * 0.8
-        )
-    return len(hosts)
+    return dispatch.fan_out(dispatch.REFRESH_HOST, live_hosts(), expires=settings.GPU_REFRESH_SECONDS * 0.8)
 
 
 @shared_task(name="models_app.tasks.dispatch_reconcile", ignore_result=True)
 @once_per_period(lambda: settings.RECONCILE_SECONDS)
 def dispatch_reconcile() -> int:
     """Beat: one reconcile pass per live host, expiring before the next one is due."""
-    hosts = live_hosts()
-    for host in hosts:
-        reconcile_host.apply_async(
-            args=[host.name], queue=host.queue, expires=settings.RECONCILE_SECONDS * 0.8
-        )
-    return len(hosts)
+    return dispatch.fan_out(dispatch.RECONCILE_HOST, live_hosts(), expires=settings.RECONCILE_SECONDS * 0.8)
 
 
 @shared_task(name="models_app.tasks.check_hosts", ignore_result=True)

@@ -57,3 +57,52 @@ def test_dependencies_point_one_way(package, forbidden):
         and not (name == own or name.startswith(own + "."))
     ]
     assert not wrong, wrong
+
+
+# --- queuing work: one module per app, by name, and nothing imports a tasks.py -------------------------
+
+PRODUCT = ("accounts", "gateway", "gpus", "llamacontroller_site", "models_app", "utilities")
+DISPATCH = {"utilities/dispatch.py", "models_app/dispatch.py", "gpus/dispatch.py"}
+
+
+def product_files():
+    for package in PRODUCT:
+        for path in (ROOT / package).rglob("*.py"):
+            if "migrations" not in path.parts:
+                yield path
+
+
+def test_product_packages_exist():
+    assert all((ROOT / p).is_dir() for p in PRODUCT)
+
+
+def test_only_the_dispatch_modules_queue_tasks():
+    """apply_async / delay / send_task are called in the dispatch modules only (utilities/dispatch.py sends): everything else asks models_app/dispatch.py or gpus/dispatch.py."""
+    wrong = []
+    for path in product_files():
+        relative = str(path.relative_to(ROOT))
+        if relative in DISPATCH:
+            continue
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr in {"apply_async", "delay", "send_task"}
+            ):
+                wrong.append(f"{relative}:{node.lineno} calls .{node.func.attr}()")
+    assert not wrong, wrong
+
+
+@pytest.mark.parametrize("package", ["models_app", "gpus", "gateway"])
+def test_nothing_imports_a_tasks_module(package):
+    """Only Celery's autodiscovery (llamacontroller_site/celery.py) loads an app's tasks.py: no module of ours
+    imports one, at the top or inside a function (imported_modules walks the whole tree)."""
+    tasks = f"{package}.tasks"
+    wrong = [
+        f"{path} imports {name}"
+        for other in PRODUCT
+        for path, names in imported_modules(other).items()
+        for name in names
+        if (name == tasks or name.startswith(tasks + ".")) and path != f"{package}/tasks.py"
+    ]
+    assert not wrong, wrong

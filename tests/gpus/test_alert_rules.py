@@ -10,6 +10,7 @@ from django.utils import timezone
 from gpus import alerts, notify, tasks
 from gpus.alert_rules import InstanceFacts, leak_rate, leak_slope
 from gpus.models import Alert, AlertRule, Gpu, Host, MemorySample
+from utilities import dispatch
 
 pytestmark = pytest.mark.django_db
 
@@ -236,20 +237,23 @@ class TestAcknowledgeAndDelivery:
 
     def test_firing_enqueues_delivery_on_commit(self, gpu, django_capture_on_commit_callbacks, monkeypatch):
         sent = []
-        monkeypatch.setattr(tasks.deliver_alert, "delay", lambda *args: sent.append(args))
+        monkeypatch.setattr(
+            dispatch, "publish", lambda name, args, options: sent.append((name, tuple(args), options))
+        )
         rule("gpu_used_pct", threshold=50)
         set_used(gpu, 9000)
         with django_capture_on_commit_callbacks(execute=True):
             evaluate(0)
-        assert sent == [(only_alert().pk, "fired")]
+        assert sent == [("gpus.tasks.deliver_alert", (only_alert().pk, "fired"), {})]
 
     def test_webhook_body_is_slack_compatible_and_email_is_sent(self, gpu, settings, monkeypatch):
         settings.ALERT_WEBHOOK_URLS = ["http://hooks.invalid/a"]
         settings.ALERT_EMAILS = ["ops@example.com"]
         posted = []
         monkeypatch.setattr(notify, "post_webhook", lambda url, body: posted.append((url, body)) or 200)
-        monkeypatch.setattr(tasks.post_alert_webhook, "delay", lambda *a: tasks.post_alert_webhook(*a))
-        monkeypatch.setattr(tasks.email_alert, "delay", lambda *a: tasks.email_alert(*a))
+        monkeypatch.setattr(
+            dispatch, "publish", lambda name, args, options: getattr(tasks, name.rsplit(".", 1)[-1])(*args)
+        )  # run here, not queued
         rule("gpu_used_pct", threshold=50, severity="critical")
         set_used(gpu, 9000)
         evaluate(0)

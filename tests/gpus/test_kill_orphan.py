@@ -24,14 +24,18 @@ pytestmark = pytest.mark.django_db
 @pytest.fixture
 def sent(monkeypatch):
     """The kill tasks sent, as (task name, args, options); nothing reaches Redis."""
-    from models_app import tasks
+    from models_app import dispatch as models_dispatch
+    from utilities import dispatch
 
     calls = []
-    monkeypatch.setattr(
-        tasks.kill_orphan,
-        "apply_async",
-        lambda args=None, **options: calls.append(("kill_orphan", args, options)),
-    )
+    publish = dispatch.publish
+
+    def fake_publish(name, args, options):
+        if name != models_dispatch.KILL_ORPHAN:
+            return publish(name, args, options)
+        calls.append(("kill_orphan", args, options))
+
+    monkeypatch.setattr(dispatch, "publish", fake_publish)
     return calls
 
 

@@ -9,6 +9,7 @@ from django.utils import timezone
 
 from gpus import alerts, notify, tasks
 from gpus.models import Alert, AlertRule, Gpu, Host
+from utilities import dispatch
 
 pytestmark = pytest.mark.django_db
 
@@ -22,8 +23,9 @@ def delivered(settings, monkeypatch):
     settings.ALERT_EMAILS = ["ops@example.com"]
     posted = []
     monkeypatch.setattr(notify, "post_webhook", lambda url, body: posted.append(body) or 200)
-    monkeypatch.setattr(tasks.post_alert_webhook, "delay", lambda *a: tasks.post_alert_webhook(*a))
-    monkeypatch.setattr(tasks.email_alert, "delay", lambda *a: tasks.email_alert(*a))
+    monkeypatch.setattr(
+        dispatch, "publish", lambda name, args, options: getattr(tasks, name.rsplit(".", 1)[-1])(*args)
+    )  # run here, not queued
     AlertRule.objects.all().delete()
     AlertRule.objects.create(name="intruder", kind="foreign_process", threshold=0, for_minutes=0)
 

@@ -149,12 +149,12 @@ def test_lifecycle_request_load_broker_down(fake_gpus, tiny_model, settings):
 def test_lifecycle_failed_enqueue_marks_failed(
     fake_gpus, tiny_model, monkeypatch, django_capture_on_commit_callbacks
 ):
-    from models_app import tasks
+    from utilities import dispatch
 
     def broken(*args, **kwargs):
         raise ConnectionError("broker went away")
 
-    monkeypatch.setattr(tasks.load_model, "apply_async", broken)
+    monkeypatch.setattr(dispatch, "publish", broken)
     with django_capture_on_commit_callbacks(execute=True):
         instance = services.request_load(model_id="tiny", gpu_spec="0", actor=None)
     instance.refresh_from_db()

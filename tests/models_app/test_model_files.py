@@ -11,11 +11,12 @@ from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from gpus.models import Host
-from models_app import model_files, placement, reconcile, services, tasks
+from models_app import dispatch, model_files, placement, reconcile, services, tasks
 from models_app.models import GpuInstance, HostModelFile, ModelConfig
 from models_app.ondemand import NoCapacity
 from models_app.services import LoadRefused
 from tests.helpers import register_second_host
+from utilities import dispatch as utilities_dispatch
 
 HTMX = {"HTTP_HX_REQUEST": "true"}
 
@@ -102,9 +103,14 @@ def test_a_failing_report_never_breaks_the_reconcile_pass(fake_gpus, tiny_model,
 @pytest.fixture
 def checks_sent(monkeypatch):
     calls = []
-    monkeypatch.setattr(
-        tasks.check_model_files, "apply_async", lambda args=None, **options: calls.append((args, options))
-    )
+    publish = utilities_dispatch.publish
+
+    def fake_publish(name, args, options):
+        if name != dispatch.CHECK_MODEL_FILES:
+            return publish(name, args, options)
+        calls.append((args, options))
+
+    monkeypatch.setattr(utilities_dispatch, "publish", fake_publish)
     return calls
 
 
