@@ -32,6 +32,11 @@ def write_sparse(
     if vocab:
         writer.add_tokenizer_model("gpt2")
         writer.add_token_list([f"t{i}" for i in range(vocab)])
+    return write_tensor_table(writer, path, tensors)
+
+
+def write_tensor_table(writer: gguf.GGUFWriter, path: Path, tensors: list[tuple[str, tuple, object]]) -> Path:
+    """Finish `writer`'s file: the tensor table, and the data as a hole of its full size (sparse on disk)."""
     total = 0
     for name, shape, kind in tensors:
         nbytes = qbytes(kind, *shape)

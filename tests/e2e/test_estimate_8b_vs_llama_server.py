@@ -8,11 +8,10 @@ import socket
 from pathlib import Path
 
 import gguf
-import numpy as np
 import pytest
 
 from models_app import estimator
-from tests.gguf_helpers import F32, Q4_K, Q6_K, qbytes, use_more_bits
+from tests.gguf_helpers import F32, Q4_K, Q6_K, use_more_bits, write_tensor_table
 
 pytestmark = pytest.mark.e2e
 MIB = estimator.MIB
@@ -50,21 +49,7 @@ def write_loadable_8b(path: Path) -> Path:
             ("ffn_gate", (ff, embd), Q4_K), ("ffn_up", (ff, embd), Q4_K), ("ffn_down", (embd, ff), more),
         ]:  # fmt: skip
             tensors.append((f"blk.{i}.{name}.weight", shape, kind))
-    total = 0
-    for name, shape, kind in tensors:
-        nbytes = qbytes(kind, *shape)
-        total += nbytes + (-nbytes % 32)
-        block, size = gguf.GGML_QUANT_SIZES[kind]
-        byte_shape = (*shape[:-1], shape[-1] // block * size)
-        writer.add_tensor_info(name, byte_shape, np.dtype(np.uint8), nbytes, raw_dtype=kind)
-    writer.write_header_to_file()
-    writer.write_kv_data_to_file()
-    writer.write_ti_data_to_file()
-    writer.close()
-    with open(path, "r+b") as handle:
-        end = handle.seek(0, 2)
-        handle.truncate(end + (-end % 32) + total)
-    return path
+    return write_tensor_table(writer, path, tensors)
 
 
 @pytest.fixture(scope="module")
