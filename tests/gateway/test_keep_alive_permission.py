@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from gateway import access, translate
-from models_app import ondemand, services
+from models_app import ondemand
 from models_app.models import GpuInstance, Host, InstanceEvent, ModelConfig
 from tests.gateway.fakes import request
 
@@ -120,9 +120,7 @@ def test_a_load_on_demand_for_a_viewer_keeps_only_a_longer_keep_alive(fake_gpus,
     assert kept(row) == (7200, "viewer")
 
 
-def test_the_idle_unload_event_names_who_asked(owned, llama, users, bearer, monkeypatch):
-    queued = []
-    monkeypatch.setattr(services, "_send", lambda name, args, queue, *a, **k: queued.append(name))
+def test_the_idle_unload_event_names_who_asked(owned, llama, users, bearer, sent):
     Host.objects.filter(pk=owned.host_id).update(last_seen=timezone.now())
     assert chat(bearer(users["operator"]), "1s")[0] == 200
     ago = timezone.now() - timedelta(seconds=3)
@@ -130,11 +128,10 @@ def test_the_idle_unload_event_names_who_asked(owned, llama, users, bearer, monk
     assert [row.pk for row in ondemand.unload_idle()] == [owned.pk]
     event = InstanceEvent.objects.get(instance=owned, kind=InstanceEvent.Kind.UNLOAD_REQUESTED)
     assert event.detail == "idle for 3 s (keep-alive 1 s, asked by operator's request)", event.detail
-    assert queued == ["unload_model"]
+    assert [name for name, _, _ in sent] == ["unload_model"]
 
 
-def test_an_anonymous_keep_alive_is_named_so(owned, llama, monkeypatch, settings):
-    monkeypatch.setattr(services, "_send", lambda *a, **k: None)
+def test_an_anonymous_keep_alive_is_named_so(owned, llama, settings, sent):
     settings.KEEP_ALIVE_SECONDS = 60
     ModelConfig.objects.filter(pk="tiny").update(allow_anonymous=True)
     Host.objects.filter(pk=owned.host_id).update(last_seen=timezone.now())

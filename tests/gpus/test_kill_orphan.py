@@ -22,24 +22,6 @@ pytestmark = pytest.mark.django_db
 
 
 @pytest.fixture
-def sent(monkeypatch):
-    """The kill tasks sent, as (task name, args, options); nothing reaches Redis."""
-    from models_app import dispatch as models_dispatch
-    from utilities import dispatch
-
-    calls = []
-    publish = dispatch.publish
-
-    def fake_publish(name, args, options):
-        if name != models_dispatch.KILL_ORPHAN:
-            return publish(name, args, options)
-        calls.append(("kill_orphan", args, options))
-
-    monkeypatch.setattr(dispatch, "publish", fake_publish)
-    return calls
-
-
-@pytest.fixture
 def start(tmp_path):
     """`start(name, gpu_uuid)`: a copy of sleep under that name, 'on' that fake GPU (or on none); its pid."""
     children: list[subprocess.Popen] = []

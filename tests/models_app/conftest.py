@@ -10,33 +10,6 @@ import pytest
 
 
 @pytest.fixture
-def sent(monkeypatch):
-    """Tasks sent by the code under test (models_app/dispatch.py through utilities.dispatch.publish), as (task
-    name without its module, args, options); none of these reaches Redis. Other tasks go on as before."""
-    from models_app import dispatch as models_dispatch
-    from utilities import dispatch
-
-    captured = {
-        models_dispatch.LOAD_MODEL,
-        models_dispatch.UNLOAD_MODEL,
-        models_dispatch.RESUME_START,
-        models_dispatch.KILL_ORPHAN,
-        models_dispatch.REFRESH_HOST,
-        models_dispatch.RECONCILE_HOST,
-    }
-    calls = []
-    publish = dispatch.publish
-
-    def fake_publish(name, args, options):
-        if name not in captured:
-            return publish(name, args, options)
-        calls.append((name.rsplit(".", 1)[-1], list(args), dict(options)))
-
-    monkeypatch.setattr(dispatch, "publish", fake_publish)
-    return calls
-
-
-@pytest.fixture
 def fake_llama(tmp_path):
     """A copy of `sleep` named llama-server: a real process that looks like one to `ps` and psutil."""
     path = tmp_path / "bin" / "llama-server"
