@@ -40,6 +40,9 @@ class Host(models.Model):
     # or LLAMACONTROLLER_HOST_ADDRESS where that is 0.0.0.0).
     address = models.CharField(max_length=255, blank=True, default="127.0.0.1")
     created_at = models.DateTimeField(auto_now_add=True)
+    # When its GPUs were last marked unavailable for its silence: once per silence, so an admin's clearing
+    # sticks (see models_app/hosts.py).
+    gpus_marked_at = models.DateTimeField(null=True, blank=True)
 
     objects = HostQuerySet.as_manager()
 
@@ -58,7 +61,8 @@ class Host(models.Model):
         return "up" if self.is_up else "down"
 
     def down_prefix(self) -> str:
-        """How every down_reason of this host begins (the GPU marks are found by it)."""
+        """How every down_reason of this host begins (wording only: the GPU marks are found by
+        Gpu.unavailable_cause)."""
         return f"host {self.name} not heard from"
 
     def down_reason(self) -> str:
@@ -82,6 +86,12 @@ class Gpu(models.Model):
         OCCUPIED_BY_OTHERS = "occupied_by_others", "Occupied by others"
         UNAVAILABLE = "unavailable", "Unavailable"
 
+    class Cause(models.TextChoices):
+        """Why an unavailable GPU is so, where code reads it back (state_reason says it for people)."""
+
+        NONE = "", "—"
+        HOST_DOWN = "host_down", "Host not heard from"
+
     host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="gpus")
     # Empty for a GPU replaced by another card at its index: it stays (history, instances) but answers to
     # no index any more.
@@ -94,6 +104,8 @@ class Gpu(models.Model):
     utilization_pct = models.PositiveSmallIntegerField(null=True, blank=True)
     state = models.CharField(max_length=20, choices=State.choices, default=State.IDLE)
     state_reason = models.TextField(blank=True)
+    # HOST_DOWN: marked by mark_host_lost (its host went quiet), until a refresh or an admin clears it.
+    unavailable_cause = models.CharField(max_length=20, choices=Cause.choices, blank=True, default=Cause.NONE)
     # [{"pid", "name", "used_mib", "owner": "instance"|"foreign"|"orphan", "instance_id"}]
     processes = models.JSONField(default=list, blank=True)
     updated_at = models.DateTimeField(null=True, blank=True)

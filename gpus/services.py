@@ -136,6 +136,7 @@ def _release_indices(host: Host, readings: list[GpuReading]) -> None:
                 index=None,
                 state=Gpu.State.UNAVAILABLE,
                 state_reason=f"replaced: GPU {gpu.index} of {host.name} is now {claimed_by[gpu.index]}",
+                unavailable_cause=Gpu.Cause.NONE,
                 processes=[],
             )
     # Renumbered GPUs (e.g. two swapped): let go of every old index first, then take the new ones.
@@ -272,7 +273,8 @@ def refresh_host(
         logger.warning("GPU query failed on %s: %s", host_name, sampled.error)
         for gpu in gpus:
             gpu.state, gpu.state_reason, gpu.updated_at = Gpu.State.UNAVAILABLE, sampled.error, now
-        update_rows(gpus, ["state", "state_reason", "updated_at"])
+            gpu.unavailable_cause = Gpu.Cause.NONE
+        update_rows(gpus, ["state", "state_reason", "unavailable_cause", "updated_at"])
         return [InstanceMemory(c.instance_id, None, None, "none", None) for c in claims if c.measure]
 
     by_uuid = {r.uuid: r for r in sampled.readings}
@@ -291,6 +293,7 @@ def refresh_host(
         if reading is None:
             if gpu.index is not None:  # a replaced GPU keeps the reason that names its successor
                 gpu.state, gpu.state_reason = Gpu.State.UNAVAILABLE, "GPU not reported by the driver any more"
+                gpu.unavailable_cause = Gpu.Cause.NONE
             gpu.processes = []
             continue
         readings_by_pk[gpu.pk] = reading
@@ -299,6 +302,7 @@ def refresh_host(
         gpu.utilization_pct = reading.utilization_pct
         gpu.processes = _process_rows(reading, owner_of, llama_servers)
         gpu.state, gpu.state_reason = _gpu_state(reading, gpu.pk in claimed_pks, gpu.processes)
+        gpu.unavailable_cause = Gpu.Cause.NONE
         samples.append(
             MemorySample(
                 gpu=gpu, taken_at=now, used_mib=reading.memory_used_mib, total_mib=reading.memory_total_mib
@@ -313,7 +317,7 @@ def refresh_host(
     ]
     fields = [
         "index", "name", "simulated", "memory_total_mib", "memory_used_mib", "utilization_pct",
-        "processes", "state", "state_reason", "updated_at",
+        "processes", "state", "state_reason", "unavailable_cause", "updated_at",
     ]  # fmt: skip
     update_rows(gpus, fields)
     MemorySample.objects.bulk_create(samples)
@@ -337,15 +341,28 @@ def prune_samples(*, older_than_days: int | None = None, batch_size: int = 10_00
 
 def mark_host_lost(host: Host, reason: str) -> int:
     """The host's worker went quiet: its GPUs are unavailable with `reason` until the host answers again
-    (its next refresh sets their state from a reading) or an admin clears them. Returns the GPUs marked."""
+    (its next refresh sets their state from a reading) or an admin clears them. Records when on the host
+    (the GPUs are marked once per silence). Returns the GPUs marked."""
+    now = timezone.now()
+    Host.objects.filter(pk=host.pk).update(gpus_marked_at=now)
+    host.gpus_marked_at = now
     return Gpu.objects.filter(host=host).update(
-        state=Gpu.State.UNAVAILABLE, state_reason=reason, updated_at=timezone.now()
+        state=Gpu.State.UNAVAILABLE,
+        state_reason=reason,
+        unavailable_cause=Gpu.Cause.HOST_DOWN,
+        updated_at=now,
     )
 
 
-def clear_host_lost(host: Host, reason_prefix: str) -> int:
-    """An admin clears the marks that `mark_host_lost` left (reason beginning with `reason_prefix`): the
-    GPUs count as idle until the host's next refresh. Returns the GPUs cleared."""
+def clear_host_lost(host: Host) -> int:
+    """An admin clears the marks that `mark_host_lost` left (cause HOST_DOWN): the GPUs count as idle until
+    the host's next refresh. Returns the GPUs cleared."""
     return Gpu.objects.filter(
-        host=host, state=Gpu.State.UNAVAILABLE, state_reason__startswith=reason_prefix
-    ).update(state=Gpu.State.IDLE, state_reason="", processes=[], updated_at=timezone.now())
+        host=host, state=Gpu.State.UNAVAILABLE, unavailable_cause=Gpu.Cause.HOST_DOWN
+    ).update(
+        state=Gpu.State.IDLE,
+        state_reason="",
+        unavailable_cause=Gpu.Cause.NONE,
+        processes=[],
+        updated_at=timezone.now(),
+    )

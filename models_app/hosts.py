@@ -91,15 +91,9 @@ def _check_down_hosts() -> dict[str, int]:
                 done["unknown"] += 1
         # The GPUs are marked once per silence, so that an admin's clearing sticks.
         since = host.last_seen or host.created_at
-        marked = InstanceEvent.objects.filter(
-            kind=Kind.HOST_LOST,
-            instance=None,
-            detail__startswith=f"{host.down_prefix()} ",
-            created_at__gte=since,
-        )
-        if not marked.exists():
+        if host.gpus_marked_at is None or host.gpus_marked_at < since:
             count = mark_host_lost(host, reason)
-            record(Kind.HOST_LOST, detail=f"{reason}: {count} GPU(s) marked unavailable")
+            record(Kind.HOST_GPUS_MARKED, detail=f"{reason}: {count} GPU(s) marked unavailable")
             logger.warning("%s: %d GPU(s) marked unavailable", reason, count)
             done["hosts"] += 1
     return dict(done)
@@ -108,7 +102,7 @@ def _check_down_hosts() -> dict[str, int]:
 def clear_host(host: Host, actor=None) -> int:
     """An admin clears a lost host's GPUs (it is back, or its GPUs are known to be free). Returns the GPUs
     cleared; the event records who did it."""
-    count = clear_host_lost(host, host.down_prefix())
+    count = clear_host_lost(host)
     record(Kind.HOST_LOST, actor=actor, detail=f"host {host.name}: {count} GPU(s) cleared of the lost mark")
     return count
 

@@ -279,6 +279,11 @@ class InstanceEvent(models.Model):
         USER_CHANGED = "user_changed", "User changed"
         INSTANCE_DELETED = "instance_deleted", "Instance record deleted"
         HOST_LOST = "host_lost", "Host did not answer"
+        # Read back by code (never by the wording of `detail`): resend limits, once-per-silence GPU marks,
+        # the dashboard's idle unloads.
+        RESENT = "resent", "Sent again"
+        IDLE_UNLOAD = "idle_unload", "Idle unload requested"
+        HOST_GPUS_MARKED = "host_gpus_marked", "Host's GPUs marked unavailable"
         HOST_RETURNED = "host_returned", "Host answered again"
         ALERT_FIRED = "alert_fired", "Alert fired"
         ALERT_RESOLVED = "alert_resolved", "Alert resolved"

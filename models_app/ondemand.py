@@ -34,7 +34,7 @@ from django.utils import timezone
 from accounts.roles import can_load, can_manage_instance, can_read
 
 from . import placement, services
-from .models import GpuInstance, ModelConfig
+from .models import GpuInstance, InstanceEvent, ModelConfig
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +46,8 @@ BUSY_RETRIES = 5
 # After a load on demand fails, requests for the model get that failure for this long instead of starting
 # another load each (a broken model under steady traffic would otherwise fill the audit trail).
 FAILURE_BACKOFF_SECONDS = 30
-# The idle unload's event detail begins so: "idle for 30 min (keep-alive 30 min)" (the dashboard finds them).
-IDLE_EVENT_PREFIX = "idle for "
+# The idle unload's event (kind IDLE_UNLOAD, which the dashboard finds) says "idle for 30 min (keep-alive 30 min)".
+IDLE_EVENT_PREFIX = "idle for "  # wording only
 
 
 # --- refusals ------------------------------------------------------------------------------------------
@@ -511,7 +511,9 @@ def _unload_if_idle(instance_id: int, now: datetime) -> GpuInstance | None:
             detail += (
                 f"; {row.in_flight} in-flight request(s) ignored: none for over {_max_request_seconds()} s"
             )
-        return services.request_unload(instance=row, actor=None, detail=detail)
+        return services.request_unload(
+            instance=row, actor=None, detail=detail, event_kind=InstanceEvent.Kind.IDLE_UNLOAD
+        )
 
 
 def unload_idle(now: datetime | None = None) -> list[GpuInstance]:

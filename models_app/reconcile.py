@@ -34,7 +34,8 @@ GRACE_SECONDS = 10
 # A load or unload is sent again at most this often (each wait twice the one before); then it is given up:
 # the instance fails (a load) or is stopped by the reconcile pass itself (an unload).
 MAX_RESENDS = 3
-RESENT = "sent again"  # how the events of a resend begin: they are counted
+# The events of a resend are of kind RESENT (their detail, for people, says which): they are counted.
+RESENT = "sent again"  # how their detail begins (wording only)
 
 
 def reconcile_host(host_name: str) -> dict[str, int]:
@@ -89,16 +90,16 @@ def _is_lost(instance: GpuInstance, extra_seconds: float = 0, worker_started_at=
 
 
 def _resends(instance: GpuInstance) -> int:
-    return instance.events.filter(detail__startswith=RESENT).count()
+    return instance.events.filter(kind=Kind.RESENT).count()
 
 
-def _resend(instance: GpuInstance, task_name: str, event_kind: str, what: str) -> str | None:
+def _resend(instance: GpuInstance, task_name: str, what: str) -> str | None:
     """Send the task again unless it was sent MAX_RESENDS times already; None when it was."""
     count = _resends(instance)
     if count >= MAX_RESENDS:
         return None
     record(
-        event_kind,
+        Kind.RESENT,
         instance=instance,
         detail=f"{RESENT} to {instance.host.queue}: no worker took the {what} ({count + 1} of {MAX_RESENDS})",
     )
@@ -185,7 +186,7 @@ def _start_over(instance: GpuInstance) -> str | None:
         instance,
         Status.PENDING,
         expected=[Status.STARTING],
-        event_kind=Kind.RESTARTING,
+        event_kind=Kind.RESENT,
         detail=f"{RESENT}: the worker was lost before llama-server started; loading again",
         lease_expires_at=None,
     ):
@@ -224,7 +225,7 @@ def resend_pending(instance: GpuInstance, worker_started_at) -> str | None:
     if not _is_lost(instance, extra_seconds=extra, worker_started_at=worker_started_at):
         return None
     # The load is idempotent: a duplicate does nothing.
-    if _resend(instance, dispatch.LOAD_MODEL, Kind.REQUESTED, "load"):
+    if _resend(instance, dispatch.LOAD_MODEL, "load"):
         return "resent"
     host = instance.host
     lifecycle.fail(
@@ -268,7 +269,7 @@ def give_up_unload(instance: GpuInstance, worker_started_at) -> str | None:
 def _check_stopping(instance: GpuInstance) -> str | None:
     if not _is_lost(instance, extra_seconds=settings.STOP_TIMEOUT):
         return None
-    if _resend(instance, dispatch.UNLOAD_MODEL, Kind.UNLOAD_REQUESTED, "unload"):
+    if _resend(instance, dispatch.UNLOAD_MODEL, "unload"):
         return "resent"
     # Nobody takes the unload: this pass runs on the host's worker, so it stops the process itself.
     lifecycle.unload_instance(instance.pk)

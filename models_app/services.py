@@ -380,9 +380,11 @@ def request_load_auto(
 # --- unload --------------------------------------------------------------------------------------------
 
 
-def request_unload(*, instance: GpuInstance, actor, detail: str = "") -> GpuInstance:
+def request_unload(
+    *, instance: GpuInstance, actor, detail: str = "", event_kind: str = Kind.UNLOAD_REQUESTED
+) -> GpuInstance:
     """Mark the instance stopping and queue the stop. Asking again while it stops is not an error.
-    `detail`: why, for the event (e.g. "idle for 30 min")."""
+    `detail`: why, for the event (e.g. "idle for 30 min"); `event_kind`: IDLE_UNLOAD for the idle timer."""
     _check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")
     instance.refresh_from_db()
     if instance.status == Status.STOPPING:
@@ -396,7 +398,7 @@ def request_unload(*, instance: GpuInstance, actor, detail: str = "") -> GpuInst
             instance,
             Status.STOPPING,
             expected=[Status.PENDING, Status.STARTING, Status.RUNNING],
-            event_kind=Kind.UNLOAD_REQUESTED,
+            event_kind=event_kind,
             actor=actor,
             detail=detail,
             lease_expires_at=None,

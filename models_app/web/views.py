@@ -29,7 +29,14 @@ Status = GpuInstance.Status
 TRANSITIONS = (Status.PENDING, Status.STARTING, Status.STOPPING)
 FAST_REFRESH_SECONDS = 2
 BROKER_CHECK_CACHE_SECONDS = 5
-STOP_EVENT_KINDS = (InstanceEvent.Kind.UNLOAD_REQUESTED, InstanceEvent.Kind.SWITCH_REQUESTED)
+# The events that (re)start a stop's clock: asked for, by the idle timer, or sent again (a load's resends
+# come before its unload's request, so only an unload's count while stopping).
+STOP_EVENT_KINDS = (
+    InstanceEvent.Kind.UNLOAD_REQUESTED,
+    InstanceEvent.Kind.IDLE_UNLOAD,
+    InstanceEvent.Kind.SWITCH_REQUESTED,
+    InstanceEvent.Kind.RESENT,
+)
 
 
 def _broker_status() -> dict:
@@ -148,9 +155,7 @@ def dashboard_context(user, base_url: str = "/") -> dict:
     # Idle unloads of the last hour, so that a model that went away says why.
     idle_unloads = list(
         InstanceEvent.objects.filter(
-            kind=InstanceEvent.Kind.UNLOAD_REQUESTED,
-            actor=None,
-            detail__startswith=ondemand.IDLE_EVENT_PREFIX,
+            kind=InstanceEvent.Kind.IDLE_UNLOAD,
             created_at__gte=now - timedelta(hours=1),
         )
         .select_related("instance__model")
