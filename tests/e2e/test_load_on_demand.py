@@ -75,7 +75,7 @@ def test_cold_model_loads_on_demand_once_for_concurrent_callers_then_idles_out(
         lambda: GpuInstance.objects.get(pk=instance.pk).status == Status.STOPPED, what="the idle unload"
     )
     assert not processes.is_alive(instance.pid, instance.process_create_time)
-    event = instance.events.get(kind=InstanceEvent.Kind.UNLOAD_REQUESTED)
+    event = instance.events.get(kind=InstanceEvent.Kind.IDLE_UNLOAD)
     assert event.actor_name == "system"
     assert event.detail.startswith("idle for 1 s (keep-alive 1 s)"), event.detail
     assert instance.events.filter(kind=InstanceEvent.Kind.UNLOADED).exists()

@@ -126,7 +126,7 @@ def test_the_idle_unload_event_names_who_asked(owned, llama, users, bearer, sent
     ago = timezone.now() - timedelta(seconds=3)
     GpuInstance.objects.filter(pk=owned.pk).update(last_used_at=ago, loaded_at=ago)
     assert [row.pk for row in ondemand.unload_idle()] == [owned.pk]
-    event = InstanceEvent.objects.get(instance=owned, kind=InstanceEvent.Kind.UNLOAD_REQUESTED)
+    event = InstanceEvent.objects.get(instance=owned, kind=InstanceEvent.Kind.IDLE_UNLOAD)
     assert event.detail == "idle for 3 s (keep-alive 1 s, asked by operator's request)", event.detail
     assert [name for name, _, _ in sent] == ["unload_model"]
 
@@ -140,7 +140,7 @@ def test_an_anonymous_keep_alive_is_named_so(owned, llama, settings, sent):
     ago = timezone.now() - timedelta(seconds=121)
     GpuInstance.objects.filter(pk=owned.pk).update(last_used_at=ago, loaded_at=ago)
     ondemand.unload_idle()
-    event = InstanceEvent.objects.get(instance=owned, kind=InstanceEvent.Kind.UNLOAD_REQUESTED)
+    event = InstanceEvent.objects.get(instance=owned, kind=InstanceEvent.Kind.IDLE_UNLOAD)
     assert event.detail.endswith("(keep-alive 2 min, asked by an anonymous request)"), event.detail
 
 

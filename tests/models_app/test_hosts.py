@@ -45,7 +45,7 @@ def test_silent_host_fails_its_waiting_work_and_marks_its_gpus(fake_gpus, tiny_m
         assert instance.events.filter(kind=Kind.HOST_LOST, detail=reason).exists()
         assert not instance.gpu_links.filter(active=True).exists()
     assert set(Gpu.objects.values_list("state", "state_reason")) == {(Gpu.State.UNAVAILABLE, reason)}
-    host_event = InstanceEvent.objects.get(kind=Kind.HOST_LOST, instance=None)
+    host_event = InstanceEvent.objects.get(kind=Kind.HOST_GPUS_MARKED, instance=None)
     assert host_event.detail == f"{reason}: 2 GPU(s) marked unavailable"
 
     # Nobody can load onto the host, or unload from it, while it is down: 409 naming the host.

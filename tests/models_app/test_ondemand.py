@@ -439,16 +439,14 @@ def test_idle_unload_picks_the_right_instances(
         kept.refresh_from_db()
         assert kept.status == Status.RUNNING
     details = dict(
-        InstanceEvent.objects.filter(kind=InstanceEvent.Kind.UNLOAD_REQUESTED).values_list(
-            "instance_id", "detail"
-        )
+        InstanceEvent.objects.filter(kind=InstanceEvent.Kind.IDLE_UNLOAD).values_list("instance_id", "detail")
     )
     assert details[idle.pk] == "idle for 31 min (keep-alive 30 min)"
     assert details[never_used.pk] == "idle for 45 min (keep-alive 30 min)"
     assert details[by_hand_kept.pk] == "idle for 60 min (keep-alive 10 min)"
     assert details[asked_short.pk] == "idle for 2 min (keep-alive 60 s)"
     assert details[stale.pk].startswith("idle for 2 h (keep-alive 30 min); 2 in-flight request(s) ignored")
-    assert InstanceEvent.objects.get(instance=idle, kind="unload_requested").actor_name == "system"
+    assert InstanceEvent.objects.get(instance=idle, kind="idle_unload").actor_name == "system"
     assert sorted(args[0] for name, args, _ in sent if name == "unload_model") == sorted(stopping)
     assert tasks.unload_idle() == 0  # nothing twice
 
@@ -604,3 +602,26 @@ def test_dashboard_says_which_models_went_away_for_idleness(
     page = html.unescape(client.get("/").content.decode())
     assert f"Tiny test llama (#{instance.pk}, GPU 0) was unloaded" in page
     assert "ago: idle for 31 min (keep-alive 30 min)." in page
+
+
+def test_the_dashboards_idle_unloads_are_found_by_kind_not_wording(
+    client, users, host, tiny_model, sent, settings, monkeypatch, django_capture_on_commit_callbacks
+):
+    """Reworded, an idle unload still shows; an unload by the system that merely reads alike does not."""
+    import html
+
+    from models_app import services
+
+    settings.KEEP_ALIVE_SECONDS = 1800
+    monkeypatch.setattr(ondemand, "IDLE_EVENT_PREFIX", "unused for ")
+    instance = running(tiny_model, gpu(host, 0), loaded_ago=3600, used_ago=31 * 60)
+    other = running(other_model(tiny_model, "other"), gpu(host, 1), loaded_ago=60, used_ago=10)
+    with django_capture_on_commit_callbacks(execute=True):
+        assert tasks.unload_idle() == 1
+        services.request_unload(instance=other, actor=None, detail="idle for ever (by hand)")
+    assert InstanceEvent.objects.get(instance=instance).kind == InstanceEvent.Kind.IDLE_UNLOAD
+    client.force_login(users["viewer"])
+    page = html.unescape(client.get("/").content.decode())
+    assert f"(#{instance.pk}, GPU 0) was unloaded" in page
+    assert "ago: unused for 31 min (keep-alive 30 min)." in page
+    assert f"#{other.pk}, GPU 1) was unloaded" not in page and "idle for ever" not in page
