@@ -74,7 +74,9 @@ def test_clear_host_finds_the_marks_by_cause_not_reason(fake_gpus, monkeypatch):
     assert (first.state, first.unavailable_cause) == (Gpu.State.UNAVAILABLE, Gpu.Cause.HOST_DOWN)
     assert first.state_reason.startswith("worker of testhost silent")
     # Unavailable for another cause, though worded like a mark: left alone.
-    Gpu.objects.filter(pk=second.pk).update(state_reason=mark, unavailable_cause=Gpu.Cause.NONE)
+    Gpu.objects.filter(pk=second.pk).update(
+        state_reason="host testhost not heard from since 10:00", unavailable_cause=Gpu.Cause.NONE
+    )
     cleared = hosts.clear_host(host)
     assert cleared == Gpu.objects.filter(host=host).count() - 1
     first.refresh_from_db()
