@@ -36,7 +36,7 @@ class GpuAdmin(ReadOnlyAdmin):
         "__str__", "uuid", "state", "memory_used_mib", "memory_total_mib", "utilization_pct", "simulated",
         "updated_at",
     ]  # fmt: skip
-    list_filter = ["state", "simulated", "host"]
+    list_filter = ["state", "unavailable_cause", "simulated", "host"]
     search_fields = ["uuid", "name", "host__name"]
     list_select_related = ["host"]
 
