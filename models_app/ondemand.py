@@ -46,8 +46,9 @@ BUSY_RETRIES = 5
 # After a load on demand fails, requests for the model get that failure for this long instead of starting
 # another load each (a broken model under steady traffic would otherwise fill the audit trail).
 FAILURE_BACKOFF_SECONDS = 30
-# The idle unload's event (kind IDLE_UNLOAD, which the dashboard finds) says "idle for 30 min (keep-alive 30 min)".
-IDLE_EVENT_PREFIX = "idle for "  # wording only
+# The idle unload's event is of kind IDLE_UNLOAD (the dashboard finds it by that); its detail, for people,
+# says "idle for 30 min (keep-alive 30 min)".
+IDLE_EVENT_PREFIX = "idle for "
 
 
 # --- refusals ------------------------------------------------------------------------------------------
