@@ -4,12 +4,14 @@ import contextlib
 import subprocess
 import sys
 import time
+from datetime import timedelta
 from pathlib import Path
 
 import httpx
 import psutil
 from django.utils import timezone
 
+from gpus.models import Host
 from llamacontroller_site.embedded_redis import free_port
 from models_app.models import GpuInstance, InstanceGpu
 
@@ -124,3 +126,12 @@ def web_server(env: dict, log_path, *, workers: int = 1, timeout: float = 30.0, 
         except subprocess.TimeoutExpired:
             web.kill()
             web.wait()
+
+
+def age_events(instance, seconds):
+    """Move the instance's events `seconds` into the past (a resend waits on the age of the last one)."""
+    instance.events.update(created_at=timezone.now() - timedelta(seconds=seconds))
+
+
+def keep_host_up(host):
+    Host.objects.filter(pk=host.pk).update(last_seen=timezone.now())

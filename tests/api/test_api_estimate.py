@@ -8,20 +8,6 @@ from gpus.models import Gpu
 
 
 @pytest.fixture
-def live(fake_gpus):
-    """testhost alive with a default llama-server, its GPUs measured (10 MiB used of 24564)."""
-    from django.utils import timezone
-
-    from gpus.models import Host
-    from models_app.models import LlamaBinary
-
-    Host.objects.filter(pk=fake_gpus.host.pk).update(last_seen=timezone.now())
-    LlamaBinary.objects.get_or_create(host=fake_gpus.host, name="d", path="/x/llama-server", is_default=True)
-    Gpu.objects.filter(host=fake_gpus.host).update(memory_used_mib=10)
-    return fake_gpus
-
-
-@pytest.fixture
 def client_for(users):
     def make(name):
         client = APIClient()

@@ -4,19 +4,9 @@ non-ASCII digits; they take every memory flag the README lists (nkvo keeps the K
 without a GPU that fits they say so instead of "fits" on no GPU."""
 
 import pytest
-from django.utils import timezone
 from rest_framework.test import APIClient
 
-from gpus.models import Gpu, Host
-from models_app.models import LlamaBinary
-
-
-@pytest.fixture
-def live(fake_gpus):
-    Host.objects.filter(pk=fake_gpus.host.pk).update(last_seen=timezone.now())
-    LlamaBinary.objects.get_or_create(host=fake_gpus.host, name="d", path="/x/llama-server", is_default=True)
-    Gpu.objects.filter(host=fake_gpus.host).update(memory_used_mib=10)
-    return fake_gpus
+from gpus.models import Gpu
 
 
 @pytest.fixture

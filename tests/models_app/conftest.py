@@ -39,3 +39,16 @@ def no_stray_servers(settings):
     for pid, (_, log) in processes.tagged_processes().items():
         if log.startswith(str(settings.INSTANCE_LOG_DIR)):
             processes.stop_process(pid, None, timeout=2)
+
+
+@pytest.fixture
+def beat(django_capture_on_commit_callbacks):
+    """One pass of the beat task on the default queue, with what it queues actually sent (to `sent`)."""
+
+    def run_once():
+        with django_capture_on_commit_callbacks(execute=True):
+            from models_app import hosts
+
+            return hosts.check_hosts()
+
+    return run_once

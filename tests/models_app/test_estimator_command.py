@@ -6,18 +6,8 @@ from io import StringIO
 
 import pytest
 from django.core.management import CommandError, call_command
-from django.utils import timezone
 
-from gpus.models import Gpu, Host
-from models_app.models import LlamaBinary
-
-
-@pytest.fixture
-def live(fake_gpus):
-    Host.objects.filter(pk=fake_gpus.host.pk).update(last_seen=timezone.now())
-    LlamaBinary.objects.get_or_create(host=fake_gpus.host, name="d", path="/x/llama-server", is_default=True)
-    Gpu.objects.filter(host=fake_gpus.host).update(memory_used_mib=10)
-    return fake_gpus
+from gpus.models import Gpu
 
 
 def run(*args) -> str:

@@ -4,7 +4,6 @@ a message changes no resend limit, no GPU mark, no dashboard list; the migration
 import importlib
 from datetime import timedelta
 
-import pytest
 from django.apps import apps
 from django.contrib.auth import get_user_model
 from django.utils import timezone
@@ -14,26 +13,10 @@ from gpus.models import Gpu, Host
 from models_app import hosts, reconcile
 from models_app.models import GpuInstance, InstanceEvent
 from models_app.services import request_load
+from tests.helpers import age_events, keep_host_up
 
 Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
-
-
-@pytest.fixture
-def beat(django_capture_on_commit_callbacks):
-    def run_once():
-        with django_capture_on_commit_callbacks(execute=True):
-            return hosts.check_hosts()
-
-    return run_once
-
-
-def _age(instance, seconds):
-    instance.events.update(created_at=timezone.now() - timedelta(seconds=seconds))
-
-
-def _keep_host_up(host):
-    Host.objects.filter(pk=host.pk).update(last_seen=timezone.now())
 
 
 def test_rewording_a_resend_changes_neither_its_count_nor_its_limit(
@@ -42,15 +25,15 @@ def test_rewording_a_resend_changes_neither_its_count_nor_its_limit(
     monkeypatch.setattr(reconcile, "RESENT", "tried once more")
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     for n in range(1, reconcile.MAX_RESENDS + 1):
-        _age(instance, reconcile.GRACE_SECONDS * 2 ** (n - 1) + 1)
-        _keep_host_up(fake_gpus.host)
+        age_events(instance, reconcile.GRACE_SECONDS * 2 ** (n - 1) + 1)
+        keep_host_up(fake_gpus.host)
         assert beat() == {"resent": 1}
     resends = instance.events.filter(kind=Kind.RESENT).order_by("id")
     assert resends.count() == reconcile.MAX_RESENDS
     assert resends.last().detail == "tried once more to host.testhost: no worker took the load (3 of 3)"
     assert reconcile._resends(instance) == reconcile.MAX_RESENDS
-    _age(instance, reconcile.GRACE_SECONDS * 2**reconcile.MAX_RESENDS + 1)
-    _keep_host_up(fake_gpus.host)
+    age_events(instance, reconcile.GRACE_SECONDS * 2**reconcile.MAX_RESENDS + 1)
+    keep_host_up(fake_gpus.host)
     assert beat() == {"failed": 1}
     instance.refresh_from_db()
     assert instance.status == Status.FAILED

@@ -10,30 +10,12 @@ from celery import Celery
 from django.utils import timezone
 
 from gpus.models import Host
-from models_app import cluster, hosts, reconcile
+from models_app import cluster, reconcile
 from models_app.models import GpuInstance, InstanceEvent
 from models_app.services import request_load, request_unload
+from tests.helpers import age_events, keep_host_up
 
 Status = GpuInstance.Status
-
-
-@pytest.fixture
-def beat(django_capture_on_commit_callbacks):
-    """One pass of the beat task on the default queue, with what it queues actually sent (to `sent`)."""
-
-    def run_once():
-        with django_capture_on_commit_callbacks(execute=True):
-            return hosts.check_hosts()
-
-    return run_once
-
-
-def _age(instance, seconds):
-    instance.events.update(created_at=timezone.now() - timedelta(seconds=seconds))
-
-
-def _keep_host_up(host):
-    Host.objects.filter(pk=host.pk).update(last_seen=timezone.now())
 
 
 def test_a_load_nobody_takes_is_resent_and_given_up_by_beat_alone(fake_gpus, tiny_model, sent, beat):
@@ -43,10 +25,10 @@ def test_a_load_nobody_takes_is_resent_and_given_up_by_beat_alone(fake_gpus, tin
     waits = []
     for n in range(1, reconcile.MAX_RESENDS + 1):
         waited = reconcile.GRACE_SECONDS * 2 ** (n - 1) + 1
-        _age(instance, waited - 2)
-        _keep_host_up(fake_gpus.host)
+        age_events(instance, waited - 2)
+        keep_host_up(fake_gpus.host)
         assert beat() == {}, f"resend {n} came before its wait"
-        _age(instance, waited)
+        age_events(instance, waited)
         assert beat() == {"resent": 1}
         waits.append(waited)
     assert [name for name, *_ in sent] == ["load_model"] * reconcile.MAX_RESENDS
@@ -54,7 +36,7 @@ def test_a_load_nobody_takes_is_resent_and_given_up_by_beat_alone(fake_gpus, tin
     resends = instance.events.filter(detail__startswith="sent again").order_by("id")
     details = list(resends.values_list("detail", flat=True))
     assert details[-1] == "sent again to host.testhost: no worker took the load (3 of 3)"
-    _age(instance, reconcile.GRACE_SECONDS * 2**reconcile.MAX_RESENDS + 1)
+    age_events(instance, reconcile.GRACE_SECONDS * 2**reconcile.MAX_RESENDS + 1)
     assert beat() == {"failed": 1}
     instance.refresh_from_db()
     assert instance.status == Status.FAILED
@@ -68,7 +50,7 @@ def test_a_load_nobody_takes_is_resent_and_given_up_by_beat_alone(fake_gpus, tin
 
 def test_a_load_asked_for_before_the_worker_restarted_is_resent_at_once(fake_gpus, tiny_model, sent, beat):
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
-    _age(instance, 2)
+    age_events(instance, 2)
     Host.objects.filter(pk=fake_gpus.host.pk).update(worker_started_at=timezone.now())
     assert beat() == {"resent": 1}
 
@@ -77,7 +59,7 @@ def test_the_hosts_own_pass_no_longer_resends_loads(
     fake_gpus, tiny_model, sent, django_capture_on_commit_callbacks
 ):
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
-    _age(instance, 1000)
+    age_events(instance, 1000)
     with django_capture_on_commit_callbacks(execute=True):
         assert reconcile.reconcile_host("testhost") == {}
     assert sent == []
@@ -88,9 +70,9 @@ def test_an_unload_nobody_finishes_is_given_up_by_beat_naming_the_host(fake_gpus
     GpuInstance.objects.filter(pk=instance.pk).update(status=Status.RUNNING)
     instance.refresh_from_db()
     request_unload(instance=instance, actor=None)
-    _age(instance, 150)  # the host's own pass would still be resending
+    age_events(instance, 150)  # the host's own pass would still be resending
     assert beat() == {}
-    _age(instance, 10_000)
+    age_events(instance, 10_000)
     assert beat() == {"failed": 1}
     instance.refresh_from_db()
     assert instance.status == Status.FAILED
@@ -101,7 +83,7 @@ def test_an_unload_nobody_finishes_is_given_up_by_beat_naming_the_host(fake_gpus
 def test_a_down_hosts_work_is_left_to_the_down_pass(fake_gpus, tiny_model, sent, beat, settings):
     """The resends are for hosts that are up; a down host's pending work fails with the host's reason."""
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
-    _age(instance, 1000)
+    age_events(instance, 1000)
     Host.objects.filter(pk=fake_gpus.host.pk).update(last_seen=timezone.now() - timedelta(seconds=999))
     done = beat()
     assert done.get("failed") == 1 and "resent" not in done
