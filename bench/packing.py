@@ -1,0 +1,339 @@
+"""Benchmark: sharing GPUs by memory. A deterministic simulation (no processes, no database) of one host with
+8 GPUs (2 of 80 GiB, 6 of 24 GiB: 304 GiB for about 280 GiB of models, so that room must be made) and 30 models from 0.3 to 40 GiB, fed the same trace of 2,000 requests with
+Zipf-distributed popularity, under three rules:
+
+- one-per-gpu: today's rule before sharing (a GPU holds one model; no eviction, idle unload only),
+- ollama: at most 3 models per GPU, sizes taken as given, the least recently used idle model evicted
+  (anywhere) until the new one fits,
+- ours: the controller's own code — models_app.eviction.choose_victims picks the victims (the fewest idle
+  instances on one GPU set, least recently used first), and the claim arithmetic of models_app.admission
+  decides what fits (estimate + headroom per instance on each GPU; a GPU admits a load only while claims + the
+  new claim <= its memory), placement packing best fit.
+
+Every rule answers a request for a model that is loading by joining that load, unloads models idle for the
+keep-alive, and refuses (a 503) a request it cannot place. After every step the simulation asserts that, on
+each GPU, the memory of the processes alive never exceeds the GPU's memory (and, for ours, that the admitted
+claims do not either). Output: one line per rule (503s, loads, mean memory in use) and the ratios the issue
+asks for.
+
+    .venv/bin/python bench/packing.py                    # the default trace (seed 1)
+    .venv/bin/python bench/packing.py --seeds 1,2,3,4,5  # several traces: the medians
+"""
+
+import argparse
+import heapq
+import math
+import random
+import statistics
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from models_app.eviction import Resident, choose_victims, why_kept  # noqa: E402
+
+GIB = 1024
+GPU_SIZES_MIB = [80 * GIB] * 2 + [24 * GIB] * 6
+MODELS = 30
+REQUESTS = 2000
+MEAN_GAP_S = 3.0  # between request arrivals (Poisson)
+REQUEST_S = (2.0, 30.0)  # how long a request keeps its model busy (uniform)
+KEEP_ALIVE_S = 1800.0  # idle unload for every rule (the product's default LLAMACONTROLLER_KEEP_ALIVE_SECONDS)
+STOP_S = 1.0
+HEADROOM_MIB = 512  # the product's default LLAMACONTROLLER_GPU_HEADROOM_MIB
+MIN_IDLE_S = 30.0  # LLAMACONTROLLER_EVICT_MIN_IDLE_SECONDS
+MIN_RESIDENCY_S = 60.0  # LLAMACONTROLLER_EVICT_MIN_RESIDENCY_SECONDS
+OLLAMA_MAX_PER_GPU = 3
+
+
+def load_seconds(size_mib: int) -> float:
+    return 1.0 + size_mib / GIB * 0.5  # ~2 GiB/s from the page cache
+
+
+@dataclass
+class Model:
+    name: str
+    size_mib: int  # what its process really uses (measured)
+    estimate_mib: int  # what the controller predicts before load (within a few % above, as calibrated)
+
+
+@dataclass
+class Instance:
+    pk: int
+    model: Model
+    gpu: int
+    claim_mib: int
+    loaded_at: float  # when it became ready (start + load time)
+    last_used: float
+    in_flight: int = 0
+    stopping_until: float | None = None
+    waits_for: list = field(default_factory=list)  # victims that must exit before its process starts
+
+    def ready(self, now: float) -> bool:
+        return self.stopping_until is None and now >= self.loaded_at
+
+    def process_alive(self, now: float) -> bool:
+        if self.stopping_until is not None:
+            return now < self.stopping_until
+        return not self.waits_for or all(v.stopping_until <= now for v in self.waits_for)
+
+
+def make_models(rng: random.Random) -> list[Model]:
+    low, high = math.log(0.3 * GIB), math.log(40 * GIB)
+    models = []
+    for n in range(MODELS):
+        size = int(math.exp(rng.uniform(low, high)))
+        models.append(Model(f"model-{n:02d}", size, int(size * rng.uniform(1.0, 1.08))))
+    return models
+
+
+def make_trace(rng: random.Random, models: list[Model]) -> list[tuple[float, Model, float]]:
+    order = models[:]
+    rng.shuffle(order)  # popularity unrelated to size
+    weights = [1 / (rank + 1) ** 1.1 for rank in range(len(order))]
+    now, trace = 0.0, []
+    for _ in range(REQUESTS):
+        now += rng.expovariate(1 / MEAN_GAP_S)
+        trace.append((now, rng.choices(order, weights)[0], rng.uniform(*REQUEST_S)))
+    return trace
+
+
+class Cluster:
+    """Instances on GPUs, advanced in time; the rules differ only in `place`."""
+
+    def __init__(self, rule: str):
+        self.rule = rule
+        self.instances: list[Instance] = []
+        self.pk = 0
+        self.loads = 0
+        self.refused = 0
+        self.evicted = 0
+        self.memory_time = 0.0  # MiB x seconds of live processes
+        self.clock = 0.0
+        self.ends: list[tuple[float, int, Instance]] = []  # request ends (heap)
+
+    # --- time ---
+    def advance(self, now: float) -> None:
+        while self.ends and self.ends[0][0] <= now:
+            at, _, instance = heapq.heappop(self.ends)
+            self._account(at)
+            instance.in_flight -= 1
+            instance.last_used = at
+        self._account(now)
+        for instance in list(self.instances):
+            if instance.stopping_until is not None and instance.stopping_until <= now:
+                self.instances.remove(instance)
+            elif (
+                instance.stopping_until is None
+                and instance.in_flight == 0
+                and instance.ready(now)
+                and now - max(instance.last_used, instance.loaded_at) >= KEEP_ALIVE_S
+            ):
+                instance.stopping_until = now + STOP_S
+        self.check(now)
+
+    def _account(self, now: float) -> None:
+        if now > self.clock:
+            alive = sum(i.model.size_mib for i in self.instances if i.process_alive(self.clock))
+            self.memory_time += alive * (now - self.clock)
+            self.clock = now
+
+    def check(self, now: float) -> None:
+        for gpu, total in enumerate(GPU_SIZES_MIB):
+            alive = sum(i.model.size_mib for i in self.instances if i.gpu == gpu and i.process_alive(now))
+            assert alive <= total, f"{self.rule}: GPU {gpu} runs {alive} MiB of {total} at {now:.1f} s"
+            if self.rule == "ours":
+                admitted = sum(i.claim_mib for i in self.instances if i.gpu == gpu and not self._replaced(i))
+                assert admitted <= total, f"ours: GPU {gpu} admitted {admitted} MiB of {total}"
+
+    def _replaced(self, instance: Instance) -> bool:
+        return instance.stopping_until is not None and any(instance in i.waits_for for i in self.instances)
+
+    # --- requests ---
+    def request(self, now: float, model: Model, seconds: float) -> None:
+        self.advance(now)
+        current = next((i for i in self.instances if i.model is model and i.stopping_until is None), None)
+        if current is None:
+            current = self.place(now, model)
+            if current is None:
+                self.refused += 1
+                return
+        start = max(now, current.loaded_at)  # joins a load under way
+        current.in_flight += 1
+        current.last_used = now
+        self.pk += 1
+        heapq.heappush(self.ends, (start + seconds, self.pk, current))
+
+    def start(self, now: float, model: Model, gpu: int, claim: int, victims: list[Instance]) -> Instance:
+        for victim in victims:
+            victim.stopping_until = now + STOP_S
+        self.evicted += len(victims)
+        self.pk += 1
+        begin = max([now] + [v.stopping_until for v in victims])
+        instance = Instance(
+            self.pk, model, gpu, claim, begin + load_seconds(model.size_mib), now, 0, None, victims
+        )
+        self.instances.append(instance)
+        self.loads += 1
+        return instance
+
+    def on(self, gpu: int, now: float) -> list[Instance]:
+        return [
+            i for i in self.instances if i.gpu == gpu and (i.stopping_until is None or i.stopping_until > now)
+        ]
+
+    def place(self, now: float, model: Model) -> Instance | None:
+        return getattr(self, f"_place_{self.rule.replace('-', '_')}")(now, model)
+
+    def _place_one_per_gpu(self, now, model):
+        free = [g for g, total in enumerate(GPU_SIZES_MIB) if not self.on(g, now) and model.size_mib <= total]
+        if not free:
+            return None
+        gpu = min(free, key=lambda g: GPU_SIZES_MIB[g])  # the smallest GPU that fits
+        return self.start(now, model, gpu, GPU_SIZES_MIB[gpu], [])
+
+    def _place_ollama(self, now, model):
+        while True:
+            fits = [
+                g
+                for g, total in enumerate(GPU_SIZES_MIB)
+                if len(self.on(g, now)) < OLLAMA_MAX_PER_GPU
+                and sum(i.model.size_mib for i in self.on(g, now)) + model.size_mib <= total
+            ]
+            if fits:
+                gpu = min(
+                    fits, key=lambda g: GPU_SIZES_MIB[g] - sum(i.model.size_mib for i in self.on(g, now))
+                )
+                waits = [i for i in self.instances if i.gpu == gpu and i.stopping_until is not None]
+                return (
+                    self.start(now, model, gpu, model.size_mib, [])
+                    if not waits
+                    else self._after(now, model, gpu, waits)
+                )
+            idle = [
+                i for i in self.instances if i.stopping_until is None and i.in_flight == 0 and i.ready(now)
+            ]
+            if not idle:
+                return None
+            victim = min(idle, key=lambda i: (i.last_used, i.pk))  # the least recently used, anywhere
+            victim.stopping_until = now + STOP_S
+            self.evicted += 1
+
+    def _after(self, now, model, gpu, waits):
+        instance = self.start(now, model, gpu, model.size_mib, [])
+        instance.waits_for = waits
+        instance.loaded_at = max(w.stopping_until for w in waits) + load_seconds(model.size_mib)
+        return instance
+
+    def _claims(self, gpu: int, now: float) -> int:
+        return sum(i.claim_mib for i in self.on(gpu, now))
+
+    def _place_ours(self, now, model):
+        claim = model.estimate_mib + HEADROOM_MIB
+        fitting = [
+            (GPU_SIZES_MIB[g] - self._claims(g, now) - claim, g)
+            for g in range(len(GPU_SIZES_MIB))
+            if self._claims(g, now) + claim <= GPU_SIZES_MIB[g]
+        ]
+        if fitting:  # pack: the least memory left over
+            _, gpu = min(fitting)
+            return self.start(now, model, gpu, claim, [])
+        # placement's order for eviction: the GPUs the model fits when empty, smallest first
+        order = sorted(
+            (g for g, total in enumerate(GPU_SIZES_MIB) if claim <= total),
+            key=lambda g: (GPU_SIZES_MIB[g], g),
+        )
+        candidates = [((g,), {g: self._claims(g, now) + claim - GPU_SIZES_MIB[g]}) for g in order]
+        residents = {}
+        for i in self.instances:
+            if i.stopping_until is not None:
+                continue
+            residents[i.pk] = (
+                i,
+                Resident(
+                    i.pk,
+                    i.model.name,
+                    {i.gpu: i.claim_mib},
+                    idle_since=i.last_used,
+                    why_kept=why_kept(
+                        status="running" if i.ready(now) else "starting",
+                        evictable_kind=True,
+                        in_flight=i.in_flight,
+                        idle_seconds=now - i.last_used,
+                        resident_seconds=now - i.loaded_at,
+                        min_idle_seconds=MIN_IDLE_S,
+                        min_residency_seconds=MIN_RESIDENCY_S,
+                    ),
+                ),
+            )
+        plan = choose_victims(candidates, [r for _, r in residents.values()])
+        if plan is None:
+            return None
+        victims = [residents[v.instance_id][0] for v in plan.victims]
+        return self.start(now, model, plan.gpus[0], claim, victims)
+
+
+def run(rule: str, trace) -> dict:
+    cluster = Cluster(rule)
+    for now, model, seconds in trace:
+        cluster.request(now, model, seconds)
+    end = trace[-1][0]
+    cluster.advance(end)
+    total = sum(GPU_SIZES_MIB)
+    return {
+        "rule": rule,
+        "refused": cluster.refused,
+        "loads": cluster.loads,
+        "evicted": cluster.evicted,
+        "memory_in_use_pct": round(100 * cluster.memory_time / end / total, 1),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--seeds", default="1", help="trace seeds, comma-separated (default 1)")
+    args = parser.parse_args()
+    seeds = [int(s) for s in args.seeds.split(",")]
+    rules = ["one-per-gpu", "ollama", "ours"]
+    results = {rule: [] for rule in rules}
+    for seed in seeds:
+        rng = random.Random(seed)
+        models = make_models(rng)
+        trace = make_trace(rng, models)
+        for rule in rules:
+            results[rule].append(run(rule, trace))
+            r = results[rule][-1]
+            print(
+                f"seed {seed} {rule:12s} 503s {r['refused']:5d}  loads {r['loads']:4d}  evicted {r['evicted']:4d}"
+                f"  memory in use {r['memory_in_use_pct']:5.1f} %"
+            )
+    med = {
+        rule: {
+            k: statistics.median(r[k] for r in results[rule])
+            for k in ("refused", "loads", "evicted", "memory_in_use_pct")
+        }
+        for rule in rules
+    }
+    print(
+        f"\nmedians over {len(seeds)} trace(s) of {REQUESTS} requests, 8 GPUs (2 x 80 GiB, 6 x 24 GiB), {MODELS} models:"
+    )
+    print("| rule | 503s | loads | evictions | mean memory in use |")
+    print("|---|---|---|---|---|")
+    for rule in rules:
+        m = med[rule]
+        print(
+            f"| {rule} | {m['refused']:g} | {m['loads']:g} | {m['evicted']:g} | {m['memory_in_use_pct']:g} % |"
+        )
+    ours, today, ollama = med["ours"], med["one-per-gpu"], med["ollama"]
+    ratio = today["refused"] / ours["refused"] if ours["refused"] else math.inf
+    print(
+        f"\n503s: one-per-gpu / ours = {ratio:.1f}x (target >= 5x); loads: ours {ours['loads']:g} vs ollama {ollama['loads']:g} (target: fewer)"
+    )
+    print("every step checked: no GPU ran more than its memory; ours never admitted claims over it")
+
+
+if __name__ == "__main__":
+    main()
