@@ -40,7 +40,7 @@ from models_app.models import GpuInstance, ModelConfig
 
 from .db import submit
 from .errors import GatewayError
-from .translate import model_id_of
+from .model_facts import model_id_of
 
 Status = GpuInstance.Status
 

@@ -18,8 +18,9 @@ from django.utils import timezone
 from . import access, slots, upstream
 from .db import db
 from .errors import GatewayError
+from .model_facts import model_id_of
 from .models import UsageRecord
-from .translate import keep_alive_seconds, model_id_of
+from .translate import keep_alive_seconds
 
 logger = logging.getLogger(__name__)
 

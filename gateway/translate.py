@@ -1,7 +1,7 @@
-"""Ollama <-> llama-server's OpenAI-compatible API: requests, stream chunks, timings, model facts. Plain
-functions on dicts (no Django, no I/O), so every shape is unit-tested."""
+"""Ollama <-> llama-server's OpenAI-compatible API: requests, keep_alive, stream chunks, timings. Plain
+functions on dicts (no Django, no I/O), so every shape is unit-tested. (Model names and the listings' model
+facts: model_facts.py.)"""
 
-import hashlib
 import json
 import math
 import re
@@ -9,7 +9,6 @@ from datetime import UTC, datetime
 
 # What /api/version answers: Open WebUI and others parse it as dotted integers and gate features on it.
 OLLAMA_VERSION = "0.12.0"
-LATEST = ":latest"
 
 # Ollama `options` that llama-server's OpenAI routes take under the same or another name.
 _OPTION_NAMES = {
@@ -34,18 +33,6 @@ _OPTION_NAMES = {
 
 class BadRequest(ValueError):
     """The request's JSON has a field of the wrong shape (HTTP 400)."""
-
-
-# --- names ----------------------------------------------------------------------------------------------
-
-
-def model_id_of(name: str) -> str:
-    """`gemma3:latest` and `gemma3` name the same registry entry."""
-    return name[: -len(LATEST)] if name.endswith(LATEST) else name
-
-
-def tagged(model_id: str) -> str:
-    return model_id if ":" in model_id else model_id + LATEST
 
 
 # --- keep_alive -----------------------------------------------------------------------------------------
@@ -371,70 +358,3 @@ def merge_chunks(chunks: list[dict], kind: str) -> dict:
         if thinking:
             final["thinking"] = thinking
     return final
-
-
-# --- model facts ----------------------------------------------------------------------------------------
-
-
-def parameter_size(count) -> str:
-    """Ollama's style: 8.0B, 268.10M, 51.20K."""
-    if not count:
-        return ""
-    count = int(count)
-    if count >= 1_000_000_000:
-        return f"{count / 1e9:.1f}B"
-    if count >= 1_000_000:
-        return f"{count / 1e6:.2f}M"
-    if count >= 1_000:
-        return f"{count / 1e3:.2f}K"
-    return str(count)
-
-
-def quantization_level(file_type) -> str:
-    """GGUF general.file_type (an enum number) as Ollama names it: Q4_K_M, F16, F32."""
-    if file_type is None:
-        return ""
-    try:
-        from gguf import LlamaFileType
-
-        name = LlamaFileType(int(file_type)).name
-    except (ValueError, TypeError, ImportError):
-        return str(file_type)
-    return name.removeprefix("MOSTLY_").removeprefix("ALL_")
-
-
-def digest(path: str, size) -> str:
-    """A stable sha256 for /api/tags: of the file's path and size as registered (no file read, so any web
-    worker answers the same without reaching the GPU host's disk). It changes when either changes."""
-    return hashlib.sha256(f"{path}\n{size or 0}".encode()).hexdigest()
-
-
-def details(gguf_metadata: dict) -> dict:
-    arch = (gguf_metadata or {}).get("architecture") or ""
-    return {
-        "parent_model": "",
-        "format": "gguf",
-        "family": arch,
-        "families": [arch] if arch else None,
-        "parameter_size": parameter_size((gguf_metadata or {}).get("parameter_count")),
-        "quantization_level": quantization_level((gguf_metadata or {}).get("file_type")),
-    }
-
-
-def model_info(gguf_metadata: dict) -> dict:
-    """/api/show's model_info, in Ollama's GGUF key style, from the header facts the registry keeps."""
-    facts = gguf_metadata or {}
-    arch = facts.get("architecture")
-    info = {}
-    if arch:
-        info["general.architecture"] = arch
-    if facts.get("parameter_count") is not None:
-        info["general.parameter_count"] = facts["parameter_count"]
-    if facts.get("file_type") is not None:
-        info["general.file_type"] = facts["file_type"]
-    if facts.get("name"):
-        info["general.name"] = facts["name"]
-    for key in ("block_count", "context_length", "embedding_length"):
-        if arch and facts.get(key) is not None:
-            info[f"{arch}.{key}"] = facts[key]
-    return info

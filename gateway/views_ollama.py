@@ -11,12 +11,13 @@ from django.conf import settings
 from django.http import HttpResponseNotAllowed, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
 
-from . import access, translate
+from . import access, model_facts, translate
 from .db import db
 from .errors import OLLAMA, GatewayError, error_response, model_name_problem
 from .exchange import Exchange, read_json
+from .model_facts import tagged
 from .protocol import Call, hand_over, serve
-from .translate import StreamState, tagged
+from .translate import StreamState
 from .views_common import listable, listing
 
 NDJSON = "application/x-ndjson"
@@ -56,8 +57,8 @@ def _describe(model) -> dict:
         "model": tagged(model.pk),
         "modified_at": _modified_at(model),
         "size": int(model.file_size_bytes or 0),
-        "digest": translate.digest(model.path, model.file_size_bytes),
-        "details": translate.details(model.gguf_metadata),
+        "digest": model_facts.digest(model.path, model.file_size_bytes),
+        "details": model_facts.details(model.gguf_metadata),
     }
 
 
@@ -121,8 +122,8 @@ def _show(request, body):
         "modelfile": f"FROM {model.path}\n",
         "parameters": "\n".join(f"{k} {v}" for k, v in (model.cli_params or {}).items()),
         "template": "",
-        "details": translate.details(facts),
-        "model_info": translate.model_info(facts),
+        "details": model_facts.details(facts),
+        "model_info": model_facts.model_info(facts),
         "capabilities": capabilities,
         "modified_at": _modified_at(model),
     }

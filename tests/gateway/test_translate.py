@@ -5,7 +5,7 @@ import json
 
 import pytest
 
-from gateway import translate
+from gateway import model_facts, translate
 from gateway.errors import GatewayError
 from gateway.slots import Gate, configured_slots
 from gateway.translate import BadRequest, StreamState
@@ -140,31 +140,33 @@ def test_bad_keep_alive(value):
 
 
 def test_names_and_model_facts():
-    assert translate.model_id_of("gemma3:latest") == "gemma3" and translate.model_id_of("gemma3") == "gemma3"
-    assert translate.tagged("gemma3") == "gemma3:latest"
     assert (
-        translate.parameter_size(8_030_261_248) == "8.0B"
-        and translate.parameter_size(268_098_176) == "268.10M"
+        model_facts.model_id_of("gemma3:latest") == "gemma3" and model_facts.model_id_of("gemma3") == "gemma3"
     )
-    assert translate.quantization_level(15) == "Q4_K_M" and translate.quantization_level(0) == "F32"
-    assert translate.quantization_level(1) == "F16"
+    assert model_facts.tagged("gemma3") == "gemma3:latest"
     assert (
-        translate.digest("/m/a.gguf", 10)
-        == translate.digest("/m/a.gguf", 10)
-        != translate.digest("/m/a.gguf", 11)
+        model_facts.parameter_size(8_030_261_248) == "8.0B"
+        and model_facts.parameter_size(268_098_176) == "268.10M"
     )
-    details = translate.details({"architecture": "gemma3", "parameter_count": 268_098_176, "file_type": 15})
+    assert model_facts.quantization_level(15) == "Q4_K_M" and model_facts.quantization_level(0) == "F32"
+    assert model_facts.quantization_level(1) == "F16"
+    assert (
+        model_facts.digest("/m/a.gguf", 10)
+        == model_facts.digest("/m/a.gguf", 10)
+        != model_facts.digest("/m/a.gguf", 11)
+    )
+    details = model_facts.details({"architecture": "gemma3", "parameter_count": 268_098_176, "file_type": 15})
     assert details == {
         "parent_model": "", "format": "gguf", "family": "gemma3", "families": ["gemma3"],
         "parameter_size": "268.10M", "quantization_level": "Q4_K_M",
     }  # fmt: skip
-    info = translate.model_info({"architecture": "llama", "context_length": 512, "parameter_count": 5})
+    info = model_facts.model_info({"architecture": "llama", "context_length": 512, "parameter_count": 5})
     assert info == {
         "general.architecture": "llama",
         "general.parameter_count": 5,
         "llama.context_length": 512,
     }
-    assert translate.model_info({}) == {}
+    assert model_facts.model_info({}) == {}
     json.dumps(info)
 
 
