@@ -287,6 +287,11 @@ class InstanceEvent(models.Model):
         HOST_RETURNED = "host_returned", "Host answered again"
         ALERT_FIRED = "alert_fired", "Alert fired"
         ALERT_RESOLVED = "alert_resolved", "Alert resolved"
+        # Team policy (the policy app): quota edits, pins, reservations and their drain notices.
+        QUOTA_CHANGED = "quota_changed", "Quota changed"
+        PIN_CHANGED = "pin_changed", "Pin changed"
+        RESERVATION_CHANGED = "reservation_changed", "Reservation changed"
+        RESERVATION_NOTICE = "reservation_notice", "Reservation notice"
 
     # SET_NULL: deleting a finished instance's record never deletes its part of the audit trail.
     instance = models.ForeignKey(
