@@ -3,7 +3,7 @@
 At 50 hosts (400 GPU cards, 200 instance cards) the template engine took about 0.35 s per refresh for the cards
 alone (docs/benchmarks.md, "The cluster at scale"): some 25 variable lookups, filters and number formats per
 card. The same markup from f-strings takes a few hundredths of that. Every value comes from dashboard_context
-(models_app/web/views.py), which computes what the cards show; everything from the database or a person is
+(models_app/web/dashboard.py), which computes what the cards show; everything from the database or a person is
 escaped here. Tags: `{% gpu_card gpu %}` and `{% instance_card instance %}` (they read `is_admin`, `models`,
 `multi_host`, `gateway_base_url` and the CSRF token from the page's context)."""
 

@@ -1,14 +1,14 @@
 from django.urls import path
 
-from . import views
+from . import actions, dashboard, estimate, pages
 
 urlpatterns = [
-    path("", views.dashboard, name="dashboard"),
-    path("load/", views.load, name="load"),
-    path("load/estimate/", views.load_estimate, name="load-estimate"),
-    path("instances/<int:pk>/unload/", views.unload, name="instance-unload"),
-    path("instances/<int:pk>/switch/", views.switch, name="instance-switch"),
-    path("instances/<int:pk>/log/", views.instance_log, name="instance-log"),
-    path("gpus/<int:gpu_pk>/orphans/<int:pid>/kill/", views.kill_orphan, name="orphan-kill"),
-    path("events/", views.events, name="events"),
+    path("", dashboard.dashboard, name="dashboard"),
+    path("load/", actions.load, name="load"),
+    path("load/estimate/", estimate.load_estimate, name="load-estimate"),
+    path("instances/<int:pk>/unload/", actions.unload, name="instance-unload"),
+    path("instances/<int:pk>/switch/", actions.switch, name="instance-switch"),
+    path("instances/<int:pk>/log/", pages.instance_log, name="instance-log"),
+    path("gpus/<int:gpu_pk>/orphans/<int:pid>/kill/", actions.kill_orphan, name="orphan-kill"),
+    path("events/", pages.events, name="events"),
 ]

@@ -8,7 +8,7 @@ import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
-from llamacontroller_site import runner
+from llamacontroller_site import first_run
 from llamacontroller_site.embedded_redis import EmbeddedRedis
 
 
@@ -49,7 +49,7 @@ def test_embedded_redis_refuses_callers_without_the_password():
 def test_run_command_keeps_password_and_url_in_0600_files(tmp_path):
     old = os.umask(0o022)  # an ordinary umask: a plain write would make these 0644
     try:
-        server = runner.start_embedded_redis(tmp_path)
+        server = first_run.start_embedded_redis(tmp_path)
     finally:
         os.umask(old)
     try:
@@ -61,7 +61,7 @@ def test_run_command_keeps_password_and_url_in_0600_files(tmp_path):
         server.stop()
     # The next run keeps the password; a URL file left world-readable by an older version is narrowed.
     url_file.chmod(0o644)
-    again = runner.start_embedded_redis(tmp_path)
+    again = first_run.start_embedded_redis(tmp_path)
     try:
         assert again.password == password_file.read_text() and mode(url_file) == 0o600
     finally:
@@ -76,7 +76,7 @@ def test_generated_secret_key_is_0600_from_the_start(tmp_path, monkeypatch):
     monkeypatch.setattr(Path, "chmod", lambda *a, **k: pytest.fail("chmod after writing: a race"))
     old = os.umask(0)
     try:
-        runner.prepare_environment(tmp_path / "data")
+        first_run.prepare_environment(tmp_path / "data")
     finally:
         os.umask(old)
     key_file = tmp_path / "data" / "secret_key"
@@ -89,7 +89,7 @@ def test_run_command_does_not_echo_a_supplied_admin_password(monkeypatch, capsys
     from django.contrib.auth.models import User
 
     monkeypatch.setenv("LLAMACONTROLLER_ADMIN_PASSWORD", "my-own-secret-password")
-    runner.create_admin()
+    first_run.create_admin()
     out = capsys.readouterr().out
     assert "my-own-secret-password" not in out
     assert "password from LLAMACONTROLLER_ADMIN_PASSWORD" in out
@@ -101,6 +101,6 @@ def test_run_command_shows_a_generated_admin_password_once(monkeypatch, capsys):
     from django.contrib.auth.models import User
 
     monkeypatch.delenv("LLAMACONTROLLER_ADMIN_PASSWORD", raising=False)
-    runner.create_admin()
+    first_run.create_admin()
     password = capsys.readouterr().out.split("password: ")[1].split()[0]
     assert User.objects.get(username="admin").check_password(password)

@@ -18,7 +18,7 @@ import redis
 from django.db import connection
 from django.test import override_settings
 
-from llamacontroller_site import runner, supervision
+from llamacontroller_site import first_run, host_instances, supervision
 from llamacontroller_site.embedded_redis import EmbeddedRedis
 from llamacontroller_site.supervision import AlreadyRunning, lock_data_folder
 from models_app import lifecycle, processes
@@ -100,9 +100,11 @@ def test_run_for_a_host_name_a_live_worker_holds_is_refused_before_it_starts_any
     assert result.stderr.count("\n") == 1
     assert "refusing to start: host name 'taken-host' is held by another worker" in result.stderr
     assert not (data / "embedded-redis.port").exists()
-    assert runner.worker_claimed(os.getpid()) is False  # settings.HOST_NAME is another host
+    assert host_instances.worker_claimed(os.getpid()) is False  # settings.HOST_NAME is another host
     with override_settings(HOST_NAME="taken-host"):
-        assert runner.worker_claimed(os.getpid()) and not runner.worker_claimed(os.getpid() + 1)
+        assert host_instances.worker_claimed(os.getpid()) and not host_instances.worker_claimed(
+            os.getpid() + 1
+        )
 
 
 def test_lc_sh_without_a_command_prints_its_usage():
@@ -165,17 +167,17 @@ def test_stopping_a_child_whose_leader_was_killed_ends_the_rest_of_its_group():
 
 
 def test_embedded_redis_keeps_its_port_across_runs(tmp_path, capsys):
-    first = runner.start_embedded_redis(tmp_path)
+    first = first_run.start_embedded_redis(tmp_path)
     first.stop()
     assert (tmp_path / "embedded-redis.port").read_text().strip() == str(first.port)
-    again = runner.start_embedded_redis(tmp_path)
+    again = first_run.start_embedded_redis(tmp_path)
     try:
         assert again.port == first.port and again.url == first.url
     finally:
         again.stop()
     # Taken by somebody else meanwhile: another port, remembered from now on.
     with EmbeddedRedis(port=first.port):
-        other = runner.start_embedded_redis(tmp_path)
+        other = first_run.start_embedded_redis(tmp_path)
         other.stop()
     assert other.port != first.port
     assert (tmp_path / "embedded-redis.port").read_text().strip() == str(other.port)
@@ -311,7 +313,7 @@ def test_run_command_stops_its_models_after_its_connection_was_dropped(
     instance = running_instance(fake_gpus.host, tiny_model, fake_gpus.gpus[:1])
     pid = sleeper(instance)
     terminate_own_connection()
-    runner.stop_instances()
+    host_instances.stop_instances()
     instance.refresh_from_db()
     assert instance.status == Status.STOPPED
     assert not processes.is_alive(pid, instance.process_create_time)

@@ -176,7 +176,7 @@ def test_broker_down_banner_on_full_page_loads(client, users, fake_gpus):
 def test_database_down_renders_a_message_not_a_traceback(client, users, fake_gpus):
     client.force_login(users["viewer"])
     with mock.patch(
-        "models_app.web.views.dashboard_context", side_effect=OperationalError("connection refused")
+        "models_app.web.dashboard.dashboard_context", side_effect=OperationalError("connection refused")
     ):
         response = client.get("/")
         assert response.status_code == 503 and "The database is unreachable" in response.content.decode()

@@ -1,29 +1,23 @@
-"""The dashboard (full page or, for htmx, its partial), the load/unload/switch/kill POSTs, the log page and
-the audit page. Every GET reads only the database; side effects go through models_app.services."""
+"""The dashboard: the page, or for htmx its cards only. dashboard_context computes every value the cards show
+(models_app/templatetags/dashboard_cards.py writes them), in a fixed number of queries. Reads only the database."""
 
 from datetime import timedelta
-from urllib.parse import urlencode
 
 from django.conf import settings
-from django.contrib import messages
 from django.core.cache import cache
-from django.core.paginator import Paginator
 from django.db import DatabaseError
 from django.db.models import Prefetch
-from django.shortcuts import get_object_or_404, redirect, render
+from django.shortcuts import render
 from django.utils import timezone
-from django.views.decorators.http import require_GET, require_POST
+from django.views.decorators.http import require_GET
 
 from accounts import roles
 from accounts.decorators import role_required
 from gpus.models import Gpu, Host, alive_cutoff
-from models_app import health, model_files, ondemand, services
-from models_app.api.errors import refusal_status
-from models_app.api.views import MAX_ID, instance_queryset
+from models_app import health, ondemand
+from models_app.api.views import instance_queryset
 from models_app.formatting import format_duration
-from models_app.logtail import read_tail
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
-from utilities.query import BadParameter, whole_number
 
 Status = GpuInstance.Status
 TRANSITIONS = (Status.PENDING, Status.STARTING, Status.STOPPING)
@@ -202,7 +196,7 @@ def dashboard_context(user, base_url: str = "/") -> dict:
     }
 
 
-def _render_partial(request, flash=None, status=200):
+def render_partial(request, flash=None, status=200):
     try:
         context = dashboard_context(request.user, request.build_absolute_uri("/"))
     except DatabaseError as exc:
@@ -214,7 +208,7 @@ def _render_partial(request, flash=None, status=200):
 @role_required(roles.can_read)
 def _dashboard(request):
     if request.htmx and not request.htmx.boosted:
-        return _render_partial(request)
+        return render_partial(request)
     broker = _broker_status()
     context = {"broker": broker}
     try:
@@ -234,187 +228,3 @@ def dashboard(request):
         return _dashboard(request)
     except DatabaseError as exc:
         return render(request, "database_down.html", {"error": str(exc)}, status=503)
-
-
-def _after_action(request, text: str, status: int = 200):
-    """htmx: the refreshed cards with the message on top. Plain form posts: back to the dashboard."""
-    level = "success" if status < 400 else "error"
-    if request.htmx:
-        return _render_partial(request, flash={"level": level, "text": text}, status=status)
-    messages.add_message(request, messages.SUCCESS if status < 400 else messages.ERROR, text)
-    return redirect("dashboard")
-
-
-def _refused(request, exc):
-    return _after_action(request, exc.message, refusal_status(exc))
-
-
-def _parse_gpu_choice(values: list[str]) -> tuple[str | None, str]:
-    """The toggles send "<host>:<index>"; the service wants one host and "0,1"."""
-    hosts, indexes = set(), []
-    for value in values:
-        host, _, index = value.rpartition(":")
-        hosts.add(host)
-        indexes.append(index)
-    if len(hosts) > 1:
-        raise ValueError("The chosen GPUs are on different hosts; one instance runs on one host.")
-    return (hosts.pop() if hosts else None), ",".join(indexes)
-
-
-@require_POST
-@role_required(roles.can_load)
-def load(request):
-    model_id = request.POST.get("model_id", "")
-    force = bool(request.POST.get("force"))
-    if request.POST.get("auto"):  # "let the controller choose": host (unless one is picked) and GPUs
-        try:
-            instance = services.request_load_auto(
-                model_id=model_id, actor=request.user, host_name=request.POST.get("host") or None, force=force
-            )
-        except services.LoadRefused as exc:
-            return _refused(request, exc)
-        return _after_action(
-            request,
-            f"Loading {model_id} on {instance.host.name} GPU {instance.gpu_ids} (instance #{instance.pk}).",
-        )
-    try:
-        host_name, gpu_spec = _parse_gpu_choice(request.POST.getlist("gpu"))
-    except ValueError as exc:
-        return _after_action(request, str(exc), 400)
-    if not gpu_spec:
-        return _after_action(request, "Choose at least one GPU, or let the controller choose.", 400)
-    try:
-        instance = services.request_load(
-            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name, force=force,
-        )  # fmt: skip
-    except services.LoadRefused as exc:
-        return _refused(request, exc)
-    return _after_action(request, f"Loading {model_id} on GPU {instance.gpu_ids} (instance #{instance.pk}).")
-
-
-@require_GET
-@role_required(roles.can_load)
-def load_estimate(request):
-    """The load form's prediction for the chosen model and GPUs (htmx, on every change): "≈ 6.1 GiB on
-    GPU 0: fits, 74.0 GiB free". With no GPU chosen: the placement's suggestion, which the form preselects."""
-    from models_app import estimates, placement
-
-    context = {"multi_host": Host.objects.count() > 1}
-    model = ModelConfig.objects.filter(pk=request.GET.get("model_id", "")).first()
-    if model is None:
-        return render(request, "partials/load_estimate.html", {**context, "error": "Choose a model."})
-    # "Let the controller choose": among the live hosts that have the model file (or have not said).
-    offered, missing = model_files.hosts_for(model)
-    chosen_host = next((h for h in offered if h.name == request.GET.get("host")), None)
-    context.update(offered_hosts=offered, missing_hosts=missing, chosen_host=chosen_host)
-    try:
-        host_name, gpu_spec = _parse_gpu_choice(request.GET.getlist("gpu"))
-        if gpu_spec:
-            host, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu_spec), host_name)
-            context["file_problem"] = model_files.refusal(model, host)
-            prediction = estimates.predict(model, gpus)
-        else:
-            choices, _ = placement.rank(model, host=chosen_host)
-            fitting = [c for c in choices if c.fits]
-            prediction = fitting[0].prediction if fitting else None
-            context.update(suggested=True, ranking=fitting)
-            if fitting:
-                context["suggestion"] = ",".join(f"{g.host.name}:{g.index}" for g in fitting[0].gpus)
-    except ValueError as exc:
-        return render(request, "partials/load_estimate.html", {**context, "error": str(exc)})
-    except services.LoadRefused as exc:
-        return render(request, "partials/load_estimate.html", {**context, "error": exc.message})
-    if prediction is not None and prediction.estimate is not None:
-        breakdown = prediction.estimate.as_dict()
-        for gpu, part in zip(prediction.gpus, breakdown["gpus"], strict=False):
-            part["gpu_index"] = gpu.index
-        context["breakdown"] = breakdown
-    context["prediction"] = prediction
-    return render(request, "partials/load_estimate.html", context)
-
-
-@require_POST
-@role_required(roles.can_load)
-def unload(request, pk: int):
-    instance = get_object_or_404(instance_queryset(), pk=pk)
-    if not roles.can_manage_instance(request.user, instance):
-        return _after_action(request, "You may unload only your own instances.", 403)
-    try:
-        services.request_unload(instance=instance, actor=request.user)
-    except services.LoadRefused as exc:
-        return _refused(request, exc)
-    return _after_action(request, f"Unloading {instance.model_id} from GPU {instance.gpu_ids}.")
-
-
-@require_POST
-@role_required(roles.can_load)
-def switch(request, pk: int):
-    instance = get_object_or_404(instance_queryset(), pk=pk)
-    if not roles.can_manage_instance(request.user, instance):
-        return _after_action(request, "You may switch only your own instances.", 403)
-    model_id = request.POST.get("model_id", "")
-    try:
-        new = services.request_switch(
-            model_id=model_id, gpu_spec=instance.gpu_ids, actor=request.user, host_name=instance.host.name,
-            force=bool(request.POST.get("force")),
-        )  # fmt: skip
-    except services.LoadRefused as exc:
-        return _refused(request, exc)
-    return _after_action(request, f"Switching GPU {instance.gpu_ids} to {model_id} (instance #{new.pk}).")
-
-
-@require_POST
-@role_required(roles.can_administer)
-def kill_orphan(request, gpu_pk: int, pid: int):
-    gpu = get_object_or_404(Gpu.objects.select_related("host"), pk=gpu_pk)
-    try:
-        services.kill_orphan(gpu=gpu, pid=pid, actor=request.user)
-    except services.LoadRefused as exc:
-        return _refused(request, exc)
-    return _after_action(request, f"Killing orphan process {pid} on {gpu.host.name} GPU {gpu.index}.")
-
-
-@require_GET
-@role_required(roles.can_read)
-def instance_log(request, pk: int):
-    instance = get_object_or_404(instance_queryset(), pk=pk)
-    text, problem = read_tail(instance.log_path)
-    context = {
-        "instance": instance,
-        "log": text,
-        "problem": problem,
-        "refresh_seconds": FAST_REFRESH_SECONDS if instance.is_active else 30,
-    }
-    template = "partials/log_tail.html" if request.htmx and not request.htmx.boosted else "instance_log.html"
-    return render(request, template, context)
-
-
-EVENTS_PER_PAGE = 50
-
-
-@require_GET
-@role_required(roles.can_administer)
-def events(request):
-    """The audit trail for admins, filterable by instance, user and kind."""
-    queryset = InstanceEvent.objects.select_related("instance")
-    filters = {
-        "instance": request.GET.get("instance", "").strip(),
-        "user": request.GET.get("user", "").strip(),
-        "kind": request.GET.get("kind", "").strip(),
-    }
-    status = 200
-    if filters["instance"]:
-        # ASCII digits only: "²".isdigit() is true but int("²") raises, and int("١٠") is 10.
-        try:
-            queryset = queryset.filter(instance_id=whole_number(filters["instance"], "instance", 1, MAX_ID))
-        except BadParameter as exc:
-            messages.error(request, f"Instance {exc.message}.")
-            queryset, status = queryset.none(), 400
-    if filters["user"]:
-        queryset = queryset.filter(actor_name=filters["user"])
-    if filters["kind"]:
-        queryset = queryset.filter(kind=filters["kind"])
-    page = Paginator(queryset, EVENTS_PER_PAGE).get_page(request.GET.get("page"))
-    query = urlencode({k: v for k, v in filters.items() if v})
-    context = {"page": page, "filters": filters, "kinds": InstanceEvent.Kind.choices, "query": query}
-    return render(request, "events.html", context, status=status)
