@@ -144,6 +144,8 @@ LANGUAGE_CODE = "en-us"
 TIME_ZONE = envstr("TIME_ZONE", "UTC")
 USE_I18N = True
 USE_TZ = True
+# One time format everywhere, the admin included: 24-hour clock, ISO dates (llamacontroller_site/formats/en).
+FORMAT_MODULE_PATH = ["llamacontroller_site.formats"]
 
 STATIC_URL = "static/"
 STATIC_ROOT = BASE_DIR / "staticfiles"
@@ -322,7 +324,7 @@ LLAMA_SERVER_DIRS = [
 PORT_RANGE = envrange("LLAMACONTROLLER_PORT_RANGE", (8081, 8180))
 INSTANCE_LOG_DIR = DATA_DIR / "logs"
 INSTANCE_LOG_MAX_BYTES = envint("LLAMACONTROLLER_LOG_MAX_BYTES", 10 * 1024 * 1024, minimum=4096)
-DASHBOARD_REFRESH_SECONDS = envint("LLAMACONTROLLER_DASHBOARD_REFRESH_SECONDS", 300, minimum=1)
+DASHBOARD_REFRESH_SECONDS = envint("LLAMACONTROLLER_DASHBOARD_REFRESH_SECONDS", 3, minimum=1)
 LOGIN_MAX_FAILURES = envint("LLAMACONTROLLER_LOGIN_MAX_FAILURES", 5, minimum=1)
 LOGIN_LOCKOUT_SECONDS = envint("LLAMACONTROLLER_LOGIN_LOCKOUT_SECONDS", 900, minimum=1)
 # --- The gateway (Ollama- and OpenAI-compatible endpoints) ---

@@ -20,6 +20,7 @@ from django.utils.safestring import mark_safe
 
 from gpus.models import Gpu
 from gpus.templatetags.gpu_alerts import instance_breakdown
+from models_app.formatting import format_mib
 from models_app.models import GpuInstance
 
 register = template.Library()
@@ -72,33 +73,61 @@ def _number(value) -> str:
     return "" if value is None else str(value)
 
 
+def _memory_bar(gpu) -> str:
+    """The stacked bar (one segment per model, the other processes, free) and its legend with the figures, which
+    a phone reads without hovering."""
+    if not gpu.segments:
+        return ""
+    bar, legend = [], []
+    for seg in gpu.segments:
+        attrs = (
+            f'class="seg seg-{seg.kind}" data-kind="{seg.kind}" data-mib="{seg.mib}"'
+            + ("" if seg.instance_id is None else f' data-instance="{seg.instance_id}"')
+            + f' title="{escape(seg.title)}"'
+        )
+        bar.append(f'<span {attrs} style="width: {seg.percent:.2f}%"></span>')
+        legend.append(
+            f'<li {attrs}><i aria-hidden="true"></i>{escape(seg.label)} <span class="seg-figure">'
+            f"{format_mib(seg.mib)}</span></li>"
+        )
+    summary = "; ".join(seg.title for seg in gpu.segments)
+    return (
+        f'  <div class="membar" role="img" aria-label="{escape(summary)}">{"".join(bar)}</div>\n'
+        f'  <ul class="membar-legend small">{"".join(legend)}</ul>\n'
+    )
+
+
+def _hardware_line(gpu) -> str:
+    if gpu.memory_used_mib is None:
+        memory = f"Used memory unknown · {format_mib(gpu.memory_total_mib)} total"
+    else:
+        memory = (
+            f'<span class="gpu-used">{format_mib(gpu.memory_used_mib)}</span> / {format_mib(gpu.memory_total_mib)} '
+            "used (whole GPU)"
+        )
+    utilisation = "—" if gpu.utilization_pct is None else f"{gpu.utilization_pct} %"
+    return f'  <p class="hw-memory small">{memory} · <span class="nowrap">utilisation <span class="gpu-util">{utilisation}</span></span></p>\n'
+
+
 @register.simple_tag(takes_context=True)
 def gpu_card(context, gpu) -> str:
     state, index = escape(gpu.state), escape(_number(gpu.index))
-    percent = gpu.memory_percent or 0
+    shown = escape(gpu.shown_state)
     out = [
         f'<article class="card gpu-card state-{state}" id="gpu-{gpu.pk}" data-state="{state}" data-index="{index}">\n'
         f'  <header class="card-head">\n    <h3>GPU {index}</h3>\n'
-        f'    <span class="badge badge-{state} gpu-state">{escape(GPU_STATES.get(gpu.state, gpu.state))}</span>\n  </header>\n'
+        f'    <span class="badge badge-{shown} gpu-state">{escape(gpu.shown_label)}</span>\n  </header>\n'
         f'  <p class="gpu-name">{escape(gpu.name)}'
         + (' <span class="badge badge-sim">simulated</span>' if gpu.simulated else "")
         + "</p>\n"
-        f'  <div class="meter" role="img" aria-label="{percent}% of the GPU\'s memory in use">\n'
-        f'    <div class="meter-fill" style="width: {percent}%"></div>\n  </div>\n'
-        '  <p class="hw-memory small">\n    '
-        + (
-            f"{gpu.memory_used_mib} MiB / {gpu.memory_total_mib} MiB used (whole GPU)"
-            if gpu.memory_used_mib is not None
-            else f"Used memory unknown · {gpu.memory_total_mib} MiB total"
-        )
-        + "\n  </p>\n"
+        + _memory_bar(gpu)
+        + _hardware_line(gpu)
     ]
-    holder = gpu.holder
-    if holder:
-        out.append(
-            f'  <p class="small">Serving <a href="#instance-{holder.pk}">{escape(holder.model.name)}</a> '
-            f"(#{holder.pk})</p>\n"
+    if gpu.holders:
+        serving = ", ".join(
+            f'<a href="#instance-{h.pk}">{escape(h.model.name)}</a> (#{h.pk})' for h in gpu.holders
         )
+        out.append(f'  <p class="small">Serving {serving}</p>\n')
     if gpu.state_reason:
         out.append(f'  <p class="muted small">{escape(gpu.state_reason)}</p>\n')
     if gpu.other_processes:
@@ -108,7 +137,7 @@ def gpu_card(context, gpu) -> str:
             used = proc.get("used_mib")
             out.append(
                 f'    <li>\n      <span>{escape(proc.get("name") or "?")} <span class="muted">pid {pid}</span></span>\n'
-                f"      <span>{'' if used is None else f'{escape(used)} MiB'}\n"
+                f"      <span>{'' if used is None else format_mib(used)}\n"
             )
             if proc.get("owner") == "foreign":
                 out.append('        <span class="badge badge-foreign">foreign</span>')
@@ -134,7 +163,7 @@ def gpu_card(context, gpu) -> str:
             out.append(
                 f'<li><span>{escape(proc.get("name") or "?")} <span class="muted">pid '
                 f"{escape(_number(proc.get('pid')))}</span></span><span>"
-                f'{"" if used is None else f"{escape(used)} MiB"} <span class="badge badge-model_loaded">ours '
+                f'{"" if used is None else format_mib(used)} <span class="badge badge-model_loaded">ours '
                 f"#{escape(_number(proc.get('instance_id')))}</span></span></li>"
             )
         out.append("\n</ul>\n")
@@ -174,10 +203,10 @@ def _estimate_line(instance) -> str:
     title = "Predicted when the load was asked for"
     if loads:
         title += f", corrected from {escape(loads)} earlier load{pluralize(loads)}"
-    text = f"Estimated {instance.memory_estimated_mb} MiB"
+    text = f"Estimated {format_mib(instance.memory_estimated_mb)}"
     if instance.memory_estimate_error_pct is not None:
         text += (
-            f" · measured {_number(instance.memory_measured_mb)} MiB "
+            f" · measured {format_mib(instance.memory_measured_mb)} "
             f"({floatformat(instance.memory_estimate_error_pct, 1)} %)"
         )
     return f'  <p class="instance-estimate small muted"\n     title="{title}">{text}</p>\n'
@@ -190,14 +219,14 @@ def _breakdown(instance) -> str:
         out.append('<div class="memory-breakdown small">\n')
         if len(breakdown["gpus"]) > 1:
             items = ", ".join(
-                f'<span class="per-gpu-item">GPU {row["index"]}: {row["gib"]} GiB</span>'
+                f'<span class="per-gpu-item">GPU {row["index"]}: {format_mib(row["mib"])}</span>'
                 for row in breakdown["gpus"]
             )
             out.append(f'  <p class="per-gpu">{items}</p>\n')
         if len(breakdown["processes"]) > 1 or len(breakdown["gpus"]) > 1:
             rows = "".join(
                 f'<li><span>{escape(p.get("name") or "?")} <span class="muted">pid {escape(_number(p.get("pid")))} · '
-                f"GPU {p['gpu_index']}</span></span><span>{escape(p['used_mib'])} MiB</span></li>"
+                f"GPU {p['gpu_index']}</span></span><span>{format_mib(p['used_mib'])}</span></li>"
                 for p in breakdown["processes"]
             )
             out.append(f'  <ul class="procs per-process">\n    {rows}\n  </ul>\n')
@@ -208,25 +237,67 @@ def _breakdown(instance) -> str:
     return "".join(out)
 
 
+def _copyable(block_id: str, text: str, css: str = "") -> str:
+    """A code block with a Copy button (static/js/app.js copies the block's text)."""
+    return (
+        f'    <div class="copyable"><pre id="{block_id}" class="{css}">{text}</pre>'
+        f'<button type="button" class="btn btn-small copy-button" data-copy="#{block_id}">Copy</button></div>\n'
+    )
+
+
 def _gateway_block(instance, base: str) -> str:
-    model = escape(instance.model_id)
+    """How to use the model: through the gateway with an API token, as curl and as Python (openai, ollama), each
+    with a Copy button, and the browser playground. `base` is escaped; the model id is escaped here."""
+    model, pk = escape(instance.model_id), instance.pk
+    message = '[{"role": "user", "content": "Hello"}]'
+    curl = (
+        f"curl {base}v1/chat/completions \\\n"
+        '  -H "Authorization: Bearer $LC_TOKEN" \\\n'
+        '  -H "Content-Type: application/json" \\\n'
+        f'  -d \'{{"model": "{model}", "messages": {escape(message)}}}\''
+    )
+    openai = (
+        "import os\nfrom openai import OpenAI\n\n"
+        f'client = OpenAI(base_url="{base}v1", api_key=os.environ["LC_TOKEN"])\n'
+        f'answer = client.chat.completions.create(model="{model}", messages={escape(message)})\n'
+        "print(answer.choices[0].message.content)"
+    )
+    ollama = (
+        "import os\nfrom ollama import Client\n\n"
+        f'client = Client(host="{base.rstrip("/")}", headers={{"Authorization": "Bearer " + os.environ["LC_TOKEN"]}})\n'
+        f'answer = client.chat(model="{model}", messages={escape(message)})\n'
+        'print(answer["message"]["content"])'
+    )
     return (
         '  <div class="gateway-use small">\n    <dl class="facts">\n'
         f'      <dt>OpenAI</dt><dd><code class="gateway-base">{base}v1</code></dd>\n'
         f"      <dt>Ollama</dt><dd><code>{base}</code></dd>\n"
         f'      <dt>Model</dt><dd><code class="gateway-model">{model}</code></dd>\n    </dl>\n'
-        f'    <pre class="gateway-curl">curl {base}v1/chat/completions -H "Authorization: Bearer $LC_TOKEN" '
-        f'-H "Content-Type: application/json" -d \'{{"model": "{model}", "messages": [{{"role": "user", '
-        f'"content": "Hello"}}]}}\'</pre>\n'
+        + _copyable(f"curl-{pk}", curl, "gateway-curl")
+        + f'    <details class="snippets" id="snippets-{pk}"><summary>Python (openai, ollama)</summary>\n'
+        + _copyable(f"openai-{pk}", openai)
+        + _copyable(f"ollama-{pk}", ollama)
+        + "    </details>\n"
         f'    <span class="muted">$LC_TOKEN: a token from <a href="{_url("tokens")}">API tokens</a>.</span>\n'
         "  </div>\n"
     )
+
+
+@register.simple_tag(takes_context=True)
+def gateway_snippets(context, instance) -> str:
+    """The instance card's "use it through the gateway" block, for the playground page."""
+    return mark_safe(_gateway_block(instance, escape(context.get("gateway_base_url", "/"))))  # noqa: S308 - escaped
 
 
 def _actions(context, instance) -> str:
     out = [
         f'  <div class="actions">\n    <a class="btn btn-small" href="{_url("instance-log", instance.pk)}">Log</a>\n'
     ]
+    if instance.status == "running":
+        out.append(
+            f'    <a class="btn btn-small btn-primary playground-link" href="{_url("playground", instance.pk)}">'
+            "Playground</a>\n"
+        )
     if instance.can_manage and instance.status != "stopping":
         name, gpu_ids = escape(instance.model.name), escape(instance.gpu_ids)
         down = f' disabled title="{escape(instance.host.reason)}"' if instance.host_down else ""
@@ -263,7 +334,7 @@ def instance_card(context, instance) -> str:
     status = escape(instance.status)
     status_display = escape(STATUSES.get(instance.status, instance.status))
     host = f" @ {escape(instance.host.name)}" if context.get("multi_host") else ""
-    owner = escape(instance.owner.get_username()) if instance.owner else "—"
+    owner = escape(instance.owner.get_username()) if instance.owner else "system"  # as `manage.py ps` says
     out = [
         f'<article class="card instance-card status-{status}" id="instance-{instance.pk}"\n'
         f'         data-status="{status}" style="--span: {instance.gpu_count or 1}">\n'

@@ -1,6 +1,7 @@
 """The dashboard: the page, or for htmx its cards only. dashboard_context computes every value the cards show
 (models_app/templatetags/dashboard_cards.py writes them), in a fixed number of queries. Reads only the database."""
 
+import hashlib
 from datetime import timedelta
 
 from django.conf import settings
@@ -19,10 +20,13 @@ from models_app.api.views import instance_queryset
 from models_app.formatting import format_duration
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
 
+from .gpu_memory import memory_segments
+
 Status = GpuInstance.Status
 TRANSITIONS = (Status.PENDING, Status.STARTING, Status.STOPPING)
 FAST_REFRESH_SECONDS = 2
 BROKER_CHECK_CACHE_SECONDS = 5
+LIVE_TEMPLATE = "partials/dashboard_live.html"
 # The events that (re)start a stop's clock: asked for, by the idle timer, or sent again (a load's resends
 # come before its unload's request, so only an unload's count while stopping).
 STOP_EVENT_KINDS = (
@@ -102,6 +106,31 @@ def _toggle_title(gpu: Gpu) -> str:
     return f"{label}: {gpu.holder.model.name}" if gpu.holder else label
 
 
+def _decorate_gpu(gpu: Gpu, names: dict[int, str]) -> None:
+    """A GPU card's display values: its state as people should read it, its memory bar, the load form's toggle."""
+    gpu.other_processes = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
+    # Occupied by others: selectable, but the load needs "force" (the server checks it). A down host's
+    # GPUs are not, even before the host check has marked them unavailable.
+    gpu.selectable = (
+        gpu.host.up and gpu.holder is None and gpu.state in (Gpu.State.IDLE, Gpu.State.OCCUPIED_BY_OTHERS)
+    )
+    gpu.toggle_title = _toggle_title(gpu)
+    # The telemetry says "idle" until the next sample; a model starting or stopping on it says more.
+    moving = next((i for i in gpu.holders if i.in_transition), None)
+    if moving is not None:
+        gpu.shown_state, gpu.shown_label = moving.status, GpuInstance.Status(moving.status).label
+    else:
+        gpu.shown_state, gpu.shown_label = gpu.state, GPU_STATES.get(gpu.state, gpu.state)
+    gpu.segments = memory_segments(gpu, names)
+
+
+def _form_signature(gpus, models) -> str:
+    """What the load form offers (its GPU toggles and models): when the live cards carry another signature, the
+    page fetches a new form (static/js/app.js)."""
+    offered = [(g.pk, g.selectable, g.toggle_title) for g in gpus] + [m.pk for m in models]
+    return hashlib.sha1(repr(offered).encode(), usedforsecurity=False).hexdigest()[:12]
+
+
 def _shared_host(by_id: dict, row, cutoff, now) -> Host:
     """The one decorated object of a GPU's or an instance's host (one created after the hosts were read is
     fetched and added)."""
@@ -155,26 +184,25 @@ def dashboard_context(user, base_url: str = "/") -> dict:
         .select_related("instance__model")
         .order_by("-created_at")[:5]
     )
-    holder = {}
+    holders: dict[int, list[GpuInstance]] = {}
     for instance in instances:
         instance.host = _shared_host(by_id, instance, cutoff, now)
         _decorate_instance(instance, user, now)
         for link in instance.links:
             if link.gpu_id in gpu_by_id:  # else a GPU newer than the read above: fetched on use (rare)
                 link.gpu = gpu_by_id[link.gpu_id]
-            holder[link.gpu_id] = instance
+            holders.setdefault(link.gpu_id, []).append(instance)
+    # Model cards in GPU order: host, then the first GPU each one uses.
+    instances.sort(key=lambda i: (i.host.name, min((link.gpu.index or 0 for link in i.links), default=0)))
+    names = {instance.pk: instance.model.name for instance in instances}
     for gpu in gpus:
         gpu.host = _shared_host(by_id, gpu, cutoff, now)
         gpu.host.gpu_list.append(gpu)
-        gpu.holder = holder.get(gpu.pk)
-        gpu.other_processes = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
-        # Occupied by others: selectable, but the load needs "force" (the server checks it). A down host's
-        # GPUs are not, even before the host check has marked them unavailable.
-        gpu.selectable = (
-            gpu.host.up and gpu.holder is None and gpu.state in (Gpu.State.IDLE, Gpu.State.OCCUPIED_BY_OTHERS)
-        )
-        gpu.toggle_title = _toggle_title(gpu)
+        gpu.holders = holders.get(gpu.pk, [])
+        gpu.holder = gpu.holders[0] if gpu.holders else None
+        _decorate_gpu(gpu, names)
     transitioning = any(i.in_transition for i in instances)
+    models = list(ModelConfig.objects.only("id", "name")) if roles.can_load(user) else []
     # A host whose llama-server is missing, or whose GPU query fails, says so on top of the page.
     host_problems = [h for h in hosts if h.llama_server_error or h.telemetry_error]
     return {
@@ -185,7 +213,8 @@ def dashboard_context(user, base_url: str = "/") -> dict:
         "instances": instances,
         "failures": failures,
         "idle_unloads": idle_unloads,
-        "models": list(ModelConfig.objects.only("id", "name")) if roles.can_load(user) else [],
+        "models": models,
+        "form_signature": _form_signature(gpus, models),
         "multi_host": len({g.host_id for g in gpus}) > 1,
         "any_occupied": any(g.selectable and g.state == Gpu.State.OCCUPIED_BY_OTHERS for g in gpus),
         "can_load": roles.can_load(user),
@@ -196,19 +225,22 @@ def dashboard_context(user, base_url: str = "/") -> dict:
     }
 
 
-def render_partial(request, flash=None, status=200):
+def render_partial(request, flash=None, status=200, template="partials/dashboard_content.html"):
+    """The cards and the load form (after an action, or the Refresh button), or with `template`
+    partials/dashboard_live.html the cards alone (the page's polling)."""
     try:
         context = dashboard_context(request.user, request.build_absolute_uri("/"))
     except DatabaseError as exc:
         context, status = {"db_error": str(exc), "refresh_seconds": 5}, 503
     context["flash"] = flash
-    return render(request, "partials/dashboard_content.html", context, status=status)
+    return render(request, template, context, status=status)
 
 
 @role_required(roles.can_read)
 def _dashboard(request):
     if request.htmx and not request.htmx.boosted:
-        return render_partial(request)
+        live = request.GET.get("part") == "live"
+        return render_partial(request, template=LIVE_TEMPLATE if live else "partials/dashboard_content.html")
     broker = _broker_status()
     context = {"broker": broker}
     try:

@@ -1,10 +1,11 @@
-"""The instance log page and the audit trail page (GET only, database reads only)."""
+"""The instance log page, the audit trail page and /favicon.ico (GET only, database reads only)."""
 
 from urllib.parse import urlencode
 
 from django.contrib import messages
 from django.core.paginator import Paginator
-from django.shortcuts import get_object_or_404, render
+from django.shortcuts import get_object_or_404, redirect, render
+from django.templatetags.static import static
 from django.views.decorators.http import require_GET
 
 from accounts import roles
@@ -61,3 +62,9 @@ def events(request):
     query = urlencode({k: v for k, v in filters.items() if v})
     context = {"page": page, "filters": filters, "kinds": InstanceEvent.Kind.choices, "query": query}
     return render(request, "events.html", context, status=status)
+
+
+@require_GET
+def favicon(request):
+    """Browsers ask for /favicon.ico whatever the page's <link rel="icon"> says."""
+    return redirect(static("favicon.svg"), permanent=True)

@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import actions, dashboard, estimate, pages
+from . import actions, dashboard, estimate, pages, playground
 
 urlpatterns = [
     path("", dashboard.dashboard, name="dashboard"),
@@ -9,6 +9,8 @@ urlpatterns = [
     path("instances/<int:pk>/unload/", actions.unload, name="instance-unload"),
     path("instances/<int:pk>/switch/", actions.switch, name="instance-switch"),
     path("instances/<int:pk>/log/", pages.instance_log, name="instance-log"),
+    path("instances/<int:pk>/playground/", playground.playground, name="playground"),
     path("gpus/<int:gpu_pk>/orphans/<int:pid>/kill/", actions.kill_orphan, name="orphan-kill"),
     path("events/", pages.events, name="events"),
+    path("favicon.ico", pages.favicon, name="favicon"),
 ]

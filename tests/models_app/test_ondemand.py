@@ -574,8 +574,8 @@ def test_dashboard_card_says_how_to_use_the_model_through_the_gateway(
     page = html.unescape(client.get("/", HTTP_HOST="gpu.example.org").content.decode())
     assert "http://gpu.example.org/v1" in page
     assert (
-        'curl http://gpu.example.org/v1/chat/completions -H "Authorization: Bearer $LC_TOKEN" '
-        '-H "Content-Type: application/json" -d \'{"model": "tiny", "messages": '
+        'curl http://gpu.example.org/v1/chat/completions \\\n  -H "Authorization: Bearer $LC_TOKEN" \\\n'
+        '  -H "Content-Type: application/json" \\\n  -d \'{"model": "tiny", "messages": '
         '[{"role": "user", "content": "Hello"}]}\''
     ) in page
     assert '"model": "byhand"' in page

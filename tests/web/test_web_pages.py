@@ -24,6 +24,8 @@ RULES = {
 PAGES = [
     ("dashboard", "get", "/", {}, "read"),
     ("dashboard-partial", "get", "/", HTMX, "read"),
+    ("dashboard-live", "get", "/?part=live", HTMX, "read"),
+    ("playground", "get", "/instances/{instance}/playground/", {}, "read"),
     ("log", "get", "/instances/{instance}/log/", {}, "read"),
     ("log-partial", "get", "/instances/{instance}/log/", HTMX, "read"),
     ("tokens", "get", "/accounts/tokens/", {}, "read"),
