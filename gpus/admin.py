@@ -1,7 +1,17 @@
+import json
+
 from django.contrib import admin
+from django.utils.html import format_html
 
 from . import alerts
 from .models import Alert, AlertRule, Gpu, Host, MemorySample
+
+
+def readable_json(value) -> str:
+    """A JSON field as people read it in the admin: indented, one key a line (not one line of raw JSON)."""
+    if value in (None, {}, []):
+        return "—"
+    return format_html('<pre class="readable-json">{}</pre>', json.dumps(value, indent=2, sort_keys=True))
 
 
 class ReadOnlyAdmin(admin.ModelAdmin):
@@ -39,6 +49,12 @@ class GpuAdmin(ReadOnlyAdmin):
     list_filter = ["state", "unavailable_cause", "simulated", "host"]
     search_fields = ["uuid", "name", "host__name"]
     list_select_related = ["host"]
+    exclude = ["processes"]
+    readonly_fields = ["process_list"]
+
+    @admin.display(description="Processes")
+    def process_list(self, gpu) -> str:
+        return readable_json(gpu.processes)
 
 
 @admin.register(MemorySample)

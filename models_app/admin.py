@@ -1,10 +1,14 @@
+from datetime import UTC, datetime
+
 from django import forms
 from django.contrib import admin, messages
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
+from django.utils.html import format_html
 
-from gpus.admin import GpuAdmin
+from gpus.admin import GpuAdmin, readable_json
 from gpus.models import Gpu
+from models_app.formatting import format_mib, format_time
 
 from .models import GpuInstance, HostModelFile, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
 from .registry import RegistryError, check_cli_params, model_file
@@ -51,6 +55,7 @@ class ModelConfigForm(forms.ModelForm):
             "keep_alive_seconds",
             "allow_anonymous",
         ]
+        labels = {"cli_params": "Command-line flags", "binary": "llama-server binary"}
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
@@ -114,7 +119,16 @@ class ModelConfigAdmin(admin.ModelAdmin):
     list_display = ["id", "name", "path", "binary", "on_demand", "keep_alive_seconds", "updated_at"]
     list_filter = ["on_demand", "allow_anonymous", "restart_on_crash", "binary"]
     search_fields = ["id", "name", "path"]
-    readonly_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at"]
+    readonly_fields = ["gguf_header", "file_size", "created_at", "updated_at"]
+
+    @admin.display(description="GGUF header")
+    def gguf_header(self, model) -> str:
+        return readable_json(model.gguf_metadata)
+
+    @admin.display(description="File size")
+    def file_size(self, model) -> str:
+        size = model.file_size_bytes
+        return "—" if size is None else f"{format_mib(size / 2**20)} ({size} bytes)"
 
     def get_inlines(self, request, obj):
         # A new entry has no reports yet (and its add form then needs no inline management data).
@@ -163,9 +177,29 @@ class GpuInstanceAdmin(admin.ModelAdmin):
     raw_id_fields = ["owner"]
     inlines = [InstanceGpuInline, InstanceEventInline]
     # The instance's API key is for the controller only: never shown.
-    exclude = ["api_key"]
-    readonly_fields = [f.name for f in GpuInstance._meta.fields if f.name != "api_key"]
+    exclude = ["api_key", "memory_estimate", "process_create_time"]
+    # Raw values people cannot read (a JSON breakdown, a Unix timestamp) are shown through the methods below.
+    readonly_fields = [
+        {"memory_estimate": "estimate", "process_create_time": "process_started"}.get(f.name, f.name)
+        for f in GpuInstance._meta.fields
+        if f.name != "api_key"
+    ]
     actions = ["unload_selected"]
+
+    @admin.display(description="Memory estimate")
+    def estimate(self, instance) -> str:
+        """The prediction made at load time: its total per GPU in words, then the whole breakdown, indented."""
+        parts = (instance.memory_estimate or {}).get("gpus") or []
+        totals = ", ".join(f"GPU {n}: {format_mib(p.get('total_mib'))}" for n, p in enumerate(parts))
+        return format_html("{}{}", totals, readable_json(instance.memory_estimate))
+
+    @admin.display(description="Process started")
+    def process_started(self, instance) -> str:
+        """When the llama-server process started (psutil's create time, which identifies it with its pid)."""
+        if instance.process_create_time is None:
+            return "—"
+        moment = datetime.fromtimestamp(instance.process_create_time, tz=UTC)
+        return f"{format_time(moment, with_date=True)} ({instance.process_create_time})"
 
     def add_view(self, request, form_url="", extra_context=None):
         """ "Add" loads a model: the same validation, queue and audit as the dashboard, never a raw row."""

@@ -30,6 +30,7 @@ class LlamaBinary(models.Model):
     class Meta:
         ordering = ["host__name", "name"]
         verbose_name = "llama-server binary"
+        verbose_name_plural = "llama-server binaries"
         constraints = [
             models.UniqueConstraint(fields=["host", "path"], name="binary_unique_host_path"),
             models.UniqueConstraint(fields=["host", "name"], name="binary_unique_host_name"),
@@ -159,6 +160,7 @@ class GpuInstance(models.Model):
 
     class Meta:
         ordering = ["-requested_at"]
+        verbose_name = "GPU instance"
         constraints = [
             # Concurrent requests for a cold model share one load: at most one load on demand per model is
             # under way or running (one that is stopping may overlap with its successor).
@@ -242,6 +244,7 @@ class InstanceGpu(models.Model):
 
     class Meta:
         ordering = ["instance", "position"]
+        verbose_name = "GPU claim"
         constraints = [
             models.UniqueConstraint(fields=["gpu"], condition=Q(active=True), name="gpu_one_active_instance"),
             models.UniqueConstraint(fields=["instance", "gpu"], name="instance_gpu_once"),

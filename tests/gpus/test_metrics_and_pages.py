@@ -123,7 +123,7 @@ class TestPages:
         response = client.get(f"/instances/{world['instance'].pk}/history/?window=1h")
         html = response.content.decode()
         assert response.status_code == 200
-        assert 'peak <strong class="peak">8019 MiB</strong>' in html
+        assert 'peak <strong class="peak">7.8 GiB</strong>' in html
         assert 'id="history-data"' in html and "uPlot.iife.min.js" in html and "<table" in html
         assert client.get(f"/gpus/{world['gpus'][0].pk}/history/?window=7d").status_code == 200
         assert client.get(f"/gpus/{world['gpus'][0].pk}/history/?window=9y").status_code == 404
