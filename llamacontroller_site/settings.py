@@ -54,6 +54,7 @@ INSTALLED_APPS = [
     "gpus",
     "models_app",
     "gateway",
+    "policy",
 ]
 
 MIDDLEWARE = [
@@ -295,6 +296,12 @@ CELERY_BEAT_SCHEDULE = {
         "task": "gpus.tasks.evaluate_telemetry_alerts",
         "schedule": GPU_REFRESH_SECONDS,
         "options": {"expires": GPU_REFRESH_SECONDS * 0.8},
+    },
+    # Reservations (policy/): owners told during the notice period, their models unloaded at the start.
+    "drain-reservations": {
+        "task": "policy.tasks.drain_reservations",
+        "schedule": 60,
+        "options": {"expires": 48},
     },
     "prune-usage": {
         "task": "gateway.tasks.prune_usage",

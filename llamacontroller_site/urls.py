@@ -11,6 +11,7 @@ api_v1 = [
     path("", include("models_app.api.urls")),
     path("", include("accounts.api_urls")),
     path("", include("gateway.api.urls")),
+    path("", include("policy.api.urls")),
 ]
 
 handler404 = "llamacontroller_site.errors.page_not_found"

@@ -14,6 +14,7 @@ State-changing operations run too: they change only the test database; loads que
 where no worker consumes them, so nothing starts."""
 
 import zlib
+from datetime import timedelta
 
 import pytest
 import schemathesis
@@ -23,6 +24,7 @@ from django.core import signals
 from django.core.wsgi import get_wsgi_application
 from django.db import close_old_connections
 from django.test import Client
+from django.utils import timezone
 from hypothesis import HealthCheck, settings
 from schemathesis.checks import not_a_server_error
 from schemathesis.config import SchemathesisConfig
@@ -35,6 +37,7 @@ from schemathesis.specs.openapi.checks import (
 from accounts.models import ApiToken
 from gpus.models import Gpu
 from models_app.models import GpuInstance, ModelConfig
+from policy.models import Pin, Quota, Reservation
 from tests.api.factories import make_instance
 
 SEED = 20251127
@@ -78,8 +81,15 @@ def wsgi_in_test_transaction():
 @pytest.fixture
 def world(users, fake_gpus, tiny_model, wsgi_in_test_transaction):
     """Something for the GETs to find: two GPUs, a model, a running and a stopped instance, their events."""
-    make_instance([fake_gpus.gpus[0]], tiny_model, owner=users["operator"])
+    running = make_instance([fake_gpus.gpus[0]], tiny_model, owner=users["operator"])
     make_instance([fake_gpus.gpus[1]], tiny_model, owner=users["operator"], status="stopped")
+    # the team policy's rows: a quota, a reservation, a pin
+    Quota.objects.create(user=users["operator"], gpus=1)
+    now = timezone.now()
+    Reservation.objects.create(
+        host=fake_gpus.host, gpu_indices=[1], start=now, end=now + timedelta(hours=1), purpose="x"
+    )
+    Pin.objects.create(instance=running, pinned_by=users["admin"])
     return users
 
 
@@ -91,6 +101,9 @@ EXISTING = {
     "/api/v1/gpus/": lambda: list(Gpu.objects.values_list("pk", flat=True)),
     "/api/v1/tokens/": lambda: list(ApiToken.objects.values_list("pk", flat=True)),
     "/api/v1/models/": lambda: list(ModelConfig.objects.values_list("pk", flat=True)),
+    "/api/v1/quotas/": lambda: list(Quota.objects.values_list("pk", flat=True)),
+    "/api/v1/reservations/": lambda: list(Reservation.objects.values_list("pk", flat=True)),
+    "/api/v1/pins/": lambda: list(Pin.objects.values_list("pk", flat=True)),
 }
 
 

@@ -45,6 +45,13 @@ def imported_modules(package: str) -> dict[str, set[str]]:
         ("models_app", ("llamacontroller_site",)),
         ("gateway", ("llamacontroller_site",)),
         ("utilities", ("accounts", "gpus", "models_app", "gateway", "llamacontroller_site")),
+        # policy builds on models_app and gpus; models_app may call its rules (policy.quotas, .reservations,
+        # .pins) from admission, never its API, admin or tasks; the lower apps never import it.
+        ("policy", ("llamacontroller_site", "gateway")),
+        ("models_app", ("policy.api", "policy.admin", "policy.tasks")),
+        ("gpus", ("policy",)),
+        ("accounts", ("policy",)),
+        ("utilities", ("policy",)),
     ],
 )
 def test_dependencies_point_one_way(package, forbidden):
@@ -61,7 +68,7 @@ def test_dependencies_point_one_way(package, forbidden):
 
 # --- queuing work: one module per app, by name, and nothing imports a tasks.py -------------------------
 
-PRODUCT = ("accounts", "gateway", "gpus", "llamacontroller_site", "models_app", "utilities")
+PRODUCT = ("accounts", "gateway", "gpus", "llamacontroller_site", "models_app", "policy", "utilities")
 DISPATCH = {"utilities/dispatch.py", "models_app/dispatch.py", "gpus/dispatch.py"}
 
 
@@ -93,7 +100,7 @@ def test_only_the_dispatch_modules_queue_tasks():
     assert not wrong, wrong
 
 
-@pytest.mark.parametrize("package", ["models_app", "gpus", "gateway"])
+@pytest.mark.parametrize("package", ["models_app", "gpus", "gateway", "policy"])
 def test_nothing_imports_a_tasks_module(package):
     """Only Celery's autodiscovery (llamacontroller_site/celery.py) loads an app's tasks.py: no module of ours
     imports one, at the top or inside a function (imported_modules walks the whole tree)."""

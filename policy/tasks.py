@@ -1,0 +1,15 @@
+from celery import shared_task
+
+from utilities.periodic import idempotent
+
+from . import reservations
+
+
+@shared_task(name="policy.tasks.drain_reservations", ignore_result=True)
+@idempotent(
+    "each owner is told once (a DrainNotice row per reservation and instance); unloading twice is a no-op"
+)
+def drain_reservations() -> int:
+    """Beat, on the default queue: tell owners of instances on soon-reserved GPUs, unload them at the start."""
+    told, unloaded = reservations.drain()
+    return told + unloaded
