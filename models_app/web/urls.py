@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import actions, dashboard, estimate, pages, playground
+from . import actions, add_model, dashboard, estimate, pages, playground
 
 urlpatterns = [
     path("", dashboard.dashboard, name="dashboard"),
@@ -12,5 +12,6 @@ urlpatterns = [
     path("instances/<int:pk>/playground/", playground.playground, name="playground"),
     path("gpus/<int:gpu_pk>/orphans/<int:pid>/kill/", actions.kill_orphan, name="orphan-kill"),
     path("events/", pages.events, name="events"),
+    path("models/add/", add_model.model_files, name="model-files"),
     path("favicon.ico", pages.favicon, name="favicon"),
 ]
