@@ -8,7 +8,7 @@ from django.contrib.auth.models import Group
 from django.utils import timezone
 
 from models_app.models import GpuInstance, InstanceEvent, ModelConfig
-from policy import pins, quotas, reservations
+from policy import admission, pins, quotas, reservations
 from policy.models import DrainNotice, Pin, Quota
 from policy.reasons import PolicyRefusal
 from tests.api.factories import make_gpus, make_instance
@@ -260,3 +260,37 @@ def test_pins_are_audited_and_only_active_ones_count(users, tiny_model, fake_gpu
         f"tiny (#{running.pk}) pinned: demo tomorrow",
         f"tiny (#{running.pk}) unpinned",
     ]
+
+
+# --- the one call for admission -------------------------------------------------------------------------
+
+
+def test_check_load_reservation_first_then_quota(users, team, fake_gpus, tiny_model):
+    host, gpus = fake_gpus.host, fake_gpus.gpus
+    operator, other = users["operator"], users["operator2"]
+    quota(user=other, models_loaded=1)
+    make_instance([gpus[1]], tiny_model, owner=other)
+    now = timezone.now()
+    check = admission.check_load
+    assert (
+        check(operator, host=host, gpus=[gpus[0]], model_id="tiny", claim_mib=100, needs_room=True)
+        == "guaranteed"
+    )
+    assert (
+        check(other, host=host, gpus=[gpus[0]], model_id="tiny", claim_mib=100, needs_room=False)
+        == "borrowed"
+    )
+    with pytest.raises(PolicyRefusal) as refused:
+        check(other, host=host, gpus=[gpus[0]], model_id="tiny", claim_mib=100, needs_room=True)
+    assert refused.value.reason == "quota_models"
+    reservations.create(
+        host=host, start=now, end=now + timedelta(hours=1), purpose="x", actor=users["admin"], gpu_indices=[0],
+        groups=[team],
+    )  # fmt: skip
+    with pytest.raises(PolicyRefusal) as refused:
+        check(other, host=host, gpus=[gpus[0]], model_id="tiny", claim_mib=100, needs_room=True)
+    assert refused.value.reason == "reservation"
+    assert (
+        check(operator, host=host, gpus=[gpus[0]], model_id="tiny", claim_mib=100, needs_room=True)
+        == "guaranteed"
+    )
