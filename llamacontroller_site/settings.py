@@ -196,6 +196,7 @@ SPECTACULAR_SETTINGS = {
     "POSTPROCESSING_HOOKS": [
         "drf_spectacular.hooks.postprocess_schema_enums",
         "llamacontroller_site.openapi.document_errors",
+        "gateway.openapi.add_gateway_routes",  # the gateway's plain Django views, in their own tags
     ],
 }
 

@@ -13,9 +13,11 @@ DATETIME_FORMAT = "%Y-%m-%d %H:%M:%S"
 
 def format_mib(mib: int | float | None) -> str:
     """A size given in MiB, as people read it: "340 MiB" below 1 GiB, "23.9 GiB" (one decimal) from 1 GiB on,
-    "—" when unknown."""
+    "462 KiB" below 1 MiB (a file), "—" when unknown."""
     if mib is None:
         return "—"
+    if 0 < abs(mib) < 1:
+        return f"{round(mib * 1024)} KiB"
     if abs(mib) < 1024:
         return f"{round(mib)} MiB"
     return f"{mib / 1024:.1f} GiB"

@@ -74,7 +74,7 @@ def describe(path: Path, registered: dict[str, str], gpus: list[Gpu]) -> FoundFi
         size=format_mib(path.stat().st_size / 2**20),
         architecture=facts.get("architecture", "?"),
         quantisation=quantisation(facts.get("file_type")),
-        parameters=f"{count / 1e9:.2f} B" if count else "?",
+        parameters=(f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.2f} M") if count else "?",
         registered_as=registered.get(str(path)),
     )
     probe = ModelConfig(id="", name=path.stem, path=str(path), cli_params={})  # unsaved: the file's defaults

@@ -87,18 +87,27 @@ def test_live_stacked_bar_matches_the_api_and_updates_without_reload(
 
 
 def test_pages_fit_a_phone(live_server, users, fake_gpus, tiny_model, browser_page):
-    """No page scrolls sideways at 390×844 (tables scroll inside their own box)."""
+    """No page scrolls sideways at 390×844 (tables scroll inside their own box); each page's screenshot at
+    1366×900 and 390×844 goes to test-artifacts/ (copied into docs/screenshots/ for the README)."""
+    instance = running_instance(fake_gpus.host, tiny_model, fake_gpus.gpus[:1])
     page, base = browser_page, live_server.url
     log_in(page, base, "admin")
-    page.set_viewport_size({"width": 390, "height": 844})
-    for path in (
-        "/",
-        "/usage/",
-        "/tokens/",
-        "/alerts/",
-        "/events/",
-        f"/gpus/{fake_gpus.gpus[0].pk}/history/",
-    ):
-        page.goto(f"{base}{path}")
+    pages = {
+        "add-model": "/models/add/",
+        "usage": "/usage/",
+        "tokens": "/accounts/tokens/",
+        "alerts": "/alerts/",
+        "events": "/events/",
+        "history": f"/gpus/{fake_gpus.gpus[0].pk}/history/",
+        "playground": f"/instances/{instance.pk}/playground/",
+    }
+    SCREENSHOTS.mkdir(parents=True, exist_ok=True)
+    for name, path in pages.items():
+        page.set_viewport_size({"width": 1366, "height": 900})
+        assert page.goto(f"{base}{path}").status == 200, path
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-desktop.png"), full_page=True)
+        page.set_viewport_size({"width": 390, "height": 844})
+        page.wait_for_timeout(200)
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, (path, width, page.evaluate(WIDE_ELEMENTS))
+        page.screenshot(path=str(SCREENSHOTS / f"{name}-phone.png"), full_page=True)

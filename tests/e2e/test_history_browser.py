@@ -74,6 +74,11 @@ def test_history_graph_in_a_browser(live_server, users, history, browser_page):
     assert "loaded" in events and "alert_fired" in events
     ARTIFACTS.mkdir(exist_ok=True)
     page.screenshot(path=str(ARTIFACTS / "history-gpu.png"), full_page=True)
+    page.set_viewport_size({"width": 390, "height": 844})
+    page.wait_for_timeout(400)  # the chart is rebuilt for the narrow screen
+    assert page.evaluate("document.documentElement.scrollWidth") <= 390
+    page.screenshot(path=str(ARTIFACTS / "history-gpu-phone.png"), full_page=True)
+    page.set_viewport_size({"width": 1366, "height": 900})
 
     page.goto(f"{live_server.url}/instances/{history['instance'].pk}/history/?window=1h")
     page.wait_for_selector("#history-chart[data-ready='1'] canvas", timeout=10_000)

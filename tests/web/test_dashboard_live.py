@@ -17,7 +17,15 @@ HTMX = {"HTTP_HX_REQUEST": "true", "HTTP_HX_CURRENT_URL": "http://testserver/"}
 
 @pytest.mark.parametrize(
     "mib, text",
-    [(None, "—"), (0, "0 MiB"), (340, "340 MiB"), (1023, "1023 MiB"), (1024, "1.0 GiB"), (24564, "24.0 GiB")],
+    [
+        (None, "—"),
+        (0, "0 MiB"),
+        (0.45, "461 KiB"),
+        (340, "340 MiB"),
+        (1023, "1023 MiB"),
+        (1024, "1.0 GiB"),
+        (24564, "24.0 GiB"),
+    ],
 )
 def test_one_size_rule(mib, text):
     assert format_mib(mib) == text

@@ -91,7 +91,7 @@
       ],
       axes: [
         { space: narrow ? 70 : 60, values: (u, splits) => splits.map(clock) },
-        { size: narrow ? 56 : 70, values: (u, splits) => splits.map(size) },
+        { size: narrow ? 68 : 74, values: (u, splits) => splits.map(size) },
       ],
       hooks: { draw: [draw] },
     };
