@@ -1,7 +1,7 @@
 """Who is asking, for which model, and which running instance answers. Mostly synchronous (the ORM): the
 views call these on the gateway's database threads (db.py), one hop per request where they can, none where
-the caches below already know the answer. Load on demand, idle timers and in-flight counts are
-`models_app.ondemand`'s.
+the caches below already know the answer. Load on demand is `models_app.ondemand`'s, idle timers
+and in-flight counts `models_app.keepalive`'s.
 
 Two short per-process caches keep the database off the way to the first token:
 
@@ -11,7 +11,7 @@ Two short per-process caches keep the database off the way to the first token:
   written when the token is checked against the database (to the minute, as before).
 - A model's running instances (GATEWAY_INSTANCE_CACHE_SECONDS, default 10 s). Never trusted blindly: a
   request is counted on an instance by one UPDATE that matches only while the row is still running with the
-  port and key in the cache (`ondemand.request_started`), before anything is sent to it. No match drops the
+  port and key in the cache (`keepalive.request_started`), before anything is sent to it. No match drops the
   entry and the database is read again (or the model loads on demand): a stale entry never sends a request
   to a stopped or restarted instance. A failure to reach the instance drops the entry too. Registry changes
   to a model with a running instance (e.g. its anonymous use) reach the gateway within this time.
@@ -35,7 +35,8 @@ from django.utils import timezone
 from accounts import tokens
 from accounts.models import ApiToken, hash_token
 from accounts.roles import can_read, role_of
-from models_app import ondemand
+from models_app import keepalive, ondemand
+from models_app.errors import Refused
 from models_app.models import GpuInstance, ModelConfig
 
 from .db import submit
@@ -321,32 +322,46 @@ def ensure_running(target: Target) -> GpuInstance:
         # the row, which drops its related objects, and the event loop may not query.
         instance.host, instance.model  # noqa: B018
         return instance
-    except ondemand.GatewayRefusal as exc:
+    except Refused as exc:
         raise _refusal(exc) from None
     finally:
         connections.close_all()  # a pool thread that may not run Django code again soon
 
 
-def _refusal(exc) -> GatewayError:
-    code = {401: "unauthorized", 403: "forbidden"}.get(exc.status, exc.__class__.__name__.lower())
-    return GatewayError(exc.status, exc.message, code=code, retry_after=exc.retry_after)
+# A refusal's answer here, by its code: (HTTP status, OpenAI's `code`). Ollama and OpenAI clients retry a
+# 503, so no GPU with room (busy: 409 in the REST API) is a 503 with Retry-After; the words in `code` are
+# those the gateway has always sent.
+GATEWAY_ANSWERS = {
+    "unauthorized": (401, "unauthorized"),
+    "forbidden": (403, "forbidden"),
+    "busy": (503, "nocapacity"),
+    "load_failed": (503, "loadfailed"),
+    "unavailable": (503, "loadfailed"),
+    "timeout": (503, "timeout"),
+}
+
+
+def _refusal(exc: Refused) -> GatewayError:
+    """The gateway's one translation of a refusal from load on demand or unload."""
+    status, code = GATEWAY_ANSWERS.get(exc.code, (exc.status, exc.code))
+    return GatewayError(status, exc.message, code=code, retry_after=exc.retry_after)
 
 
 def request_started(target: Target, instance: GpuInstance, keep_alive: int | None) -> bool:
     """False when the instance stopped running meanwhile (an idle unload won the race) or is no longer the
     start that `instance` describes (restarted, on another port with another key). The request's keep_alive
-    shortens the instance's idle timer only if the caller may unload it (`ondemand.apply_keep_alive`)."""
-    counted, ignored = ondemand.request_started_by(instance, target.caller.user, keep_alive)
+    shortens the instance's idle timer only if the caller may unload it (`keepalive.apply_keep_alive`)."""
+    counted, ignored = keepalive.request_started_by(instance, target.caller.user, keep_alive)
     target.keep_alive_ignored = target.keep_alive_ignored or ignored
     return counted
 
 
 def request_finished(instance_id: int) -> None:
-    ondemand.request_finished(instance_id)
+    keepalive.request_finished(instance_id)
 
 
 def expires_at(instance: GpuInstance):
-    return ondemand.expires_at(instance)
+    return keepalive.expires_at(instance)
 
 
 def unload(caller: Caller, model: ModelConfig) -> None:
@@ -354,5 +369,5 @@ def unload(caller: Caller, model: ModelConfig) -> None:
     own instances, admins any)."""
     try:
         ondemand.unload_now(model, caller.user)
-    except ondemand.GatewayRefusal as exc:
+    except Refused as exc:
         raise _refusal(exc) from None

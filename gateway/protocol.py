@@ -116,7 +116,7 @@ async def authenticate_only(request, exchange: Exchange) -> None:
 
 def noted(exchange: Exchange, response):
     """The response, with a header where the request's keep_alive was ignored: it would have shortened the
-    idle timer of an instance the caller may not unload (models_app.ondemand.apply_keep_alive)."""
+    idle timer of an instance the caller may not unload (models_app.keepalive.apply_keep_alive)."""
     if exchange.target is not None and exchange.target.keep_alive_ignored:
         response[KEEP_ALIVE_HEADER] = "ignored (you may not unload this model)"
     return response

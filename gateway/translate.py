@@ -44,14 +44,14 @@ _DURATION = re.compile(r"[-+]?(?:[0-9]+(?:\.[0-9]+)?(?:ns|us|µs|ms|s|m|h))+")
 _DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]+)?)(ns|us|µs|ms|s|m|h)")
 _UNIT_SECONDS = {"ns": 1e-9, "us": 1e-6, "µs": 1e-6, "ms": 1e-3, "s": 1, "m": 60, "h": 3600}
 FOREVER = -1  # a negative keep_alive: as long as the admin's limit allows
-_LONGEST = 10**9  # seconds; models_app.ondemand clamps further, to the admin's limit
+_LONGEST = 10**9  # seconds; models_app.keepalive clamps further, to the admin's limit
 _KEEP_ALIVE_SHAPE = 'keep_alive must be a duration such as "5m" or a number of seconds'
 
 
 def keep_alive_seconds(value) -> int | None:
     """Ollama's keep_alive (seconds as a number, or a Go duration "5m", "1h30m", "-1") in whole seconds;
     None when absent; FOREVER (-1) when negative; at most 10**9. BadRequest for anything else (inf, nan,
-    1e999: Go's JSON refuses them too). models_app.ondemand clamps it to the admin's limit."""
+    1e999: Go's JSON refuses them too). models_app.keepalive clamps it to the admin's limit."""
     if value is None or value == "":
         return None
     if isinstance(value, bool):

@@ -2,14 +2,20 @@ from datetime import UTC, datetime
 
 from django import forms
 from django.contrib import admin, messages
+from django.core.exceptions import PermissionDenied
+from django.db import transaction
 from django.shortcuts import redirect
 from django.template.response import TemplateResponse
 from django.utils.html import format_html
 
+from accounts import roles
 from gpus.admin import GpuAdmin, readable_json
 from gpus.models import Gpu
 from models_app.formatting import format_mib, format_time
 
+from . import services
+from .errors import Refused
+from .events import record
 from .forms import ModelConfigForm
 from .models import GpuInstance, HostModelFile, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
 
@@ -146,20 +152,18 @@ class GpuInstanceAdmin(admin.ModelAdmin):
 
     def add_view(self, request, form_url="", extra_context=None):
         """ "Add" loads a model: the same validation, queue and audit as the dashboard, never a raw row."""
-        from .services import LoadRefused, request_load
-
         form = LoadForm(request.POST or None)
         if request.method == "POST" and form.is_valid():
             data = form.cleaned_data
             try:
-                instance = request_load(
+                instance = services.request_load(
                     model_id=data["model"].pk,
                     gpu_spec=data["gpu_id"],
                     actor=request.user,
                     host_name=data["host"] or None,
                     force=data["force"],
                 )
-            except LoadRefused as exc:
+            except Refused as exc:
                 field = {"model_id": "model"}.get(exc.field, exc.field)
                 form.add_error(field if field in form.fields else None, exc.message)
             else:
@@ -176,16 +180,14 @@ class GpuInstanceAdmin(admin.ModelAdmin):
 
     @admin.action(description="Unload selected instances")
     def unload_selected(self, request, queryset):
-        from .services import LoadRefused, request_unload
-
         done, refused = [], []
         for instance in queryset.select_related("host", "owner"):
             if not instance.is_active:
                 continue
             try:
-                request_unload(instance=instance, actor=request.user)
+                services.request_unload(instance=instance, actor=request.user)
                 done.append(f"#{instance.pk}")
-            except LoadRefused as exc:
+            except Refused as exc:
                 refused.append(f"#{instance.pk}: {exc.message}")
         if done:
             self.message_user(request, f"Unload requested for {', '.join(done)}.", messages.SUCCESS)
@@ -197,8 +199,6 @@ class GpuInstanceAdmin(admin.ModelAdmin):
     # --- deleting: finished instances only, by admins, as an event; the audit trail stays whole ------
 
     def has_delete_permission(self, request, obj=None):
-        from accounts import roles
-
         # A loaded (or loading, or stopping) instance is unloaded, not deleted: use the unload action.
         return roles.can_administer(request.user) and (obj is None or not obj.is_active)
 
@@ -225,11 +225,6 @@ class GpuInstanceAdmin(admin.ModelAdmin):
         """Delete one finished instance. Its events stay (InstanceEvent.instance is SET_NULL in the database
         too); one INSTANCE_DELETED event records who deleted what, naming the kept events and copying the
         timeline so it can still be read as one."""
-        from django.core.exceptions import PermissionDenied
-        from django.db import transaction
-
-        from .events import record
-
         with transaction.atomic():
             instance = GpuInstance.objects.select_for_update().select_related("host").get(pk=instance.pk)
             if instance.is_active:
@@ -285,17 +280,15 @@ class GpuWithOrphanKillAdmin(GpuAdmin):
 
     @admin.action(description="Kill orphan llama-server processes on the selected GPUs")
     def kill_orphans(self, request, queryset):
-        from .services import LoadRefused, kill_orphan
-
         asked = 0
         for gpu in queryset.select_related("host"):
             for process in gpu.processes:
                 if process.get("owner") != "orphan" or not process.get("pid"):
                     continue
                 try:
-                    kill_orphan(gpu=gpu, pid=process["pid"], actor=request.user)
+                    services.kill_orphan(gpu=gpu, pid=process["pid"], actor=request.user)
                     asked += 1
-                except LoadRefused as exc:
+                except Refused as exc:
                     self.message_user(request, f"PID {process['pid']}: {exc.message}", messages.ERROR)
         if asked:
             self.message_user(request, f"Kill requested for {asked} orphan process(es).", messages.SUCCESS)

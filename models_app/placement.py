@@ -10,7 +10,10 @@ from django.utils import timezone
 
 from gpus.models import Gpu, Host
 
-from . import model_files
+from . import estimates, model_files
+from .errors import Refused
+from .estimates import gib
+from .keepalive import expires_at
 from .models import InstanceGpu, LlamaBinary
 
 
@@ -28,6 +31,7 @@ def _foreign(gpu: Gpu) -> str:
 
 
 MAX_SET = 8  # the largest GPU set placement proposes (a load by hand may name more)
+NO_GPU_RETRY_SECONDS = 60  # Retry-After when nothing says when a GPU frees
 
 
 @dataclass
@@ -72,12 +76,6 @@ class Choice:
             "explanation": self.explain(),
             "summary": self.prediction.summary(),
         }
-
-
-def gib(mib) -> str:
-    from .estimates import gib as shown
-
-    return shown(mib or 0)
 
 
 def _free_text(gpus: list[Gpu]) -> str:
@@ -126,8 +124,6 @@ def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> t
     the estimate); when no single GPU fits, the smallest set of a host's free GPUs that fits. GPU sets
     predicted not to fit follow, for the explanation. Hosts whose worker reported that it cannot serve the
     model (models_app/model_files.py) are left out, and said so."""
-    from . import estimates
-
     gpus, holders = _candidate_gpus(model, host)
     out = _without_file(model, host)
     usable = []
@@ -147,7 +143,7 @@ def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> t
         if other or gpu.state == Gpu.State.OCCUPIED_BY_OTHERS:
             choice.shared = True
             choice.notes.append(
-                other or f"GPU {gpu.index}: {gib(gpu.memory_used_mib)} used by other processes"
+                other or f"GPU {gpu.index}: {gib(gpu.memory_used_mib or 0)} used by other processes"
             )
         singles.append(choice)
 
@@ -178,18 +174,20 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
     """The first of `rank`: the single GPU with the most memory left after the model's estimate (idle GPUs
     before those shared with other people's processes), else the smallest set of one host's GPUs that fits.
     GPUs that are unavailable or held by an instance are skipped; a GPU occupied by others is used only
-    when the model is predicted to fit beside them. Raises NoCapacity naming the busy GPUs and what keeps
-    them busy, with the numbers."""
-    from .ondemand import NoCapacity, expires_at  # ondemand imports this module
-
+    when the model is predicted to fit beside them. Raises Refused (busy, field gpu_id) naming the busy GPUs
+    and what keeps them busy, with the numbers, a Retry-After (the soonest a GPU frees) and `freeing` when
+    one of them is being unloaded."""
     gpus, holders = _candidate_gpus(model, host)
     if not gpus:
         without_file = _without_file(model, host)
         where = f"host {host.name}" if host is not None else "any host"
-        raise NoCapacity(
+        raise Refused(
             f"no GPU to load {model.pk} on: {where} has no live worker with a llama-server"
             + (f" ({model.binary.path} of {model.binary.host.name} is pinned)" if model.binary_id else "")
-            + (" that has the model file (" + "; ".join(without_file) + ")" if without_file else "")
+            + (" that has the model file (" + "; ".join(without_file) + ")" if without_file else ""),
+            code="busy",
+            field="gpu_id",
+            retry_after=NO_GPU_RETRY_SECONDS,
         )
     choices, _ = rank(model, host=host)
     fitting = [c for c in choices if c.fits]
@@ -222,10 +220,14 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
                 busy.append(f"{where}: other processes: {_foreign(gpu)}{numbers}")
             else:
                 busy.append(f"{where}: too little memory{numbers}")
-    retry_after = 60
+    retry_after = NO_GPU_RETRY_SECONDS
     if soonest is not None:
         retry_after = max(1, min(3600, int((soonest - timezone.now()).total_seconds()) + 1))
     busy += [f"{note} (no model file)" for note in _without_file(model, host)]
-    refusal = NoCapacity(f"no free GPU to load {model.pk} on: " + "; ".join(busy), retry_after=retry_after)
-    refusal.freeing = freeing
-    raise refusal
+    raise Refused(
+        f"no free GPU to load {model.pk} on: " + "; ".join(busy),
+        code="busy",
+        field="gpu_id",
+        retry_after=retry_after,
+        freeing=freeing,
+    )

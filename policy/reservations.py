@@ -11,6 +11,7 @@ from django.utils import timezone
 
 from gpus.models import Host
 from models_app import services
+from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceGpu
 
 from . import audit, windows
@@ -218,7 +219,7 @@ def drain(now: datetime | None = None) -> tuple[int, int]:
             continue
         try:
             services.request_unload(instance=item.instance, actor=None, detail=item.sentence)
-        except services.LoadRefused as exc:
+        except Refused as exc:
             logger.warning("reservation #%s: instance #%s not unloaded yet: %s", item.reservation.pk,
                            item.instance.pk, exc.message)  # fmt: skip
             continue

@@ -9,10 +9,12 @@ from pathlib import Path
 
 import httpx
 import psutil
+import pytest
 from django.utils import timezone
 
 from gpus.models import Host
 from llamacontroller_site.embedded_redis import free_port
+from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceGpu
 
 
@@ -135,3 +137,11 @@ def age_events(instance, seconds):
 
 def keep_host_up(host):
     Host.objects.filter(pk=host.pk).update(last_seen=timezone.now())
+
+
+@contextlib.contextmanager
+def refused(code: str, match: str | None = None):
+    """pytest.raises for a Refused with this reason code (its `.value` is the refusal)."""
+    with pytest.raises(Refused, match=match) as caught:
+        yield caught
+    assert caught.value.code == code, (caught.value.code, caught.value.message)

@@ -10,9 +10,10 @@ from rest_framework.views import APIView
 from accounts.permissions import IsOperator, IsViewer
 from gpus.models import Gpu
 from models_app import services
+from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceGpu, ModelConfig
 
-from .errors import refusal_body, refusal_status
+from .errors import refusal_body
 from .serializers import LoadSerializer, UnloadGpusSerializer
 from .views import instance_queryset
 
@@ -155,7 +156,7 @@ def _compat_refusal(exc, gpu_id, model_id) -> Response:
         "model_id": model_id,
         "field": exc.field,
     }
-    return Response({**refusal_body(exc), **body}, status=refusal_status(exc))
+    return Response({**refusal_body(exc), **body}, status=exc.status)
 
 
 class CompatLoadSerializer(LoadSerializer):
@@ -187,7 +188,7 @@ class ModelsLoadView(APIView):
                 host_name=form.validated_data.get("host"),
                 force=form.validated_data.get("force", False),
             )
-        except services.LoadRefused as exc:
+        except Refused as exc:
             return _compat_refusal(exc, gpu_id, model_id)
         message = f"Loading {model_id} on GPU {instance.gpu_ids} (instance #{instance.pk})"
         return Response(
@@ -210,7 +211,7 @@ class ModelsUnloadView(APIView):
             instances = services.request_unload_gpus(
                 gpu_spec=gpu_id, actor=request.user, host_name=form.validated_data.get("host")
             )
-        except services.LoadRefused as exc:
+        except Refused as exc:
             return _compat_refusal(exc, gpu_id, None)
         if instances:
             names = ", ".join(f"#{i.pk} ({i.model_id})" for i in instances)

@@ -1,26 +1,18 @@
-"""The one place where a refused request (services.LoadRefused) becomes an HTTP status and a body, for the
-API and the web views alike."""
+"""The API's one translation of a refused request (models_app.errors.Refused): its status (the code's,
+errors.STATUS) and a body. The web views answer the same status with the message."""
 
 from drf_spectacular.utils import OpenApiResponse
 from rest_framework import serializers, status
 from rest_framework.response import Response
 
-from models_app.services import LoadRefused
-
-STATUS_BY_CODE = {
-    "invalid": status.HTTP_400_BAD_REQUEST,
-    "forbidden": status.HTTP_403_FORBIDDEN,
-    "not_found": status.HTTP_404_NOT_FOUND,
-    "busy": status.HTTP_409_CONFLICT,
-    "unavailable": status.HTTP_503_SERVICE_UNAVAILABLE,
-}
+from models_app.errors import STATUS, Refused
 
 
 class RefusalSerializer(serializers.Serializer):
     """For the schema: what a refusal answers (`refusal_body`)."""
 
     detail = serializers.CharField()
-    code = serializers.ChoiceField(choices=sorted(STATUS_BY_CODE), required=False)
+    code = serializers.ChoiceField(choices=sorted(STATUS), required=False)
 
 
 def refusals(*statuses: int) -> dict:
@@ -34,11 +26,7 @@ def refusals(*statuses: int) -> dict:
     return {code: OpenApiResponse(RefusalSerializer, description=descriptions[code]) for code in statuses}
 
 
-def refusal_status(exc: LoadRefused) -> int:
-    return STATUS_BY_CODE.get(exc.code, status.HTTP_400_BAD_REQUEST)
-
-
-def refusal_body(exc: LoadRefused) -> dict:
+def refusal_body(exc: Refused) -> dict:
     """`{"detail", "code"}`, plus `{<field>: [reason]}` like a DRF validation error when a field is named."""
     body = {"detail": exc.message, "code": exc.code}
     if getattr(exc, "field", None):
@@ -47,9 +35,9 @@ def refusal_body(exc: LoadRefused) -> dict:
 
 
 class RefusalMixin:
-    """For API views: a LoadRefused raised anywhere in the view answers with its mapped status."""
+    """For API views: a Refused raised anywhere in the view answers with its code's status."""
 
     def handle_exception(self, exc):
-        if isinstance(exc, LoadRefused):
-            return Response(refusal_body(exc), status=refusal_status(exc))
+        if isinstance(exc, Refused):
+            return Response(refusal_body(exc), status=exc.status)
         return super().handle_exception(exc)

@@ -7,9 +7,9 @@ from rest_framework import serializers
 from rest_framework.decorators import action
 from rest_framework.response import Response
 
-from models_app import estimates, placement, services
+from models_app import checks, estimates, placement
+from models_app.errors import Refused
 from models_app.estimator import EstimateError
-from models_app.services import LoadRefused
 
 FLAG_PARAMETERS = [
     OpenApiParameter("c", int, description="Context size (-c); default the model's flags, else its trained context."),
@@ -87,7 +87,7 @@ def overrides_from(query, *, also: tuple[str, ...]) -> dict:
     unknown = sorted(name for name in query if name not in known)
     if unknown:
         names = ", ".join(repr(name[:40]) for name in unknown[:5])
-        raise LoadRefused(
+        raise Refused(
             f"unknown parameter {names}: known are {', '.join(sorted(known))}", field=unknown[0][:40]
         )
     given = {}
@@ -96,24 +96,24 @@ def overrides_from(query, *, also: tuple[str, ...]) -> dict:
         if value is None:
             continue
         if len(value) > 100 or "\x00" in value:
-            raise LoadRefused(f"{parameter.name}: value too long or not text", field=parameter.name)
+            raise Refused(f"{parameter.name}: value too long or not text", field=parameter.name)
         try:
             estimates.parse_overrides({parameter.name: value})
         except EstimateError as exc:
-            raise LoadRefused(str(exc), field=parameter.name) from None
+            raise Refused(str(exc), field=parameter.name) from None
         given[parameter.name] = value
     try:  # together: -fa off with a quantized -ctv is refused, as llama-server refuses it
         return estimates.parse_overrides(given)
     except EstimateError as exc:
         canonical = str(exc).split(":")[0]
         field = next((n for n, c in estimates.OVERRIDES.items() if c == canonical and n in given), None)
-        raise LoadRefused(str(exc), field=field) from None
+        raise Refused(str(exc), field=field) from None
 
 
 def host_param(query) -> str | None:
     host = query.get("host")
     if host is not None and (not host or len(host) > 100 or "\x00" in host):
-        raise LoadRefused("host: not a host name", field="host")
+        raise Refused("host: not a host name", field="host")
     return host
 
 
@@ -139,9 +139,9 @@ class EstimateActions:
         host_name = host_param(request.query_params)
         spec = request.query_params.get("gpu_id")
         if spec is not None:
-            _, gpus = services.resolve_gpus(services.parse_gpu_spec(spec), host_name)
+            _, gpus = checks.resolve_gpus(checks.parse_gpu_spec(spec), host_name)
             return Response(estimates.predict(model, gpus, overrides).as_dict())
-        host = services.host_named(host_name) if host_name is not None else None
+        host = checks.host_named(host_name) if host_name is not None else None
         choices, unavailable = placement.rank(model, host=host, overrides=overrides)
         return Response(estimates.suggested(model, choices, unavailable, overrides).as_dict())
 
@@ -157,7 +157,7 @@ class EstimateActions:
         model = self.get_object()
         overrides = overrides_from(request.query_params, also=("host",))
         host_name = host_param(request.query_params)
-        host = services.host_named(host_name) if host_name is not None else None
+        host = checks.host_named(host_name) if host_name is not None else None
         choices, unavailable = placement.rank(model, host=host, overrides=overrides)
         fitting = [c for c in choices if c.fits]
         return Response(

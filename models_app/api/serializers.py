@@ -4,6 +4,7 @@ from rest_framework import serializers
 from rest_framework.utils import html
 
 from gpus.api.serializers import HostStateFields
+from models_app.keepalive import expires_at
 from models_app.models import GpuInstance, HostModelFile, InstanceEvent, ModelConfig
 from models_app.registry import RegistryError, check_cli_params, check_params_shape, model_file
 
@@ -40,8 +41,6 @@ class InstanceSerializer(HostStateFields, serializers.ModelSerializer):
         return instance.owner.get_username() if instance.owner else None
 
     def get_expires_at(self, instance) -> datetime | None:
-        from models_app.ondemand import expires_at
-
         return expires_at(instance)
 
 

@@ -9,8 +9,8 @@ from accounts import roles
 from accounts.decorators import role_required
 from gpus.models import Gpu
 from models_app import services
-from models_app.api.errors import refusal_status
 from models_app.api.views import instance_queryset
+from models_app.errors import Refused
 
 from .dashboard import render_partial
 
@@ -28,8 +28,8 @@ def _attempt(request, command, done):
     """Runs a service command: its refusal (words and status), or `done(result)`'s words on success."""
     try:
         result = command()
-    except services.LoadRefused as exc:
-        return _after_action(request, exc.message, refusal_status(exc))
+    except Refused as exc:
+        return _after_action(request, exc.message, exc.status)
     return _after_action(request, done(result))
 
 

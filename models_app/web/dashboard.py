@@ -15,7 +15,7 @@ from django.views.decorators.http import require_GET
 from accounts import roles
 from accounts.decorators import role_required
 from gpus.models import Gpu, Host, alive_cutoff
-from models_app import health, ondemand
+from models_app import health, keepalive
 from models_app.api.views import instance_queryset
 from models_app.formatting import format_duration
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
@@ -49,13 +49,13 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
     instance.in_transition = instance.status in TRANSITIONS
     instance.uptime_display = format_duration(instance.uptime_seconds)
     # Idle unload: after how long idle, and when (no note for an instance loaded by hand that stays).
-    keep_alive = ondemand.keep_alive_of(instance)
-    after = None if keep_alive is None else f"unloads after {ondemand.describe_idle(keep_alive)} idle"
+    keep_alive = keepalive.keep_alive_of(instance)
+    after = None if keep_alive is None else f"unloads after {keepalive.describe_idle(keep_alive)} idle"
     if instance.loaded_on_demand:
         instance.idle_note = f"Loaded on demand, {after or 'stays loaded'}"
     else:
         instance.idle_note = after and after[0].upper() + after[1:]
-    instance.expires_at = ondemand.expires_at(instance, now)
+    instance.expires_at = keepalive.expires_at(instance, now)
     # A down host: unload and switch are refused (409) until it answers; an unknown instance keeps the
     # figures it had when the host went quiet.
     instance.host_down = not instance.host.up

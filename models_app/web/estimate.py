@@ -6,7 +6,8 @@ from django.views.decorators.http import require_GET
 from accounts import roles
 from accounts.decorators import role_required
 from gpus.models import Host
-from models_app import estimates, model_files, placement, services
+from models_app import checks, estimates, model_files, placement
+from models_app.errors import Refused
 from models_app.models import ModelConfig
 
 from .actions import parse_gpu_choice
@@ -28,7 +29,7 @@ def load_estimate(request):
     try:
         host_name, gpu_spec = parse_gpu_choice(request.GET.getlist("gpu"))
         if gpu_spec:
-            host, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu_spec), host_name)
+            host, gpus = checks.resolve_gpus(checks.parse_gpu_spec(gpu_spec), host_name)
             context["file_problem"] = model_files.refusal(model, host)
             prediction = estimates.predict(model, gpus)
         else:
@@ -40,7 +41,7 @@ def load_estimate(request):
                 context["suggestion"] = ",".join(f"{g.host.name}:{g.index}" for g in fitting[0].gpus)
     except ValueError as exc:
         return render(request, "partials/load_estimate.html", {**context, "error": str(exc)})
-    except services.LoadRefused as exc:
+    except Refused as exc:
         return render(request, "partials/load_estimate.html", {**context, "error": exc.message})
     if prediction is not None and prediction.estimate is not None:
         breakdown = prediction.estimate.as_dict()

@@ -18,9 +18,10 @@ from django.db import connection
 
 from gpus.models import Gpu
 from models_app import processes, tasks
+from models_app.errors import Refused
 from models_app.memory import refresh_host_memory
 from models_app.models import GpuInstance, InstanceEvent, LlamaBinary
-from models_app.services import LoadRefused, request_load, request_switch, request_unload
+from models_app.services import request_load, request_switch, request_unload
 from tests.helpers import wait_for, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -361,7 +362,7 @@ def test_lifecycle_parallel_loads_start_exactly_one(worker, fake_gpus, tiny_mode
             results.append(
                 request_load(model_id="tiny", gpu_spec="0" if n % 2 else "1,0", actor=users["operator"])
             )
-        except LoadRefused as exc:
+        except Refused as exc:
             results.append(exc)
         finally:
             connection.close()
@@ -372,7 +373,7 @@ def test_lifecycle_parallel_loads_start_exactly_one(worker, fake_gpus, tiny_mode
     for thread in threads:
         thread.join()
     started = [r for r in results if isinstance(r, GpuInstance)]
-    refused = [r for r in results if isinstance(r, LoadRefused)]
+    refused = [r for r in results if isinstance(r, Refused)]
     assert len(started) == 1
     assert len(refused) == 7
     assert {r.code for r in refused} == {"busy"}

@@ -8,7 +8,7 @@ import time
 import pytest
 from django.db import connection
 
-from models_app import ondemand, processes, tasks
+from models_app import keepalive, ondemand, processes, tasks
 from models_app.models import GpuInstance, InstanceEvent, LlamaBinary, ModelConfig
 from tests.helpers import wait_until
 
@@ -63,10 +63,10 @@ def test_cold_model_loads_on_demand_once_for_concurrent_callers_then_idles_out(
     assert time.monotonic() - started < 1
 
     # A request asks for a 1 s keep-alive; while it is in flight nothing unloads.
-    assert ondemand.request_started(instance.pk, keep_alive_seconds=1) is True
+    assert keepalive.request_started(instance.pk, keep_alive_seconds=1) is True
     time.sleep(1.2)
     assert ondemand.unload_idle() == []
-    ondemand.request_finished(instance.pk)
+    keepalive.request_finished(instance.pk)
     assert ondemand.unload_idle() == []  # it was used just now
     time.sleep(1.2)
 

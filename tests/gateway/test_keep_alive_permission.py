@@ -9,7 +9,7 @@ import pytest
 from django.utils import timezone
 
 from gateway import access, translate
-from models_app import ondemand
+from models_app import keepalive, ondemand
 from models_app.models import GpuInstance, Host, InstanceEvent, ModelConfig
 from tests.gateway.fakes import request
 
@@ -136,7 +136,7 @@ def test_an_anonymous_keep_alive_is_named_so(owned, llama, settings, sent):
     ModelConfig.objects.filter(pk="tiny").update(allow_anonymous=True)
     Host.objects.filter(pk=owned.host_id).update(last_seen=timezone.now())
     assert chat(None, "2m")[0] == 200  # longer than the default: anyone may
-    assert kept(owned) == (120, ondemand.ANONYMOUS)
+    assert kept(owned) == (120, keepalive.ANONYMOUS)
     ago = timezone.now() - timedelta(seconds=121)
     GpuInstance.objects.filter(pk=owned.pk).update(last_used_at=ago, loaded_at=ago)
     ondemand.unload_idle()

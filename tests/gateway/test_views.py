@@ -349,6 +349,7 @@ def test_a_client_that_leaves_mid_stream_closes_the_upstream(instance, llama, us
 
 def test_keep_alive_zero_with_an_empty_prompt_unloads(instance, llama, users, bearer, monkeypatch):
     from models_app import ondemand
+    from models_app.errors import Refused
 
     asked = []
     monkeypatch.setattr(ondemand, "unload_now", lambda model, actor: asked.append((model.pk, actor.username)))
@@ -358,7 +359,7 @@ def test_keep_alive_zero_with_an_empty_prompt_unloads(instance, llama, users, be
     assert asked == [("tiny", "operator")]
 
     def refuse(model, actor):
-        raise ondemand.NotAllowed("viewer may not unload instance #1 of tiny")
+        raise Refused("viewer may not unload instance #1 of tiny", code="forbidden")
 
     monkeypatch.setattr(ondemand, "unload_now", refuse)
     status, _, content = request(

@@ -10,8 +10,8 @@ from rest_framework.test import APIClient
 
 from gpus.models import Gpu
 from models_app import services
+from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceEvent
-from models_app.services import LoadRefused
 
 Kind = InstanceEvent.Kind
 FOREIGN = [{"pid": 4242, "name": "python3", "used_mib": 9000, "owner": "foreign", "instance_id": None}]
@@ -37,7 +37,7 @@ def _occupied(gpu, used_mib=24400):
 def test_load_onto_unavailable_gpu_is_refused_with_the_reason(fake_gpus, tiny_model, users):
     _unavailable(fake_gpus.gpus[1])
     for force in (False, True):  # force does not bring a GPU back
-        with pytest.raises(LoadRefused) as refused:
+        with pytest.raises(Refused) as refused:
             services.request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"], force=force)
         assert refused.value.code == "busy" and refused.value.field == "gpu_id"
         assert refused.value.message == (
@@ -48,7 +48,7 @@ def test_load_onto_unavailable_gpu_is_refused_with_the_reason(fake_gpus, tiny_mo
 
 def test_load_onto_occupied_gpu_needs_force_and_is_recorded(fake_gpus, tiny_model, users):
     _occupied(fake_gpus.gpus[0])
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
     assert refused.value.code == "busy"
     assert "GPU 0 on testhost is occupied by other processes: python3 (pid 4242, 9000 MiB)" in (
@@ -69,14 +69,14 @@ def test_an_occupied_gpu_with_room_for_the_model_loads_without_force(fake_gpus, 
 
 def test_the_refusal_names_the_numbers(fake_gpus, tiny_model, users):
     _occupied(fake_gpus.gpus[0])
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
     assert "MiB there and 164 MiB are free; load with force" in refused.value.message
 
 
 def test_a_load_predicted_not_to_fit_is_refused_unless_forced(fake_gpus, tiny_model, users):
     Gpu.objects.filter(pk=fake_gpus.gpus[0].pk).update(memory_used_mib=24500)  # idle state, 64 MiB free
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
     assert refused.value.code == "busy" and refused.value.field == "gpu_id"
     assert "tiny is predicted not to fit" in refused.value.message
@@ -88,14 +88,14 @@ def test_a_load_predicted_not_to_fit_is_refused_unless_forced(fake_gpus, tiny_mo
 def test_switch_checks_gpu_state_too(fake_gpus, tiny_model, users):
     old = services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
     _occupied(fake_gpus.gpus[0])
-    with pytest.raises(LoadRefused, match="occupied by other processes"):
+    with pytest.raises(Refused, match="occupied by other processes"):
         services.request_switch(model_id="tiny", gpu_spec="0", actor=users["operator"])
     new = services.request_switch(model_id="tiny", gpu_spec="0", actor=users["operator"], force=True)
     assert "forced over other processes" in new.events.get(kind=Kind.SWITCH_REQUESTED).detail
     old.refresh_from_db()
     assert old.status == GpuInstance.Status.STOPPING
     _unavailable(fake_gpus.gpus[0], "host testhost not heard from since 10:00")
-    with pytest.raises(LoadRefused, match="unavailable: host testhost not heard from since 10:00"):
+    with pytest.raises(Refused, match="unavailable: host testhost not heard from since 10:00"):
         services.request_switch(model_id="tiny", gpu_spec="0", actor=users["operator"], force=True)
 
 

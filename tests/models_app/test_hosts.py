@@ -10,8 +10,9 @@ from django.utils import timezone
 
 from gpus.models import Gpu, Host
 from models_app import reconcile, tasks
+from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceEvent
-from models_app.services import LoadRefused, request_load, request_unload
+from models_app.services import request_load, request_unload
 
 Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
@@ -49,7 +50,7 @@ def test_silent_host_fails_its_waiting_work_and_marks_its_gpus(fake_gpus, tiny_m
     assert host_event.detail == f"{reason}: 2 GPU(s) marked unavailable"
 
     # Nobody can load onto the host, or unload from it, while it is down: 409 naming the host.
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
     assert refused.value.code == "busy"
     assert refused.value.message == (
@@ -88,7 +89,7 @@ def test_running_instances_of_a_down_host_become_unknown_and_keep_their_figures(
     assert (instance.status, instance.memory_used_mb, instance.pid) == (Status.UNKNOWN, 321, 4242)
     assert instance.gpu_links.filter(active=True).exists()  # it still holds its GPU
     assert instance.events.filter(kind=Kind.HOST_LOST, detail__contains="may still run").exists()
-    with pytest.raises(LoadRefused, match="cannot unload instance #.*host testhost is down"):
+    with pytest.raises(Refused, match="cannot unload instance #.*host testhost is down"):
         request_unload(instance=instance, actor=users["admin"])
     assert tasks.check_hosts() == {}
 

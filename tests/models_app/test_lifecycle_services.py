@@ -6,8 +6,9 @@ from django.utils import timezone
 
 from gpus.models import Gpu, Host
 from models_app import services
+from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu
-from models_app.services import LoadRefused, parse_gpu_spec
+from models_app.services import parse_gpu_spec
 
 Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
@@ -33,7 +34,7 @@ def test_lifecycle_parse_gpu_spec(spec, ids):
     ],
 )
 def test_lifecycle_parse_gpu_spec_refuses(spec, says):
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         parse_gpu_spec(spec)
     assert refused.value.field == "gpu_id"
     assert refused.value.code == "invalid"
@@ -77,7 +78,7 @@ def test_lifecycle_request_load_as_system(fake_gpus, tiny_model, sent):
     ],
 )
 def test_lifecycle_request_load_validation(fake_gpus, tiny_model, users, kwargs, field, says):
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(actor=users["admin"], **kwargs)
     assert (refused.value.field, refused.value.code) == (field, "invalid")
     assert says in refused.value.message
@@ -87,7 +88,7 @@ def test_lifecycle_request_load_validation(fake_gpus, tiny_model, users, kwargs,
 def test_lifecycle_request_load_missing_model_file(fake_gpus, tiny_model, settings):
     tiny_model.path = str(settings.MODEL_DIRS[0] / "gone.gguf")
     tiny_model.save()
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="0", actor=None)
     assert refused.value.field == "model_id"
     assert "file not found" in refused.value.message
@@ -97,14 +98,14 @@ def test_lifecycle_request_load_hosts(fake_gpus, tiny_model):
     other = Host.objects.create(name="other", last_seen=timezone.now())  # its worker's heartbeat: up
     Gpu.objects.create(host=other, index=0, uuid="GPU-other-0", name="x", memory_total_mib=100)
     # GPU 0 exists on both hosts: the host must be named.
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="0", actor=None)
     assert refused.value.field == "host"
     assert services.request_load(model_id="tiny", gpu_spec="0", actor=None, host_name="other").host == other
     # GPU 1 only on testhost; "0,1" is complete only there.
     assert services.request_load(model_id="tiny", gpu_spec="1", actor=None).host == fake_gpus.host
     Gpu.objects.create(host=other, index=2, uuid="GPU-other-2", name="x", memory_total_mib=100)
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="1,2", actor=None)
     assert refused.value.field == "gpu_id"
     assert "not on one host" in refused.value.message
@@ -112,7 +113,7 @@ def test_lifecycle_request_load_hosts(fake_gpus, tiny_model):
 
 @pytest.mark.parametrize("who", ["viewer", "outsider"])
 def test_lifecycle_request_load_forbidden(fake_gpus, tiny_model, users, who):
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="0", actor=users[who])
     assert refused.value.code == "forbidden"
     assert not GpuInstance.objects.exists()
@@ -120,7 +121,7 @@ def test_lifecycle_request_load_forbidden(fake_gpus, tiny_model, users, who):
 
 def test_lifecycle_request_load_busy(fake_gpus, tiny_model, users):
     first = services.request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"])
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="1", actor=users["operator2"])
     assert refused.value.code == "busy"
     assert "GPU busy" in refused.value.message
@@ -139,7 +140,7 @@ def test_lifecycle_gpu_claim_is_guarded_by_the_database(fake_gpus, tiny_model):
 
 def test_lifecycle_request_load_broker_down(fake_gpus, tiny_model, settings):
     settings.CELERY_BROKER_URL = "redis://127.0.0.1:1/0"
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="0", actor=None)
     assert refused.value.code == "unavailable"
     assert not GpuInstance.objects.exists()
@@ -166,7 +167,7 @@ def test_lifecycle_failed_enqueue_marks_failed(
 def test_lifecycle_unload_permissions(fake_gpus, tiny_model, users, sent, django_capture_on_commit_callbacks):
     mine = services.request_load(model_id="tiny", gpu_spec="0", actor=users["operator"])
     for who in ("operator2", "viewer", "outsider"):
-        with pytest.raises(LoadRefused) as refused:
+        with pytest.raises(Refused) as refused:
             services.request_unload(instance=mine, actor=users[who])
         assert refused.value.code == "forbidden"
     with django_capture_on_commit_callbacks(execute=True):
@@ -184,17 +185,17 @@ def test_lifecycle_unload_permissions(fake_gpus, tiny_model, users, sent, django
     system = GpuInstance.objects.create(
         model=tiny_model, host=fake_gpus.host, gpu_ids="1", status=Status.STOPPED
     )
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_unload(instance=system, actor=None)
     assert "not loaded" in refused.value.message
 
 
 def test_lifecycle_unload_gpus(fake_gpus, tiny_model, users):
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_unload_gpus(gpu_spec="0", actor=None)
     assert refused.value.code == "not_found"
     loaded = services.request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"])
-    with pytest.raises(LoadRefused):
+    with pytest.raises(Refused):
         services.request_unload_gpus(gpu_spec="1", actor=users["operator2"])
     assert [i.pk for i in services.request_unload_gpus(gpu_spec="1", actor=users["operator"])] == [loaded.pk]
 
@@ -203,7 +204,7 @@ def test_lifecycle_switch_hands_gpus_over(
     fake_gpus, tiny_model, users, sent, django_capture_on_commit_callbacks
 ):
     old = services.request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"])
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_switch(model_id="tiny", gpu_spec="0", actor=users["operator2"])
     assert refused.value.code == "forbidden"
     with django_capture_on_commit_callbacks(execute=True):
@@ -226,13 +227,13 @@ def test_lifecycle_kill_orphan_service(fake_gpus, users, sent):
         {"pid": 1234, "name": "llama-server", "used_mib": 1, "owner": "orphan", "instance_id": None}
     ]
     gpu.save()
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.kill_orphan(gpu=gpu, pid=1234, actor=users["operator"])
     assert refused.value.code == "forbidden"
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.kill_orphan(gpu=fake_gpus.gpus[1], pid=1234, actor=users["admin"])
     assert refused.value.code == "not_found"  # not on that GPU
-    with pytest.raises(LoadRefused):
+    with pytest.raises(Refused):
         services.kill_orphan(gpu=gpu, pid="x", actor=users["admin"])
     services.kill_orphan(gpu=gpu, pid=1234, actor=users["admin"])
     assert sent == [

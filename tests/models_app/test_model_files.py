@@ -12,10 +12,9 @@ from django.utils import timezone
 
 from gpus.models import Host
 from models_app import dispatch, model_files, placement, reconcile, services, tasks
+from models_app.errors import Refused
 from models_app.models import GpuInstance, HostModelFile, ModelConfig
-from models_app.ondemand import NoCapacity
-from models_app.services import LoadRefused
-from tests.helpers import register_second_host
+from tests.helpers import refused, register_second_host
 from utilities import dispatch as utilities_dispatch
 
 HTMX = {"HTTP_HX_REQUEST": "true"}
@@ -159,13 +158,13 @@ def test_registry_change_through_the_api_sends_checks(
 
 def test_load_on_a_host_without_the_file_is_refused_with_the_reason(box2, tiny_model, users):
     missing_on(box2, tiny_model)
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load(model_id="tiny", gpu_spec="0", host_name="box-2", actor=users["admin"])
     assert (refused.value.code, refused.value.field) == ("busy", "model_id")
     assert (
         refused.value.message == "model tiny cannot load on host box-2: /models/x.gguf does not exist there"
     )
-    with pytest.raises(LoadRefused, match="cannot load on host box-2"):
+    with pytest.raises(Refused, match="cannot load on host box-2"):
         services.request_switch(model_id="tiny", gpu_spec="1", host_name="box-2", actor=users["admin"])
     assert not GpuInstance.objects.exists()
     # The other host, which has not reported, is not ruled out: its worker checks again when it loads.
@@ -176,14 +175,14 @@ def test_load_on_a_host_without_the_file_is_refused_with_the_reason(box2, tiny_m
 def test_the_web_node_leaves_the_file_check_to_the_hosts_once_they_report(fake_gpus, tiny_model, settings):
     tiny_model.path = str(settings.MODEL_DIRS[0] / "only-on-the-gpu-hosts.gguf")
     tiny_model.save()
-    with pytest.raises(LoadRefused, match="file not found"):  # nobody reported: checked here, as before
+    with pytest.raises(Refused, match="file not found"):  # nobody reported: checked here, as before
         services.request_load(model_id="tiny", gpu_spec="0", actor=None)
     HostModelFile.objects.create(host=fake_gpus.host, model=tiny_model, available=True)
     assert services.request_load(model_id="tiny", gpu_spec="0", actor=None).status == "pending"
     # The path's form is still checked here.
     tiny_model.path = "/etc/passwd.gguf"
     tiny_model.save()
-    with pytest.raises(LoadRefused, match="outside the allowed model folders"):
+    with pytest.raises(Refused, match="outside the allowed model folders"):
         services.request_load(model_id="tiny", gpu_spec="1", actor=None)
 
 
@@ -198,7 +197,7 @@ def test_placement_skips_hosts_without_the_file(box2, tiny_model):
     assert {c.host.name for c in choices} == {"testhost"}
     assert out[0] == "host box-2: /models/x.gguf does not exist there"
     assert placement.choose_gpus(tiny_model)[0].name == "testhost"
-    with pytest.raises(NoCapacity, match="that has the model file"):
+    with refused("busy", match="that has the model file"):
         placement.choose_gpus(tiny_model, host=box2)
 
 
@@ -206,10 +205,10 @@ def test_nothing_fits_names_the_hosts_without_the_file(box2, tiny_model, fake_gp
     missing_on(box2, tiny_model)
     for gpu in fake_gpus.gpus:
         services.request_load(model_id="tiny", gpu_spec=str(gpu.index), host_name="testhost", actor=None)
-    with pytest.raises(NoCapacity) as refused:
+    with refused("busy") as caught:
         placement.choose_gpus(tiny_model)
-    assert "GPU 0 on testhost: tiny" in refused.value.message
-    assert "host box-2: /models/x.gguf does not exist there (no model file)" in refused.value.message
+    assert "GPU 0 on testhost: tiny" in caught.value.message
+    assert "host box-2: /models/x.gguf does not exist there (no model file)" in caught.value.message
 
 
 def test_auto_load_picks_a_host_with_the_file(box2, tiny_model, fake_gpus, users, sent):
@@ -217,10 +216,10 @@ def test_auto_load_picks_a_host_with_the_file(box2, tiny_model, fake_gpus, users
     instance = services.request_load_auto(model_id="tiny", actor=users["operator"])
     assert instance.host.name == "box-2" and instance.gpu_ids in ("0", "1")
     assert "chosen by the controller" in instance.events.get().detail
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load_auto(model_id="tiny", actor=users["operator"], host_name="testhost")
     assert refused.value.code == "busy" and "cannot load on host testhost" in refused.value.message
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load_auto(model_id="tiny", actor=users["viewer"])
     assert refused.value.code == "forbidden"
 
@@ -229,7 +228,7 @@ def test_auto_load_with_nothing_free_is_409_with_the_explanation(box2, tiny_mode
     missing_on(box2, tiny_model)
     for gpu in fake_gpus.gpus:
         services.request_load(model_id="tiny", gpu_spec=str(gpu.index), host_name="testhost", actor=None)
-    with pytest.raises(LoadRefused) as refused:
+    with pytest.raises(Refused) as refused:
         services.request_load_auto(model_id="tiny", actor=None)
     assert (refused.value.code, refused.value.field) == ("busy", "gpu_id")
     assert refused.value.message.startswith("no free GPU to load tiny on: GPU 0 on testhost")

@@ -13,10 +13,11 @@ from django.db import connection
 from django.utils import timezone
 
 from gpus.models import Gpu, Host
-from models_app import ondemand, tasks
+from models_app import keepalive, ondemand, tasks
+from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
-from models_app.ondemand import GatewayRefusal, LoadFailed, NoCapacity, NotAllowed, Timeout
 from models_app.placement import choose_gpus
+from tests.helpers import refused
 
 Status = GpuInstance.Status
 
@@ -104,7 +105,7 @@ def test_placement_skips_dead_hosts_and_hosts_without_llama_server(host, tiny_mo
     add_gpu(never, 0, total=81920, used=0)
     chosen_host, gpus = choose_gpus(tiny_model)
     assert chosen_host == host
-    with pytest.raises(NoCapacity, match="no live worker"):
+    with refused("busy", match="no live worker"):
         choose_gpus(tiny_model, host=dead)
 
 
@@ -119,7 +120,7 @@ def test_no_capacity_names_busy_gpus_and_what_keeps_them_busy(host, tiny_model, 
         processes=[{"pid": 4242, "name": "train.py", "used_mib": 19990, "owner": "foreign"}],
     )  # fmt: skip (164 MiB left: too little for any model beside train.py)
     add_gpu(host, 2, state=Gpu.State.UNAVAILABLE, state_reason="fell off the bus")
-    with pytest.raises(NoCapacity) as caught:
+    with refused("busy") as caught:
         choose_gpus(tiny_model)
     message = caught.value.message
     assert f"GPU 0 on testhost: gemma (instance #{instance.pk}, running)" in message
@@ -128,9 +129,9 @@ def test_no_capacity_names_busy_gpus_and_what_keeps_them_busy(host, tiny_model, 
     assert "GPU 2 on testhost: unavailable (fell off the bus)" in message
     # The soonest idle unload: gemma's default keep-alive (1800 s) from its last use 10 s ago.
     assert 1780 <= caught.value.retry_after <= 1791
-    assert isinstance(caught.value, GatewayRefusal) and caught.value.status == 503
+    assert caught.value.code == "busy" and caught.value.field == "gpu_id"  # the gateway answers 503
     # ensure_running says the same, and creates nothing.
-    with pytest.raises(NoCapacity, match="train.py"):
+    with refused("busy", match="train.py"):
         ondemand.ensure_running(tiny_model, users["operator"], timeout=1)
     assert not GpuInstance.objects.filter(model=tiny_model).exists()
 
@@ -140,7 +141,7 @@ def test_a_gpu_being_unloaded_is_waited_for_not_refused(host, tiny_model, users,
     the GPU the first frees instead of answering 503."""
     Gpu.objects.filter(host=host, index=1).update(state=Gpu.State.UNAVAILABLE)
     old = running(other_model(tiny_model, "old"), gpu(host, 0), status=Status.STOPPING)
-    with pytest.raises(NoCapacity) as caught:
+    with refused("busy") as caught:
         choose_gpus(tiny_model)
     assert caught.value.freeing and caught.value.retry_after <= 11  # the stop timeout (10 s)
 
@@ -149,13 +150,13 @@ def test_a_gpu_being_unloaded_is_waited_for_not_refused(host, tiny_model, users,
         InstanceGpu.objects.filter(instance=old).update(active=False)
 
     monkeypatch.setattr(ondemand, "time", SimpleNamespace(monotonic=time.monotonic, sleep=worker_sleep))
-    with pytest.raises(Timeout):  # (nobody plays the load's worker: the wait for it ends)
+    with refused("timeout"):  # (nobody plays the load's worker: the wait for it ends)
         ondemand.ensure_running(tiny_model, users["operator"], timeout=0.5)
     assert GpuInstance.objects.get(model=tiny_model).gpu_ids == "0"
 
 
 def test_no_capacity_without_any_host(db, tiny_model):
-    with pytest.raises(NoCapacity, match="no GPU to load tiny on: any host has no live worker"):
+    with refused("busy", match="no GPU to load tiny on: any host has no live worker"):
         choose_gpus(tiny_model)
 
 
@@ -203,7 +204,7 @@ def test_who_may_not_wake_a_model(host, tiny_model, users, sent, who, model_fiel
     ModelConfig.objects.filter(pk=tiny_model.pk).update(**model_fields)
     tiny_model.refresh_from_db()
     actor = AnonymousUser() if who == "anonymous" else users[who]
-    with pytest.raises(NotAllowed) as caught:
+    with pytest.raises(Refused) as caught:
         ondemand.ensure_running(tiny_model, actor, timeout=1)
     assert caught.value.status == status
     assert not GpuInstance.objects.exists() and sent == []
@@ -211,10 +212,10 @@ def test_who_may_not_wake_a_model(host, tiny_model, users, sent, who, model_fiel
 
 def test_anonymous_may_use_a_loaded_model_only_where_allowed(host, tiny_model, users):
     instance = running(tiny_model, gpu(host, 0), on_demand=False)
-    with pytest.raises(NotAllowed) as caught:
+    with pytest.raises(Refused) as caught:
         ondemand.ensure_running(tiny_model, AnonymousUser())
     assert caught.value.status == 401
-    with pytest.raises(NotAllowed) as caught:
+    with pytest.raises(Refused) as caught:
         ondemand.ensure_running(tiny_model, users["outsider"])
     assert caught.value.status == 403
     tiny_model.allow_anonymous = True
@@ -226,7 +227,7 @@ def test_on_demand_models_wake_for_anyone_allowed_to_use_them(host, tiny_model, 
     ModelConfig.objects.filter(pk=tiny_model.pk).update(on_demand=True, allow_anonymous=who == "anonymous")
     tiny_model.refresh_from_db()
     actor = AnonymousUser() if who == "anonymous" else users[who]
-    with pytest.raises(Timeout):  # nobody plays the worker: the wait ends, the load goes on
+    with refused("timeout"):  # nobody plays the worker: the wait ends, the load goes on
         ondemand.ensure_running(tiny_model, actor, timeout=0.3)
     instance = GpuInstance.objects.get(model=tiny_model)
     assert instance.loaded_on_demand and instance.status == Status.PENDING
@@ -259,7 +260,7 @@ def test_load_failed_carries_the_error(host, tiny_model, users, sent, monkeypatc
         )
 
     monkeypatch.setattr(ondemand, "time", SimpleNamespace(monotonic=time.monotonic, sleep=worker_sleep))
-    with pytest.raises(LoadFailed) as caught:
+    with refused("load_failed") as caught:
         ondemand.ensure_running(tiny_model, users["operator"])
     assert caught.value.status == 503
     assert "loading tiny failed: llama-server exited with code 1: unknown model architecture 'x'" in (
@@ -274,16 +275,16 @@ def test_a_recent_failure_is_answered_without_another_load(host, tiny_model, use
         )
 
     monkeypatch.setattr(ondemand, "time", SimpleNamespace(monotonic=time.monotonic, sleep=worker_sleep))
-    with pytest.raises(LoadFailed, match="out of memory"):
+    with refused("load_failed", match="out of memory"):
         ondemand.ensure_running(tiny_model, users["operator"])
-    with pytest.raises(
-        LoadFailed, match=r"loading tiny failed 0 s ago \(instance #\d+\): out of memory"
+    with refused(
+        "load_failed", match=r"loading tiny failed 0 s ago \(instance #\d+\): out of memory"
     ) as caught:
         ondemand.ensure_running(tiny_model, users["operator"])
     assert 1 <= caught.value.retry_after <= 30
     assert GpuInstance.objects.filter(model=tiny_model).count() == 1  # no second load
     GpuInstance.objects.update(stopped_at=timezone.now() - timedelta(seconds=31))
-    with pytest.raises(LoadFailed, match="out of memory"):  # tried again (and failed again)
+    with refused("load_failed", match="out of memory"):  # tried again (and failed again)
         ondemand.ensure_running(tiny_model, users["operator"])
     assert GpuInstance.objects.filter(model=tiny_model).count() == 2
 
@@ -293,8 +294,8 @@ def test_a_load_on_demand_stranded_on_a_down_host_is_answered_503_not_loaded_twi
 ):
     other = Host.objects.create(name="box-2", last_seen=timezone.now() - timedelta(seconds=600))
     stranded = running(tiny_model, add_gpu(other, 0), status=Status.UNKNOWN)
-    with pytest.raises(
-        LoadFailed, match=r"tiny is loaded on host box-2 \(instance #\d+\), which is down"
+    with refused(
+        "load_failed", match=r"tiny is loaded on host box-2 \(instance #\d+\), which is down"
     ) as caught:
         ondemand.ensure_running(tiny_model, users["operator"])
     assert "clear_host box-2 --retire" in caught.value.message
@@ -304,7 +305,7 @@ def test_a_load_on_demand_stranded_on_a_down_host_is_answered_503_not_loaded_twi
 
 def test_timeout_leaves_the_load_going(host, tiny_model, users, sent):
     started = time.monotonic()
-    with pytest.raises(Timeout, match="tiny is still pending") as caught:
+    with refused("timeout", match="tiny is still pending") as caught:
         ondemand.ensure_running(tiny_model, users["operator"], timeout=0.3)
     assert time.monotonic() - started < 5
     assert caught.value.retry_after and caught.value.status == 503
@@ -313,7 +314,7 @@ def test_timeout_leaves_the_load_going(host, tiny_model, users, sent):
 
 def test_the_default_wait_is_the_setting(host, tiny_model, users, sent, settings):
     settings.GATEWAY_LOAD_TIMEOUT_SECONDS = 0.2
-    with pytest.raises(Timeout):
+    with refused("timeout"):
         ondemand.ensure_running(tiny_model, users["operator"])
 
 
@@ -365,16 +366,16 @@ def test_the_database_refuses_a_second_load_on_demand_of_a_model(host, tiny_mode
 
 def test_request_started_and_finished_count_and_never_go_below_zero(host, tiny_model):
     instance = running(tiny_model, gpu(host, 0))
-    assert ondemand.request_started(instance.pk) is True
-    assert ondemand.request_started(instance.pk) is True
+    assert keepalive.request_started(instance.pk) is True
+    assert keepalive.request_started(instance.pk) is True
     instance.refresh_from_db()
     assert instance.in_flight == 2 and instance.last_used_at is not None
     for _ in range(4):
-        ondemand.request_finished(instance.pk)
+        keepalive.request_finished(instance.pk)
     instance.refresh_from_db()
     assert instance.in_flight == 0
     GpuInstance.objects.filter(pk=instance.pk).update(status=Status.STOPPING)
-    assert ondemand.request_started(instance.pk) is False  # lost to an unload: look again
+    assert keepalive.request_started(instance.pk) is False  # lost to an unload: look again
     instance.refresh_from_db()
     assert instance.in_flight == 0
 
@@ -383,7 +384,7 @@ def test_keep_alive_is_clamped_to_the_admin_limit(host, tiny_model, settings):
     settings.GATEWAY_MAX_KEEP_ALIVE_SECONDS = 3600
     instance = running(tiny_model, gpu(host, 0))
     for asked, kept in [(300, 300), (10**9, 3600), (-1, 3600), (0, 0), (2.7, 2)]:
-        ondemand.request_started(instance.pk, keep_alive_seconds=asked)
+        keepalive.request_started(instance.pk, keep_alive_seconds=asked)
         instance.refresh_from_db()
         assert instance.keep_alive_seconds == kept, asked
 
@@ -391,13 +392,13 @@ def test_keep_alive_is_clamped_to_the_admin_limit(host, tiny_model, settings):
 def test_expires_at(host, tiny_model, settings):
     settings.KEEP_ALIVE_SECONDS = 1800
     instance = running(tiny_model, gpu(host, 0), loaded_ago=100)
-    assert ondemand.expires_at(instance) == instance.loaded_at + timedelta(seconds=1800)
-    ondemand.request_started(instance.pk, keep_alive_seconds=60)
-    ondemand.request_finished(instance.pk)
+    assert keepalive.expires_at(instance) == instance.loaded_at + timedelta(seconds=1800)
+    keepalive.request_started(instance.pk, keep_alive_seconds=60)
+    keepalive.request_finished(instance.pk)
     instance.refresh_from_db()
-    assert ondemand.expires_at(instance) == instance.last_used_at + timedelta(seconds=60)
+    assert keepalive.expires_at(instance) == instance.last_used_at + timedelta(seconds=60)
     by_hand = running(other_model(tiny_model, "byhand"), gpu(host, 1), on_demand=False)
-    assert ondemand.expires_at(by_hand) is None
+    assert keepalive.expires_at(by_hand) is None
 
 
 # --- idle unload -------------------------------------------------------------------------------------------
@@ -456,7 +457,7 @@ def test_idle_unload_rechecks_under_the_lock(host, tiny_model, sent, settings):
     settings.KEEP_ALIVE_SECONDS = 60
     instance = running(tiny_model, gpu(host, 0), loaded_ago=600)
     now = timezone.now()
-    ondemand.request_started(instance.pk)
+    keepalive.request_started(instance.pk)
     assert ondemand._unload_if_idle(instance.pk, now) is None
     instance.refresh_from_db()
     assert instance.status == Status.RUNNING
@@ -474,10 +475,10 @@ def test_idle_check_is_scheduled_with_expiry(settings):
 def test_unload_now_follows_operator_rules(host, tiny_model, users, sent):
     instance = running(tiny_model, gpu(host, 0), owner=users["operator"])
     for who in ("viewer", "operator2"):
-        with pytest.raises(NotAllowed) as caught:
+        with pytest.raises(Refused) as caught:
             ondemand.unload_now(tiny_model, users[who])
         assert caught.value.status == 403
-    with pytest.raises(NotAllowed) as caught:
+    with pytest.raises(Refused) as caught:
         ondemand.unload_now(tiny_model, AnonymousUser())
     assert caught.value.status == 401
     instance.refresh_from_db()

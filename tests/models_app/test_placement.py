@@ -9,8 +9,8 @@ from gpus.models import Gpu, Host
 from models_app import estimates, placement
 from models_app.memory import check_estimate
 from models_app.models import GpuInstance, InstanceEvent, LlamaBinary, ModelConfig
-from models_app.ondemand import NoCapacity
 from tests.gguf_helpers import write_llama8b
+from tests.helpers import refused
 
 TRAIN = [{"pid": 4242, "name": "train.py", "used_mib": 12288, "owner": "foreign"}]
 
@@ -82,7 +82,7 @@ def test_the_smallest_set_that_fits_when_no_single_gpu_does(host, big_model):
 
 def test_nothing_fits_is_no_capacity_with_the_numbers(host, big_model):
     Gpu.objects.filter(host=host).update(memory_total_mib=2048)
-    with pytest.raises(NoCapacity) as caught:
+    with refused("busy") as caught:
         placement.choose_gpus(big_model)
     assert "GPU 0 on testhost: too little memory (needs ≈ " in caught.value.message
     assert "MiB, 2038 MiB free)" in caught.value.message

@@ -6,8 +6,8 @@ from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.core.management.base import CommandError
 
+from models_app.errors import Refused
 from models_app.models import GpuInstance
-from models_app.services import LoadRefused
 
 
 def add_common_arguments(parser, *, gpu_required: bool = True) -> None:
@@ -26,7 +26,7 @@ def actor_from(username: str | None):
     return user
 
 
-def refused(exc: LoadRefused) -> CommandError:
+def refused(exc: Refused) -> CommandError:
     where = f" ({exc.field})" if exc.field else ""
     return CommandError(f"{exc.message}{where}")
 
@@ -66,7 +66,7 @@ def request_and_report(
     """load and switch: call the service, then report the request or, with --wait, the outcome."""
     try:
         instance = request(model_id=model, gpu_spec=gpu, actor=actor_from(user), host_name=host, force=force)
-    except LoadRefused as exc:
+    except Refused as exc:
         raise refused(exc) from None
     if not wait:
         command.stdout.write(f"requested: {describe(instance)}")

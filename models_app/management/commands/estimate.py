@@ -3,10 +3,10 @@ from pathlib import Path
 
 from django.core.management.base import BaseCommand, CommandError
 
-from models_app import estimates, estimator, placement, services
+from models_app import checks, estimates, estimator, placement
 from models_app.binaries import resolve_llama_server
+from models_app.errors import Refused
 from models_app.models import ModelConfig
-from models_app.services import LoadRefused
 
 
 class Command(BaseCommand):
@@ -35,14 +35,14 @@ class Command(BaseCommand):
         try:
             overrides = estimates.parse_overrides({"c": ctx} if ctx is not None else {})
             if gpu is not None:
-                _, gpus = services.resolve_gpus(services.parse_gpu_spec(gpu), host)
+                _, gpus = checks.resolve_gpus(checks.parse_gpu_spec(gpu), host)
                 prediction = estimates.predict(entry, gpus, overrides)
             else:
-                host_row = services.host_named(host) if host else None
+                host_row = checks.host_named(host) if host else None
                 choices, out = placement.rank(entry, host=host_row, overrides=overrides)
                 prediction = estimates.suggested(entry, choices, out, overrides)
                 ranking = {"ranking": [c.as_dict() for c in choices], "unavailable": out}
-        except (LoadRefused, estimator.EstimateError) as exc:
+        except (Refused, estimator.EstimateError) as exc:
             raise CommandError(getattr(exc, "message", str(exc))) from None
         if as_json:  # JSON only: the estimate, and without --gpu the ranking it was chosen from
             data = {**prediction.as_dict(), **(ranking or {})}

@@ -1,7 +1,8 @@
 from django.core.management.base import BaseCommand, CommandError
 
+from models_app.errors import Refused
 from models_app.models import GpuInstance
-from models_app.services import LoadRefused, request_unload, request_unload_gpus
+from models_app.services import request_unload, request_unload_gpus
 
 from ._lifecycle import actor_from, add_common_arguments, describe, refused, wait_for
 
@@ -25,7 +26,7 @@ class Command(BaseCommand):
                 instances = [request_unload(instance=instance, actor=actor)]
             else:
                 instances = request_unload_gpus(gpu_spec=gpu, actor=actor, host_name=host)
-        except LoadRefused as exc:
+        except Refused as exc:
             raise refused(exc) from None
         for instance in instances:
             if wait:
