@@ -1,14 +1,16 @@
-"""The playground in a real browser against the web server as `./lc.sh run` serves it (gunicorn, uvicorn
-worker), a real Celery worker and a real llama-server with the tiny model: a logged-in user's message is answered
-through the gateway, streamed into the page, with the request's time to first token and tokens per second."""
+"""From a file in the model folder to a streamed answer, in a real browser against the web server as `./lc.sh run`
+serves it (gunicorn, uvicorn worker), a real Celery worker and a real llama-server with the tiny model: an admin
+registers the file on the "Add a model" page, loads it from the dashboard, and chats with it in the playground
+through the gateway (streamed, with the request's time to first token and tokens per second)."""
 
 import re
+import shutil
 
 import pytest
 
+from models_app.models import GpuInstance
 from tests.conftest import password_for, worker_env
 from tests.e2e import test_browser
-from tests.e2e.test_gateway import loaded  # noqa: F401 - the tiny model running on GPU 0
 from tests.helpers import web_server
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
@@ -16,24 +18,54 @@ browser_page = test_browser.browser_page
 wait_for = test_browser.wait_for
 
 
-def test_playground_streams_an_answer(celery_worker, users, loaded, browser_page, tmp_path):  # noqa: F811
+@pytest.fixture
+def unregistered_file(tiny_model_file):
+    path = tiny_model_file.with_name("playground-tiny.gguf")
+    shutil.copy(tiny_model_file, path)
+    yield path
+    path.unlink(missing_ok=True)
+
+
+def test_register_load_and_chat_in_the_browser(celery_worker, users, fake_gpus, unregistered_file, browser_page,
+                                               tmp_path):  # fmt: skip
     page = browser_page
-    with web_server(worker_env(), tmp_path / "web.log") as base:
+    # The test settings (tests/settings.py): the tests' password hasher and static files without collectstatic.
+    with web_server(worker_env(DJANGO_SETTINGS_MODULE="tests.settings"), tmp_path / "web.log") as base:
         page.goto(f"{base}/accounts/login/")
-        page.fill("input[name=username]", "viewer")
-        page.fill("input[name=password]", password_for("viewer"))
+        page.fill("input[name=username]", "admin")
+        page.fill("input[name=password]", password_for("admin"))
         page.click("button[type=submit]")
         page.wait_for_url(f"{base}/")
-        page.click(f"#instance-{loaded.pk} .playground-link")
-        page.wait_for_url(f"**/instances/{loaded.pk}/playground/")
+
+        # Register the file from the new page.
+        page.click("text=Add a model")
+        page.locator(f"tr[data-path='{unregistered_file}'] .choose-file").click()
+        page.fill("#id_id", "pg")
+        page.fill("#id_name", "Playground tiny")
+        page.click("#register-button")
+        page.wait_for_url(f"{base}/#load-heading")
+
+        # Load it on GPU 0 from the dashboard's form.
+        page.select_option("#load-model", "pg")
+        wait_for(lambda: page.locator("#load-estimate").inner_text().strip(), 30, "the load form's estimate")
+        if not page.locator("input[data-index='0']").is_checked():
+            page.click("label.toggle:has(input[data-index='0'])")
+        for other in page.locator("input[name=gpu]:checked:not([data-index='0'])").all():
+            page.click(f"label.toggle:has(input[value='{other.get_attribute('value')}'])")
+        page.click("#load-button")
+        card = page.locator(".instance-card[data-status='running']")
+        wait_for(lambda: card.count() == 1, 120, "the model to run (the live cards update by themselves)")
+        instance = GpuInstance.objects.get(model_id="pg")
+
+        # Chat with it in the playground.
+        card.locator(".playground-link").click()
+        page.wait_for_url(f"**/instances/{instance.pk}/playground/")
         page.fill("#chat-input", "Hello")
         page.click("#chat-send")
-        answer = page.locator(".chat-assistant").first
-        stats = page.locator("#chat-stats")
+        answer, stats = page.locator(".chat-assistant").first, page.locator("#chat-stats")
         wait_for(lambda: re.search(r"first token after [\d.]+ s · \d+ tokens", stats.inner_text()), 60,
                  f"the answer's figures ({stats.inner_text()!r}, {answer.inner_text()[:200]!r})")  # fmt: skip
-        assert answer.inner_text().strip(), "an empty answer"
-        assert "chat-error" not in (answer.get_attribute("class") or "")
+        assert answer.inner_text().strip() and "chat-error" not in (answer.get_attribute("class") or "")
         assert page.locator("#chat-send").is_enabled() and page.locator("#chat-stop").is_disabled()
         test_browser.ARTIFACTS.mkdir(exist_ok=True)
         page.screenshot(path=str(test_browser.ARTIFACTS / "playground-chat.png"), full_page=True)
