@@ -58,6 +58,8 @@ def test_live_stacked_bar_matches_the_api_and_updates_without_reload(
     refresh_host_memory(HOST_NAME)
 
     page, base = browser_page, live_server.url
+    console = []
+    page.on("console", lambda message: console.append(message.text))
     log_in(page, base)
     before = api_memory(page, base, instance.pk)
     assert before and model_segment(page, instance.pk) == before
@@ -76,6 +78,7 @@ def test_live_stacked_bar_matches_the_api_and_updates_without_reload(
     assert after >= before + 150
     wait_for(lambda: model_segment(page, instance.pk) == after, 15, "the bar to show the new figure")
     assert page.evaluate("window.notReloaded === true")
+    assert not [line for line in console if "returned no matches" in line], console  # hx-disabled-elt
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
     page.screenshot(path=str(SCREENSHOTS / "dashboard-desktop.png"), full_page=True)
