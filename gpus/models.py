@@ -102,6 +102,12 @@ class Gpu(models.Model):
     memory_total_mib = models.PositiveIntegerField(default=0)
     memory_used_mib = models.PositiveIntegerField(null=True, blank=True)
     utilization_pct = models.PositiveSmallIntegerField(null=True, blank=True)
+    temperature_c = models.SmallIntegerField(
+        null=True, blank=True, help_text="Where the backend gives it (NVML)."
+    )
+    power_w = models.PositiveIntegerField(
+        null=True, blank=True, help_text="Power draw, where the backend gives it."
+    )
     state = models.CharField(max_length=20, choices=State.choices, default=State.IDLE)
     state_reason = models.TextField(blank=True)
     # HOST_DOWN: marked by mark_host_lost (its host went quiet), until a refresh or an admin clears it.

@@ -300,6 +300,7 @@ def refresh_host(
         gpu.index, gpu.name, gpu.simulated = reading.index, reading.name, reading.simulated
         gpu.memory_total_mib, gpu.memory_used_mib = reading.memory_total_mib, reading.memory_used_mib
         gpu.utilization_pct = reading.utilization_pct
+        gpu.temperature_c, gpu.power_w = reading.temperature_c, reading.power_w
         gpu.processes = _process_rows(reading, owner_of, llama_servers)
         gpu.state, gpu.state_reason = _gpu_state(reading, gpu.pk in claimed_pks, gpu.processes)
         gpu.unavailable_cause = Gpu.Cause.NONE
@@ -317,7 +318,7 @@ def refresh_host(
     ]
     fields = [
         "index", "name", "simulated", "memory_total_mib", "memory_used_mib", "utilization_pct",
-        "processes", "state", "state_reason", "unavailable_cause", "updated_at",
+        "temperature_c", "power_w", "processes", "state", "state_reason", "unavailable_cause", "updated_at",
     ]  # fmt: skip
     update_rows(gpus, fields)
     MemorySample.objects.bulk_create(samples)

@@ -60,7 +60,7 @@ class GpuSerializer(HostStateFields, serializers.ModelSerializer):
         model = Gpu
         fields = [
             "id", "host", "index", "uuid", "name", "simulated", "state", "state_reason", "memory_used_mib",
-            "memory_total_mib", "memory_percent", "utilization_pct", "processes", "updated_at", "host_state",
+            "memory_total_mib", "memory_percent", "utilization_pct", "temperature_c", "power_w", "processes", "updated_at", "host_state",
             "host_down_reason",
         ]  # fmt: skip
         read_only_fields = fields

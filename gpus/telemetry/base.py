@@ -26,6 +26,8 @@ class GpuReading:
     processes: tuple[GpuProcess, ...]
     simulated: bool = False
     mig: bool = False  # MIG mode enabled (reported, never crashes)
+    temperature_c: int | None = None  # where the backend gives it (NVML; the fake file may)
+    power_w: int | None = None  # the board's power draw, watts
 
 
 class TelemetryError(Exception):

@@ -64,6 +64,13 @@ class FakeBackend:
                     raise self._problem(f"{where}.{key} must be a non-empty string")
             if not _is_int(gpu.get("baseline_used_mib", 0)) or gpu.get("baseline_used_mib", 0) < 0:
                 raise self._problem(f"{where}.baseline_used_mib must be an integer >= 0")
+            for key in (
+                "utilization_pct",
+                "temperature_c",
+                "power_w",
+            ):  # optional: "—" on the dashboard without
+                if gpu.get(key) is not None and (not _is_int(gpu[key]) or gpu[key] < 0):
+                    raise self._problem(f"{where}.{key} must be an integer >= 0")
             foreign = gpu.get("foreign_processes", [])
             if not isinstance(foreign, list):
                 raise self._problem(f"{where}.foreign_processes must be a list")
@@ -125,9 +132,11 @@ class FakeBackend:
                     name=gpu["name"],
                     memory_total_mib=gpu["memory_total_mib"],
                     memory_used_mib=min(used, gpu["memory_total_mib"]),
-                    utilization_pct=None,
+                    utilization_pct=gpu.get("utilization_pct"),
                     processes=processes,
                     simulated=True,
+                    temperature_c=gpu.get("temperature_c"),
+                    power_w=gpu.get("power_w"),
                 )
             )
         return readings

@@ -79,6 +79,14 @@ class NvmlBackend:
         except nvml.NVMLError:  # MIG-enabled GPUs answer NOT_SUPPORTED
             utilization = None
         try:
+            temperature: int | None = int(nvml.nvmlDeviceGetTemperature(handle, nvml.NVML_TEMPERATURE_GPU))
+        except Exception:  # NVMLError where the sensor is not exposed (vGPU, some boards), old bindings
+            temperature = None
+        try:
+            power: int | None = round(nvml.nvmlDeviceGetPowerUsage(handle) / 1000)  # milliwatts
+        except Exception:  # NOT_SUPPORTED on some boards and under MIG
+            power = None
+        try:
             mig = bool(nvml.nvmlDeviceGetMigMode(handle)[0])
         except Exception:  # NVMLError on pre-Ampere GPUs/old drivers, AttributeError on old bindings
             mig = False
@@ -90,6 +98,8 @@ class NvmlBackend:
             "memory_used_mib": int(memory.used) // MIB,
             "utilization_pct": utilization,
             "mig": mig,
+            "temperature_c": temperature,
+            "power_w": power,
         }
         return fields, self._processes(handle)
 

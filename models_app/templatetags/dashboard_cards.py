@@ -105,8 +105,16 @@ def _hardware_line(gpu) -> str:
             f'<span class="gpu-used">{format_mib(gpu.memory_used_mib)}</span> / {format_mib(gpu.memory_total_mib)} '
             "used (whole GPU)"
         )
-    utilisation = "—" if gpu.utilization_pct is None else f"{gpu.utilization_pct} %"
-    return f'  <p class="hw-memory small">{memory} · <span class="nowrap">utilisation <span class="gpu-util">{utilisation}</span></span></p>\n'
+
+    def figure(value, unit: str) -> str:
+        return "—" if value is None else f"{value} {unit}"
+
+    sensors = (
+        f'<span class="nowrap">utilisation <span class="gpu-util">{figure(gpu.utilization_pct, "%")}</span></span> · '
+        f'<span class="nowrap gpu-temperature">{figure(gpu.temperature_c, "°C")}</span> · '
+        f'<span class="nowrap gpu-power">{figure(gpu.power_w, "W")}</span>'
+    )
+    return f'  <p class="hw-memory small">{memory}<br>{sensors}</p>\n'
 
 
 @register.simple_tag(takes_context=True)

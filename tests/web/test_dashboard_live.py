@@ -2,15 +2,18 @@
 other processes, free), the GPU's state while its model starts, the cards in GPU order, "system" as the owner of
 an instance nobody asked for, and the small fixes around them (favicon, playground link, copy buttons)."""
 
+import json
 from types import SimpleNamespace
 
 import pytest
 
 from gpus.models import Gpu
 from models_app.formatting import format_mib, format_ms
+from models_app.memory import refresh_host_memory
 from models_app.models import GpuInstance, ModelConfig
 from models_app.web.gpu_memory import memory_segments
 from tests.api.factories import make_instance
+from tests.conftest import HOST_NAME
 
 HTMX = {"HTTP_HX_REQUEST": "true", "HTTP_HX_CURRENT_URL": "http://testserver/"}
 
@@ -123,3 +126,19 @@ def test_running_card_has_copy_buttons_and_the_playground(client, users, fake_gp
 def test_favicon(client):
     response = client.get("/favicon.ico")
     assert response.status_code == 301 and response["Location"].endswith(".svg")
+
+
+def test_utilisation_temperature_and_power_where_the_backend_gives_them(client, users, fake_gpus):
+    """The fake backend passes them on from its file (NVML reads them from the driver); "—" without."""
+    data = json.loads(fake_gpus.path.read_text())
+    data["gpus"][0].update(utilization_pct=37, temperature_c=61, power_w=182)
+    fake_gpus.path.write_text(json.dumps(data))
+    refresh_host_memory(HOST_NAME)
+    client.force_login(users["viewer"])
+    gpu0 = client.get(f"/api/v1/gpus/{fake_gpus.gpus[0].pk}/").json()
+    assert (gpu0["utilization_pct"], gpu0["temperature_c"], gpu0["power_w"]) == (37, 61, 182)
+    page = client.get("/?part=live", **HTMX).content.decode()
+    card0 = page.split(f'id="gpu-{fake_gpus.gpus[0].pk}"')[1].split("</article>")[0]
+    card1 = page.split(f'id="gpu-{fake_gpus.gpus[1].pk}"')[1].split("</article>")[0]
+    assert '<span class="gpu-util">37 %</span>' in card0 and "61 °C" in card0 and "182 W" in card0
+    assert '<span class="gpu-util">—</span>' in card1 and 'gpu-temperature">—' in card1
