@@ -110,10 +110,9 @@ def _decorate_gpu(gpu: Gpu, names: dict[int, str]) -> None:
     """A GPU card's display values: its state as people should read it, its memory bar, the load form's toggle."""
     gpu.other_processes = [p for p in gpu.processes or [] if p.get("owner") != "instance"]
     # Occupied by others: selectable, but the load needs "force" (the server checks it). A down host's
-    # GPUs are not, even before the host check has marked them unavailable.
-    gpu.selectable = (
-        gpu.host.up and gpu.holder is None and gpu.state in (Gpu.State.IDLE, Gpu.State.OCCUPIED_BY_OTHERS)
-    )
+    # GPUs are not, even before the host check has marked them unavailable. "Model loaded" with no active
+    # instance is the telemetry not caught up with an unload yet: free, as the server and the suggestion see it.
+    gpu.selectable = gpu.host.up and gpu.holder is None and gpu.state != Gpu.State.UNAVAILABLE
     gpu.toggle_title = _toggle_title(gpu)
     # The telemetry says "idle" until the next sample; a model starting or stopping on it says more.
     moving = next((i for i in gpu.holders if i.in_transition), None)

@@ -142,3 +142,15 @@ def test_utilisation_temperature_and_power_where_the_backend_gives_them(client, 
     card1 = page.split(f'id="gpu-{fake_gpus.gpus[1].pk}"')[1].split("</article>")[0]
     assert '<span class="gpu-util">37 %</span>' in card0 and "61 °C" in card0 and "182 W" in card0
     assert '<span class="gpu-util">—</span>' in card1 and 'gpu-temperature">—' in card1
+
+
+def test_a_gpu_freed_by_an_unload_is_offered_before_the_telemetry_catches_up(client, users, fake_gpus, tiny_model):
+    """The suggestion (placement) counts a GPU without an active instance as free; so does the form, even while
+    the GPU row still says "Model loaded" from the last sample."""
+    instance = make_instance([fake_gpus.gpus[0]], tiny_model)
+    GpuInstance.objects.filter(pk=instance.pk).update(status=GpuInstance.Status.STOPPED)
+    instance.gpu_links.update(active=False)
+    assert Gpu.objects.get(pk=fake_gpus.gpus[0].pk).state == "model_loaded"
+    client.force_login(users["operator"])
+    page = client.get("/", **HTMX).content.decode()
+    assert 'value="testhost:0" data-index="0"\n               >' in page  # not disabled
