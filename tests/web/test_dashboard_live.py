@@ -144,7 +144,9 @@ def test_utilisation_temperature_and_power_where_the_backend_gives_them(client, 
     assert '<span class="gpu-util">—</span>' in card1 and 'gpu-temperature">—' in card1
 
 
-def test_a_gpu_freed_by_an_unload_is_offered_before_the_telemetry_catches_up(client, users, fake_gpus, tiny_model):
+def test_a_gpu_freed_by_an_unload_is_offered_before_the_telemetry_catches_up(
+    client, users, fake_gpus, tiny_model
+):
     """The suggestion (placement) counts a GPU without an active instance as free; so does the form, even while
     the GPU row still says "Model loaded" from the last sample."""
     instance = make_instance([fake_gpus.gpus[0]], tiny_model)
