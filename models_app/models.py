@@ -112,7 +112,9 @@ class GpuInstance(models.Model):
     model = models.ForeignKey(ModelConfig, on_delete=models.PROTECT, related_name="instances")
     host = models.ForeignKey(Host, on_delete=models.PROTECT, related_name="instances")
     gpus = models.ManyToManyField(Gpu, through="InstanceGpu", related_name="instances")
-    gpu_ids = models.CharField(max_length=100, help_text='The seed\'s gpu_id: "0" or "0,1".')
+    gpu_ids = models.CharField(
+        max_length=100, help_text='As the original LlamaController\'s gpu_id: "0" or "0,1".'
+    )
     status = models.CharField(max_length=10, choices=Status.choices, default=Status.PENDING)
     owner = models.ForeignKey(
         settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL, related_name="instances"

@@ -22,7 +22,7 @@ COMPAT_STATUS = {GpuInstance.Status.PENDING: "starting", GpuInstance.Status.FAIL
 
 
 def instance_status(instance: GpuInstance) -> dict:
-    """One GpuInstanceStatus of the seed, plus what this controller knows besides."""
+    """One GpuInstanceStatus of the original LlamaController, plus what this controller knows besides."""
     return {
         "gpu_id": instance.gpu_ids,
         "port": instance.port,
@@ -41,7 +41,7 @@ def instance_status(instance: GpuInstance) -> dict:
 
 
 class CompatStatusSchema(serializers.Serializer):
-    """The seed's GpuInstanceStatus (for the schema only): an instance, or a GPU nothing holds ("stopped")."""
+    """The original LlamaController's GpuInstanceStatus (for the schema only): an instance, or a GPU nothing holds ("stopped")."""
 
     gpu_id = serializers.CharField(allow_null=True)
     port = serializers.IntegerField(allow_null=True)
@@ -160,7 +160,7 @@ def _compat_refusal(exc, gpu_id, model_id) -> Response:
 
 
 class CompatLoadSerializer(LoadSerializer):
-    """The seed's load: GPU indexes, "0" when left out (the controller does not choose here)."""
+    """The original LlamaController's load: GPU indexes, "0" when left out (the controller does not choose here)."""
 
     gpu_id = serializers.CharField(
         max_length=100, default="0", help_text='GPU indexes: "0" or "0,1"; default "0".'

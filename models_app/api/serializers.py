@@ -10,7 +10,7 @@ from models_app.registry import RegistryError, check_cli_params, check_params_sh
 
 
 class InstanceSerializer(HostStateFields, serializers.ModelSerializer):
-    """The seed's GpuInstanceStatus fields, plus id, memory_percent, the memory figure's source and time,
+    """The original LlamaController's GpuInstanceStatus fields, plus id, memory_percent, the memory figure's source and time,
     who owns the instance, and its host's state (an `unknown` instance's host is down: it keeps the figures
     it had then)."""
 
