@@ -7,6 +7,7 @@ import json
 
 import pytest
 
+from gateway.models import UsageRecord
 from models_app.memory import refresh_host_memory
 from tests.conftest import FAKE_GPU_UUIDS, HOST_NAME, password_for
 from tests.e2e import test_browser
@@ -93,6 +94,13 @@ def test_pages_fit_a_phone(live_server, users, fake_gpus, tiny_model, browser_pa
     """No page scrolls sideways at 390×844 (tables scroll inside their own box); each page's screenshot at
     1366×900 and 390×844 goes to test-artifacts/ (copied into docs/screenshots/ for the README)."""
     instance = running_instance(fake_gpus.host, tiny_model, fake_gpus.gpus[:1])
+    # A usage page with the latest 50 requests, long errors among them (it was 27 712 px tall on a phone).
+    UsageRecord.objects.bulk_create(
+        UsageRecord(user=users["operator"], model_id="tiny", endpoint="/v1/chat/completions", status=502 if n % 3 else 200,
+                    error="upstream said: " + "connection reset by peer; " * 20 if n % 3 else "", prompt_tokens=12,
+                    completion_tokens=200, time_to_first_token_ms=180.0, duration_ms=37255.0)
+        for n in range(60)
+    )  # fmt: skip
     page, base = browser_page, live_server.url
     log_in(page, base, "admin")
     pages = {
@@ -114,3 +122,8 @@ def test_pages_fit_a_phone(live_server, users, fake_gpus, tiny_model, browser_pa
         width = page.evaluate("document.documentElement.scrollWidth")
         assert width <= 390, (path, width, page.evaluate(WIDE_ELEMENTS))
         page.screenshot(path=str(SCREENSHOTS / f"{name}-phone.png"), full_page=True)
+        if name == "usage":
+            assert page.evaluate("document.documentElement.scrollHeight") < 5000
+            speed = page.locator("table.usage-table th:has-text('Tokens/s')").first.bounding_box()
+            assert speed["x"] + speed["width"] <= 390  # in sight without scrolling the table
+            assert "37.3 s" in page.content() and "<th>Error</th>" in page.content()
