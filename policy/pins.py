@@ -6,6 +6,7 @@ from collections.abc import Iterable
 
 from django.db import IntegrityError, transaction
 
+from models_app.errors import Refused
 from models_app.models import GpuInstance
 
 from . import audit, rules
@@ -13,13 +14,8 @@ from .models import Pin
 from .reasons import PolicyRefusal
 
 
-class PinRefused(Exception):
+class PinRefused(Refused):
     """A pin that cannot be made: the instance is not loaded ("invalid", 400) or already pinned ("busy", 409)."""
-
-    def __init__(self, message: str, *, code: str):
-        super().__init__(message)
-        self.code = code
-        self.status = {"invalid": 400, "busy": 409}[code]
 
 
 def pinned_instance_ids() -> set[int]:

@@ -1,8 +1,8 @@
 """The policy's reason codes, their HTTP status, and the refusal that carries one with its sentence.
 
-Each reason maps to exactly one code of the project's refusal type (models_app/errors.py `Refused`: "quota"
-→ 429, "busy" → 409, "unavailable" → 503), so an edge that knows `Refused` turns a PolicyRefusal into one
-without a table of its own: `Refused(refusal.message, code=refusal.code, retry_after=refusal.retry_after)`.
+A PolicyRefusal is the project's one refusal type (models_app/errors.py `Refused`), its code the one with the
+reason's status ("quota" → 429, "busy" → 409, "unavailable" → 503): every edge that answers a Refused (REST,
+web, gateway, CLI) answers it, with "<reason>: <sentence>" as its message.
 
 - `quota_gpu_memory`, `quota_gpus`, `quota_models`, `quota_model_not_allowed` (429): the user's limit, not the
   GPUs' capacity. Asking again helps only once the user unloads something (or an admin raises the quota).
@@ -12,7 +12,9 @@ without a table of its own: `Refused(refusal.message, code=refusal.code, retry_a
 - `pinned_no_room` (503): only unloading a pinned model would make room, and pins are never broken: a
   capacity refusal, like `no_evictable_model`.
 
-Imports nothing of ours: the rules (plain Python) and every layer above may use it."""
+Imports only models_app/errors.py (which imports nothing of ours and no Django): the rules stay plain Python."""
+
+from models_app.errors import Refused
 
 # reason -> (HTTP status, the refusal code of models_app/errors.py that has that status)
 REASONS = {
@@ -30,27 +32,17 @@ def mib(value: int) -> str:
     return f"{int(value):,} MiB".replace(",", " ")
 
 
-class PolicyRefusal(Exception):
+class PolicyRefusal(Refused):
     """A load the policy refuses: `reason` (a key of REASONS), `sentence` (the numbers, for people),
-    `retry_after` (seconds) where asking again later may help. `message` is "<reason>: <sentence>"."""
+    `retry_after` (seconds) where asking again later may help. `message` is "<reason>: <sentence>"; `code` and
+    `status` those of Refused for the reason."""
 
     def __init__(self, reason: str, sentence: str, *, retry_after: int | None = None):
         if reason not in REASONS:
             raise ValueError(f"unknown policy reason {reason!r}")
         self.reason = reason
         self.sentence = sentence
-        self.retry_after = retry_after
-        self.message = f"{reason}: {sentence}"
-        super().__init__(self.message)
-
-    @property
-    def status(self) -> int:
-        return REASONS[self.reason][0]
-
-    @property
-    def code(self) -> str:
-        """The code of models_app/errors.py's Refused with the same HTTP status."""
-        return REASONS[self.reason][1]
+        super().__init__(f"{reason}: {sentence}", code=REASONS[reason][1], retry_after=retry_after)
 
     def body(self) -> dict:
         """The API's answer: `{"detail", "code", "reason"}` (code as every refusal has it; reason: which rule)."""

@@ -170,7 +170,7 @@ class PinViewSet(
         try:
             made = pins.pin(instance, actor=request.user, reason=serializer.validated_data.get("reason", ""))
         except pins.PinRefused as exc:
-            return refused(str(exc), exc.code, exc.status)
+            return refused(exc.message, exc.code, exc.status)
         return Response(self.get_serializer(made).data, status=status.HTTP_201_CREATED)
 
     def perform_destroy(self, instance):

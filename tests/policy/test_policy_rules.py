@@ -5,6 +5,7 @@ from datetime import UTC, datetime, timedelta
 
 import pytest
 
+from models_app.errors import STATUS, Refused
 from policy import rules, windows
 from policy.reasons import REASONS, PolicyRefusal, mib
 from policy.rules import BORROWED, GUARANTEED, Claim, Limits
@@ -28,7 +29,10 @@ def test_every_reason_maps_to_one_status_and_refusal_code():
         "reservation": 409,
         "pinned_no_room": 503,
     }
+    # each is the project's one refusal, with the code whose status is the reason's
+    assert all(STATUS[code] == status for status, code in REASONS.values())
     refusal = PolicyRefusal("pinned_no_room", "x")
+    assert isinstance(refusal, Refused)
     assert (refusal.status, refusal.code, refusal.message) == (503, "unavailable", "pinned_no_room: x")
     with pytest.raises(ValueError):
         PolicyRefusal("quota_everything", "x")
