@@ -4,7 +4,6 @@ registers the file on the "Add a model" page, loads it from the dashboard, and c
 through the gateway (streamed, with the request's time to first token and tokens per second)."""
 
 import re
-import shutil
 
 import pytest
 
@@ -12,21 +11,15 @@ from models_app.models import GpuInstance
 from tests.conftest import password_for, worker_env
 from tests.e2e import test_browser
 from tests.helpers import web_server
+from tests.web import test_add_model
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 browser_page = test_browser.browser_page
 wait_for = test_browser.wait_for
+second_file = test_add_model.second_file  # a GGUF file in the model folder, not registered
 
 
-@pytest.fixture
-def unregistered_file(tiny_model_file):
-    path = tiny_model_file.with_name("playground-tiny.gguf")
-    shutil.copy(tiny_model_file, path)
-    yield path
-    path.unlink(missing_ok=True)
-
-
-def test_register_load_and_chat_in_the_browser(celery_worker, users, fake_gpus, unregistered_file, browser_page,
+def test_register_load_and_chat_in_the_browser(celery_worker, users, fake_gpus, second_file, browser_page,
                                                tmp_path):  # fmt: skip
     page = browser_page
     # The test settings (tests/settings.py): the tests' password hasher and static files without collectstatic.
@@ -39,7 +32,7 @@ def test_register_load_and_chat_in_the_browser(celery_worker, users, fake_gpus, 
 
         # Register the file from the new page.
         page.click("text=Add a model")
-        page.locator(f"tr[data-path='{unregistered_file}'] .choose-file").click()
+        page.locator(f"tr[data-path='{second_file}'] .choose-file").click()
         page.fill("#id_id", "pg")
         page.fill("#id_name", "Playground tiny")
         page.click("#register-button")
