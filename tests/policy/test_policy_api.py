@@ -9,6 +9,7 @@ from django.utils import timezone
 from rest_framework.test import APIClient
 
 from models_app.models import InstanceEvent
+from policy import pins, reservations
 from policy.models import Pin, Quota, Reservation
 from tests.api.factories import make_instance
 
@@ -165,3 +166,31 @@ def test_pins_by_admins(as_user, users, fake_gpus, tiny_model):
     assert admin.delete(f"/api/v1/pins/{made.json()['id']}/").status_code == 204
     assert not Pin.objects.exists()
     assert InstanceEvent.objects.filter(kind=Kind.PIN_CHANGED, instance=running).count() == 2
+
+
+def test_lowering_a_quota_unloads_nothing(as_user, users, nlp, fake_gpus, tiny_model, sent):
+    running = make_instance(fake_gpus.gpus, tiny_model, owner=users["operator"], memory_used_mb=5000)
+    made = as_user("admin").post("/api/v1/quotas/", {"group": "nlp", "gpu_memory_mib": 1000}).json()
+    assert made["gpu_memory_mib"] == 1000
+    running.refresh_from_db()
+    assert running.status == "running" and sent == []
+    assert [i["standing"] for i in as_user("operator").get("/api/v1/quota/").json()["instances"]] == [
+        "borrowed"
+    ]
+
+
+def test_the_lists_cost_a_fixed_number_of_queries(
+    as_user, users, nlp, fake_gpus, tiny_model, django_assert_max_num_queries
+):
+    now = timezone.now()
+    for hour in range(6):
+        reservations.create(
+            host=fake_gpus.host, start=now + timedelta(hours=hour), end=now + timedelta(hours=hour + 1),
+            purpose=f"r{hour}", actor=users["admin"], gpu_indices=[0], users=[users["operator"]], groups=[nlp],
+        )  # fmt: skip
+    pins.pin(make_instance([fake_gpus.gpus[1]], tiny_model), actor=users["admin"])
+    client = as_user("viewer")
+    with django_assert_max_num_queries(8):
+        assert len(client.get("/api/v1/reservations/").json()["results"]) == 6
+    with django_assert_max_num_queries(6):
+        assert len(client.get("/api/v1/pins/").json()["results"]) == 1
