@@ -52,6 +52,19 @@ def users(db):
     return made
 
 
+@pytest.fixture
+def client_for(users):
+    """`client_for("operator")` -> a DRF APIClient logged in as that user."""
+    from rest_framework.test import APIClient
+
+    def make(name):
+        client = APIClient()
+        client.force_login(users[name])
+        return client
+
+    return make
+
+
 # --- simulated GPUs --------------------------------------------------------------------------------
 
 

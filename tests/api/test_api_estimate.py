@@ -7,16 +7,6 @@ from rest_framework.test import APIClient
 from gpus.models import Gpu
 
 
-@pytest.fixture
-def client_for(users):
-    def make(name):
-        client = APIClient()
-        client.force_login(users[name])
-        return client
-
-    return make
-
-
 def test_estimate_on_chosen_gpus_with_flags(live, tiny_model, client_for):
     response = client_for("viewer").get(f"/api/v1/models/{tiny_model.pk}/estimate/?gpu_id=0,1&c=8192")
     assert response.status_code == 200, response.json()
