@@ -1,9 +1,12 @@
-"""The one shared httpx.AsyncClient of this web worker (per event loop) and the way to an instance."""
+"""The one shared httpx.AsyncClient of this web worker (per event loop), on the gateway's own HTTP/1.1 transport
+(http11.py), and the way to an instance."""
 
 import asyncio
 
 import httpx
 from django.conf import settings
+
+from .http11 import LlamaTransport
 
 _clients: dict[tuple[int, bool], tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
 
@@ -43,11 +46,8 @@ def _client(fresh: bool) -> httpx.AsyncClient:
     held = _clients.get((id(loop), fresh))
     if held is None or held[0] is not loop:
         # Per instance the gateway sends at most its slot count at once (slots.py): so many connections stay.
-        kept = 0 if fresh else 64
-        limits = httpx.Limits(
-            max_connections=None, max_keepalive_connections=kept, keepalive_expiry=KEEPALIVE_EXPIRY
-        )
-        held = (loop, httpx.AsyncClient(timeout=timeout(), limits=limits, trust_env=False))
+        transport = LlamaTransport(max_keepalive=0 if fresh else 64, keepalive_expiry=KEEPALIVE_EXPIRY)
+        held = (loop, httpx.AsyncClient(timeout=timeout(), transport=transport, trust_env=False))
         _clients[(id(loop), fresh)] = held
         for key in [k for k, (other, _) in _clients.items() if other.is_closed()]:
             del _clients[key]

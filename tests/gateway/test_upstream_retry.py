@@ -200,7 +200,7 @@ def test_the_upstream_pool_forgets_idle_connections_before_llama_server_closes_t
         return upstream.client(), upstream.fresh_client()
 
     pooled, fresh = run(scenario)
-    assert pooled._transport._pool._keepalive_expiry < 5
-    assert fresh._transport._pool._max_keepalive_connections == 0  # the retry: always a new connection
+    assert pooled._transport.keepalive_expiry < 5
+    assert fresh._transport.max_keepalive == 0  # the retry: always a new connection
     assert issubclass(httpx.RemoteProtocolError, upstream.RETRYABLE)
     assert not issubclass(httpx.ConnectError, upstream.RETRYABLE)  # refused: a new connection fares no better
