@@ -85,7 +85,9 @@ def hand_over(exchange: Exchange, chunks: AsyncIterator[bytes], content_type: st
     between the view's return and the first byte: Exchange.guard)."""
     stream = _relay(exchange, chunks)
     exchange.guard(stream)
-    return StreamingHttpResponse(stream, content_type=content_type, headers=STREAM_HEADERS)
+    response = StreamingHttpResponse(stream, content_type=content_type, headers=STREAM_HEADERS)
+    response.relayed = stream  # gateway/handler.py sends these bytes as they are, without Django's wrappers
+    return response
 
 
 async def _relay(exchange: Exchange, chunks: AsyncIterator[bytes]):

@@ -46,15 +46,18 @@ def _usage_from(exchange: Exchange, payload: dict) -> None:
 class _SseWatcher:
     """Reads the passing stream for the figures (first token, timings/usage) without holding it up."""
 
-    _KEYS = (b'"timings"', b'"usage"', b'"error"')
-
     def __init__(self, exchange: Exchange):
         self.exchange = exchange
         self.rest = b""
 
     def feed(self, chunk: bytes) -> None:
         data = self.rest + chunk if self.rest else chunk
-        if self.exchange.first_token_at is not None and not any(k in data for k in self._KEYS):
+        if (
+            self.exchange.first_token_at is not None
+            and b'"timings"' not in data
+            and b'"usage"' not in data
+            and b'"error"' not in data
+        ):
             # Most chunks once the first token is seen: one token each, nothing to read. Keep only an
             # unfinished line (a key could be cut between chunks).
             cut = data.rfind(b"\n")
@@ -91,7 +94,8 @@ async def _passthrough(exchange: Exchange, response: httpx.Response):
     watcher = _SseWatcher(exchange)
     deadline = exchange.deadline()
     try:
-        async for chunk in response.aiter_raw():
+        # The body's own stream (what aiter_raw reads, less its chunker and byte count: nothing is decoded)
+        async for chunk in response.stream:
             yield chunk
             watcher.feed(chunk)
             if time.perf_counter() > deadline:
