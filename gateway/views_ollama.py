@@ -7,6 +7,7 @@ from datetime import UTC, datetime
 from functools import partial
 
 import httpx
+import orjson
 from django.conf import settings
 from django.http import HttpResponseNotAllowed, JsonResponse
 from django.views.decorators.csrf import csrf_exempt
@@ -25,7 +26,20 @@ FAR_FUTURE = datetime(2318, 1, 1, tzinfo=UTC)  # Ollama's "never" (keep_alive < 
 
 
 def _line(obj: dict) -> bytes:
-    return json.dumps(obj, ensure_ascii=False).encode() + b"\n"
+    """One NDJSON line (UTF-8, compact, as Ollama writes them). orjson: a fifth of json's time per chunk;
+    json for what orjson refuses (an integer past 64 bits in a tool call's arguments)."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_APPEND_NEWLINE)
+    except TypeError:
+        return json.dumps(obj, ensure_ascii=False, separators=(",", ":")).encode() + b"\n"
+
+
+def _loads(data: bytes):
+    """orjson's parse; json's where orjson refuses what json reads (e.g. an integer past 64 bits)."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
 
 
 def _error_message(content: bytes) -> str:
@@ -148,18 +162,17 @@ async def _events(exchange: Exchange, response: httpx.Response, state: StreamSta
     `{"error": ...}` when the stream breaks."""
     deadline = exchange.deadline()
     try:
-        async for line in response.aiter_lines():
-            if not line.startswith("data: "):
-                continue  # blank separators and ": keep-alive" comments
-            data = line[6:].strip()
-            if data == "[DONE]":
+        async for data in _data_fields(response):
+            if data == b"[DONE]":
                 break
             try:
-                event = json.loads(data)
+                event = _loads(data)
             except ValueError:
                 continue
+            if not isinstance(event, dict):
+                continue
             if event.get("error"):
-                exchange.error = _error_message(data.encode())
+                exchange.error = _error_message(data)
                 yield {"error": exchange.error}
                 return
             for chunk in state.feed(event):
@@ -177,6 +190,21 @@ async def _events(exchange: Exchange, response: httpx.Response, state: StreamSta
     total_ns = int((time.perf_counter() - exchange.started) * 1e9)
     for chunk in state.final(total_ns=total_ns, load_ns=int(exchange.load_seconds * 1e9)):
         yield chunk
+
+
+async def _data_fields(response: httpx.Response):
+    """The `data:` fields of an SSE stream, as bytes (blank separators and comments skipped): split here, not
+    decoded to text first (httpx's aiter_lines), since orjson reads bytes."""
+    rest = b""
+    async for piece in response.stream:
+        if rest:
+            piece = rest + piece
+        *lines, rest = piece.split(b"\n")
+        for line in lines:
+            if line.startswith(b"data: "):
+                yield line[6:].strip()
+    if rest.startswith(b"data: "):
+        yield rest[6:].strip()
 
 
 async def _ndjson(exchange: Exchange, response: httpx.Response, state: StreamState):
