@@ -148,12 +148,12 @@ class Exchange:
         then fails with "Server disconnected without sending a response".)"""
         try:
             try:
-                self.response = await self._post(upstream.client(), path, payload, stream)
+                self.response = await self._post(upstream.transport(), path, payload, stream)
             except upstream.RETRYABLE as exc:
                 logger.info(
                     "instance %s: %r before any answer; once more on a new connection", self.instance.pk, exc
                 )
-                self.response = await self._post(upstream.fresh_client(), path, payload, stream)
+                self.response = await self._post(upstream.fresh_transport(), path, payload, stream)
         except TimeoutError:
             raise GatewayError(
                 504, f"no answer within {settings.GATEWAY_MAX_REQUEST_SECONDS}s", code="timeout"
@@ -170,18 +170,13 @@ class Exchange:
         return self.response
 
     async def _post(
-        self, client: httpx.AsyncClient, path: str, payload: bytes, stream: bool
+        self, transport: httpx.AsyncBaseTransport, path: str, payload: bytes, stream: bool
     ) -> httpx.Response:
-        request = client.build_request(
-            "POST",
-            upstream.base_url(self.instance) + path,
-            content=payload,
-            headers=upstream.headers(self.instance),
-        )
+        url, headers = upstream.base_url(self.instance) + path, upstream.headers(self.instance)
         if stream:
-            return await client.send(request, stream=True)
+            return await upstream.send(transport, "POST", url, headers=headers, content=payload, stream=True)
         async with asyncio.timeout(max(0.001, self.deadline() - time.perf_counter())):
-            return await client.send(request)
+            return await upstream.send(transport, "POST", url, headers=headers, content=payload, stream=False)
 
     def client_left(self) -> None:
         """The client disconnected before the answer began (499, as nginx logs it) or during it."""

@@ -69,8 +69,9 @@ async def discover_slots(instance) -> int:
     """llama-server's own count (/props total_slots: `-np` or its automatic choice), else the registry's
     flags, else 1."""
     try:
-        response = await upstream.client().get(
-            upstream.base_url(instance) + "/props", headers=upstream.headers(instance), timeout=2.0
+        url = upstream.base_url(instance) + "/props"
+        response = await upstream.send(
+            upstream.transport(), "GET", url, headers=upstream.headers(instance), stream=False, seconds=2.0
         )
         if response.status_code == 200:
             slots = int(response.json().get("total_slots") or 0)

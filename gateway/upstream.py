@@ -1,5 +1,5 @@
-"""The one shared httpx.AsyncClient of this web worker (per event loop), on the gateway's own HTTP/1.1 transport
-(http11.py), and the way to an instance."""
+"""The way to an instance: this web worker's connections to llama-server (one pool per event loop) on the
+gateway's own HTTP/1.1 transport (http11.py), and the requests sent on them."""
 
 import asyncio
 
@@ -8,7 +8,7 @@ from django.conf import settings
 
 from .http11 import LlamaTransport
 
-_clients: dict[tuple[int, bool], tuple[asyncio.AbstractEventLoop, httpx.AsyncClient]] = {}
+_transports: dict[tuple[int, bool], tuple[asyncio.AbstractEventLoop, httpx.AsyncBaseTransport]] = {}
 
 # llama-server (cpp-httplib) closes a connection idle for 5 s, and each open connection holds one of its few
 # HTTP threads meanwhile. The pool forgets idle connections well before: a request never goes out on one the
@@ -21,37 +21,63 @@ KEEPALIVE_EXPIRY = 2.0
 RETRYABLE = (httpx.RemoteProtocolError, httpx.ReadError, httpx.WriteError)
 
 
-def timeout() -> httpx.Timeout:
+def timeout(seconds: float | None = None) -> dict:
     """Connect (and pool, write) short; a read may wait long — a long prompt can take minutes before its
-    first token — but never past the overall cap, which the stream also checks between chunks."""
+    first token — but never past the overall cap, which the stream also checks between chunks. `seconds`:
+    one limit for all four instead."""
+    if seconds is not None:
+        return dict.fromkeys(("connect", "read", "write", "pool"), seconds)
     short = float(settings.GATEWAY_CONNECT_TIMEOUT)
-    return httpx.Timeout(
-        connect=short, pool=short, write=short, read=float(settings.GATEWAY_MAX_REQUEST_SECONDS)
-    )
+    return {
+        "connect": short,
+        "read": float(settings.GATEWAY_MAX_REQUEST_SECONDS),
+        "write": short,
+        "pool": short,
+    }
 
 
-def client() -> httpx.AsyncClient:
-    """The worker's client: one connection pool for every instance. A client belongs to the event loop it
-    was made on (a server has one loop per worker; tests start new ones)."""
-    return _client(fresh=False)
+def transport() -> httpx.AsyncBaseTransport:
+    """The worker's connection pool for every instance. It belongs to the event loop it was made on (a server
+    has one loop per worker; tests start new ones)."""
+    return _transport(fresh=False)
 
 
-def fresh_client() -> httpx.AsyncClient:
-    """A client that keeps no connection: each request on a new one (the retry of a broken request)."""
-    return _client(fresh=True)
+def fresh_transport() -> httpx.AsyncBaseTransport:
+    """One that keeps no connection: each request on a new one (the retry of a broken request)."""
+    return _transport(fresh=True)
 
 
-def _client(fresh: bool) -> httpx.AsyncClient:
+def _transport(fresh: bool) -> httpx.AsyncBaseTransport:
     loop = asyncio.get_running_loop()
-    held = _clients.get((id(loop), fresh))
+    held = _transports.get((id(loop), fresh))
     if held is None or held[0] is not loop:
         # Per instance the gateway sends at most its slot count at once (slots.py): so many connections stay.
-        transport = LlamaTransport(max_keepalive=0 if fresh else 64, keepalive_expiry=KEEPALIVE_EXPIRY)
-        held = (loop, httpx.AsyncClient(timeout=timeout(), transport=transport, trust_env=False))
-        _clients[(id(loop), fresh)] = held
-        for key in [k for k, (other, _) in _clients.items() if other.is_closed()]:
-            del _clients[key]
+        held = (loop, LlamaTransport(max_keepalive=0 if fresh else 64, keepalive_expiry=KEEPALIVE_EXPIRY))
+        _transports[(id(loop), fresh)] = held
+        for key in [k for k, (other, _) in _transports.items() if other.is_closed()]:
+            del _transports[key]
     return held[1]
+
+
+async def send(
+    pool: httpx.AsyncBaseTransport, method: str, url: str, *, headers: dict, content: bytes = b"",
+    stream: bool, seconds: float | None = None,
+) -> httpx.Response:  # fmt: skip
+    """`method url` on the transport `pool`: an httpx request and response, without httpx's client, whose
+    cookies, redirects, authentication, hooks and log line per request were a tenth of a streamed request's
+    fixed CPU and nothing the gateway uses. With `stream` the caller reads the body and closes the response;
+    without, the body is read here. Timeouts: timeout(seconds). httpx's exceptions as its client raises them."""
+    request = httpx.Request(
+        method, url, content=content, headers=headers, extensions={"timeout": timeout(seconds)}
+    )
+    response = await pool.handle_async_request(request)
+    response.request = request
+    if not stream:
+        try:
+            await response.aread()
+        finally:
+            await response.aclose()
+    return response
 
 
 def base_url(instance) -> str:

@@ -1,7 +1,5 @@
 """Gateway view tests: real views and database, a stand-in llama-server behind httpx's MockTransport."""
 
-import asyncio
-
 import httpx
 import pytest
 
@@ -48,15 +46,7 @@ def instance(fake_gpus, tiny_model):
 @pytest.fixture
 def llama(monkeypatch):
     fake = FakeLlamaServer()
-    clients = {}
-
-    def client():
-        loop = asyncio.get_running_loop()
-        if id(loop) not in clients:
-            clients[id(loop)] = httpx.AsyncClient(transport=httpx.MockTransport(fake.handler))
-        return clients[id(loop)]
-
-    monkeypatch.setattr(upstream, "client", client)
+    monkeypatch.setattr(upstream, "transport", lambda: httpx.MockTransport(fake.handler))
     slots._gates.clear()
     yield fake
     slots._gates.clear()

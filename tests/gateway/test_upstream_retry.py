@@ -197,10 +197,10 @@ def test_the_upstream_pool_forgets_idle_connections_before_llama_server_closes_t
     """llama-server (cpp-httplib) closes a connection idle for 5 s: a pooled one must not be older."""
 
     async def scenario():
-        return upstream.client(), upstream.fresh_client()
+        return upstream.transport(), upstream.fresh_transport()
 
     pooled, fresh = run(scenario)
-    assert pooled._transport.keepalive_expiry < 5
-    assert fresh._transport.max_keepalive == 0  # the retry: always a new connection
+    assert pooled.keepalive_expiry < 5
+    assert fresh.max_keepalive == 0  # the retry: always a new connection
     assert issubclass(httpx.RemoteProtocolError, upstream.RETRYABLE)
     assert not issubclass(httpx.ConnectError, upstream.RETRYABLE)  # refused: a new connection fares no better
