@@ -1,18 +1,27 @@
-"""The gateway's cost: Gemma 3 270M (Q4_K_M) through the gateway against straight to its llama-server.
+"""The gateway's cost: Gemma 3 270M (Q4_K_M) through the gateway against straight to its llama-server, and
+against the floor for a Python proxy (a raw asyncio TCP relay, bench/proxies.py) and, with --litellm, LiteLLM's
+proxy.
 
     .venv/bin/python bench/gateway.py [--pairs 30] [--tokens 64] [--model gemma|tiny] [--no-repack]
+                                      [--litellm /tmp/litellm-venv/bin/litellm] [--no-cold] [--no-memory]
 
 (The registry id is `gemma3-270m` whichever file serves it.)
 
-- generation tokens/s and time to first token, one stream at a time, gateway and direct interleaved with
-  the same prompts (OpenAI route passed through; Ollama /api/generate translated); the first-token overhead
-  is the median of the pairs' differences, and also that median taken per order (gateway or direct first)
-  and averaged: the second request of a pair may find its prompt in llama-server's cache, which makes the
-  differences two-humped on a CPU;
-- 16 concurrent streams (aggregate tokens/s), both ways;
-- the web worker's memory (RSS of the gunicorn/uvicorn worker process) idle and with 100 open streams;
+- one stream at a time, every path in turn with the same prompts (the order turning each round): direct, the
+  gateway's OpenAI route (passed through), the relay, LiteLLM, the gateway's Ollama /api/generate (translated);
+  `--tokens` tokens and then 1 token per answer. For each path: tokens/s after the first token (and its ratio
+  to direct), time to first token, its overhead over direct with 1 token (median of the rounds' differences),
+  and the CPU of the path's own processes read from /proc around each request (the web worker; the relay; the
+  LiteLLM process tree): per request with `--tokens` and with 1 token (the fixed cost), and per streamed chunk
+  (the difference over the difference in chunks);
+- `--streams` concurrent streams (aggregate tokens/s) on each OpenAI-shaped path, `--concurrent-runs` times in
+  turn; then 64 concurrent streams through the gateway (one web worker) and their answers' status counts;
+- the web worker's memory (RSS) idle and with `--open` open streams;
 - cold start: a request for an unloaded model -> first token (load on demand through the real worker),
   against a bare llama-server start + first token.
+
+LiteLLM is not a requirement: install it into a virtual environment of its own, e.g.
+`python -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'`.
 
     .venv/bin/python bench/gateway.py --rounds 5 [--streams 16] [--pause 1] [--model gemma|tiny]
 
@@ -39,6 +48,7 @@ REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
+import proxies  # noqa: E402  (bench/proxies.py: the relay and LiteLLM beside the gateway)
 from load import gemma_file, prepare_environment, start_broker  # noqa: E402  (bench/load.py: the same set-up)
 
 PROMPTS = [
@@ -63,6 +73,15 @@ def parse_args():
         "--rounds", type=int, default=0,
         help="only the load case: --streams concurrent streams this many rounds, model with -np 4, 2 web workers",
     )  # fmt: skip
+    parser.add_argument(
+        "--litellm", type=Path, default=None,
+        help="LiteLLM's `litellm` command in a virtual environment of its own: also its proxy as a path",
+    )  # fmt: skip
+    parser.add_argument(
+        "--concurrent-runs", type=int, default=2, help="runs of the concurrent streams (default 2)"
+    )
+    parser.add_argument("--no-cold", action="store_true", help="skip the cold-start figures")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory with --open open requests")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between load rounds (default 1)")
     parser.add_argument(
         "--no-repack", action="store_true",
@@ -173,6 +192,62 @@ def report_load(name: str, outcomes, errors, streams: int, rounds: int) -> None:
         print(f"    {error}")
 
 
+def interleaved(client, paths: dict, pairs: int, tokens: int) -> dict:
+    """`pairs` rounds of one request per path, the order turning each round: (ttft, rate, tokens, CPU seconds
+    of the path's processes during the request) per path."""
+    rows = {name: [] for name in paths}
+    names = list(paths)
+    for n in range(pairs):
+        prompt = PROMPTS[n % len(PROMPTS)]
+        for name in names[n % len(names) :] + names[: n % len(names)]:
+            url, headers, is_ollama, pids = paths[name]
+            body = ollama_body(prompt, tokens) if is_ollama else openai_body(prompt, tokens)
+            before = proxies.cpu_seconds(pids)
+            ttft, rate, got = stream(client, url, headers, body, ollama=is_ollama)
+            rows[name].append((ttft, rate, got, proxies.cpu_seconds(pids) - before))
+    return rows
+
+
+def report_paths(runs: dict, tokens: int) -> None:
+    """The table of the interleaved runs: first token, tokens/s, and CPU per request and per chunk of each
+    path's own processes (the chunk's share: the difference between the long and the 1-token answers)."""
+    long, short = runs[tokens], runs[1]
+    pairs = len(long["direct /v1"])
+    print(f"\none stream at a time: {pairs} interleaved rounds of {tokens} tokens and of 1 token, medians; CPU from "
+          "/proc of the path's processes (10 ms ticks: per request as the mean over all requests)")  # fmt: skip
+    print(f"{'path':<24} {'tokens/s':>9} {'x direct':>8} {'TTFT ms':>8} {'+TTFT 1 tok':>11} {'CPU/req ms':>10} "
+          f"{'CPU 1 tok':>9} {'CPU/chunk us':>12}")  # fmt: skip
+    direct_rate = med(r[1] for r in long["direct /v1"])
+    for name in long:
+        rate = med(r[1] for r in long[name])
+        over = med(s[0] - d[0] for s, d in zip(short[name], short["direct /v1"], strict=True)) * 1000
+        cpu_long = statistics.mean(r[3] for r in long[name]) * 1000
+        cpu_short = statistics.mean(r[3] for r in short[name]) * 1000
+        chunks = statistics.mean(r[2] for r in long[name]) - statistics.mean(r[2] for r in short[name])
+        per_chunk = (cpu_long - cpu_short) / chunks * 1000 if chunks > 0 else 0.0
+        print(f"{name:<24} {rate:>9.1f} {rate / direct_rate:>8.3f} {med(r[0] for r in long[name]) * 1000:>8.1f} "
+              f"{over:>11.2f} {cpu_long:>10.2f} {cpu_short:>9.2f} {per_chunk:>12.1f}")  # fmt: skip
+
+
+def concurrent(url: str, headers: dict, streams: int, tokens: int) -> float:
+    """`streams` streams at once: the tokens of all of them over the wall time."""
+    import httpx
+
+    out = []
+
+    def one(n):
+        with httpx.Client(trust_env=False, timeout=600) as own:
+            out.append(stream(own, url, headers, openai_body(PROMPTS[n % 4], tokens)))
+
+    threads = [threading.Thread(target=one, args=(n,)) for n in range(streams)]
+    started = time.perf_counter()
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return sum(r[2] for r in out) / (time.perf_counter() - started)
+
+
 def main() -> None:
     args = parse_args()
     data = Path(tempfile.mkdtemp(prefix="llamacontroller-bench-gateway-"))
@@ -233,6 +308,7 @@ def main() -> None:
     gateway = f"http://127.0.0.1:{port}"
     client = httpx.Client(trust_env=False, timeout=600)
     results = []
+    relay = litellm = None
     try:
         deadline = time.monotonic() + 60
         while not app.control.ping(timeout=0.5):
@@ -269,142 +345,130 @@ def main() -> None:
             return
 
         # --- cold start -------------------------------------------------------------------------------
-        cold = []
-        bare = []
-        bare_port = settings.PORT_RANGE[1]
-        argv = build_argv(settings.LLAMA_SERVER, str(path), params, bare_port, 1)
-        for n in range(3):
-            ttft, _, _ = stream(
-                client, gateway + "/v1/chat/completions", auth, openai_body(PROMPTS[n % 4], 4)
+        if not args.no_cold:
+            cold = []
+            bare = []
+            bare_port = settings.PORT_RANGE[1]
+            argv = build_argv(settings.LLAMA_SERVER, str(path), params, bare_port, 1)
+            for n in range(3):
+                ttft, _, _ = stream(
+                    client, gateway + "/v1/chat/completions", auth, openai_body(PROMPTS[n % 4], 4)
+                )
+                cold.append(ttft)
+                instance = GpuInstance.objects.get(status="running")
+                request_unload(instance=instance, actor=None)
+                while (
+                    GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get()
+                    != "stopped"
+                ):
+                    time.sleep(0.01)
+                started = time.perf_counter()
+                proc = subprocess.Popen(argv, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
+                try:
+                    while True:
+                        try:
+                            if client.get(f"http://127.0.0.1:{bare_port}/health").status_code == 200:
+                                break
+                        except httpx.HTTPError:
+                            time.sleep(0.005)
+                    healthy = time.perf_counter() - started
+                    first, _, _ = stream(client, f"http://127.0.0.1:{bare_port}/v1/chat/completions", {},
+                                         openai_body(PROMPTS[n % 4], 4))  # fmt: skip
+                    bare.append(healthy + first)
+                finally:
+                    proc.terminate()
+                    proc.wait(10)
+            print(
+                f"cold start: gateway {med(cold) * 1000:.0f} ms, bare {med(bare) * 1000:.0f} ms", flush=True
             )
-            cold.append(ttft)
-            instance = GpuInstance.objects.get(status="running")
-            request_unload(instance=instance, actor=None)
-            while (
-                GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get() != "stopped"
-            ):
-                time.sleep(0.01)
-            started = time.perf_counter()
-            proc = subprocess.Popen(argv, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)
-            try:
-                while True:
-                    try:
-                        if client.get(f"http://127.0.0.1:{bare_port}/health").status_code == 200:
-                            break
-                    except httpx.HTTPError:
-                        time.sleep(0.005)
-                healthy = time.perf_counter() - started
-                first, _, _ = stream(client, f"http://127.0.0.1:{bare_port}/v1/chat/completions", {},
-                                     openai_body(PROMPTS[n % 4], 4))  # fmt: skip
-                bare.append(healthy + first)
-            finally:
-                proc.terminate()
-                proc.wait(10)
-        print(f"cold start: gateway {med(cold) * 1000:.0f} ms, bare {med(bare) * 1000:.0f} ms", flush=True)
 
-        # --- one stream at a time, interleaved ----------------------------------------------------------
+        # --- the paths, one stream at a time, interleaved ------------------------------------------------
         instance = request_load(model_id="gemma3-270m", gpu_spec="0", actor=None)
         while GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get() != "running":
             time.sleep(0.05)
         instance.refresh_from_db()
         direct = f"http://127.0.0.1:{instance.port}"
         direct_auth = {"Authorization": f"Bearer {instance.api_key}"}
-        stream(client, gateway + "/v1/chat/completions", auth, openai_body(PROMPTS[0], 8))  # warm-up
-        rows = {"gateway /v1": [], "direct /v1": [], "gateway /api/generate": []}
-        for n in range(args.pairs):
-            prompt = PROMPTS[n % len(PROMPTS)]
-            order = [("gateway /v1", gateway + "/v1/chat/completions", auth, False),
-                     ("direct /v1", direct + "/v1/chat/completions", direct_auth, False),
-                     ("gateway /api/generate", gateway + "/api/generate", auth, True)]  # fmt: skip
-            if n % 2:
-                order = order[1:2] + order[0:1] + order[2:]
-            for name, url, headers, is_ollama in order:
-                body = ollama_body(prompt, args.tokens) if is_ollama else openai_body(prompt, args.tokens)
-                rows[name].append(stream(client, url, headers, body, ollama=is_ollama))
-        print(f"\none stream at a time: {args.pairs} interleaved runs of {args.tokens} tokens, medians")
-        print(f"{'path':<24} {'tokens/s':>9} {'first token ms':>15}")
-        for name, runs in rows.items():
-            print(f"{name:<24} {med(r[1] for r in runs):>9.1f} {med(r[0] for r in runs) * 1000:>15.1f}")
-        ratio = med(r[1] for r in rows["gateway /v1"]) / med(r[1] for r in rows["direct /v1"])
-        differences = [g[0] - d[0] for g, d in zip(rows["gateway /v1"], rows["direct /v1"], strict=True)]
-        pairs = sorted(differences)
-        overhead = med(pairs) * 1000
-        quartiles = statistics.quantiles(pairs, n=4) if len(pairs) > 1 else [pairs[0]] * 3
-        print(
-            f"gateway/direct tokens/s: {ratio:.3f}x; first-token overhead (median of pairs): {overhead:.2f} ms"
-            f" (quartiles {quartiles[0] * 1000:.1f} / {quartiles[2] * 1000:.1f} ms)"
-        )
-        # Whichever of a pair goes second may find its prompt in llama-server's cache: the order alternates,
-        # and the median of each order, averaged, cancels that out.
-        first = [x for n, x in enumerate(differences) if n % 2 == 0]  # the gateway went first
-        second = [x for n, x in enumerate(differences) if n % 2 == 1]
-        if first and second:
-            balanced = (med(first) + med(second)) / 2 * 1000
-            print(
-                f"  by order: gateway first {med(first) * 1000:.2f} ms, direct first {med(second) * 1000:.2f} ms;"
-                f" balanced {balanced:.2f} ms; each pair (ms): "
-                + " ".join(f"{x * 1000:.1f}" for x in differences)
+        relay = proxies.start_relay(port + 1, instance.port, logs)
+        paths = {  # name: (url, headers, Ollama?, the processes whose CPU is the path's)
+            "direct /v1": (direct + "/v1/chat/completions", direct_auth, False, []),
+            "gateway /v1": (gateway + "/v1/chat/completions", auth, False, [web_worker.pid]),
+            "relay /v1": (
+                f"http://127.0.0.1:{port + 1}/v1/chat/completions",
+                direct_auth,
+                False,
+                [relay.pid],
+            ),
+            "gateway /api/generate": (gateway + "/api/generate", auth, True, [web_worker.pid]),
+        }
+        if args.litellm:
+            litellm = proxies.start_litellm(
+                args.litellm, port + 2, instance.port, instance.api_key, data, logs
             )
+            proxies.wait_for(f"http://127.0.0.1:{port + 2}/health/liveliness", 300)
+            tree = [litellm.pid] + [c.pid for c in psutil.Process(litellm.pid).children(recursive=True)]
+            paths["litellm /v1"] = (f"http://127.0.0.1:{port + 2}/v1/chat/completions",
+                                    {"Authorization": "Bearer sk-bench"}, False, tree)  # fmt: skip
+        proxies.wait_for(paths["relay /v1"][0].rsplit("/v1", 1)[0] + "/health")
+        for url, headers, is_ollama, _ in paths.values():  # warm-up: connections, caches
+            body = ollama_body(PROMPTS[0], 8) if is_ollama else openai_body(PROMPTS[0], 8)
+            stream(client, url, headers, body, ollama=is_ollama)
+        runs = {tokens: interleaved(client, paths, args.pairs, tokens) for tokens in (args.tokens, 1)}
+        report_paths(runs, args.tokens)
 
         # --- concurrent streams -------------------------------------------------------------------------
-        def concurrent(url, headers) -> tuple[float, int]:
-            out = []
-
-            def one(n):
-                with httpx.Client(trust_env=False, timeout=600) as own:
-                    out.append(stream(own, url, headers, openai_body(PROMPTS[n % 4], args.tokens)))
-
-            threads = [threading.Thread(target=one, args=(n,)) for n in range(args.streams)]
-            started = time.perf_counter()
-            for t in threads:
-                t.start()
-            for t in threads:
-                t.join()
-            elapsed = time.perf_counter() - started
-            return sum(r[2] for r in out) / elapsed, sum(r[2] for r in out)
-
-        print(
-            f"\n{args.streams} concurrent streams of {args.tokens} tokens (aggregate tokens/s over the wall time)"
-        )
-        for name, url, headers in [("direct /v1", direct + "/v1/chat/completions", direct_auth),
-                                   ("gateway /v1", gateway + "/v1/chat/completions", auth)]:  # fmt: skip
-            rate, total = concurrent(url, headers)
-            print(f"{name:<24} {rate:>9.1f} tokens/s ({total} tokens)", flush=True)
+        print(f"\n{args.streams} concurrent streams of {args.tokens} tokens (aggregate tokens/s over the wall "
+              f"time; the paths in turn, {args.concurrent_runs} times; median)")  # fmt: skip
+        rates = {name: [] for name in paths if not paths[name][2]}
+        for _ in range(args.concurrent_runs):
+            for name in rates:
+                url, headers = paths[name][:2]
+                rates[name].append(concurrent(url, headers, args.streams, args.tokens))
+        for name, values in rates.items():
+            print(
+                f"{name:<24} {med(values):>9.1f} tokens/s ({med(values) / med(rates['direct /v1']):.3f}x direct)"
+            )
+        outcomes, errors = load_rounds(paths["gateway /v1"][0], auth, 64, 1, args.tokens, 0)
+        report_load("gateway /v1", outcomes, errors, 64, 1)
 
         # --- memory with open requests -------------------------------------------------------------------
-        # More than the slots: the rest wait in the gateway's queue, as open requests do under load.
-        idle_rss = web_worker.memory_info().rss
-        sent = []
+        if not args.no_memory:
+            # More than the slots: the rest wait in the gateway's queue, as open requests do under load.
+            idle_rss = web_worker.memory_info().rss
+            sent = []
 
-        def hold(n):
-            try:
-                with httpx.Client(trust_env=False, timeout=600) as own:
-                    body = openai_body(PROMPTS[n % 4], 100000)
-                    sent.append(n)
-                    with own.stream(
-                        "POST", gateway + "/v1/chat/completions", json=body, headers=auth
-                    ) as response:
-                        for _ in response.iter_raw():
-                            pass
-            except httpx.HTTPError:
-                pass  # the instance is unloaded under it at the end
+            def hold(n):
+                try:
+                    with httpx.Client(trust_env=False, timeout=600) as own:
+                        body = openai_body(PROMPTS[n % 4], 100000)
+                        sent.append(n)
+                        with own.stream(
+                            "POST", gateway + "/v1/chat/completions", json=body, headers=auth
+                        ) as response:
+                            for _ in response.iter_raw():
+                                pass
+                except httpx.HTTPError:
+                    pass  # the instance is unloaded under it at the end
 
-        holders = [threading.Thread(target=hold, args=(n,), daemon=True) for n in range(args.open)]
-        for t in holders:
-            t.start()
-        time.sleep(5)
-        open_rss = web_worker.memory_info().rss
-        threads_open = web_worker.num_threads()
-        connections = len([c for c in web_worker.net_connections() if c.laddr and c.laddr.port == port])
-        print(f"\nweb worker RSS: idle {idle_rss / 2**20:.1f} MiB; with {args.open} open requests "
-              f"({connections} client connections, {min(args.streams, args.open)} streaming, the rest queued) "
-              f"{open_rss / 2**20:.1f} MiB (+{(open_rss - idle_rss) / 2**10 / args.open:.0f} KiB per request), "
-              f"{threads_open} threads", flush=True)  # fmt: skip
+            holders = [threading.Thread(target=hold, args=(n,), daemon=True) for n in range(args.open)]
+            for t in holders:
+                t.start()
+            time.sleep(5)
+            open_rss = web_worker.memory_info().rss
+            threads_open = web_worker.num_threads()
+            connections = len([c for c in web_worker.net_connections() if c.laddr and c.laddr.port == port])
+            print(f"\nweb worker RSS: idle {idle_rss / 2**20:.1f} MiB; with {args.open} open requests "
+                  f"({connections} client connections, {min(args.streams, args.open)} streaming, the rest queued) "
+                  f"{open_rss / 2**20:.1f} MiB (+{(open_rss - idle_rss) / 2**10 / args.open:.0f} KiB per request), "
+                  f"{threads_open} threads", flush=True)  # fmt: skip
         results.append("ok")
     finally:
         for instance in GpuInstance.objects.filter(status__in=["running", "starting", "pending"]):
             request_unload(instance=instance, actor=None)
         time.sleep(2)
+        for proxy in (relay, litellm):
+            if proxy is not None:
+                proxy.terminate()
         web.terminate()
         web.wait(15)
         worker.terminate()
