@@ -130,13 +130,8 @@ class _Body(httpx.AsyncByteStream):
         self.keep, self.timeout = keep, timeout
         self.complete = False
 
-    async def __aiter__(self):
-        if self.chunked:
-            async for piece in self._chunks():
-                yield piece
-        else:
-            async for piece in self._plain():
-                yield piece
+    def __aiter__(self):
+        return self._chunks() if self.chunked else self._plain()  # the reader itself: no generator between
 
     async def _plain(self):
         conn, left = self.conn, self.length  # left None: until the server closes
