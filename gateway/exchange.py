@@ -15,11 +15,10 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from . import access, slots, upstream
+from . import access, slots, upstream, usage
 from .db import db
 from .errors import GatewayError
 from .model_facts import model_id_of
-from .models import UsageRecord
 from .translate import keep_alive_seconds
 
 logger = logging.getLogger(__name__)
@@ -224,9 +223,9 @@ class Exchange:
             return  # refused before we knew who asked: no record (strangers do not fill the table)
         now = time.perf_counter()
         caller = self.target.caller
-        UsageRecord.objects.create(
+        usage.record(
             user_id=caller.user_id,
-            token=caller.token,
+            token_id=caller.token.pk if caller.token is not None else None,
             model_id=model_id_of(self.model_name)[:200],
             instance_id=getattr(self.instance, "pk", None),
             endpoint=self.endpoint,

@@ -1,8 +1,9 @@
-"""Usage records: pruning and the per-user and per-model figures of the usage page."""
+"""Usage records: writing one, pruning, and the per-user and per-model figures of the usage page."""
 
 from datetime import timedelta
 
 from django.conf import settings
+from django.db import connection
 from django.db.models import Count, F, FloatField, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
@@ -10,6 +11,24 @@ from django.utils import timezone
 from accounts.roles import can_administer
 
 from .models import UsageRecord
+
+
+def record(**values) -> None:
+    """One usage record, each value prepared by its field as UsageRecord.objects.create(**values) would (by
+    attname: user_id, token_id, ...; every field but the id given), written by one plain INSERT: the ORM's way
+    to it cost the web worker more than the database's work, once per request."""
+    fields = [field for field in UsageRecord._meta.concrete_fields if field.attname in values]
+    unknown = set(values) - {field.attname for field in fields}
+    if unknown:
+        raise TypeError(f"UsageRecord has no field {', '.join(sorted(unknown))}")
+    quote = connection.ops.quote_name
+    sql = "INSERT INTO {} ({}) VALUES ({})".format(
+        quote(UsageRecord._meta.db_table),
+        ", ".join(quote(field.column) for field in fields),
+        ", ".join(["%s"] * len(fields)),
+    )
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [field.get_db_prep_save(values[field.attname], connection) for field in fields])
 
 
 def prune(now=None) -> int:
