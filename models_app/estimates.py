@@ -13,6 +13,7 @@ from gpus.models import Gpu
 
 from . import estimator
 from .flags import Catalogue
+from .formatting import format_mib
 from .models import GpuInstance, LlamaBinary
 
 MIB = estimator.MIB
@@ -147,12 +148,9 @@ def suggested(model, choices, unavailable: list[str], overrides: dict | None = N
 
 
 def gib(mib: int | float | None) -> str:
-    """ "6.1 GiB", or "302 MiB" below 1 GiB."""
-    if mib is None:
-        return "?"
-    if abs(mib) < 1024:
-        return f"{round(mib)} MiB"
-    return f"{mib / 1024:.1f} GiB"
+    """ "6.1 GiB", or "302 MiB" below 1 GiB: the product's one size rule (models_app/formatting.py); "?" when
+    unknown."""
+    return "?" if mib is None else format_mib(mib)
 
 
 def _after_others(gpu: Gpu) -> str:
