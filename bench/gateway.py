@@ -268,7 +268,7 @@ def main() -> None:
     from gpus.services import register_host
     from llamacontroller_site.celery import app
     from llamacontroller_site.runner import web_command
-    from models_app.lifecycle import build_argv
+    from models_app.launch import build_argv
     from models_app.models import GpuInstance, ModelConfig
     from models_app.registry import file_facts
     from models_app.services import request_load, request_unload

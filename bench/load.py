@@ -154,7 +154,7 @@ def main() -> None:
 
     from gpus.services import register_host
     from models_app import memory
-    from models_app.lifecycle import build_argv
+    from models_app.launch import build_argv
     from models_app.models import ModelConfig
     from models_app.testmodel import write_tiny_model
 

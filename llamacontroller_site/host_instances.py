@@ -50,8 +50,8 @@ def stop_instances() -> None:
     from django.conf import settings
     from django.db import connections
 
-    from models_app.lifecycle import unload_instance
     from models_app.models import GpuInstance
+    from models_app.stop import unload_instance
 
     # This process's connection has been idle since the start, and may have been dropped meanwhile.
     connections.close_all()

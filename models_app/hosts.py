@@ -19,9 +19,8 @@ from gpus.services import clear_host_lost, mark_host_lost
 
 from . import reconcile
 from .events import record
-from .lifecycle import last_change
 from .models import GpuInstance, InstanceEvent
-from .state import transition
+from .state import last_change, transition
 
 logger = logging.getLogger(__name__)
 
@@ -82,7 +81,6 @@ def _check_down_hosts() -> dict[str, int]:
             if transition(
                 instance,
                 Status.UNKNOWN,
-                expected=[Status.RUNNING, Status.STARTING],
                 event_kind=Kind.HOST_LOST,
                 detail=f"{reason}: its llama-server may still run; it is checked when the host answers",
                 lease_expires_at=None,

@@ -2,7 +2,9 @@
 values), and the figures written back onto the instances."""
 
 import logging
+import os
 from datetime import timedelta
+from pathlib import Path
 
 from django.db import transaction
 from django.db.models import Q
@@ -206,9 +208,6 @@ def fit_params_opinion(instance: GpuInstance, stored: dict) -> list[dict] | None
     """llama.cpp's own estimate of this load (`llama-fit-params --fit-print on` next to the instance's
     llama-server, same settings, same GPUs), stored beside ours as a second opinion; None where the build
     has no such tool. Runs in the worker after the load, never in a request."""
-    import os
-    from pathlib import Path
-
     settings_used = (stored.get("breakdown") or {}).get("settings") or {}
     if not instance.argv or not settings_used:
         return None

@@ -1,6 +1,6 @@
 """Plain process helpers for llama-server: start one from an argument list (own session, output to a log
 file, reaped by a thread so no zombie is left), tell whether it still runs, stop its process group, read
-its log and its /health. No model rows here: lifecycle.py decides what to do with them."""
+its log and its /health. No model rows here: launch.py, load.py and stop.py decide what to do with them."""
 
 import os
 import signal

@@ -7,18 +7,16 @@ import logging
 from collections import Counter
 from datetime import timedelta
 
-import psutil
 from django.conf import settings
 from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from gpus.models import Host
-from gpus.telemetry.procs import cuda_visible_devices_by_pid
 
-from . import dispatch, lifecycle, processes
+from . import dispatch, launch, lease, load, model_files, orphans, processes, stop
 from .events import record
 from .models import GpuInstance, InstanceEvent, InstanceGpu
-from .state import transition
+from .state import last_change, transition
 
 logger = logging.getLogger(__name__)
 
@@ -60,12 +58,10 @@ def reconcile_host(host_name: str) -> dict[str, int]:
         outcome = check(instance)
         if outcome:
             done[outcome] += 1
-    for orphan in find_orphans(host):
+    for orphan in orphans.find_orphans(host):
         done["orphans"] += 1
         logger.warning("orphan llama-server on %s: %s", host.name, orphan)
     try:  # which registered models this host can serve; a failure here must not break the pass
-        from . import model_files
-
         with transaction.atomic():
             model_files.check_on_this_host(host)
     except Exception:
@@ -79,11 +75,11 @@ def _is_lost(instance: GpuInstance, extra_seconds: float = 0, worker_started_at=
     Without one (waiting in the queue), it is lost after the grace time or a worker restart.
     `worker_started_at`: when the host's worker started (default: this process, on the host's worker)."""
     started = WORKER_STARTED_AT if worker_started_at is None else worker_started_at
-    expired = lifecycle.lease_expired(instance)
+    expired = lease.lease_expired(instance)
     if expired is not None:
-        renewed = instance.lease_expires_at - timedelta(seconds=lifecycle.lease_seconds())
+        renewed = instance.lease_expires_at - timedelta(seconds=lease.lease_seconds())
         return expired or renewed < started
-    changed = lifecycle.last_change(instance)
+    changed = last_change(instance)
     if changed < started:
         return True
     return (timezone.now() - changed).total_seconds() > GRACE_SECONDS + extra_seconds
@@ -109,7 +105,7 @@ def _resend(instance: GpuInstance, task_name: str, what: str) -> str | None:
 
 def _check_running(instance: GpuInstance) -> str | None:
     if processes.is_alive(instance.pid, instance.process_create_time):
-        if lifecycle.last_change(instance) < WORKER_STARTED_AT:
+        if last_change(instance) < WORKER_STARTED_AT:
             record(
                 Kind.ADOPTED,
                 instance=instance,
@@ -126,13 +122,13 @@ def _check_starting(instance: GpuInstance) -> str | None:
     if not _is_lost(instance):
         return None
     if not instance.pid:
-        tagged = lifecycle.find_tagged(instance)
+        tagged = launch.find_tagged(instance)
         if tagged:
             # The worker died between starting llama-server and recording it.
             updated = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING, pid=None).update(
                 pid=tagged,
                 process_create_time=processes.create_time_of(tagged),
-                log_path=str(lifecycle.log_path_for(instance)),
+                log_path=str(launch.log_path_for(instance)),
             )
             if not updated:
                 return None
@@ -144,7 +140,7 @@ def _check_starting(instance: GpuInstance) -> str | None:
         code = processes.exit_code_of(instance.pid, instance.log_path)
         # The worker gave the load up but could not record why (the database was away): its log says.
         cause = processes.failure_note(instance.log_path)
-        lifecycle.fail(
+        stop.fail(
             instance,
             f"the load failed: {cause}"
             if cause
@@ -154,10 +150,10 @@ def _check_starting(instance: GpuInstance) -> str | None:
         )
         return "failed"
     if instance.port and processes.health_status(instance.port) == 200:
-        lifecycle.adopt_running(instance)
+        load.adopt_running(instance)
         return "adopted"
-    if lifecycle.seconds_since_start(instance) > settings.LOAD_TIMEOUT:
-        lifecycle.fail(
+    if load.seconds_since_start(instance) > settings.LOAD_TIMEOUT:
+        stop.fail(
             instance,
             f"llama-server did not answer /health with 200 within {settings.LOAD_TIMEOUT}s",
             expected=[Status.STARTING],
@@ -166,7 +162,7 @@ def _check_starting(instance: GpuInstance) -> str | None:
     # Alive, still loading: a new task watches it, and holds the lease from now on.
     if not GpuInstance.objects.filter(
         pk=instance.pk, status=Status.STARTING, lease_expires_at=instance.lease_expires_at
-    ).update(lease_expires_at=lifecycle.lease_until(lifecycle.lease_seconds())):
+    ).update(lease_expires_at=lease.lease_until(lease.lease_seconds())):
         return None
     record(Kind.ADOPTED, instance=instance, detail=f"waiting for pid {instance.pid} to become healthy")
     dispatch.send_again(dispatch.RESUME_START, instance, at_once=False)
@@ -176,7 +172,7 @@ def _check_starting(instance: GpuInstance) -> str | None:
 def _start_over(instance: GpuInstance) -> str | None:
     """Claimed by a worker that died before starting anything: load again, a limited number of times."""
     if _resends(instance) >= MAX_RESENDS:
-        lifecycle.fail(
+        stop.fail(
             instance,
             f"the worker did not take the load (sent {MAX_RESENDS + 1} times)",
             expected=[Status.STARTING],
@@ -196,7 +192,7 @@ def _start_over(instance: GpuInstance) -> str | None:
 
 
 def _check_pending(instance: GpuInstance) -> str | None:
-    tagged = lifecycle.find_tagged(instance)
+    tagged = launch.find_tagged(instance)
     if tagged and transition(
         instance,
         Status.STARTING,
@@ -205,7 +201,7 @@ def _check_pending(instance: GpuInstance) -> str | None:
         detail=f"found pid {tagged} by its instance tag",
         pid=tagged,
         process_create_time=processes.create_time_of(tagged),
-        log_path=str(lifecycle.log_path_for(instance)),
+        log_path=str(launch.log_path_for(instance)),
     ):
         dispatch.send_again(dispatch.RESUME_START, instance, at_once=False)
         return "adopted"
@@ -228,7 +224,7 @@ def resend_pending(instance: GpuInstance, worker_started_at) -> str | None:
     if _resend(instance, dispatch.LOAD_MODEL, "load"):
         return "resent"
     host = instance.host
-    lifecycle.fail(
+    stop.fail(
         instance,
         f"host {host.name} did not take the load (sent {MAX_RESENDS + 1} times to {host.queue}, the last "
         f"{GRACE_SECONDS + extra:.0f}s ago): its worker takes no work from its queue",
@@ -272,7 +268,7 @@ def _check_stopping(instance: GpuInstance) -> str | None:
     if _resend(instance, dispatch.UNLOAD_MODEL, "unload"):
         return "resent"
     # Nobody takes the unload: this pass runs on the host's worker, so it stops the process itself.
-    lifecycle.unload_instance(instance.pk)
+    stop.unload_instance(instance.pk)
     return "stopped"
 
 
@@ -283,7 +279,7 @@ def _check_unknown(instance: GpuInstance) -> str | None:
     if not alive:
         if instance.loaded_at is None:
             code = processes.exit_code_of(instance.pid, instance.log_path) if instance.pid else None
-            lifecycle.fail(
+            stop.fail(
                 instance,
                 "llama-server was loading when its host went down, and is gone now",
                 exit_code=code,
@@ -307,7 +303,7 @@ def _check_unknown(instance: GpuInstance) -> str | None:
 
 def crash(instance: GpuInstance, expected=(Status.RUNNING,)) -> bool:
     """A running instance's process is gone: `crashed` with its exit code and log tail; maybe restart."""
-    if not lifecycle.record_crash(instance, expected):
+    if not stop.record_crash(instance, expected):
         return False
     maybe_restart(instance)
     return True
@@ -355,31 +351,3 @@ def maybe_restart(instance: GpuInstance) -> bool:
         return False
     dispatch.send_again(dispatch.LOAD_MODEL, instance, at_once=False, countdown=delay)
     return True
-
-
-def find_orphans(host: Host) -> list[dict]:
-    """llama-server processes that no active instance of the host owns: tagged for one of our inactive or
-    unknown instances, or running on our GPUs outside every instance's process tree."""
-    owned = lifecycle.owned_pids(host)
-    gpu_index = dict(host.gpus.values_list("uuid", "index"))
-    our_logs = lifecycle.log_prefix(host.name)
-    tagged = processes.tagged_processes()
-    orphans = []
-    for pid, (instance_id, log) in tagged.items():
-        if log.startswith(our_logs) and pid not in owned:
-            orphans.append(
-                {"pid": pid, "instance_id": instance_id, "reason": "tagged for an inactive instance"}
-            )
-    for pid, tokens in cuda_visible_devices_by_pid().items():
-        on_ours = sorted(gpu_index[t] for t in tokens if t in gpu_index)
-        if not on_ours or pid in owned or pid in tagged:
-            continue
-        try:
-            proc = psutil.Process(pid)
-        except psutil.Error:
-            continue
-        if processes.is_llama_server(proc):
-            orphans.append(
-                {"pid": pid, "instance_id": None, "gpus": on_ours, "reason": "on our GPUs, unowned"}
-            )
-    return orphans

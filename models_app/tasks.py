@@ -1,5 +1,5 @@
 """Celery tasks: thin. Arguments are ids; a task re-fetches what it needs, returns quietly if the row is gone,
-and calls lifecycle/reconcile/memory. Lifecycle and refresh tasks run on the queue of the host that owns
+and calls load/stop/orphans/reconcile/memory. Load, unload and refresh tasks run on the queue of the host that owns
 the GPUs (`host.<name>`); the dispatchers run anywhere and fan out to every host."""
 
 import logging
@@ -12,9 +12,23 @@ from django.contrib.auth import get_user_model
 from django.db import connections
 
 from gpus.models import Host
+from gpus.services import register_host
 from utilities.periodic import idempotent, once_per_period
 
-from . import binaries, cluster, dispatch, hosts, lifecycle, model_files, ondemand, reconcile, subreaper
+from . import (
+    binaries,
+    cluster,
+    dispatch,
+    hosts,
+    load,
+    memory,
+    model_files,
+    ondemand,
+    orphans,
+    reconcile,
+    stop,
+    subreaper,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -25,17 +39,17 @@ def _user(actor_id: int | None):
 
 @shared_task(name="models_app.tasks.load_model", ignore_result=True)
 def load_model(instance_id: int) -> None:
-    lifecycle.load_instance(instance_id)
+    load.load_instance(instance_id)
 
 
 @shared_task(name="models_app.tasks.resume_start", ignore_result=True)
 def resume_start(instance_id: int) -> None:
-    lifecycle.resume_start(instance_id)
+    load.resume_start(instance_id)
 
 
 @shared_task(name="models_app.tasks.unload_model", ignore_result=True)
 def unload_model(instance_id: int, actor_id: int | None = None) -> None:
-    lifecycle.unload_instance(instance_id, actor=_user(actor_id))
+    stop.unload_instance(instance_id, actor=_user(actor_id))
 
 
 @shared_task(name="models_app.tasks.kill_orphan", ignore_result=True)
@@ -45,7 +59,7 @@ def kill_orphan(
     host = Host.objects.filter(name=host_name).first()
     if host is None:
         return None
-    message = lifecycle.kill_orphan(host, pid, actor=_user(actor_id), gpu_id=gpu_id)
+    message = orphans.kill_orphan(host, pid, actor=_user(actor_id), gpu_id=gpu_id)
     logger.info(message)
     return message
 
@@ -64,8 +78,6 @@ def check_model_files(host_name: str) -> dict:
 
 @shared_task(name="models_app.tasks.refresh_host", ignore_result=True)
 def refresh_host(host_name: str) -> None:
-    from . import memory
-
     memory.refresh_host_memory(host_name)
 
 
@@ -147,8 +159,6 @@ def on_worker_ready(sender=None, **kwargs) -> None:
     if not _host_worker(sender):
         return
     try:
-        from gpus.services import register_host
-
         host = register_host(settings.HOST_NAME)
         # The only way a binary enters the registry: found in this host's configuration and verified.
         binaries.store_on_host(host)

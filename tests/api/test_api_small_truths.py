@@ -25,13 +25,21 @@ def admin_client(users):
     return client
 
 
-@pytest.mark.parametrize("ending", [Status.STOPPED, Status.CRASHED, Status.FAILED])
-def test_an_ended_instance_shows_no_memory_figure(admin_client, users, tiny_model, ending):
+@pytest.mark.parametrize(
+    "before, ending",
+    [(Status.STOPPING, Status.STOPPED), (Status.RUNNING, Status.CRASHED), (Status.STOPPING, Status.FAILED)],
+)
+def test_an_ended_instance_shows_no_memory_figure(admin_client, users, tiny_model, before, ending):
     gpus = make_gpus(1)
     instance = make_instance(
-        gpus, tiny_model, memory_used_mb=342, memory_total_mb=81559, memory_updated_at=timezone.now()
+        gpus,
+        tiny_model,
+        status=before,
+        memory_used_mb=342,
+        memory_total_mb=81559,
+        memory_updated_at=timezone.now(),
     )
-    assert transition(instance, ending, expected=[Status.RUNNING], event_kind="unloaded")
+    assert transition(instance, ending, expected=[before], event_kind="unloaded")
     row = admin_client.get(f"/api/v1/instances/{instance.pk}/").json()
     assert row["status"] == ending
     assert (row["memory_used_mb"], row["memory_percent"], row["memory_source"]) == (None, None, "none")
@@ -45,8 +53,8 @@ def test_an_ended_instance_shows_no_memory_figure(admin_client, users, tiny_mode
 def test_a_refresh_that_read_the_claims_before_the_stop_writes_no_figure_on_it(users, tiny_model):
     """The refresh reads the active claims, samples the GPUs (slow), then writes: a stop in between must not
     get its figure back."""
-    instance = make_instance(make_gpus(1), tiny_model)
-    transition(instance, Status.STOPPED, expected=[Status.RUNNING], event_kind="unloaded")
+    instance = make_instance(make_gpus(1), tiny_model, status=Status.STOPPING)
+    transition(instance, Status.STOPPED, expected=[Status.STOPPING], event_kind="unloaded")
     figure = InstanceMemory(
         instance.pk, used_mib=342, total_mib=81559, source="process", taken_at=timezone.now()
     )

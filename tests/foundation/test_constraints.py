@@ -65,8 +65,8 @@ def test_transition_releases_gpus_and_writes_an_event(setup):
     from models_app.state import transition
 
     host, gpu0, _, model = setup
-    instance = make_instance(host, model, [gpu0], status=GpuInstance.Status.RUNNING)
-    assert transition(instance, "stopped", expected=["running"], event_kind="unloaded", detail="bye")
+    instance = make_instance(host, model, [gpu0], status=GpuInstance.Status.STOPPING)
+    assert transition(instance, "stopped", expected=["stopping"], event_kind="unloaded", detail="bye")
     assert not InstanceGpu.objects.filter(active=True).exists()
     assert instance.events.get().kind == "unloaded"
     # A second, stale transition loses the compare-and-set and changes nothing.

@@ -21,7 +21,7 @@ from django.test import override_settings
 from llamacontroller_site import first_run, host_instances, supervision
 from llamacontroller_site.embedded_redis import EmbeddedRedis
 from llamacontroller_site.supervision import AlreadyRunning, lock_data_folder
-from models_app import lifecycle, processes
+from models_app import launch, processes, stop
 from models_app.models import GpuInstance, InstanceEvent
 from tests.conftest import REPO
 from tests.helpers import running_instance, wait_until
@@ -253,7 +253,7 @@ def sleeper(tmp_path):
     started = []
 
     def start(instance):
-        log = lifecycle.log_path_for(instance)
+        log = launch.log_path_for(instance)
         pid, create_time = processes.launch([str(path), "120"], env=processes.scrubbed_env(), log_path=log)
         started.append(pid)
         GpuInstance.objects.filter(pk=instance.pk).update(
@@ -275,7 +275,7 @@ def test_stopping_a_llama_server_that_died_records_a_crash(fake_gpus, tiny_model
     pid = sleeper(instance)
     os.kill(pid, signal.SIGKILL)
     wait_until(lambda: processes.exit_code_of(pid, instance.log_path) == -9, 10, "the exit code in the log")
-    lifecycle.unload_instance(instance.pk)
+    stop.unload_instance(instance.pk)
     instance.refresh_from_db()
     assert (instance.status, instance.exit_code) == (Status.CRASHED, -9)
     assert "exited unexpectedly with code -9" in instance.error
@@ -326,7 +326,7 @@ def test_unload_survives_a_connection_dropped_on_the_way(
     """The connection drops while the process is being stopped: the unload goes on with a new one."""
     instance = running_instance(fake_gpus.host, tiny_model, fake_gpus.gpus[:1])
     pid = sleeper(instance)
-    real_stop = lifecycle.stop
+    real_stop = stop.stop_pid
 
     dropped = []
 
@@ -337,8 +337,8 @@ def test_unload_survives_a_connection_dropped_on_the_way(
             dropped.append(True)
         return problem
 
-    monkeypatch.setattr(lifecycle, "stop", stop_and_lose_the_connection)
-    lifecycle.unload_instance(instance.pk)
+    monkeypatch.setattr(stop, "stop_pid", stop_and_lose_the_connection)
+    stop.unload_instance(instance.pk)
     instance.refresh_from_db()
     assert instance.status == Status.STOPPED
     assert not processes.is_alive(pid, instance.process_create_time)

@@ -14,7 +14,7 @@ import pytest
 from django.urls import reverse
 
 from gpus.models import Gpu
-from models_app import lifecycle
+from models_app import orphans
 from models_app.memory import refresh_host_memory
 from models_app.models import InstanceEvent, LlamaBinary
 
@@ -128,26 +128,26 @@ def test_the_worker_checks_again_before_it_kills(scene, users, monkeypatch):
         "instance_id": None,
     }
     Gpu.objects.filter(pk=gpu0.pk).update(processes=[listed])
-    message = lifecycle.kill_orphan(host, pids["decoy"], actor=users["admin"], gpu_id=gpu0.pk)
+    message = orphans.kill_orphan(host, pids["decoy"], actor=users["admin"], gpu_id=gpu0.pk)
     assert "left alone" in message and alive(pids["decoy"])
     # Even if that fresh reading said orphan, the executable decides.
-    monkeypatch.setattr(lifecycle, "refresh_memory", lambda host_name: None)
-    message = lifecycle.kill_orphan(host, pids["decoy"], actor=users["admin"], gpu_id=gpu0.pk)
+    monkeypatch.setattr(orphans, "refresh_memory", lambda host_name: None)
+    message = orphans.kill_orphan(host, pids["decoy"], actor=users["admin"], gpu_id=gpu0.pk)
     assert "not running one of the host's llama-server binaries" in message and alive(pids["decoy"])
     assert not InstanceEvent.objects.filter(kind=InstanceEvent.Kind.ORPHAN_KILLED).exists()
 
 
 def test_the_worker_leaves_a_pid_that_became_another_process(scene, users, monkeypatch):
     _, gpu1, pids = scene
-    monkeypatch.setattr(lifecycle, "create_time_of", lambda pid: 1.0)  # as if the pid was reused meanwhile
-    message = lifecycle.kill_orphan(gpu1.host, pids["orphan"], actor=users["admin"], gpu_id=gpu1.pk)
+    monkeypatch.setattr(orphans, "create_time_of", lambda pid: 1.0)  # as if the pid was reused meanwhile
+    message = orphans.kill_orphan(gpu1.host, pids["orphan"], actor=users["admin"], gpu_id=gpu1.pk)
     assert "is another process since it was checked" in message and alive(pids["orphan"])
 
 
 def test_the_worker_kills_a_real_orphan(scene, users):
     gpu0, gpu1, pids = scene
-    assert "left alone" in lifecycle.kill_orphan(gpu1.host, pids["orphan"], gpu_id=gpu0.pk)  # not on GPU 0
-    message = lifecycle.kill_orphan(gpu1.host, pids["orphan"], actor=users["admin"], gpu_id=gpu1.pk)
+    assert "left alone" in orphans.kill_orphan(gpu1.host, pids["orphan"], gpu_id=gpu0.pk)  # not on GPU 0
+    message = orphans.kill_orphan(gpu1.host, pids["orphan"], actor=users["admin"], gpu_id=gpu1.pk)
     assert message.startswith(f"killed orphan pid {pids['orphan']} on testhost"), message
     assert not alive(pids["orphan"]) and alive(pids["decoy"])
     event = InstanceEvent.objects.get(kind=InstanceEvent.Kind.ORPHAN_KILLED)

@@ -10,7 +10,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from models_app import hosts, lifecycle, processes, reconcile, tasks
+from models_app import hosts, launch, processes, reconcile, stop, tasks
 from models_app.models import GpuInstance, InstanceEvent
 from models_app.services import request_load, request_unload
 
@@ -49,9 +49,9 @@ def _free_port() -> int:
 def _starting(fake_gpus, argv, reap, *, lease_seconds: float, port=None, age=0):
     """A `starting` instance whose process runs, with a lease ending `lease_seconds` from now."""
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
-    log = lifecycle.log_path_for(instance)
+    log = launch.log_path_for(instance)
     pid, create_time = processes.launch(
-        argv, env=lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
+        argv, env=launch.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
     )
     reap.append(pid)
     GpuInstance.objects.filter(pk=instance.pk).update(
@@ -135,14 +135,14 @@ def test_lease_held_while_loading_and_cleared_after(
 ):
     settings.LLAMA_SERVER = str(llama_server_path)
     seen = []
-    real = lifecycle.renew_lease
+    real = launch.renew_lease
 
     def spy(instance, status=Status.STARTING):
         renewed = real(instance, status)
         seen.append(GpuInstance.objects.get(pk=instance.pk).lease_expires_at)
         return renewed
 
-    monkeypatch.setattr(lifecycle, "renew_lease", spy)
+    monkeypatch.setattr(launch, "renew_lease", spy)
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     tasks.load_model(instance.pk)
     instance.refresh_from_db()
@@ -166,7 +166,7 @@ def test_unexpected_error_in_load_fails_the_instance(
     def broken(*args, **kwargs):
         raise ValueError("llama-server has no flag 'ngll'")
 
-    monkeypatch.setattr(lifecycle, "build_argv", broken)
+    monkeypatch.setattr(launch, "build_argv", broken)
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     tasks.load_model(instance.pk)
     instance.refresh_from_db()
@@ -183,7 +183,7 @@ def test_unexpected_error_in_unload_fails_the_instance(fake_gpus, tiny_model, mo
     def broken(instance):
         raise RuntimeError("/proc is gone")
 
-    monkeypatch.setattr(lifecycle, "find_tagged", broken)
+    monkeypatch.setattr(stop, "find_tagged", broken)
     tasks.unload_model(instance.pk)
     instance.refresh_from_db()
     assert instance.status == Status.FAILED
@@ -256,19 +256,19 @@ def test_unload_racing_the_launch_leaves_no_process(
 ):
     """An unload that runs between the launch and the recording of the pid still stops the process."""
     settings.LLAMA_SERVER = str(llama_server_path)
-    real_launch = lifecycle.launch
+    real_launch = launch.launch
     launched = []
 
     def racing_launch(argv, *, env, log_path):
         if when == "before launch":
-            lifecycle.unload_instance(instance.pk)  # another worker process: finds nothing to stop yet
+            stop.unload_instance(instance.pk)  # another worker process: finds nothing to stop yet
         pid, create_time = real_launch(argv, env=env, log_path=log_path)
         launched.append((pid, create_time))
         if when == "after launch":
-            lifecycle.unload_instance(instance.pk)
+            stop.unload_instance(instance.pk)
         return pid, create_time
 
-    monkeypatch.setattr(lifecycle, "launch", racing_launch)
+    monkeypatch.setattr(launch, "launch", racing_launch)
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     tasks.load_model(instance.pk)
     instance.refresh_from_db()
@@ -312,7 +312,7 @@ def test_unload_marks_stopped_only_when_the_process_is_gone(
     fake_gpus, tiny_model, fake_llama, reap, monkeypatch
 ):
     instance = _running_sleeper(fake_gpus, fake_llama, reap)
-    monkeypatch.setattr(lifecycle, "stop_process", lambda pid, create_time, timeout=None: False)
+    monkeypatch.setattr(stop, "stop_process", lambda pid, create_time, timeout=None: False)
     tasks.unload_model(instance.pk)
     instance.refresh_from_db()
     assert instance.status == Status.FAILED

@@ -9,7 +9,7 @@ import time
 import psutil
 import pytest
 
-from models_app import binaries, lifecycle, processes, tasks
+from models_app import binaries, launch, processes, tasks
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary
 from models_app.services import request_load
 
@@ -29,15 +29,15 @@ def test_lifecycle_build_argv(settings, llama_server_path, tiny_model_file):
         "lora": ["lora-a.gguf", str(lora)],
         "no-kv-offload": False,
     }
-    argv = lifecycle.build_argv(llama_server_path, str(tiny_model_file), params, 8090, 1, alias="tiny")
+    argv = launch.build_argv(llama_server_path, str(tiny_model_file), params, 8090, 1, alias="tiny")
     assert argv == [
         llama_server_path, "-c", "256", "-ngl", "99", "--no-warmup", "--lora", str(lora), "--lora", str(lora),
         "-m", str(tiny_model_file), "--host", "127.0.0.1", "--port", "8090", "--alias", "tiny",
     ]  # fmt: skip
-    assert lifecycle.build_argv(llama_server_path, "/m.gguf", {}, 8090, 2)[-2:] == ["--split-mode", "layer"]
-    assert "layer" not in lifecycle.build_argv(llama_server_path, "/m.gguf", {"sm": "row"}, 8090, 2)
+    assert launch.build_argv(llama_server_path, "/m.gguf", {}, 8090, 2)[-2:] == ["--split-mode", "layer"]
+    assert "layer" not in launch.build_argv(llama_server_path, "/m.gguf", {"sm": "row"}, 8090, 2)
     settings.LLAMA_SERVER_HOST = "0.0.0.0"
-    assert "0.0.0.0" in lifecycle.build_argv(llama_server_path, "/m.gguf", {}, 8090, 1)
+    assert "0.0.0.0" in launch.build_argv(llama_server_path, "/m.gguf", {}, 8090, 1)
 
 
 def _listening_socket():
@@ -60,16 +60,14 @@ def test_lifecycle_port_picking(fake_gpus, tiny_model, settings):
     try:
         # port: something listens; port + 1: held by an instance; port + 2 is free (unless the OS took it).
         if processes.port_is_free(port + 2):
-            assert lifecycle.claim_port(instance) == port + 2
+            assert launch.claim_port(instance) == port + 2
             assert GpuInstance.objects.get(pk=instance.pk).port == port + 2
             instance.port = None
             with pytest.raises(processes.StartError, match="no free port"):
-                lifecycle.claim_port(instance, avoid={port + 2})
+                launch.claim_port(instance, avoid={port + 2})
         holder.status = Status.STOPPED
         holder.save()
-        assert (
-            lifecycle.claim_port(instance, avoid={port + 2}) == port + 1
-        )  # a stopped instance holds nothing
+        assert launch.claim_port(instance, avoid={port + 2}) == port + 1  # a stopped instance holds nothing
     finally:
         busy.close()
 

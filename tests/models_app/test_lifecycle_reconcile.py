@@ -8,7 +8,7 @@ from datetime import timedelta
 import pytest
 from django.utils import timezone
 
-from models_app import hosts, lifecycle, processes, reconcile
+from models_app import hosts, launch, orphans, processes, reconcile, stop
 from models_app.models import GpuInstance, InstanceEvent, LlamaBinary
 from models_app.services import request_load
 
@@ -44,8 +44,8 @@ def _wait_dead(instance, timeout=15):
 
 def _running(fake_gpus, argv, tmp_path, reap, **fields):
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
-    log = lifecycle.log_path_for(instance)
-    env = lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log)
+    log = launch.log_path_for(instance)
+    env = launch.instance_env(instance, [fake_gpus.gpus[0].uuid], log)
     pid, create_time = processes.launch(argv, env=env, log_path=log)
     reap.append(pid)
     GpuInstance.objects.filter(pk=instance.pk).update(
@@ -124,9 +124,9 @@ def test_lifecycle_started_but_unrecorded_process_is_adopted(
     """The worker died between starting llama-server and recording its pid: found by its tag."""
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     GpuInstance.objects.filter(pk=instance.pk).update(status=Status.STARTING, lease_expires_at=timezone.now())
-    log = lifecycle.log_path_for(instance)
+    log = launch.log_path_for(instance)
     pid, _ = processes.launch(
-        [fake_llama, "60"], env=lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
+        [fake_llama, "60"], env=launch.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
     )
     reap.append(pid)
     assert run() == {"adopted": 1}
@@ -141,9 +141,9 @@ def test_lifecycle_orphans_found_and_killed(fake_gpus, tiny_model, fake_llama, t
     stopped = request_load(model_id="tiny", gpu_spec="1", actor=None)
     GpuInstance.objects.filter(pk=stopped.pk).update(status=Status.STOPPED)
     stopped.gpu_links.update(active=False)
-    log = lifecycle.log_path_for(stopped)
+    log = launch.log_path_for(stopped)
     tagged, _ = processes.launch(
-        [fake_llama, "60"], env=lifecycle.instance_env(stopped, [fake_gpus.gpus[1].uuid], log), log_path=log
+        [fake_llama, "60"], env=launch.instance_env(stopped, [fake_gpus.gpus[1].uuid], log), log_path=log
     )
     untagged, _ = processes.launch(
         [fake_llama, "60"], env={**os.environ, "CUDA_VISIBLE_DEVICES": fake_gpus.gpus[1].uuid}, log_path=log
@@ -151,17 +151,17 @@ def test_lifecycle_orphans_found_and_killed(fake_gpus, tiny_model, fake_llama, t
     owned = _running(fake_gpus, [fake_llama, "60"], tmp_path, reap)
     reap.extend([tagged, untagged])
 
-    found = {o["pid"]: o for o in reconcile.find_orphans(fake_gpus.host)}
+    found = {o["pid"]: o for o in orphans.find_orphans(fake_gpus.host)}
     assert set(found) == {tagged, untagged}
     assert found[tagged]["instance_id"] == stopped.pk
     assert found[untagged]["gpus"] == [1]
 
-    assert "belongs to instance #" in lifecycle.kill_orphan(fake_gpus.host, owned.pid, actor=users["admin"])
+    assert "belongs to instance #" in orphans.kill_orphan(fake_gpus.host, owned.pid, actor=users["admin"])
     assert processes.is_alive(owned.pid, owned.process_create_time)
-    assert "left alone" in lifecycle.kill_orphan(fake_gpus.host, os.getpid())  # on no GPU
+    assert "left alone" in orphans.kill_orphan(fake_gpus.host, os.getpid())  # on no GPU
     # An orphan runs one of the host's llama-server binaries (tests/gpus/test_kill_orphan.py).
     LlamaBinary.objects.create(host=fake_gpus.host, name="stand-in", path=fake_llama)
-    message = lifecycle.kill_orphan(fake_gpus.host, untagged, actor=users["admin"])
+    message = orphans.kill_orphan(fake_gpus.host, untagged, actor=users["admin"])
     assert message.startswith(f"killed orphan pid {untagged}")
     assert not processes.is_alive(untagged, None)
     event = InstanceEvent.objects.get(kind=Kind.ORPHAN_KILLED)
@@ -173,12 +173,12 @@ def test_lifecycle_unload_finds_unrecorded_process(fake_gpus, tiny_model, fake_l
     """An unload racing a start still stops the process, found by its tag."""
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
     GpuInstance.objects.filter(pk=instance.pk).update(status=status)
-    log = lifecycle.log_path_for(instance)
+    log = launch.log_path_for(instance)
     pid, create_time = processes.launch(
-        [fake_llama, "60"], env=lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
+        [fake_llama, "60"], env=launch.instance_env(instance, [fake_gpus.gpus[0].uuid], log), log_path=log
     )
     reap.append(pid)
-    lifecycle.unload_instance(instance.pk)
+    stop.unload_instance(instance.pk)
     instance.refresh_from_db()
     assert instance.status == Status.STOPPED
     assert not processes.is_alive(pid, create_time)

@@ -8,7 +8,7 @@ import pytest
 from django.db import OperationalError
 from django.utils import timezone
 
-from models_app import lifecycle, processes, reconcile, tasks
+from models_app import launch, lease, processes, reconcile, stop, tasks
 from models_app.models import GpuInstance
 from models_app.services import request_load
 
@@ -28,13 +28,13 @@ def test_a_load_given_up_while_the_database_is_away_names_the_cause(
     fake_gpus, tiny_model, fake_llama, reap, sent, monkeypatch, django_capture_on_commit_callbacks
 ):
     instance = request_load(model_id="tiny", gpu_spec="0", actor=None)
-    log = lifecycle.log_path_for(instance)
-    env = lifecycle.instance_env(instance, [fake_gpus.gpus[0].uuid], log)
+    log = launch.log_path_for(instance)
+    env = launch.instance_env(instance, [fake_gpus.gpus[0].uuid], log)
     pid, create_time = processes.launch([fake_llama, "60"], env=env, log_path=log)  # loads "for ever"
     reap.append(pid)
     GpuInstance.objects.filter(pk=instance.pk).update(
         status=Status.STARTING, pid=pid, process_create_time=create_time, log_path=str(log),
-        port=_free_port(), lease_expires_at=lifecycle.lease_until(),
+        port=_free_port(), lease_expires_at=lease.lease_until(),
     )  # fmt: skip
 
     def database_away(*args, **kwargs):
@@ -43,8 +43,8 @@ def test_a_load_given_up_while_the_database_is_away_names_the_cause(
     # The worker renews its lease while llama-server loads: the database is gone, and so it stays while the
     # worker tries to record the failure.
     with monkeypatch.context() as patched:
-        patched.setattr(lifecycle, "renew_lease", database_away)
-        patched.setattr(lifecycle, "transition", database_away)
+        patched.setattr(launch, "renew_lease", database_away)
+        patched.setattr(stop, "transition", database_away)
         tasks.resume_start(instance.pk)
     assert not processes.is_alive(pid, create_time)  # given up: its llama-server is stopped all the same
     instance.refresh_from_db()

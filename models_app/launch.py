@@ -1,0 +1,242 @@
+"""Starting llama-server for an instance and waiting until it is healthy: its argument list, port,
+environment, log file and instance tag. No status changes here: load.py decides them; a start that finds the
+instance no longer `starting` raises Cancelled."""
+
+import logging
+import secrets
+import time
+from pathlib import Path
+from typing import NamedTuple
+
+from django.conf import settings
+from django.db import IntegrityError, transaction
+
+from .binaries import BinaryError, binary_for_load, catalogue_for, catalogue_of_path
+from .flags import RUN_TIMEOUT, Catalogue
+from .lease import lease_seconds, lease_until, renew_lease
+from .models import GpuInstance
+from .processes import (
+    ENV_API_KEY,
+    ENV_INSTANCE_ID,
+    ENV_INSTANCE_LOG,
+    StartError,
+    exit_code_of,
+    health_status,
+    is_alive,
+    launch,
+    port_is_free,
+    scrubbed_env,
+    tagged_processes,
+)
+from .registry import RegistryError, check_model_path, cli_args
+
+logger = logging.getLogger(__name__)
+
+Status = GpuInstance.Status
+
+PORT_ATTEMPTS = 3  # another program may take the port between our check and llama-server's bind
+
+
+class Launched(NamedTuple):
+    """A process this start launched."""
+
+    pid: int
+    create_time: float
+
+
+class Cancelled(Exception):
+    """The instance left `starting` while we were starting it (an unload or switch came in). `launched`: a
+    process this start launched but could not record (the unload had already run): nobody else will stop it."""
+
+    def __init__(self, launched: Launched | None = None):
+        super().__init__(launched)
+        self.launched = launched
+
+
+# --- log files and tags --------------------------------------------------------------------------------
+
+
+def log_prefix(host_name: str) -> str:
+    return str(Path(settings.INSTANCE_LOG_DIR) / f"{host_name}-instance-")
+
+
+def log_path_for(instance: GpuInstance) -> Path:
+    return Path(f"{log_prefix(instance.host.name)}{instance.pk}.log")
+
+
+def find_tagged(instance: GpuInstance) -> int | None:
+    """The pid of a live llama-server started for this very instance, if any."""
+    expected = str(log_path_for(instance))
+    for pid, (instance_id, log) in tagged_processes().items():
+        if instance_id == instance.pk and log == expected:
+            return pid
+    return None
+
+
+# --- argument list, port, environment ---------------------------------------------------------------
+
+
+def build_argv(
+    binary: str,
+    model_path: str,
+    cli_params: dict,
+    port: int,
+    gpu_count: int,
+    *,
+    catalogue: Catalogue | None = None,
+    alias: str = "",
+) -> list[str]:
+    """llama-server's argument list: the registry's flags in the spellings the binary knows (RegistryError
+    when one is refused), then what the controller owns: model, address, port and the model id as alias.
+    The API key goes in the environment (instance_env), never in the argument list that `ps` shows."""
+    catalogue = catalogue or Catalogue(catalogue_of_path(binary))
+    argv = [binary, *cli_args(cli_params, catalogue, model_path)]
+    argv += ["-m", str(model_path), "--host", settings.LLAMA_SERVER_HOST, "--port", str(port)]
+    if alias:
+        argv += ["--alias", alias]
+    split = catalogue.by_spelling.get("--split-mode")
+    used = [catalogue.resolve(name).option for name in cli_params or {}]
+    if gpu_count > 1 and split is not None and split not in used:
+        argv += ["--split-mode", "layer"]
+    return argv
+
+
+def claim_port(instance: GpuInstance, avoid: set[int] = frozenset()) -> int:
+    """A port of PORT_RANGE that no active instance of the host holds and nothing listens on, recorded on
+    the instance. The database's unique constraint settles two workers picking the same port."""
+    low, high = settings.PORT_RANGE
+    held = set(
+        GpuInstance.objects.filter(host_id=instance.host_id, status__in=GpuInstance.ACTIVE_STATUSES)
+        .exclude(pk=instance.pk)
+        .exclude(port=None)
+        .values_list("port", flat=True)
+    )
+    for port in range(low, high + 1):
+        if port in held or port in avoid or not port_is_free(port):
+            continue
+        try:
+            with transaction.atomic():
+                claimed = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(port=port)
+        except IntegrityError:
+            continue  # another worker took it a moment ago
+        if not claimed:
+            raise Cancelled()
+        instance.port = port
+        return port
+    raise StartError(
+        f"no free port in {low}-{high}: every port is held by an instance or in use by another program "
+        "(widen LLAMACONTROLLER_PORT_RANGE)"
+    )
+
+
+def instance_env(instance: GpuInstance, gpu_uuids: list[str], log_path: Path) -> dict[str, str]:
+    """The scrubbed environment (processes.scrubbed_env: no secrets of the controller) plus the GPUs, the
+    instance's tags and its API key."""
+    env = scrubbed_env()
+    # UUIDs, not indices: CUDA numbers devices fastest-first, NVML by PCI bus.
+    env["CUDA_VISIBLE_DEVICES"] = ",".join(gpu_uuids)
+    env[ENV_INSTANCE_ID] = str(instance.pk)
+    env[ENV_INSTANCE_LOG] = str(log_path)
+    if instance.api_key:
+        env[ENV_API_KEY] = instance.api_key
+    return env
+
+
+# --- health --------------------------------------------------------------------------------------------
+
+
+def wait_until_healthy(instance: GpuInstance, deadline: float) -> None:
+    """Poll /health until 200, renewing the instance's lease as it goes. StartError when the process exits
+    or the deadline passes, Cancelled when the instance leaves `starting`."""
+    pause, next_renewal = 0.02, 0.0
+    renew_every = min(1.0, lease_seconds() / 4)
+    while True:
+        if not is_alive(instance.pid, instance.process_create_time):
+            code = _wait_exit_code(instance)
+            raise StartError(f"llama-server exited while loading (exit code {code})", exit_code=code)
+        if health_status(instance.port) == 200:
+            return
+        now = time.monotonic()
+        if now >= next_renewal:
+            if not renew_lease(instance):
+                raise Cancelled()
+            next_renewal = now + renew_every
+        if now >= deadline:
+            raise StartError(f"llama-server did not answer /health with 200 within {settings.LOAD_TIMEOUT}s")
+        time.sleep(pause)
+        pause = min(pause * 1.5, 0.05)  # cheap to ask; a slow poll would add to every load
+
+
+def _wait_exit_code(instance: GpuInstance) -> int | None:
+    # The reaper thread records the code a moment after the process exits.
+    for _ in range(20):
+        code = exit_code_of(instance.pid, instance.log_path)
+        if code is not None:
+            return code
+        time.sleep(0.01)
+    return None
+
+
+# --- the start -----------------------------------------------------------------------------------------
+
+
+def start_and_wait(instance: GpuInstance) -> None:
+    """Start llama-server for a `starting` instance (its binary, model file and flags checked first, a fresh API
+    key, a free port) and wait until it is healthy: StartError when it cannot, Cancelled when the instance
+    leaves `starting`. A port taken between our check and the bind is tried again with another one."""
+    model = instance.model
+    # Reading a binary's catalogue (first use, or the file changed) runs --version and --help: the lease
+    # covers their time-outs, then goes back to its usual length.
+    GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
+        lease_expires_at=lease_until(2 * RUN_TIMEOUT)
+    )
+    try:
+        binary = binary_for_load(instance.host, model.binary if model.binary_id else None)
+    except BinaryError as exc:
+        raise StartError(str(exc)) from None
+    if not renew_lease(instance):
+        raise Cancelled()
+    catalogue = catalogue_for(binary)
+    try:
+        model_path = check_model_path(model.path)
+    except RegistryError as exc:
+        raise StartError(f"model file: {exc}") from None
+    try:  # the flags were checked when the entry was saved; the binary may have changed since
+        cli_args(model.cli_params, catalogue, model_path)
+    except RegistryError as exc:
+        raise StartError(f"cli_params: {exc}") from None
+    # Only the controller may call the instance: a fresh key per start, never shown to people.
+    instance.api_key = secrets.token_urlsafe(32)
+    if not GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
+        api_key=instance.api_key
+    ):
+        raise Cancelled()
+    uuids = list(instance.gpu_links.order_by("position").values_list("gpu__uuid", flat=True))
+    log_path = log_path_for(instance)
+    deadline = time.monotonic() + settings.LOAD_TIMEOUT
+    tried: set[int] = set()
+    for attempt in range(1, PORT_ATTEMPTS + 1):
+        port = claim_port(instance, avoid=tried)
+        argv = build_argv(
+            binary.path, str(model_path), model.cli_params, port, len(uuids), catalogue=catalogue,
+            alias=model.pk,
+        )  # fmt: skip
+        pid, create_time = launch(argv, env=instance_env(instance, uuids, log_path), log_path=log_path)
+        recorded = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
+            pid=pid, process_create_time=create_time, argv=argv, log_path=str(log_path),
+            lease_expires_at=lease_until(),
+        )  # fmt: skip
+        if not recorded:
+            raise Cancelled(Launched(pid, create_time))  # an unload came first: this process is nobody's
+        instance.pid, instance.process_create_time, instance.argv = pid, create_time, argv
+        instance.log_path = str(log_path)
+        try:
+            wait_until_healthy(instance, deadline)
+            return
+        except StartError:
+            # Another program took the port between our check and llama-server's bind: try another one.
+            if attempt < PORT_ATTEMPTS and not is_alive(pid, create_time) and not port_is_free(port):
+                logger.warning("instance %s: port %s was taken meanwhile, retrying", instance.pk, port)
+                tried.add(port)
+                continue
+            raise

@@ -1,0 +1,128 @@
+"""Loading an instance, as the worker of its host runs it (tasks.py): take the pending instance to `starting`,
+start llama-server (launch.py) and see it healthy, then `running`; a start whose worker died is resumed. Every
+status change goes through state.transition(); a load that fails or is cancelled ends through stop.py."""
+
+import logging
+import time
+
+from django.conf import settings
+from django.utils import timezone
+
+from . import memory
+from .launch import Cancelled, Launched, start_and_wait, wait_until_healthy
+from .lease import lease_until
+from .models import GpuInstance, InstanceEvent
+from .processes import StartError
+from .state import last_change, transition
+from .stop import fail, give_up, stop_pid, unload_instance
+
+logger = logging.getLogger(__name__)
+
+Status = GpuInstance.Status
+Kind = InstanceEvent.Kind
+
+
+def load_instance(instance_id: int) -> None:
+    """Start llama-server for a pending instance and see it healthy. Idempotent: an instance that is not
+    pending (already started, running, or stopped) is left alone."""
+    instance = GpuInstance.objects.select_related("model", "host").filter(pk=instance_id).first()
+    if instance is None or instance.status != Status.PENDING:
+        return
+    try:
+        _load(instance)
+    except Exception as exc:  # whatever went wrong, the instance ends in a definite state
+        logger.exception("load of instance %s failed", instance.pk)
+        give_up(instance, exc)
+
+
+def _load(instance: GpuInstance) -> None:
+    # A switch hands the GPUs over while the old instances are still stopping: stop them first, holding a
+    # lease on the new one for as long as that may take.
+    stopping = GpuInstance.objects.filter(status=Status.STOPPING, gpu_links__gpu__in=instance.gpus.all())
+    old_ones = list(stopping.exclude(pk=instance.pk).distinct().values_list("pk", flat=True))
+    if old_ones:
+        GpuInstance.objects.filter(pk=instance.pk, status=Status.PENDING).update(
+            lease_expires_at=lease_until(len(old_ones) * (settings.STOP_TIMEOUT + 10))
+        )
+    for old in old_ones:
+        unload_instance(old)
+    where = f"{instance.host.name} GPU {instance.gpu_ids}"
+    if not transition(
+        instance, Status.STARTING, expected=[Status.PENDING], event_kind=Kind.STARTED, detail=f"on {where}",
+        lease_expires_at=lease_until(),
+    ):  # fmt: skip
+        return
+    try:
+        start_and_wait(instance)
+    except Cancelled as cancelled:
+        _finish_cancelled(instance, cancelled.launched)
+        return
+    except StartError as exc:
+        fail(instance, str(exc), exit_code=exc.exit_code)
+        return
+    _mark_running(instance, detail=f"pid {instance.pid}, port {instance.port}")
+
+
+def resume_start(instance_id: int) -> None:
+    """Finish a start whose worker died: the process (adopted) is waited for until healthy."""
+    instance = GpuInstance.objects.select_related("model", "host").filter(pk=instance_id).first()
+    if instance is None or instance.status != Status.STARTING or not instance.pid:
+        return
+    try:
+        remaining = settings.LOAD_TIMEOUT - seconds_since_start(instance)
+        wait_until_healthy(instance, time.monotonic() + max(remaining, 1.0))
+    except Cancelled:
+        _finish_cancelled(instance)
+        return
+    except StartError as exc:
+        fail(instance, str(exc), exit_code=exc.exit_code, expected=[Status.STARTING])
+        return
+    except Exception as exc:
+        logger.exception("resumed start of instance %s failed", instance.pk)
+        give_up(instance, exc, expected=[Status.STARTING])
+        return
+    _mark_running(
+        instance, detail=f"pid {instance.pid}, port {instance.port} (adopted after a worker restart)"
+    )
+
+
+def seconds_since_start(instance: GpuInstance) -> float:
+    return (timezone.now() - last_change(instance, Kind.STARTED)).total_seconds()
+
+
+def adopt_running(instance: GpuInstance) -> None:
+    """A start whose worker was lost, found healthy: it runs."""
+    _mark_running(instance, detail=f"pid {instance.pid}, port {instance.port} (adopted: its worker was lost)")
+
+
+def _mark_running(instance: GpuInstance, *, detail: str) -> None:
+    if not transition(
+        instance,
+        Status.RUNNING,
+        expected=[Status.STARTING],
+        event_kind=Kind.HEALTHY,
+        detail=detail,
+        loaded_at=timezone.now(),
+        error="",
+        lease_expires_at=None,
+    ):
+        _finish_cancelled(instance)
+        return
+    try:
+        memory.measure_after_load(instance)
+    except Exception:  # the figure is a nicety: the model is loaded whatever the GPU query does
+        logger.exception("post-load memory query failed for instance %s", instance.pk)
+
+
+def _finish_cancelled(instance: GpuInstance, launched: Launched | None = None) -> None:
+    """The instance was asked to stop while starting: finish that stop here. `launched`: a process this
+    start launched but could not record (the unload had already run): nobody else will stop it."""
+    instance.refresh_from_db()
+    if launched and launched.pid != instance.pid:
+        problem = stop_pid(launched.pid, launched.create_time, timeout=2)
+        if problem:
+            logger.error("instance %s: %s", instance.pk, problem)
+    if instance.status == Status.STOPPING:
+        unload_instance(instance.pk)
+    elif instance.pid and not instance.is_active:
+        stop_pid(instance.pid, instance.process_create_time, timeout=2)
