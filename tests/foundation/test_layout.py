@@ -119,7 +119,7 @@ def test_nothing_imports_a_tasks_module(package):
 # --- inside models_app: one way, and no import inside a function to dodge a circle ----------------------
 
 # Tiers, top to bottom; a module imports only modules of its own tier or below. Modules not named here are
-# the registry and infrastructure (registry, binaries, lifecycle, reconcile, dispatch, estimates, ...).
+# the registry and infrastructure (registry, binaries, load, launch, stop, reconcile, dispatch, estimates, ...).
 TIERS = [
     ("entry points", ("tasks", "api", "web", "admin", "management", "templatetags", "apps")),
     # Load on demand is the gateway's command: it loads and unloads through the services.
@@ -166,19 +166,14 @@ INNER_IMPORTS_ALLOWED = {
     ("models_app/apps.py", "models_app.events"): "connected in AppConfig.ready",
     ("models_app/apps.py", "models_app.model_files"): "connected in AppConfig.ready",
 }
-# Imports inside functions that other work of issue 18 takes out (lifecycle, tasks, reconcile: the memory
-# and model-file modules; registry, binaries, health: the models). Not held to still being there: this list
+# Imports inside functions that other work of issue 18 takes out (registry, binaries, health: the models;
+# those of lifecycle, tasks and reconcile are gone). Not held to still being there: this list
 # only shrinks, and an entry is dropped when its import goes.
 INNER_IMPORTS_TO_GO = {
     ("models_app/binaries.py", "models_app.models"),
     ("models_app/binaries.py", "gpus.models"),
     ("models_app/health.py", "gpus.models"),
-    ("models_app/lifecycle.py", "models_app.memory"),
-    ("models_app/lifecycle.py", "gpus.telemetry"),
-    ("models_app/reconcile.py", "models_app.model_files"),
     ("models_app/registry.py", "models_app.binaries"),
-    ("models_app/tasks.py", "models_app.memory"),
-    ("models_app/tasks.py", "gpus.services"),
 }
 
 
@@ -225,3 +220,23 @@ def test_the_allowed_inner_imports_are_still_there():
         for _, module in inner_imports(path)
     }
     assert not set(INNER_IMPORTS_ALLOWED) - present, set(INNER_IMPORTS_ALLOWED) - present
+
+
+# --- the lifecycle: one way ------------------------------------------------------------------------------
+
+LIFECYCLE = {  # module -> the lifecycle modules it must not import (models_app/load.py is the top)
+    "models_app/stop.py": {"models_app.load"},
+    "models_app/launch.py": {"models_app.load", "models_app.stop"},
+    "models_app/lease.py": {"models_app.load", "models_app.stop", "models_app.launch"},
+    "models_app/state.py": {"models_app.load", "models_app.stop", "models_app.launch", "models_app.lease"},
+}
+
+
+def test_the_lifecycle_imports_point_one_way():
+    """load.py uses launch.py and stop.py, both use lease.py, all use state.py: never the reverse (the unload
+    used to call the load and the load the unload, in one module)."""
+    imports = imported_modules("models_app")
+    wrong = [
+        f"{path} imports {name}" for path, banned in LIFECYCLE.items() for name in imports[path] & banned
+    ]
+    assert not wrong, wrong
