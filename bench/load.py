@@ -1,5 +1,8 @@
-"""Load latency: the controller (request -> `running`, through a real Celery worker) against a bare
-llama-server start (process start -> first /health 200), for the same model; plus the post-load memory query.
+"""Load and unload latency: the controller (request -> `running`, request -> `stopped`, through a real Celery
+worker) against a bare llama-server (process start -> first /health 200, SIGTERM -> exit), for the same model;
+plus the post-load memory query, and the unload as the instance's own events time it (unload_requested ->
+unloaded, without the polling). The bare stop is also timed with one idle keep-alive connection open to
+llama-server, which makes it wait for that connection.
 
     .venv/bin/python bench/load.py [--runs 10] [--gemma]
 
@@ -88,28 +91,44 @@ def median_ms(values: list[float]) -> float:
     return statistics.median(values) * 1000
 
 
-def bare_start(argv: list[str], log: Path, port: int) -> float:
-    """Seconds from process start to the first /health 200, for llama-server started by hand."""
+def bare_start(argv: list[str], log: Path, port: int) -> tuple[float, subprocess.Popen]:
+    """Seconds from process start to the first /health 200, for llama-server started by hand, and the
+    process (running; no connection left open to it)."""
     import requests
 
-    session = requests.Session()
-    session.trust_env = False
     started = time.perf_counter()
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    try:
+    with requests.Session() as session:
+        session.trust_env = False
         while True:
             try:
                 if session.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return time.perf_counter() - started
+                    return time.perf_counter() - started, proc
             except requests.RequestException:
                 pass
             if proc.poll() is not None:
                 raise RuntimeError(f"llama-server exited ({proc.returncode}); see {log}")
             time.sleep(0.005)
-    finally:
-        proc.terminate()
-        proc.wait(10)
+
+
+def bare_stop(proc: subprocess.Popen, idle_connection_to: int | None = None) -> float:
+    """Seconds from SIGTERM to the exit of a llama-server started by bare_start; with one idle keep-alive
+    connection open to port `idle_connection_to` when given."""
+    import http.client
+
+    idle = None
+    if idle_connection_to is not None:
+        idle = http.client.HTTPConnection("127.0.0.1", idle_connection_to, timeout=5)
+        idle.request("GET", "/health")
+        idle.getresponse().read()  # answered; the connection stays open, idle
+    started = time.perf_counter()
+    proc.terminate()
+    proc.wait(30)
+    elapsed = time.perf_counter() - started
+    if idle is not None:
+        idle.close()
+    return elapsed
 
 
 def controller_load(model_id: str) -> tuple[float, object]:
@@ -131,13 +150,24 @@ def controller_load(model_id: str) -> tuple[float, object]:
         time.sleep(0.005)
 
 
-def unload(instance) -> None:
-    from models_app.models import GpuInstance
+def unload(instance) -> tuple[float, float]:
+    """Seconds from the unload request to the row saying `stopped` (polled every 5 ms), and from the
+    instance's unload_requested event to its unloaded event."""
+    from models_app.models import GpuInstance, InstanceEvent
     from models_app.services import request_unload
 
+    started = time.perf_counter()
     request_unload(instance=instance, actor=None)
     while GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get() != "stopped":
-        time.sleep(0.01)
+        time.sleep(0.005)
+    elapsed = time.perf_counter() - started
+    Kind = InstanceEvent.Kind
+    times = dict(
+        instance.events.filter(kind__in=[Kind.UNLOAD_REQUESTED, Kind.UNLOADED]).values_list(
+            "kind", "created_at"
+        )
+    )
+    return elapsed, (times[Kind.UNLOADED] - times[Kind.UNLOAD_REQUESTED]).total_seconds()
 
 
 def main() -> None:
@@ -183,7 +213,7 @@ def main() -> None:
         while not app.control.ping(timeout=0.5):
             if time.monotonic() > deadline or worker.poll() is not None:
                 raise RuntimeError(f"the worker did not start; see {worker_log}")
-        rows = []
+        rows, stop_rows = [], []
         for model_id, path, params in models:
             print(f"{model_id}: {args.runs} controller loads and bare starts, interleaved...", flush=True)
             with open(os.devnull, "w") as quiet:
@@ -195,15 +225,33 @@ def main() -> None:
             argv = build_argv(settings.LLAMA_SERVER, str(path), params, port, 1)
             # Interleaved, so that the machine's ups and downs fall on both sides alike.
             controller, memory_query, bare = [], [], []
+            stops, stop_events, bare_stops, bare_stops_idle = [], [], [], []
             for _ in range(args.runs):
                 elapsed, instance = controller_load(model_id)
                 controller.append(elapsed)
                 started = time.perf_counter()
                 memory.measure_after_load(instance)
                 memory_query.append(time.perf_counter() - started)
-                unload(instance)
-                bare.append(bare_start(argv, data / f"bare-{model_id}.log", port))
+                elapsed, by_events = unload(instance)
+                stops.append(elapsed)
+                stop_events.append(by_events)
+                elapsed, proc = bare_start(argv, data / f"bare-{model_id}.log", port)
+                bare.append(elapsed)
+                bare_stops.append(bare_stop(proc))
+                # Once more, stopped with an idle keep-alive connection open (not counted in the bare start).
+                bare_stops_idle.append(
+                    bare_stop(bare_start(argv, data / f"bare-{model_id}.log", port)[1], port)
+                )
             rows.append((model_id, median_ms(controller), median_ms(bare), median_ms(memory_query)))
+            stop_rows.append(
+                (
+                    model_id,
+                    median_ms(stops),
+                    median_ms(stop_events),
+                    median_ms(bare_stops),
+                    median_ms(bare_stops_idle),
+                )
+            )
     finally:
         worker.terminate()
         worker.wait(30)
@@ -216,6 +264,20 @@ def main() -> None:
     print(f"{header[0]:<14} {header[1]:>29} {header[2]:>25} {header[3]:>10} {header[4]:>13}")
     for model_id, ctl, bare, mem in rows:
         print(f"{model_id:<14} {ctl:>26.1f} ms {bare:>22.1f} ms {ctl - bare:>7.1f} ms {mem:>10.2f} ms")
+    print()
+    header = (
+        "model",
+        "controller: request->stopped",
+        "events",
+        "bare: SIGTERM->exit",
+        "overhead",
+        "bare, idle conn.",
+    )
+    print(f"{header[0]:<14} {header[1]:>29} {header[2]:>10} {header[3]:>20} {header[4]:>10} {header[5]:>17}")
+    for model_id, ctl, events, bare, idle in stop_rows:
+        print(
+            f"{model_id:<14} {ctl:>26.1f} ms {events:>7.1f} ms {bare:>17.1f} ms {ctl - bare:>7.1f} ms {idle:>14.1f} ms"
+        )
 
 
 if __name__ == "__main__":
