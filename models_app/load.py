@@ -6,9 +6,11 @@ import logging
 import time
 
 from django.conf import settings
+from django.db import transaction
 from django.utils import timezone
 
 from . import memory
+from .events import record
 from .launch import Cancelled, Launched, start_and_wait, wait_until_healthy
 from .lease import lease_until
 from .models import GpuInstance, InstanceEvent
@@ -91,21 +93,33 @@ def seconds_since_start(instance: GpuInstance) -> float:
 
 
 def adopt_running(instance: GpuInstance) -> None:
-    """A start whose worker was lost, found healthy: it runs."""
-    _mark_running(instance, detail=f"pid {instance.pid}, port {instance.port} (adopted: its worker was lost)")
-
-
-def _mark_running(instance: GpuInstance, *, detail: str) -> None:
-    if not transition(
+    """A start whose worker was lost, found healthy: it runs. An ADOPTED event says so, as every adoption's
+    does (one found still loading is adopted first and healthy later)."""
+    _mark_running(
         instance,
-        Status.RUNNING,
-        expected=[Status.STARTING],
-        event_kind=Kind.HEALTHY,
-        detail=detail,
-        loaded_at=timezone.now(),
-        error="",
-        lease_expires_at=None,
-    ):
+        detail=f"pid {instance.pid}, port {instance.port} (adopted: its worker was lost)",
+        adopted=f"pid {instance.pid} found healthy: its worker was lost",
+    )
+
+
+def _mark_running(instance: GpuInstance, *, detail: str, adopted: str = "") -> None:
+    """`starting` -> `running`; `adopted`: the detail of an ADOPTED event written before, in one transaction."""
+    with transaction.atomic():
+        if adopted:
+            record(Kind.ADOPTED, instance=instance, detail=adopted)
+        running = transition(
+            instance,
+            Status.RUNNING,
+            expected=[Status.STARTING],
+            event_kind=Kind.HEALTHY,
+            detail=detail,
+            loaded_at=timezone.now(),
+            error="",
+            lease_expires_at=None,
+        )
+        if not running:
+            transaction.set_rollback(True)  # not adopted after all: somebody moved it first
+    if not running:
         _finish_cancelled(instance)
         return
     try:

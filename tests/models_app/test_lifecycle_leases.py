@@ -94,6 +94,9 @@ def test_lease_abandoned_healthy_start_runs_at_once(run, fake_gpus, tiny_model, 
     assert instance.status == Status.RUNNING
     assert instance.lease_expires_at is None
     assert "adopted: its worker was lost" in instance.events.get(kind=Kind.HEALTHY).detail
+    # Adopted healthy, as adopted still loading: an ADOPTED event first (the timeline's order).
+    kinds = list(instance.events.order_by("id").values_list("kind", flat=True))
+    assert kinds.index(Kind.ADOPTED) == kinds.index(Kind.HEALTHY) - 1
     assert sent == []
 
 
