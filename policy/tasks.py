@@ -2,7 +2,7 @@ from celery import shared_task
 
 from utilities.periodic import idempotent
 
-from . import reservations
+from . import drain
 
 
 @shared_task(name="policy.tasks.drain_reservations", ignore_result=True)
@@ -11,5 +11,5 @@ from . import reservations
 )
 def drain_reservations() -> int:
     """Beat, on the default queue: tell owners of instances on soon-reserved GPUs, unload them at the start."""
-    told, unloaded = reservations.drain()
+    told, unloaded = drain.drain()
     return told + unloaded

@@ -67,6 +67,33 @@ def test_dependencies_point_one_way(package, forbidden):
     assert not wrong, wrong
 
 
+# What admission (models_app) may call in policy imports no models_app service: models_app → policy → models_app
+# would be a circle. Only drain.py (the beat task's work) and the API call models_app's services.
+POLICY_FOR_ADMISSION = (
+    "admission",
+    "audit",
+    "models",
+    "pins",
+    "quotas",
+    "reasons",
+    "reservations",
+    "rules",
+    "windows",
+)
+
+
+def test_what_admission_calls_in_policy_imports_no_models_app_service():
+    below = {"models_app.models", "models_app.errors", "models_app.events"}
+    wrong = [
+        f"{path} imports {name}"
+        for path, names in imported_modules("policy").items()
+        if path in {f"policy/{m}.py" for m in POLICY_FOR_ADMISSION}
+        for name in names
+        if (name == "models_app" or name.startswith("models_app.")) and name not in below
+    ]
+    assert not wrong, wrong
+
+
 # --- queuing work: one module per app, by name, and nothing imports a tasks.py -------------------------
 
 PRODUCT = ("accounts", "gateway", "gpus", "llamacontroller_site", "models_app", "policy", "utilities")

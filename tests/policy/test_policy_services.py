@@ -8,7 +8,7 @@ from django.contrib.auth.models import Group
 from django.utils import timezone
 
 from models_app.models import GpuInstance, InstanceEvent, ModelConfig
-from policy import admission, pins, quotas, reservations
+from policy import admission, drain, pins, quotas, reservations
 from policy.models import DrainNotice, Pin, Quota
 from policy.reasons import PolicyRefusal
 from tests.api.factories import make_gpus, make_instance
@@ -195,18 +195,18 @@ def test_the_drain_tells_owners_then_unloads_at_the_start(
     elsewhere = make_instance([live.gpus[1]], tiny_model, owner=other)  # not on a reserved GPU
     made = reserve(host, admin, hours=(1, 3), gpu_indices=[0, 2], groups=[team], notice_minutes=30)
 
-    assert reservations.to_drain(made.start - timedelta(minutes=31)) == []
+    assert drain.to_drain(made.start - timedelta(minutes=31)) == []
     noticed = made.start - timedelta(minutes=20)
-    found = reservations.to_drain(noticed)
+    found = drain.to_drain(noticed)
     assert [(d.instance.pk, d.due) for d in found] == [(theirs.pk, False)]
-    assert reservations.drain(noticed) == (1, 0)
-    assert reservations.drain(noticed) == (0, 0)  # told once
+    assert drain.drain(noticed) == (1, 0)
+    assert drain.drain(noticed) == (0, 0)  # told once
     notice = InstanceEvent.objects.get(kind=Kind.RESERVATION_NOTICE)
     assert notice.instance_id == theirs.pk
     assert "will be unloaded at" in notice.detail and "fine-tune" in notice.detail
 
     with django_capture_on_commit_callbacks(execute=True):
-        assert reservations.drain(made.start + timedelta(seconds=1)) == (0, 1)
+        assert drain.drain(made.start + timedelta(seconds=1)) == (0, 1)
     theirs.refresh_from_db()
     assert theirs.status == GpuInstance.Status.STOPPING
     assert [(name, args) for name, args, _ in sent] == [("unload_model", [theirs.pk, None])]
@@ -216,7 +216,7 @@ def test_the_drain_tells_owners_then_unloads_at_the_start(
     for kept in (holders_own, elsewhere):
         kept.refresh_from_db()
         assert kept.status == GpuInstance.Status.RUNNING
-    assert reservations.to_drain(made.end) == []
+    assert drain.to_drain(made.end) == []
 
 
 def test_a_pinned_instance_is_told_but_never_drained(
@@ -226,7 +226,7 @@ def test_a_pinned_instance_is_told_but_never_drained(
     pins.pin(other, actor=users["admin"], reason="demo")
     made = reserve(live.host, users["admin"], groups=[team])
     with django_capture_on_commit_callbacks(execute=True):
-        assert reservations.drain(made.start) == (1, 0)
+        assert drain.drain(made.start) == (1, 0)
     assert "it is pinned, so it stays" in InstanceEvent.objects.get(kind=Kind.RESERVATION_NOTICE).detail
     assert sent == []
 
