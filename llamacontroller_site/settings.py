@@ -320,6 +320,17 @@ if GPU_BACKEND == "fake" and not FAKE_GPUS_FILE:
     )
 GPU_QUERY_TIMEOUT = envint("LLAMACONTROLLER_GPU_QUERY_TIMEOUT", 5, minimum=1)
 GPU_BUSY_MIB = envint("LLAMACONTROLLER_GPU_BUSY_MIB", 30, minimum=0)
+# Sharing GPUs by memory (models_app/claims.py, admission.py). Each instance claims its estimate (or its measured
+# memory, if larger) plus this headroom on every GPU it uses: a llama-server grows after its load by a few
+# hundred MiB (the CUDA context's lazy modules, cuBLAS workspaces, allocator fragmentation, the compute buffer
+# of a first long prompt), and the estimate of compute buffers is within ~15 %. 512 MiB covers that for models
+# up to tens of GiB while costing ~2 % of a 24 GiB GPU per model.
+GPU_HEADROOM_MIB = envint("LLAMACONTROLLER_GPU_HEADROOM_MIB", 512, minimum=0)
+# on: several models per GPU where their claims fit; off: one model per GPU for the whole installation.
+GPU_SHARING = envchoice("LLAMACONTROLLER_GPU_SHARING", "on", ["on", "off"]) == "on"
+# pack: a model goes where it fits with the least memory left over (whole GPUs stay free for big models);
+# spread: onto the emptiest GPU.
+PLACEMENT = envchoice("LLAMACONTROLLER_PLACEMENT", "pack", ["pack", "spread"])
 MODEL_DIRS = [
     Path(p).resolve()
     for p in envlist("LLAMACONTROLLER_MODEL_DIRS", [str(DATA_DIR / "models")], separator=":")

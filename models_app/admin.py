@@ -66,7 +66,7 @@ class HostModelFileInline(admin.TabularInline):
 class ModelConfigAdmin(admin.ModelAdmin):
     form = ModelConfigForm
     list_display = ["id", "name", "path", "binary", "on_demand", "keep_alive_seconds", "updated_at"]
-    list_filter = ["on_demand", "allow_anonymous", "restart_on_crash", "binary"]
+    list_filter = ["on_demand", "allow_anonymous", "exclusive", "restart_on_crash", "binary"]
     search_fields = ["id", "name", "path"]
     readonly_fields = ["gguf_header", "file_size", "created_at", "updated_at"]
 

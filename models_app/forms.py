@@ -26,6 +26,7 @@ class ModelConfigForm(forms.ModelForm):
             "on_demand",
             "keep_alive_seconds",
             "allow_anonymous",
+            "exclusive",
         ]
         labels = {"cli_params": "Command-line flags", "binary": "llama-server binary"}
 

@@ -11,6 +11,7 @@
           on_demand: true               # optional: anyone with a role may wake it through the gateway
           keep_alive: 30m               # optional: idle time before an unload (seconds or 45s/30m/2h; 0: never)
           allow_anonymous: false        # optional: requests without a token may use it
+          exclusive: false              # optional: it wants its GPUs to itself (no other model beside it)
         metadata: {family: llama}
 
 Every entry is checked first; one bad entry rejects the whole file and nothing is written."""
@@ -107,7 +108,7 @@ def _entry_values(entry, position: int, base: Path) -> dict:
     if not isinstance(max_restarts, int) or isinstance(max_restarts, bool) or not 0 <= max_restarts <= 100:
         raise RegistryError(f"{label}: max_restarts must be an integer from 0 to 100")
     flags = {}
-    for name in ("on_demand", "allow_anonymous"):
+    for name in ("on_demand", "allow_anonymous", "exclusive"):
         flags[name] = parameters.get(name, False)
         if not isinstance(flags[name], bool):
             raise RegistryError(f"{label}: {name} must be true or false")

@@ -27,6 +27,7 @@ from accounts.authentication import BearerTokenAuthentication
 from accounts.throttle import client_ip
 from gpus.models import Alert, AlertRule, Gpu, Host
 
+from . import admission
 from .models import GpuInstance, InstanceGpu
 
 MIB = 1024 * 1024
@@ -46,6 +47,7 @@ class ControllerCollector:
         gpus = list(Gpu.objects.select_related("host").exclude(index=None))
         yield from self._gpu_families(gpus)
         yield from self._process_families(gpus)
+        yield from self._claim_families(gpus)
         yield from self._instance_families()
         yield from self._alert_families()
         yield from self._host_families()
@@ -122,6 +124,34 @@ class ControllerCollector:
                     proc["used_mib"] * MIB,
                 )
         yield family
+
+    def _claim_families(self, gpus):
+        """Admission's view of each GPU (models_app/claims.py): what the instances claim, and what is left."""
+        claimed = GaugeMetricFamily(
+            "llamacontroller_gpu_claimed_bytes",
+            "GPU memory the active instances claim (estimate or measured, plus headroom).",
+            labels=GPU_LABELS,
+        )
+        unclaimed = GaugeMetricFamily(
+            "llamacontroller_gpu_unclaimed_bytes",
+            "GPU memory left for a new claim: total less foreign memory and the claims (0 when over).",
+            labels=GPU_LABELS,
+        )
+        per_instance = GaugeMetricFamily(
+            "llamacontroller_gpu_instance_claim_bytes",
+            "One instance's claim on one GPU.",
+            labels=GPU_LABELS + ["instance_id", "model"],
+        )
+        state = admission.gpu_claims(gpus)
+        for gpu in gpus:
+            here = state[gpu.pk]
+            claimed.add_metric(_gpu_labels(gpu), here.claimed_mib * MIB)
+            if here.memory_known:
+                unclaimed.add_metric(_gpu_labels(gpu), max(0, here.free_mib) * MIB)
+            for holder in here.holders:
+                labels = _gpu_labels(gpu) + [str(holder.instance_id), holder.model_id]
+                per_instance.add_metric(labels, here.claim_of(holder) * MIB)
+        yield from (claimed, unclaimed, per_instance)
 
     def _instance_families(self):
         instances = list(

@@ -70,6 +70,11 @@ class ModelConfig(models.Model):
         "LLAMACONTROLLER_KEEP_ALIVE_SECONDS and instances loaded by hand stay. A number: every instance of "
         "the model, however it was loaded, unloads after that long idle. 0: never unloaded for idleness.",
     )
+    exclusive = models.BooleanField(
+        default=False,
+        help_text="It wants its GPUs to itself: it loads only onto GPUs no other model holds, and no other "
+        "model joins it there.",
+    )
     allow_anonymous = models.BooleanField(
         default=False,
         help_text="Requests without a token or session may use it through the gateway (and wake it up "
@@ -236,8 +241,8 @@ class HostModelFile(models.Model):
 
 
 class InstanceGpu(models.Model):
-    """An instance's claim on one GPU, in order. `active` mirrors the instance being active, so that the
-    database itself refuses a second active instance on a GPU."""
+    """An instance's hold on one GPU, in order; `active` mirrors the instance being active. Several active
+    instances may hold one GPU: admission (models_app/admission.py) admits them by memory."""
 
     instance = models.ForeignKey(GpuInstance, on_delete=models.CASCADE, related_name="gpu_links")
     gpu = models.ForeignKey(Gpu, on_delete=models.PROTECT, related_name="instance_links")
@@ -248,7 +253,6 @@ class InstanceGpu(models.Model):
         ordering = ["instance", "position"]
         verbose_name = "GPU claim"
         constraints = [
-            models.UniqueConstraint(fields=["gpu"], condition=Q(active=True), name="gpu_one_active_instance"),
             models.UniqueConstraint(fields=["instance", "gpu"], name="instance_gpu_once"),
         ]
 

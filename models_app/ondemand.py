@@ -5,8 +5,8 @@ models_app.errors.Refused; the gateway answers them in its dialect.
 
 - `ensure_running(model, actor)`: a running instance of the model, loading it on demand if needed.
   Concurrent callers share one load: the database allows one active load on demand per model (a partial
-  unique constraint) and one active instance per GPU, so a caller that loses the race waits for the
-  winner's instance.
+  unique constraint) and admission refuses the same model twice on a GPU, so a caller that loses the race
+  waits for the winner's instance.
 - `unload_idle()`: the beat task's work, by the idle rule of models_app.keepalive.
 - `unload_now(model, actor)`: Ollama's `keep_alive: 0`.
 """

@@ -1,6 +1,8 @@
-"""Where a model goes: `rank` orders the GPU sets of the live hosts by the memory left after the model's
-estimate (models_app/estimates.py), single GPUs first, then the smallest set that fits, and says why;
-`choose_gpus` (the gateway's load on demand) takes the first one, the load form and the API show the list."""
+"""Where a model goes: `rank` orders the GPU sets of the live hosts by the memory its claim leaves beside the
+claims already there (models_app/claims.py, admission.py), single GPUs first, then the smallest set that fits,
+and says why; `choose_gpus` (the gateway's load on demand, a load without GPUs) takes the first one, the load
+form and the API show the list. LLAMACONTROLLER_PLACEMENT: `pack` (default) puts a model where it fits with
+the least memory left over, keeping whole GPUs free for big models; `spread` onto the emptiest."""
 
 from dataclasses import dataclass, field
 from datetime import timedelta
@@ -10,11 +12,12 @@ from django.utils import timezone
 
 from gpus.models import Gpu, Host
 
-from . import estimates, model_files
+from . import admission, estimates, model_files
+from .claims import GpuClaims
 from .errors import Refused
 from .estimates import gib
 from .keepalive import expires_at
-from .models import InstanceGpu, LlamaBinary
+from .models import GpuInstance, LlamaBinary
 
 
 def _free_mib(gpu: Gpu) -> int:
@@ -43,15 +46,30 @@ class Choice:
     prediction: object  # estimates.Prediction
     shared: bool = False  # beside other people's processes
     notes: list[str] = field(default_factory=list)
+    room: list[GpuClaims] = field(default_factory=list)  # each GPU's claims before this load
+
+    @property
+    def claims(self) -> list[int | None]:
+        return admission.new_claims(self.prediction, self.gpus)
 
     @property
     def fits(self) -> bool:
-        return self.prediction.fits is not False
+        if self.prediction.fits is False:
+            return False
+        return all(r.fits(c) for r, c in zip(self.room, self.claims, strict=False))
 
     @property
     def spare_mib(self) -> int:
+        """The least memory left on one of the GPUs after this load's claim, beside the claims there."""
+        if self.room and self.prediction.estimate is not None:
+            return min(r.left_after_mib(c) for r, c in zip(self.room, self.claims, strict=False))
         after = [a for a in self.prediction.free_after_mib if a is not None]
         return min(after) if after else 0
+
+    def beside(self) -> str:
+        """ "gemma3-270m and tiny" : the models already on the GPUs."""
+        named = sorted({h.model_id for r in self.room for h in r.holders})
+        return named[0] if len(named) == 1 else ", ".join(named[:-1]) + " and " + named[-1] if named else ""
 
     def explain(self) -> str:
         where = f"GPU {self.prediction.gpu_label()} on {self.host.name}"
@@ -61,21 +79,34 @@ class Choice:
         if p.fits is None:
             return f"{where}: ≈ {gib(p.total_mib)}, free memory unknown"
         others = "".join(f"; {n}" for n in self.notes)
-        if p.fits:
+        if self.fits and self.beside():
+            return (
+                f"{where}: fits beside {self.beside()} on GPU {p.gpu_label()}, {gib(self.spare_mib)} left "
+                f"(≈ {gib(p.total_mib)}){others}"
+            )
+        if self.fits:
             return f"{where}: fits with {gib(self.spare_mib)} to spare (≈ {gib(p.total_mib)}){others}"
+        if p.fits and self.beside():
+            return (
+                f"{where}: no room beside {self.beside()} (≈ {gib(p.total_mib)}, {self._room_text()}){others}"
+            )
         return f"{where}: does not fit (≈ {gib(p.total_mib)}, {_free_text(self.gpus)}){others}"
 
     def as_dict(self) -> dict:
         return {
             "host": self.host.name,
             "gpu_ids": self.prediction.gpu_label(),
-            "fits": self.prediction.fits,
+            "fits": self.fits if self.prediction.fits is not None else None,
             "estimated_mib": self.prediction.total_mib if self.prediction.estimate else None,
             "spare_mib": self.spare_mib if self.prediction.estimate else None,
             "shared_with_others": self.shared,
+            "beside": sorted({h.model_id for r in self.room for h in r.holders}),
             "explanation": self.explain(),
             "summary": self.prediction.summary(),
         }
+
+    def _room_text(self) -> str:
+        return ", ".join(f"GPU {r.index} {gib(max(0, r.free_mib))} unclaimed" for r in self.room)
 
 
 def _free_text(gpus: list[Gpu]) -> str:
@@ -101,16 +132,22 @@ def _candidate_gpus(model, host: Host | None):
     else:
         with_binary = LlamaBinary.objects.filter(is_default=True, error="").values("host_id")
         hosts = hosts.filter(pk__in=with_binary)
-    gpus = list(
+    return list(
         Gpu.objects.filter(host__in=hosts, index__isnull=False)
         .select_related("host")
         .order_by("host__name", "index")
     )
-    holders = {
-        link.gpu_id: link.instance
-        for link in InstanceGpu.objects.filter(gpu__in=gpus, active=True).select_related("instance__model")
-    }
-    return gpus, holders
+
+
+def _held(model, room: GpuClaims) -> str | None:
+    """Why the model may not join this GPU's holders whatever the memory (the same model, sharing off, an
+    exclusive model), in words; None when it may."""
+    conflict = room.conflict(model.pk, exclusive=model.exclusive, sharing=settings.GPU_SHARING)
+    if conflict is None:
+        return None
+    kind, holder = conflict
+    why = {"same": "", "sharing_off": "", "exclusive": "; exclusive"}[kind]
+    return f"held by {holder.model_id} (instance #{holder.instance_id}, {holder.status}){why}"
 
 
 def _without_file(model, host: Host | None) -> list[str]:
@@ -124,21 +161,22 @@ def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> t
     the estimate); when no single GPU fits, the smallest set of a host's free GPUs that fits. GPU sets
     predicted not to fit follow, for the explanation. Hosts whose worker reported that it cannot serve the
     model (models_app/model_files.py) are left out, and said so."""
-    gpus, holders = _candidate_gpus(model, host)
+    gpus = _candidate_gpus(model, host)
+    room = admission.gpu_claims(gpus)
     out = _without_file(model, host)
     usable = []
     for gpu in gpus:
         where = f"GPU {gpu.index} on {gpu.host.name}"
-        if gpu.id in holders:
-            instance = holders[gpu.id]
-            out.append(f"{where}: held by {instance.model_id} (instance #{instance.pk}, {instance.status})")
+        held = _held(model, room[gpu.pk])
+        if held:
+            out.append(f"{where}: {held}")
         elif gpu.state == Gpu.State.UNAVAILABLE:
             out.append(f"{where}: unavailable ({gpu.state_reason or 'the GPU query failed'})")
         else:
             usable.append(gpu)
     singles = []
     for gpu in usable:
-        choice = Choice(gpu.host, [gpu], estimates.predict(model, [gpu], overrides))
+        choice = Choice(gpu.host, [gpu], estimates.predict(model, [gpu], overrides), room=[room[gpu.pk]])
         other = _used_by_others(gpu)
         if other or gpu.state == Gpu.State.OCCUPIED_BY_OTHERS:
             choice.shared = True
@@ -147,22 +185,27 @@ def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> t
             )
         singles.append(choice)
 
+    pack = settings.PLACEMENT == "pack"
+
     def key(c: Choice):
-        return (not c.fits, c.shared, -c.spare_mib if c.prediction.estimate else -_free_mib(c.gpus[0]))
+        if c.prediction.estimate is None:  # size unknown: the emptiest GPU
+            return (not c.fits, c.shared, -_free_mib(c.gpus[0]))
+        return (not c.fits, c.shared, c.spare_mib if pack else -c.spare_mib)
 
     singles.sort(key=key)
     if any(c.fits for c in singles):
         return singles, out
     sets = []
     by_host: dict[int, list[Gpu]] = {}
-    for gpu in usable:
-        if gpu.state != Gpu.State.OCCUPIED_BY_OTHERS:
+    for gpu in usable:  # sets only of GPUs nobody else uses
+        if gpu.state != Gpu.State.OCCUPIED_BY_OTHERS and not room[gpu.pk].holders:
             by_host.setdefault(gpu.host_id, []).append(gpu)
     for host_gpus in by_host.values():
         host_gpus.sort(key=lambda g: -_free_mib(g))
         for size in range(2, min(len(host_gpus), MAX_SET) + 1):
             chosen = sorted(host_gpus[:size], key=lambda g: g.index)
-            choice = Choice(chosen[0].host, chosen, estimates.predict(model, chosen, overrides))
+            prediction = estimates.predict(model, chosen, overrides)
+            choice = Choice(chosen[0].host, chosen, prediction, room=[room[g.pk] for g in chosen])
             if choice.fits:
                 sets.append(choice)
                 break
@@ -171,13 +214,13 @@ def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> t
 
 
 def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
-    """The first of `rank`: the single GPU with the most memory left after the model's estimate (idle GPUs
-    before those shared with other people's processes), else the smallest set of one host's GPUs that fits.
-    GPUs that are unavailable or held by an instance are skipped; a GPU occupied by others is used only
-    when the model is predicted to fit beside them. Raises Refused (busy, field gpu_id) naming the busy GPUs
+    """The first of `rank`: the single GPU where the model's claim fits best (LLAMACONTROLLER_PLACEMENT; idle
+    GPUs before those shared with other people's processes), else the smallest set of one host's unused GPUs
+    that fits. GPUs that are unavailable, or whose holders it may not join, are skipped; a GPU occupied by
+    others is used only when the model is predicted to fit beside them. Raises Refused (busy, field gpu_id) naming the busy GPUs
     and what keeps them busy, with the numbers, a Retry-After (the soonest a GPU frees) and `freeing` when
     one of them is being unloaded."""
-    gpus, holders = _candidate_gpus(model, host)
+    gpus = _candidate_gpus(model, host)
     if not gpus:
         without_file = _without_file(model, host)
         where = f"host {host.name}" if host is not None else "any host"
@@ -195,27 +238,32 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
         return fitting[0].host, fitting[0].gpus
 
     by_gpu = {c.gpus[0].pk: c for c in choices if len(c.gpus) == 1}
+    room = admission.gpu_claims(gpus)
+    held_by = {h.instance_id for r in room.values() for h in r.holders}
+    instances = {i.pk: i for i in GpuInstance.objects.filter(pk__in=held_by).select_related("model")}
     busy, soonest, freeing = [], None, False
     for gpu in gpus:
         where = f"GPU {gpu.index} on {gpu.host.name}"
-        if gpu.id in holders:
-            instance = holders[gpu.id]
-            busy.append(f"{where}: {instance.model_id} (instance #{instance.pk}, {instance.status})")
-            if instance.status == instance.Status.STOPPING:  # free within the stop timeout
-                freeing = True
-                expires = timezone.now() + timedelta(seconds=settings.STOP_TIMEOUT)
-            else:
-                expires = expires_at(instance)
-            if expires is not None and (soonest is None or expires < soonest):
-                soonest = expires
+        choice = by_gpu.get(gpu.pk)
+        numbers = ""
+        if choice is not None and choice.prediction.estimate is not None:
+            free = max(0, room[gpu.pk].free_mib) if room[gpu.pk].holders else choice.prediction.free_mib[0]
+            numbers = f" (needs ≈ {choice.prediction.total_mib} MiB, {free} MiB free)"
+        if room[gpu.pk].holders:
+            named = [f"{h.model_id} (instance #{h.instance_id}, {h.status})" for h in room[gpu.pk].holders]
+            busy.append(f"{where}: {', '.join(named)}{numbers}")
+            for holder in room[gpu.pk].holders:
+                instance = instances[holder.instance_id]
+                if instance.status == instance.Status.STOPPING:  # free within the stop timeout
+                    freeing = True
+                    expires = timezone.now() + timedelta(seconds=settings.STOP_TIMEOUT)
+                else:
+                    expires = expires_at(instance)
+                if expires is not None and (soonest is None or expires < soonest):
+                    soonest = expires
         elif gpu.state == Gpu.State.UNAVAILABLE:
             busy.append(f"{where}: unavailable ({gpu.state_reason or 'the GPU query failed'})")
         else:
-            choice = by_gpu.get(gpu.pk)
-            numbers = ""
-            if choice is not None and choice.prediction.estimate is not None:
-                free = choice.prediction.free_mib[0]
-                numbers = f" (needs ≈ {choice.prediction.total_mib} MiB, {free} MiB free)"
             if gpu.state == Gpu.State.OCCUPIED_BY_OTHERS or _used_by_others(gpu):
                 busy.append(f"{where}: other processes: {_foreign(gpu)}{numbers}")
             else:

@@ -9,7 +9,7 @@ from accounts.roles import can_administer, can_load, can_manage_instance
 from gpus import services as gpu_services
 from gpus.models import Gpu
 
-from . import dispatch, placement
+from . import admission, dispatch, placement
 from .checks import (
     actor_id,
     busy,
@@ -42,8 +42,8 @@ Kind = InstanceEvent.Kind
 def _create_pending(
     model, host, gpus, actor, *, event_kind: str, detail: str, on_demand: bool = False, prediction=None
 ) -> GpuInstance:
-    """Insert the instance and its GPU claims; the partial unique indexes refuse a GPU already held (and a
-    second load on demand of one model)."""
+    """Insert the instance and its GPU links (admitted by the caller, models_app.admission); a partial unique
+    index refuses a second load on demand of one model."""
     owner = actor if actor_id(actor) else None
     try:
         with transaction.atomic():
@@ -83,9 +83,11 @@ def request_load(
     on_demand: bool = False,
     note: str = "",
 ) -> GpuInstance:
-    """Validate, create a pending instance holding the GPUs with its memory estimate, and (on commit) queue its
-    load. A load predicted not to fit the GPUs' free memory is refused with the numbers (409). `force`: load
-    anyway, onto GPUs that other processes occupy or where it is predicted not to fit (recorded in the event). `on_demand`: a load the gateway asked
+    """Validate, admit by memory (models_app.admission: beside the claims already on the GPUs), create a
+    pending instance holding the GPUs with its memory estimate, and (on commit) queue its load. A load that
+    does not fit is refused with the numbers (409), as is the same model twice on one GPU. `force`: load
+    anyway, onto GPUs that other processes occupy, where it is predicted not to fit, over the claims, or as a
+    second copy (recorded in the event). `on_demand`: a load the gateway asked
     for (models_app.ondemand, which has checked who may wake the model); idle unload applies to it, and
     only one such load of a model is under way at a time. `note` is added to the event."""
     if not on_demand:
@@ -94,8 +96,6 @@ def request_load(
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
     check_host_up(host)
     check_model_on_host(model, host)
-    if holders(gpus):
-        raise busy(gpus)
     prediction = predict_load(model, gpus)
     forced = check_gpu_state(gpus, force=force, prediction=prediction)
     over_fit = check_fit(prediction, force=force)
@@ -111,6 +111,9 @@ def request_load(
         detail += f" ({note})"
     try:
         with transaction.atomic():
+            over_claims = admission.admit(model, gpus, prediction, force=force)
+            if over_claims:
+                detail += f" (forced: {over_claims})"
             return _create_pending(
                 model,
                 host,
@@ -247,6 +250,9 @@ def request_switch(
                 ):
                     raise _Busy()
                 InstanceGpu.objects.filter(instance=instance, active=True).update(active=False)
+            over_claims = admission.admit(model, gpus, prediction, force=force, freed_mib=freed)
+            if over_claims:
+                replaced += f" (forced: {over_claims})"
             return _create_pending(
                 model, host, gpus, actor, event_kind=Kind.SWITCH_REQUESTED,
                 detail=f"switch {host.name} GPU {spec} to {model.pk}, replacing {replaced}",

@@ -106,7 +106,9 @@ def idle_gpu_status(gpu: Gpu) -> dict:
 
 def active_instances():
     return (
-        instance_queryset().filter(status__in=GpuInstance.ACTIVE_STATUSES).order_by("host__name", "gpu_ids")
+        instance_queryset()
+        .filter(status__in=GpuInstance.ACTIVE_STATUSES)
+        .order_by("host__name", "gpu_ids", "pk")
     )
 
 

@@ -113,6 +113,7 @@ class ModelConfigSerializer(serializers.ModelSerializer):
         fields = [
             "id", "name", "path", "binary", "cli_params", "metadata", "gguf_metadata", "file_size_bytes",
             "restart_on_crash", "max_restarts", "on_demand", "keep_alive_seconds", "allow_anonymous",
+            "exclusive",
             "created_at", "updated_at", "hosts",
         ]  # fmt: skip
         read_only_fields = ["gguf_metadata", "file_size_bytes", "created_at", "updated_at", "hosts"]

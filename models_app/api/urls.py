@@ -16,6 +16,7 @@ urlpatterns = [
     path("models/load", compat.ModelsLoadView.as_view(), name="compat-models-load"),
     path("models/unload", compat.ModelsUnloadView.as_view(), name="compat-models-unload"),
     path("health/", views.HealthView.as_view(), name="api-health"),
+    path("gpu-claims/", views.GpuClaimsView.as_view(), name="gpu-claims"),
     path("gpus/<int:gpu_pk>/orphans/<int:pid>/kill/", views.OrphanKillView.as_view(), name="orphan-kill-api"),
     path("gpus/<int:pk>/history/", history.GpuHistoryView.as_view(), name="gpu-history"),
     path("instances/<int:pk>/history/", history.InstanceHistoryView.as_view(), name="instance-history"),

@@ -16,7 +16,7 @@ from rest_framework.views import APIView
 from accounts import roles
 from accounts.permissions import IsAdminRole, IsOperator, IsViewer, ReadViewerWriteAdmin
 from gpus.models import Gpu
-from models_app import health, services
+from models_app import admission, health, services
 from models_app.events import record
 from models_app.logtail import read_tail
 from models_app.models import GpuInstance, HostModelFile, InstanceEvent, ModelConfig
@@ -249,6 +249,37 @@ class HealthView(APIView):
         # The checks of /healthz with their details: API users are the team, not strangers.
         body = health.overall()
         return Response(body, status=200 if body["status"] == "ok" else 503)
+
+
+class GpuClaimsView(APIView):
+    """Each GPU's memory as admission counts it (models_app/claims.py): total, foreign (other processes and
+    memory no instance explains), claimed and free MiB, and the instances holding it, each with its claim,
+    estimate and own measured memory. Here and not in the GPU API: the gpus app does not know instances."""
+
+    permission_classes = [IsViewer]
+
+    @extend_schema(
+        responses={
+            200: inline_serializer(
+                "GpuClaims",
+                {
+                    "gpu": serializers.IntegerField(),
+                    "host": serializers.CharField(),
+                    "index": serializers.IntegerField(),
+                    "total_mib": serializers.IntegerField(),
+                    "memory_known": serializers.BooleanField(),
+                    "foreign_mib": serializers.IntegerField(),
+                    "claimed_mib": serializers.IntegerField(),
+                    "free_mib": serializers.IntegerField(allow_null=True),
+                    "instances": serializers.ListField(child=serializers.DictField()),
+                },
+                many=True,
+            )
+        }
+    )
+    def get(self, request):
+        gpus = list(Gpu.objects.select_related("host").exclude(index=None).order_by("host__name", "index"))
+        return Response(admission.report(gpus))
 
 
 class OrphanKillView(RefusalMixin, APIView):

@@ -87,8 +87,8 @@ def test_busy_gpu_is_409(operator_client, users, fake_gpus, tiny_model, django_c
         response = operator_client.post(
             "/api/v1/instances/", {"model_id": "tiny", "gpu_id": "1,0"}, format="json"
         )
-    assert response.status_code == 409
-    assert "busy" in response.json()["detail"]
+    assert response.status_code == 409 and response.json()["code"] == "busy"
+    assert "tiny already runs on GPU 0 on testhost" in response.json()["detail"]
     assert counts() == before and not callbacks
 
 

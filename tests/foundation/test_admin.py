@@ -60,7 +60,7 @@ def test_admin_add_instance_loads_through_the_lifecycle(
     assert instance.status == "pending" and instance.owner == users["admin"] and len(callbacks) == 1
 
     response = client.post(url, {"model": "tiny", "gpu_id": "0"})
-    assert "GPU busy" in response.content.decode() and GpuInstance.objects.count() == 1
+    assert "tiny already runs on GPU 0" in response.content.decode() and GpuInstance.objects.count() == 1
 
 
 def test_admin_issues_a_token_shown_once_and_revokes_it(client, users):

@@ -37,12 +37,13 @@ def test_model_id_is_unique(setup):
         ModelConfig.objects.bulk_create([ModelConfig(id="m", name="again", path="/y.gguf")])
 
 
-def test_second_active_instance_on_a_busy_gpu_is_refused(setup):
+def test_several_active_instances_may_hold_one_gpu(setup):
+    """GPUs are shared by memory: admission (models_app/admission.py) guarantees that the claims fit, not
+    the database (tests/models_app/test_admission.py proves it under concurrency on PostgreSQL)."""
     host, gpu0, gpu1, model = setup
     make_instance(host, model, [gpu0, gpu1])
-    with pytest.raises(IntegrityError), transaction.atomic():
-        make_instance(host, model, [gpu1])
-    assert GpuInstance.objects.count() == 1
+    make_instance(host, model, [gpu1])
+    assert InstanceGpu.objects.filter(gpu=gpu1, active=True).count() == 2
 
 
 def test_a_released_gpu_can_be_claimed_again(setup):

@@ -148,11 +148,11 @@ def test_nothing_imports_a_tasks_module(package):
 # Tiers, top to bottom; a module imports only modules of its own tier or below. Modules not named here are
 # the registry and infrastructure (registry, binaries, load, launch, stop, reconcile, dispatch, estimates, ...).
 TIERS = [
-    ("entry points", ("tasks", "api", "web", "admin", "management", "templatetags", "apps")),
+    ("entry points", ("tasks", "api", "web", "admin", "management", "templatetags", "apps", "metrics")),
     # Load on demand is the gateway's command: it loads and unloads through the services.
     ("load on demand", ("ondemand",)),
     ("commands", ("services", "checks")),
-    ("policy", ("placement", "keepalive")),
+    ("policy", ("placement", "admission", "keepalive")),
     ("registry and infrastructure", ()),
     ("models and errors", ("models", "errors")),
 ]
@@ -267,3 +267,11 @@ def test_the_lifecycle_imports_point_one_way():
         f"{path} imports {name}" for path, banned in LIFECYCLE.items() for name in imports[path] & banned
     ]
     assert not wrong, wrong
+
+
+def test_the_claim_arithmetic_is_plain_python():
+    """models_app/claims.py imports no Django and nothing of ours: admission, placement, eviction and
+    bench/packing.py's simulation count claims with the same code, without a database."""
+    names = imported_modules("models_app")["models_app/claims.py"]
+    ours = ("django", "models_app", "gpus", "accounts", "gateway", "policy", "utilities")
+    assert not [n for n in names if n.split(".")[0] in ours], names

@@ -1,13 +1,12 @@
 """The service layer: validation, permissions, the GPU claim and what gets queued."""
 
 import pytest
-from django.db import IntegrityError, transaction
 from django.utils import timezone
 
 from gpus.models import Gpu, Host
 from models_app import services
 from models_app.errors import Refused
-from models_app.models import GpuInstance, InstanceEvent, InstanceGpu
+from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
 from models_app.services import parse_gpu_spec
 
 Status = GpuInstance.Status
@@ -119,23 +118,29 @@ def test_lifecycle_request_load_forbidden(fake_gpus, tiny_model, users, who):
     assert not GpuInstance.objects.exists()
 
 
-def test_lifecycle_request_load_busy(fake_gpus, tiny_model, users):
+def test_lifecycle_request_load_busy(fake_gpus, tiny_model, users, settings):
     first = services.request_load(model_id="tiny", gpu_spec="0,1", actor=users["operator"])
-    with pytest.raises(Refused) as refused:
+    with pytest.raises(Refused) as refused:  # the same model twice on one GPU
         services.request_load(model_id="tiny", gpu_spec="1", actor=users["operator2"])
-    assert refused.value.code == "busy"
-    assert "GPU busy" in refused.value.message
-    assert f"#{first.pk}" in refused.value.message
+    assert (refused.value.code, refused.value.status) == ("busy", 409)
+    assert refused.value.message == (
+        f"tiny already runs on GPU 1 on testhost (instance #{first.pk} (tiny, pending)); "
+        "a second copy on the same GPUs needs force"
+    )
+    ModelConfig.objects.create(id="other", name="other", path=tiny_model.path)
+    settings.GPU_SHARING = False  # one model per GPU, as before sharing
+    with pytest.raises(Refused) as refused:
+        services.request_load(model_id="other", gpu_spec="1", actor=users["operator2"])
+    assert "GPU busy" in refused.value.message and f"#{first.pk}" in refused.value.message
     assert GpuInstance.objects.count() == 1
 
 
-def test_lifecycle_gpu_claim_is_guarded_by_the_database(fake_gpus, tiny_model):
-    """The pre-check is for the message; the partial unique index is the guarantee."""
-    first = services.request_load(model_id="tiny", gpu_spec="0", actor=None)
-    second = GpuInstance.objects.create(model=tiny_model, host=fake_gpus.host, gpu_ids="0")
-    with pytest.raises(IntegrityError), transaction.atomic():
-        InstanceGpu.objects.create(instance=second, gpu=fake_gpus.gpus[0], position=0)
-    assert first.gpu_links.get().active
+def test_lifecycle_a_second_copy_is_admitted_only_when_forced(fake_gpus, tiny_model):
+    """The database lets several instances hold a GPU; admission decides, and force keeps its meaning."""
+    services.request_load(model_id="tiny", gpu_spec="0", actor=None)
+    second = services.request_load(model_id="tiny", gpu_spec="0", actor=None, force=True)
+    assert InstanceGpu.objects.filter(gpu=fake_gpus.gpus[0], active=True).count() == 2
+    assert "(forced: a second copy of tiny on GPU 0 on testhost)" in second.events.get().detail
 
 
 def test_lifecycle_request_load_broker_down(fake_gpus, tiny_model, settings):

@@ -13,7 +13,7 @@ from django.db import connection
 from django.utils import timezone
 
 from gpus.models import Gpu, Host
-from models_app import keepalive, ondemand, tasks
+from models_app import keepalive, ondemand, placement, tasks
 from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
 from models_app.placement import choose_gpus
@@ -71,7 +71,8 @@ def running(
 # --- placement -------------------------------------------------------------------------------------------
 
 
-def test_placement_picks_the_gpu_with_most_free_memory_counting_other_processes(host, tiny_model):
+def test_spread_picks_the_gpu_with_most_free_memory_counting_other_processes(host, tiny_model, settings):
+    settings.PLACEMENT = "spread"
     set_used(host, 0, 9000)  # someone's 9 GB process, below the "occupied" state: it still counts
     set_used(host, 1, 2000)
     chosen_host, gpus = choose_gpus(tiny_model)
@@ -82,7 +83,31 @@ def test_placement_picks_the_gpu_with_most_free_memory_counting_other_processes(
     assert [g.index for g in choose_gpus(tiny_model)[1]] == [3]
 
 
-def test_placement_skips_unavailable_held_and_occupied_gpus(host, tiny_model):
+def test_pack_picks_the_gpu_where_the_claim_leaves_least_memory(host, tiny_model):
+    set_used(host, 0, 9000)  # someone's 9 GB process: 15564 MiB free, against GPU 1's 22564
+    set_used(host, 1, 2000)
+    assert [g.index for g in choose_gpus(tiny_model)[1]] == [0]  # GPU 1 stays free for a bigger model
+    set_used(host, 0, 24100)  # 464 MiB free: less than tiny's claim (its estimate + 512 MiB headroom)
+    assert [g.index for g in choose_gpus(tiny_model)[1]] == [1]
+
+
+def test_pack_puts_a_model_beside_another_where_it_fits(host, tiny_model, settings):
+    gemma = other_model(tiny_model, "gemma3-270m")
+    running(gemma, gpu(host, 0), memory_estimate={"per_gpu": [{"estimated_mib": 400}]})
+    choices, out = placement.rank(tiny_model)
+    assert [c.gpus[0].index for c in choices] == [0, 1] and not out
+    assert choices[0].explain().startswith("GPU 0 on testhost: fits beside gemma3-270m on GPU 0, ")
+    assert choose_gpus(tiny_model)[1][0].index == 0
+    settings.PLACEMENT = "spread"
+    assert choose_gpus(tiny_model)[1][0].index == 1
+    settings.GPU_SHARING = False  # one model per GPU: GPU 0 is held
+    choices, out = placement.rank(tiny_model)
+    assert [c.gpus[0].index for c in choices] == [1]
+    assert out[0].startswith("GPU 0 on testhost: held by gemma3-270m (instance #")
+
+
+def test_placement_skips_unavailable_held_and_occupied_gpus(host, tiny_model, settings):
+    settings.PLACEMENT = "spread"
     big = add_gpu(host, 2, total=81920, used=0, state=Gpu.State.UNAVAILABLE, state_reason="driver down")
     held = add_gpu(host, 3, total=81920, used=0)
     add_gpu(host, 4, total=81920, used=40000, state=Gpu.State.OCCUPIED_BY_OTHERS)
@@ -173,7 +198,7 @@ def test_a_running_instance_is_returned_at_once_to_any_role(host, tiny_model, us
 def test_operator_loads_on_demand_through_the_services(
     host, tiny_model, users, sent, monkeypatch, django_capture_on_commit_callbacks
 ):
-    set_used(host, 0, 3000)
+    set_used(host, 0, 24100)  # too little left for tiny's claim
     calls = []
 
     def worker_sleep(seconds):  # plays the worker: the load becomes ready while the caller waits

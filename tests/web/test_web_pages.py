@@ -159,7 +159,7 @@ def test_refused_web_load_answers_the_mapped_status_with_the_reason(client, user
     make_instance([fake_gpus.gpus[0]], tiny_model, owner=users["operator2"])
     client.force_login(users["operator"])
     response = client.post("/load/", {"model_id": "tiny", "gpu": ["testhost:0"]}, **HTMX)
-    assert response.status_code == 409 and "GPU busy" in response.content.decode()
+    assert response.status_code == 409 and "tiny already runs on GPU 0" in response.content.decode()
     response = client.post("/load/", {"model_id": "tiny"}, **HTMX)
     assert response.status_code == 400 and "Choose at least one GPU" in response.content.decode()
 
