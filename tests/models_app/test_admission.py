@@ -2,10 +2,13 @@
 services (models_app/admission.py): several models share a GPU while their claims fit, never beyond it, the
 same model twice and exclusive models are refused, and on PostgreSQL 40 parallel loads never over-admit."""
 
+import io
 import threading
 from pathlib import Path
 
 import pytest
+import yaml
+from django.core.management import CommandError, call_command
 from django.db import connection, connections
 
 from gpus.models import Gpu
@@ -223,3 +226,19 @@ def test_the_same_model_twice_at_once_is_admitted_once(measured, fake_gpus, tiny
     assert refused[0].status == 409 and refused[0].message.startswith(
         "tiny already runs on GPU 0 on testhost"
     )
+
+
+# --- exclusive in the registry file --------------------------------------------------------------------
+
+
+def test_the_registry_file_sets_exclusive_and_refuses_anything_but_true_or_false(tmp_path, db, tiny_model):
+    def registry(value) -> str:
+        path = tmp_path / "models.yaml"
+        entry = {"id": "big", "path": tiny_model.path, "parameters": {"exclusive": value}}
+        path.write_text(yaml.safe_dump({"models": [entry]}))
+        return str(path)
+
+    with pytest.raises(CommandError, match=r"\(big\): exclusive must be true or false"):
+        call_command("import_models", registry("yes"), stdout=io.StringIO())
+    call_command("import_models", registry(True), stdout=io.StringIO())
+    assert ModelConfig.objects.get(pk="big").exclusive
