@@ -377,7 +377,7 @@ def test_lifecycle_parallel_loads_start_exactly_one(worker, fake_gpus, tiny_mode
     assert len(started) == 1
     assert len(refused) == 7
     assert {r.code for r in refused} == {"busy"}
-    assert all("GPU busy" in r.message for r in refused)
+    assert all("tiny already runs on GPU" in r.message for r in refused)  # the same model twice
     instance = wait_for(started[0], Status.RUNNING)
     assert GpuInstance.objects.count() == 1
     assert our_servers(settings) == {instance.pid: instance.pk}
@@ -395,7 +395,7 @@ def test_lifecycle_cli_load_ps_unload(worker, fake_gpus, tiny_model, users, sett
     assert f"#{instance.pk} tiny on testhost GPU 0: running on port {instance.port}" in out.getvalue()
     header = ps_output().splitlines()[0].split()
     assert header == ["ID", "MODEL", "HOST", "GPUS", "PORT", "STATUS", "UPTIME", "MEMORY", "OWNER"]
-    with pytest.raises(CommandError, match="GPU busy"):
+    with pytest.raises(CommandError, match="tiny already runs on GPU 0"):
         call_command("load", "tiny", "--gpu", "0")
     with pytest.raises(CommandError, match="may not unload"):
         call_command("unload", "--gpu", "0", "--user", "operator2")
