@@ -331,6 +331,12 @@ GPU_SHARING = envchoice("LLAMACONTROLLER_GPU_SHARING", "on", ["on", "off"]) == "
 # pack: a model goes where it fits with the least memory left over (whole GPUs stay free for big models);
 # spread: onto the emptiest GPU.
 PLACEMENT = envchoice("LLAMACONTROLLER_PLACEMENT", "pack", ["pack", "spread"])
+# Making room (models_app/room.py, eviction.py): a load that does not fit may unload idle models loaded on demand
+# (or whose registry entry sets a keep-alive). Idle means no request in flight for this long: a chat's next turn
+# usually comes within a minute, and evicting between turns costs the next one a whole load.
+EVICT_MIN_IDLE_SECONDS = envint("LLAMACONTROLLER_EVICT_MIN_IDLE_SECONDS", 60, minimum=0)
+# ...and loaded for at least this long, so that two models wanted in turn do not evict each other in a loop.
+EVICT_MIN_RESIDENCY_SECONDS = envint("LLAMACONTROLLER_EVICT_MIN_RESIDENCY_SECONDS", 120, minimum=0)
 MODEL_DIRS = [
     Path(p).resolve()
     for p in envlist("LLAMACONTROLLER_MODEL_DIRS", [str(DATA_DIR / "models")], separator=":")

@@ -3,8 +3,10 @@ from .models import GpuInstance, InstanceEvent
 SYSTEM = "system"
 
 
-def record(kind: str, *, instance: GpuInstance | None = None, actor=None, detail: str = "") -> InstanceEvent:
-    """Write one audit/timeline row. `actor` is a user, or None for the system."""
+def record(
+    kind: str, *, instance: GpuInstance | None = None, actor=None, detail: str = "", reason: str = ""
+) -> InstanceEvent:
+    """Write one audit/timeline row. `actor` is a user, or None for the system; `reason`: the rule's code."""
     user = actor if actor is not None and getattr(actor, "is_authenticated", False) else None
     return InstanceEvent.objects.create(
         instance=instance,
@@ -12,6 +14,7 @@ def record(kind: str, *, instance: GpuInstance | None = None, actor=None, detail
         actor=user,
         actor_name=user.get_username() if user else SYSTEM,
         detail=detail,
+        reason=reason,
     )
 
 

@@ -294,6 +294,8 @@ class InstanceEvent(models.Model):
         IDLE_UNLOAD = "idle_unload", "Idle unload requested"
         HOST_GPUS_MARKED = "host_gpus_marked", "Host's GPUs marked unavailable"
         HOST_RETURNED = "host_returned", "Host answered again"
+        # Unloaded to make room for another load (models_app/room.py); `reason` says which rule chose it.
+        EVICTED = "evicted", "Evicted to make room"
         ALERT_FIRED = "alert_fired", "Alert fired"
         ALERT_RESOLVED = "alert_resolved", "Alert resolved"
         # Team policy (the policy app): quota edits, pins, reservations and their drain notices.
@@ -310,6 +312,8 @@ class InstanceEvent(models.Model):
     actor = models.ForeignKey(settings.AUTH_USER_MODEL, null=True, blank=True, on_delete=models.SET_NULL)
     actor_name = models.CharField(max_length=150, help_text='Username at the time, or "system".')
     detail = models.TextField(blank=True)
+    # Machine-readable why, where a rule decided (an eviction's "idle_lru"); empty otherwise.
+    reason = models.CharField(max_length=40, blank=True)
     created_at = models.DateTimeField(default=timezone.now)
 
     class Meta:

@@ -22,7 +22,7 @@ from django.utils import timezone
 
 from accounts.roles import can_load, can_manage_instance, can_read
 
-from . import placement, services
+from . import making_room, placement, services
 from .errors import Refused
 from .keepalive import (
     ANONYMOUS,
@@ -96,17 +96,27 @@ def _current(model: ModelConfig) -> GpuInstance | None:
 
 
 def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
-    """Place and request a load on demand. None when another request claimed the GPU (or started this
-    model's load) at the same moment: look again."""
+    """Place and request a load on demand, making room by evicting idle models where nothing fits
+    (models_app/making_room.py). Returns the model's load under way where another request started it in the
+    meantime (joined, never refused), or None when another request claimed the GPU at the same moment: look
+    again."""
+    room = None
     while True:
         try:
             host, gpus = placement.choose_gpus(model)
             break
         except Refused as exc:  # no GPU with room
+            joined = _current(model)
+            if joined is not None:
+                return joined
+            room = making_room.find(model)
+            if room is not None:
+                host, gpus = room.host, room.gpus
+                break
             # A GPU being unloaded (keep_alive 0, an idle unload, a switch) is free within the stop
             # timeout: wait for it rather than refuse, as long as the caller's wait allows.
             if not exc.freeing or time.monotonic() + POLL_SECONDS >= deadline:
-                raise
+                raise making_room.no_room(model, exc) from None
             time.sleep(POLL_SECONDS)
     user = actor if authenticated(actor) else None
     try:
@@ -117,6 +127,7 @@ def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
             actor=user,
             on_demand=True,
             note="" if user else "anonymous request",
+            room=room,
         )
     except Refused as exc:
         if exc.code == "busy":

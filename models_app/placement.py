@@ -122,7 +122,7 @@ def _used_by_others(gpu: Gpu) -> str | None:
     return f"GPU {gpu.index}: {gib(total)} used by {names}"
 
 
-def _candidate_gpus(model, host: Host | None):
+def candidate_gpus(model, host: Host | None):
     # Live hosts whose worker did not report the model's file unusable (no report yet: not ruled out).
     hosts = Host.objects.up().exclude(pk__in=model_files.hosts_without(model))
     if host is not None:
@@ -161,7 +161,7 @@ def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> t
     the estimate); when no single GPU fits, the smallest set of a host's free GPUs that fits. GPU sets
     predicted not to fit follow, for the explanation. Hosts whose worker reported that it cannot serve the
     model (models_app/model_files.py) are left out, and said so."""
-    gpus = _candidate_gpus(model, host)
+    gpus = candidate_gpus(model, host)
     room = admission.gpu_claims(gpus)
     out = _without_file(model, host)
     usable = []
@@ -220,7 +220,7 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
     others is used only when the model is predicted to fit beside them. Raises Refused (busy, field gpu_id) naming the busy GPUs
     and what keeps them busy, with the numbers, a Retry-After (the soonest a GPU frees) and `freeing` when
     one of them is being unloaded."""
-    gpus = _candidate_gpus(model, host)
+    gpus = candidate_gpus(model, host)
     if not gpus:
         without_file = _without_file(model, host)
         where = f"host {host.name}" if host is not None else "any host"

@@ -9,7 +9,7 @@ from accounts.roles import can_administer, can_load, can_manage_instance
 from gpus import services as gpu_services
 from gpus.models import Gpu
 
-from . import admission, dispatch, placement
+from . import admission, dispatch, making_room, placement
 from .checks import (
     actor_id,
     busy,
@@ -82,6 +82,8 @@ def request_load(
     force: bool = False,
     on_demand: bool = False,
     note: str = "",
+    evict: bool = False,
+    room: making_room.Room | None = None,
 ) -> GpuInstance:
     """Validate, admit by memory (models_app.admission: beside the claims already on the GPUs), create a
     pending instance holding the GPUs with its memory estimate, and (on commit) queue its load. A load that
@@ -89,18 +91,26 @@ def request_load(
     anyway, onto GPUs that other processes occupy, where it is predicted not to fit, over the claims, or as a
     second copy (recorded in the event). `on_demand`: a load the gateway asked
     for (models_app.ondemand, which has checked who may wake the model); idle unload applies to it, and
-    only one such load of a model is under way at a time. `note` is added to the event."""
+    only one such load of a model is under way at a time. `note` is added to the event. `evict`: where the
+    load does not fit, unload idle models to make room (models_app/room.py; the actor must be allowed to
+    unload each); `room`: victims already chosen (the gateway's load on demand)."""
     if not on_demand:
         check_actor(can_load(actor), actor, "load models")
     model = model_to_load(model_id)
     host, gpus = resolve_gpus(parse_gpu_spec(gpu_spec), host_name)
     check_host_up(host)
     check_model_on_host(model, host)
-    prediction = predict_load(model, gpus)
+    if evict and room is None:
+        room = making_room.find(model, gpus=gpus)
+        if room is not None:
+            making_room.check_may_evict(room, actor)
+    prediction = predict_load(model, gpus, freed_mib=room.freed_mib() if room else None)
     forced = check_gpu_state(gpus, force=force, prediction=prediction)
     over_fit = check_fit(prediction, force=force)
     check_broker()
     detail = f"load {model.pk} on {host.name} GPU {','.join(str(g.index) for g in gpus)}"
+    if room is not None:
+        note = "; ".join(n for n in (note, room.waiting_note()) if n)
     if forced:
         detail += f" (forced over other processes: {forced})"
     if over_fit:
@@ -111,6 +121,8 @@ def request_load(
         detail += f" ({note})"
     try:
         with transaction.atomic():
+            if room is not None:
+                making_room.evict(room, model_id=model.pk, actor=actor)
             over_claims = admission.admit(model, gpus, prediction, force=force)
             if over_claims:
                 detail += f" (forced: {over_claims})"

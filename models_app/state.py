@@ -79,10 +79,11 @@ def transition(
     event_kind: str,
     actor=None,
     detail: str = "",
+    reason: str = "",
     **fields,
 ) -> bool:
     """Move `instance` to `new_status` if its status is one of `expected` (default: every legal source of
-    `new_status`); set `fields` too. Returns False (and changes nothing) when another party moved it first.
+    `new_status`); set `fields` too (`reason`: the event's rule code). Returns False (and changes nothing) when another party moved it first.
     Raises IllegalTransition when `expected` names a status with no legal move to `new_status`. Updates
     `instance` in memory."""
     legal = sources_of(new_status)
@@ -100,7 +101,7 @@ def transition(
             return False
         if new_status not in ACTIVE:
             InstanceGpu.objects.filter(instance_id=instance.pk, active=True).update(active=False)
-        record(event_kind, instance=instance, actor=actor, detail=detail)
+        record(event_kind, instance=instance, actor=actor, detail=detail, reason=reason)
     instance.status = new_status
     for name, value in fields.items():
         setattr(instance, name, value)

@@ -180,5 +180,5 @@ class EventSerializer(serializers.ModelSerializer):
 
     class Meta:
         model = InstanceEvent
-        fields = ["id", "created_at", "kind", "actor", "actor_id", "instance", "detail"]
+        fields = ["id", "created_at", "kind", "reason", "actor", "actor_id", "instance", "detail"]
         read_only_fields = fields

@@ -1,0 +1,137 @@
+"""Making room (models_app/making_room.py) through the real services and database: a load that does not fit
+evicts the least recently used idle model loaded on demand, with an event that says why; never one with a
+request in flight, loaded by hand without a keep-alive, or used too recently; when nothing may go, the refusal
+says why each stays and when to come back."""
+
+import time
+from datetime import timedelta
+
+import pytest
+from django.utils import timezone
+
+from gpus.models import Gpu
+from models_app import making_room, ondemand, services
+from models_app.errors import Refused
+from models_app.models import GpuInstance, InstanceEvent, ModelConfig
+
+Status = GpuInstance.Status
+TOTAL_MIB = 1400  # with a 200 MiB headroom (claims of about 500 MiB), two tiny models fit on GPU 0, not three
+
+
+@pytest.fixture
+def one_small_gpu(live, fake_gpus, settings):
+    settings.GPU_HEADROOM_MIB = 200
+    settings.EVICT_MIN_IDLE_SECONDS = 60
+    settings.EVICT_MIN_RESIDENCY_SECONDS = 120
+    gpu0, gpu1 = fake_gpus.gpus
+    Gpu.objects.filter(pk=gpu0.pk).update(memory_total_mib=TOTAL_MIB, memory_used_mib=10)
+    Gpu.objects.filter(pk=gpu1.pk).update(state=Gpu.State.UNAVAILABLE, state_reason="test: not this one")
+    return Gpu.objects.get(pk=gpu0.pk)
+
+
+def model_like(tiny_model, model_id: str, **fields) -> ModelConfig:
+    fields = {"path": tiny_model.path, "on_demand": True, **fields}
+    return ModelConfig.objects.create(id=model_id, name=model_id, **fields)
+
+
+def running(tiny_model, model_id, *, idle_minutes, actor=None, on_demand=True, in_flight=0, **model_fields):
+    """A model loaded onto GPU 0 and running for an hour, last used `idle_minutes` ago."""
+    model_like(tiny_model, model_id, **model_fields)
+    instance = services.request_load(model_id=model_id, gpu_spec="0", actor=actor, on_demand=on_demand)
+    now = timezone.now()
+    GpuInstance.objects.filter(pk=instance.pk).update(
+        status=Status.RUNNING,
+        loaded_at=now - timedelta(hours=1),
+        last_used_at=now - timedelta(minutes=idle_minutes),
+        in_flight=in_flight,
+    )
+    instance.refresh_from_db()
+    return instance
+
+
+def load_on_demand(model, actor):
+    return ondemand._load(model, actor, deadline=time.monotonic() + 5)
+
+
+def test_a_cold_model_evicts_the_least_recently_used_idle_model(one_small_gpu, tiny_model, sent, users):
+    recent = running(tiny_model, "recent", idle_minutes=5, actor=users["operator"])
+    oldest = running(tiny_model, "oldest", idle_minutes=14, actor=users["operator"])
+    third = model_like(tiny_model, "third")
+
+    instance = load_on_demand(third, users["viewer"])
+
+    assert instance.status == Status.PENDING and instance.gpu_ids == "0"
+    oldest.refresh_from_db()
+    recent.refresh_from_db()
+    assert (oldest.status, recent.status) == (Status.STOPPING, Status.RUNNING)
+    event = oldest.events.get(kind=InstanceEvent.Kind.EVICTED)
+    assert event.reason == "idle_lru" and event.actor_name == "system"
+    assert event.detail.startswith(
+        f"oldest (#{oldest.pk}, loaded on demand by operator) was unloaded for viewer's request for third on "
+        "GPU 0 of testhost: idle 14 min, the least recently used of 2 idle models there; "
+    )
+    assert event.detail.endswith(" freed")
+    requested = instance.events.get(kind=InstanceEvent.Kind.REQUESTED).detail
+    assert f"waiting for room: unloading oldest (#{oldest.pk}) on GPU 0" in requested
+    # the victim's GPU passes to the new load, whose worker stops it first (as a switch does)
+    assert not oldest.gpu_links.filter(active=True).exists()
+
+
+def test_the_same_inputs_choose_the_same_victim(one_small_gpu, tiny_model, sent):
+    a = running(tiny_model, "a", idle_minutes=10)
+    b = running(tiny_model, "b", idle_minutes=10)
+    GpuInstance.objects.filter(pk__in=[a.pk, b.pk]).update(
+        last_used_at=timezone.now() - timedelta(minutes=10)
+    )
+    third = model_like(tiny_model, "third")
+    first = making_room.find(third)
+    again = making_room.find(third)
+    assert first.victim_ids == again.victim_ids == [a.pk]  # equal in every way: the older instance id
+
+
+def test_a_model_serving_a_request_is_never_evicted(one_small_gpu, tiny_model, sent, users):
+    serving = running(tiny_model, "serving", idle_minutes=30, in_flight=1)  # the LRU, but a stream is open
+    GpuInstance.objects.filter(pk=serving.pk).update(last_used_at=timezone.now() - timedelta(seconds=5))
+    idle = running(tiny_model, "idle", idle_minutes=3)
+    load_on_demand(model_like(tiny_model, "third"), users["viewer"])
+    serving.refresh_from_db()
+    idle.refresh_from_db()
+    assert (serving.status, idle.status) == (Status.RUNNING, Status.STOPPING)
+
+
+def test_nothing_evictable_is_a_503_that_says_why_and_when(one_small_gpu, tiny_model, sent, users):
+    by_hand = running(tiny_model, "by-hand", idle_minutes=60, on_demand=False)
+    fresh = running(tiny_model, "fresh", idle_minutes=0)
+    with pytest.raises(Refused) as refused:
+        load_on_demand(model_like(tiny_model, "third"), users["viewer"])
+    message = refused.value.message
+    assert "nothing may be evicted to make room" in message
+    assert f"by-hand (#{by_hand.pk}): loaded by hand without a keep-alive" in message
+    assert f"fresh (#{fresh.pk}): used 0 s ago (an eviction needs 60 s idle)" in message
+    # the soonest the fresh one may go: about a minute, never the 30 min keep-alive
+    assert 50 <= refused.value.retry_after <= 61
+    assert GpuInstance.objects.filter(status=Status.STOPPING).count() == 0
+    assert not GpuInstance.objects.filter(model_id="third").exists()
+
+
+def test_a_model_with_keep_alive_zero_stays(one_small_gpu, tiny_model, sent, users):
+    running(tiny_model, "never", idle_minutes=60, keep_alive_seconds=0)
+    running(tiny_model, "other", idle_minutes=1, on_demand=False)
+    with pytest.raises(Refused, match="never unloaded automatically"):
+        load_on_demand(model_like(tiny_model, "third"), users["viewer"])
+
+
+def test_a_load_by_hand_evicts_only_when_asked_and_allowed(one_small_gpu, tiny_model, sent, users):
+    theirs = running(tiny_model, "theirs", idle_minutes=20, actor=users["admin"])
+    running(tiny_model, "mine", idle_minutes=30, actor=users["operator"], in_flight=1)
+    GpuInstance.objects.filter(model_id="mine").update(last_used_at=timezone.now())
+    model_like(tiny_model, "third")
+    with pytest.raises(Refused, match="does not fit on GPU 0"):
+        services.request_load(model_id="third", gpu_spec="0", actor=users["operator"])
+    with pytest.raises(Refused) as refused:
+        services.request_load(model_id="third", gpu_spec="0", actor=users["operator"], evict=True)
+    assert refused.value.status == 403 and f"instance #{theirs.pk} (theirs)" in refused.value.message
+    loaded = services.request_load(model_id="third", gpu_spec="0", actor=users["admin"], evict=True)
+    theirs.refresh_from_db()
+    assert theirs.status == Status.STOPPING and loaded.status == Status.PENDING
+    assert "admin's request" in theirs.events.get(kind=InstanceEvent.Kind.EVICTED).detail
