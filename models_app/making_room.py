@@ -185,17 +185,22 @@ def no_room(model, refusal: Refused, *, host: Host | None = None, now=None) -> R
 
 def sentence(victim: GpuInstance, room: Room, *, model_id: str, actor, now: datetime) -> str:
     """ "gemma3-270m (#4, loaded on demand by alice) was unloaded for bob's request for llama-8b on GPU 0 of vm:
-    idle 14 min, the least recently used of 3 idle models there; 4.1 GiB freed"."""
+    idle 14 min, the least recently used of 3 idle models there; its 4.1 GiB claim freed"."""
     how = "loaded on demand" if victim.loaded_on_demand else "loaded"
     whose = f"{actor.get_username()}'s request" if keepalive.authenticated(actor) else "a request"
     idle = keepalive.describe_idle((now - keepalive.idle_since(victim)).total_seconds())
     first = room.plan.victims[0].instance_id == victim.pk
-    rank = f"the least recently used of {room.idle_count} idle models there" if first else "unloaded with it"
+    if not first:
+        rank = "unloaded with it"
+    elif room.idle_count == 1:
+        rank = "the only idle model there"
+    else:
+        rank = f"the least recently used of {room.idle_count} idle models there"
     freed = sum(room.plan.victims[room.victim_ids.index(victim.pk)].claim_mib.values())
     where = f"GPU {','.join(str(g.index) for g in room.gpus)} of {room.host.name}"
     return (
         f"{victim.model_id} (#{victim.pk}, {how} by {_who(victim.owner)}) was unloaded for {whose} for "
-        f"{model_id} on {where}: idle {idle}, {rank}; {gib(freed)} freed"
+        f"{model_id} on {where}: idle {idle}, {rank}; its {gib(freed)} claim freed"
     )
 
 

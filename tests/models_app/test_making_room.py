@@ -70,7 +70,7 @@ def test_a_cold_model_evicts_the_least_recently_used_idle_model(one_small_gpu, t
         f"oldest (#{oldest.pk}, loaded on demand by operator) was unloaded for viewer's request for third on "
         "GPU 0 of testhost: idle 14 min, the least recently used of 2 idle models there; "
     )
-    assert event.detail.endswith(" freed")
+    assert event.detail.endswith(" claim freed")
     requested = instance.events.get(kind=InstanceEvent.Kind.REQUESTED).detail
     assert f"waiting for room: unloading oldest (#{oldest.pk}) on GPU 0" in requested
     # the victim's GPU passes to the new load, whose worker stops it first (as a switch does)
