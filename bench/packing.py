@@ -6,7 +6,7 @@ Zipf-distributed popularity, under three rules:
 - ollama: at most 3 models per GPU, sizes taken as given, the least recently used idle model evicted
   (anywhere) until the new one fits,
 - ours: the controller's own code — models_app.eviction.choose_victims picks the victims (the fewest idle
-  instances on one GPU set, least recently used first), and the claim arithmetic of models_app.admission
+  instances on one GPU set, least recently used first), and the claim arithmetic of models_app.claims
   decides what fits (estimate + headroom per instance on each GPU; a GPU admits a load only while claims + the
   new claim <= its memory), placement packing best fit.
 
@@ -31,6 +31,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
+from models_app.claims import GpuClaims, Holder, new_claim_mib  # noqa: E402
 from models_app.eviction import Resident, choose_victims, why_kept  # noqa: E402
 
 GIB = 1024
@@ -42,8 +43,8 @@ REQUEST_S = (2.0, 30.0)  # how long a request keeps its model busy (uniform)
 KEEP_ALIVE_S = 1800.0  # idle unload for every rule (the product's default LLAMACONTROLLER_KEEP_ALIVE_SECONDS)
 STOP_S = 1.0
 HEADROOM_MIB = 512  # the product's default LLAMACONTROLLER_GPU_HEADROOM_MIB
-MIN_IDLE_S = 30.0  # LLAMACONTROLLER_EVICT_MIN_IDLE_SECONDS
-MIN_RESIDENCY_S = 60.0  # LLAMACONTROLLER_EVICT_MIN_RESIDENCY_SECONDS
+MIN_IDLE_S = 60.0  # LLAMACONTROLLER_EVICT_MIN_IDLE_SECONDS (the product's default)
+MIN_RESIDENCY_S = 120.0  # LLAMACONTROLLER_EVICT_MIN_RESIDENCY_SECONDS (the product's default)
 OLLAMA_MAX_PER_GPU = 3
 
 
@@ -226,47 +227,53 @@ class Cluster:
         instance.loaded_at = max(w.stopping_until for w in waits) + load_seconds(model.size_mib)
         return instance
 
-    def _claims(self, gpu: int, now: float) -> int:
-        return sum(i.claim_mib for i in self.on(gpu, now))
+    def _room(self, gpu: int, now: float) -> GpuClaims:
+        """The GPU as admission sees it (models_app.claims): each instance's estimate while it loads, then the
+        larger of estimate and measured, plus the headroom."""
+        holders = tuple(
+            Holder(
+                i.pk,
+                i.model.name,
+                "running" if i.ready(now) else "starting",
+                estimate_mib=i.model.estimate_mib,
+                measured_mib=i.model.size_mib,
+            )
+            for i in self.on(gpu, now)
+        )
+        return GpuClaims(gpu, gpu, GPU_SIZES_MIB[gpu], 0, holders, HEADROOM_MIB)
 
     def _place_ours(self, now, model):
-        claim = model.estimate_mib + HEADROOM_MIB
-        fitting = [
-            (GPU_SIZES_MIB[g] - self._claims(g, now) - claim, g)
-            for g in range(len(GPU_SIZES_MIB))
-            if self._claims(g, now) + claim <= GPU_SIZES_MIB[g]
-        ]
-        if fitting:  # pack: the least memory left over
+        claim = new_claim_mib(model.estimate_mib, HEADROOM_MIB)
+        rooms = [self._room(g, now) for g in range(len(GPU_SIZES_MIB))]
+        fitting = [(room.left_after_mib(claim), room.gpu_id) for room in rooms if room.fits(claim)]
+        if fitting:  # pack (placement's default): the least memory left over
             _, gpu = min(fitting)
             return self.start(now, model, gpu, claim, [])
-        # placement's order for eviction: the GPUs the model fits when empty, smallest first
-        order = sorted(
-            (g for g, total in enumerate(GPU_SIZES_MIB) if claim <= total),
-            key=lambda g: (GPU_SIZES_MIB[g], g),
-        )
-        candidates = [((g,), {g: self._claims(g, now) + claim - GPU_SIZES_MIB[g]}) for g in order]
+        # eviction's candidates: the GPUs the model fits when empty, smallest first
+        order = sorted((r for r in rooms if claim <= r.total_mib), key=lambda r: (r.total_mib, r.gpu_id))
+        candidates = [((r.gpu_id,), {r.gpu_id: claim - r.free_mib}) for r in order]
         residents = {}
-        for i in self.instances:
-            if i.stopping_until is not None:
-                continue
-            residents[i.pk] = (
-                i,
-                Resident(
-                    i.pk,
-                    i.model.name,
-                    {i.gpu: i.claim_mib},
-                    idle_since=i.last_used,
-                    why_kept=why_kept(
-                        status="running" if i.ready(now) else "starting",
-                        evictable_kind=True,
-                        in_flight=i.in_flight,
-                        idle_seconds=now - i.last_used,
-                        resident_seconds=now - i.loaded_at,
-                        min_idle_seconds=MIN_IDLE_S,
-                        min_residency_seconds=MIN_RESIDENCY_S,
+        for room in rooms:
+            for holder in room.holders:
+                i = next(x for x in self.instances if x.pk == holder.instance_id)
+                residents[i.pk] = (
+                    i,
+                    Resident(
+                        i.pk,
+                        i.model.name,
+                        {room.gpu_id: room.claim_of(holder)},
+                        idle_since=i.last_used,
+                        why_kept=why_kept(
+                            status=holder.status,
+                            evictable_kind=True,
+                            in_flight=i.in_flight,
+                            idle_seconds=now - i.last_used,
+                            resident_seconds=now - i.loaded_at,
+                            min_idle_seconds=MIN_IDLE_S,
+                            min_residency_seconds=MIN_RESIDENCY_S,
+                        ),
                     ),
-                ),
-            )
+                )
         plan = choose_victims(candidates, [r for _, r in residents.values()])
         if plan is None:
             return None
