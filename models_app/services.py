@@ -144,11 +144,12 @@ AUTO = "auto"  # what the CLI's --gpu (and the API's gpu_id) may say instead of 
 
 
 def request_load_auto(
-    *, model_id: str, actor, host_name: str | None = None, force: bool = False
+    *, model_id: str, actor, host_name: str | None = None, force: bool = False, evict: bool = False
 ) -> GpuInstance:
     """A load without GPUs: the controller picks the host (or, with `host_name`, that host's GPUs) with
     placement.choose_gpus, as the load form's suggestion and the gateway's load on demand do, then loads as
-    request_load does. Nothing fits: 409 with what keeps each GPU busy."""
+    request_load does. Nothing fits: 409 with what keeps each GPU busy; with `evict`, first the idle models
+    whose unloading makes room (models_app/making_room.py), where the actor may unload them."""
     check_actor(can_load(actor), actor, "load models")
     model = model_to_load(model_id)
     host = None
@@ -156,7 +157,15 @@ def request_load_auto(
         host = host_named(host_name)
         check_host_up(host)
         check_model_on_host(model, host)
-    host, gpus = placement.choose_gpus(model, host=host)
+    room = None
+    try:
+        host, gpus = placement.choose_gpus(model, host=host)
+    except Refused as refusal:
+        room = making_room.find(model, host=host) if evict else None
+        if room is None:
+            raise (making_room.no_room(model, refusal, host=host) if evict else refusal) from None
+        making_room.check_may_evict(room, actor)
+        host, gpus = room.host, room.gpus
     return request_load(
         model_id=model.pk,
         gpu_spec=",".join(str(g.index) for g in gpus),
@@ -164,6 +173,7 @@ def request_load_auto(
         host_name=host.name,
         force=force,
         note="GPUs chosen by the controller",
+        room=room,
     )
 
 

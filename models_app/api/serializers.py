@@ -70,6 +70,12 @@ class LoadSerializer(FieldsAsSent, serializers.Serializer):
         "on this host only.",
     )
     force = serializers.BooleanField(default=False, help_text="Load even onto GPUs others occupy.")
+    evict = serializers.BooleanField(
+        default=False,
+        help_text="Where the model does not fit, unload idle models (loaded on demand or with a keep-alive, "
+        "no request in flight) to make room; you must be allowed to unload each (403 otherwise). Each "
+        "eviction is an event (kind evicted, reason idle_lru).",
+    )
 
 
 class SwitchSerializer(serializers.Serializer):

@@ -79,6 +79,7 @@ class InstanceViewSet(
             "actor": request.user,
             "host_name": data.get("host"),
             "force": data.get("force", False),
+            "evict": data.get("evict", False),
         }
         if data.get("gpu_id", services.AUTO).strip().lower() == services.AUTO:
             instance = services.request_load_auto(**common)

@@ -50,12 +50,13 @@ def parse_gpu_choice(values: list[str]) -> tuple[str | None, str]:
 def load(request):
     model_id = request.POST.get("model_id", "")
     force = bool(request.POST.get("force"))
+    evict = bool(request.POST.get("evict"))
     if request.POST.get("auto"):  # "let the controller choose": host (unless one is picked) and GPUs
         host_name = request.POST.get("host") or None
         return _attempt(
             request,
             lambda: services.request_load_auto(
-                model_id=model_id, actor=request.user, host_name=host_name, force=force
+                model_id=model_id, actor=request.user, host_name=host_name, force=force, evict=evict
             ),
             lambda new: f"Loading {model_id} on {new.host.name} GPU {new.gpu_ids} (instance #{new.pk}).",
         )
@@ -68,7 +69,12 @@ def load(request):
     return _attempt(
         request,
         lambda: services.request_load(
-            model_id=model_id, gpu_spec=gpu_spec, actor=request.user, host_name=host_name, force=force
+            model_id=model_id,
+            gpu_spec=gpu_spec,
+            actor=request.user,
+            host_name=host_name,
+            force=force,
+            evict=evict,
         ),
         lambda new: f"Loading {model_id} on GPU {new.gpu_ids} (instance #{new.pk}).",
     )

@@ -135,3 +135,29 @@ def test_a_load_by_hand_evicts_only_when_asked_and_allowed(one_small_gpu, tiny_m
     theirs.refresh_from_db()
     assert theirs.status == Status.STOPPING and loaded.status == Status.PENDING
     assert "admin's request" in theirs.events.get(kind=InstanceEvent.Kind.EVICTED).detail
+
+
+def test_the_api_cli_and_auto_placement_may_ask_to_evict(one_small_gpu, tiny_model, sent, users, client):
+    from io import StringIO
+
+    from django.core.management import call_command
+
+    idle = running(tiny_model, "idle", idle_minutes=20, actor=users["operator"])
+    running(tiny_model, "busy", idle_minutes=20, in_flight=1)
+    GpuInstance.objects.filter(model_id="busy").update(last_used_at=timezone.now())
+    model_like(tiny_model, "third")
+    model_like(tiny_model, "fourth")
+    client.force_login(users["operator"])
+    refused = client.post("/api/v1/instances/", {"model_id": "third"}, content_type="application/json")
+    assert refused.status_code == 409, refused.content
+    answer = client.post(
+        "/api/v1/instances/", {"model_id": "third", "evict": True}, content_type="application/json"
+    )
+    assert answer.status_code == 202, answer.content
+    idle.refresh_from_db()
+    assert idle.status == Status.STOPPING
+    assert idle.events.get(kind=InstanceEvent.Kind.EVICTED).reason == "idle_lru"
+    # nothing idle is left: the CLI's --evict is refused with the reason
+    out = StringIO()
+    with pytest.raises(Exception, match="nothing may be evicted to make room"):
+        call_command("load", "fourth", "--gpu", "auto", "--evict", stdout=out)

@@ -61,11 +61,14 @@ def add_force_argument(parser) -> None:
 
 def request_and_report(
     command, request, *, model: str, gpu: str, host: str | None, user: str | None, wait: bool,
-    force: bool = False,
+    force: bool = False, **options,
 ):  # fmt: skip
-    """load and switch: call the service, then report the request or, with --wait, the outcome."""
+    """load and switch: call the service, then report the request or, with --wait, the outcome. `options`:
+    further keywords of the service (load's evict)."""
     try:
-        instance = request(model_id=model, gpu_spec=gpu, actor=actor_from(user), host_name=host, force=force)
+        instance = request(
+            model_id=model, gpu_spec=gpu, actor=actor_from(user), host_name=host, force=force, **options
+        )
     except Refused as exc:
         raise refused(exc) from None
     if not wait:

@@ -15,13 +15,20 @@ def load(*, gpu_spec: str, **request):
 class Command(BaseCommand):
     help = (
         "Load a model onto GPUs of one host: `load MODEL --gpu 0,1 [--host NAME] [--wait] [--user NAME] "
-        "[--force]`; `--gpu auto` lets the controller choose the host and GPUs."
+        "[--force] [--evict]`; `--gpu auto` lets the controller choose the host and GPUs."
     )
 
     def add_arguments(self, parser):
         parser.add_argument("model", help="Model id from the registry.")
         add_common_arguments(parser)
         add_force_argument(parser)
+        parser.add_argument(
+            "--evict",
+            action="store_true",
+            help="Where the model does not fit, unload idle models to make room (each one an event).",
+        )
 
-    def handle(self, model, gpu, host, user, wait, force, **options):
-        request_and_report(self, load, model=model, gpu=gpu, host=host, user=user, wait=wait, force=force)
+    def handle(self, model, gpu, host, user, wait, force, evict, **options):
+        request_and_report(
+            self, load, model=model, gpu=gpu, host=host, user=user, wait=wait, force=force, evict=evict
+        )
