@@ -100,6 +100,8 @@ def _toggle_title(gpu: Gpu) -> str:
         return gpu.host.reason
     if gpu.state == Gpu.State.OCCUPIED_BY_OTHERS:
         return gpu.state_reason
+    if gpu.selectable and gpu.holders:
+        return "Shared with " + ", ".join(i.model.name for i in gpu.holders) + ": a model joins where it fits"
     if gpu.selectable:
         return "Free"
     label = GPU_STATES.get(gpu.state, gpu.state)
@@ -112,7 +114,10 @@ def _decorate_gpu(gpu: Gpu, names: dict[int, str]) -> None:
     # Occupied by others: selectable, but the load needs "force" (the server checks it). A down host's
     # GPUs are not, even before the host check has marked them unavailable. "Model loaded" with no active
     # instance is the telemetry not caught up with an unload yet: free, as the server and the suggestion see it.
-    gpu.selectable = gpu.host.up and gpu.holder is None and gpu.state != Gpu.State.UNAVAILABLE
+    # With sharing on, a GPU that holds models is offered too: admission decides by memory, and the estimate
+    # under the form says whether the model fits beside them.
+    free_or_shared = gpu.holder is None or settings.GPU_SHARING
+    gpu.selectable = gpu.host.up and free_or_shared and gpu.state != Gpu.State.UNAVAILABLE
     gpu.toggle_title = _toggle_title(gpu)
     # The telemetry says "idle" until the next sample; a model starting or stopping on it says more.
     moving = next((i for i in gpu.holders if i.in_transition), None)

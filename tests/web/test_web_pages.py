@@ -147,9 +147,15 @@ def test_refresh_interval_is_fast_only_while_something_starts_or_stops(
         assert 'hx-trigger="every 2s"' in page and "<progress" in page
 
 
-def test_busy_gpus_are_disabled_in_the_load_form(client, users, fake_gpus, tiny_model):
+def test_held_gpus_are_offered_with_sharing_and_disabled_without(
+    client, users, fake_gpus, tiny_model, settings
+):
     make_instance([fake_gpus.gpus[0]], tiny_model, owner=users["operator"])
     client.force_login(users["operator"])
+    page = client.get("/", **HTMX).content.decode()
+    assert 'value="testhost:0" data-index="0"\n               >' in page  # admission decides by memory
+    assert 'title="Shared with Tiny test llama: a model joins where it fits"' in page
+    settings.GPU_SHARING = False  # one model per GPU
     page = client.get("/", **HTMX).content.decode()
     assert 'value="testhost:0" data-index="0"\n               disabled' in page
     assert 'value="testhost:1" data-index="1"\n               >' in page
