@@ -29,6 +29,8 @@ class Resident:
     claim_mib: dict
     idle_since: float
     why_kept: str = ""
+    borrowed: bool = False  # beyond its owner's quota (policy): reclaimed before any other
+    borrowed: bool = False  # beyond its owner's quota (policy): reclaimed before any other
 
     @property
     def evictable(self) -> bool:
@@ -44,15 +46,19 @@ def why_kept(
     resident_seconds: float,
     min_idle_seconds: float,
     min_residency_seconds: float,
+    borrowed: bool = False,
 ) -> str:
     """Why an instance may not be evicted now, in words; "" when it may. `evictable_kind`: loaded on demand,
-    or its model sets a keep-alive (a model loaded by hand without one stays until someone unloads it)."""
+    or its model sets a keep-alive (a model loaded by hand without one stays until someone unloads it).
+    `borrowed`: beyond its owner's quota (the policy app), evictable however recently used."""
     if status != "running":
         return f"it is {status}"
     if not evictable_kind:
         return "loaded by hand without a keep-alive"
     if in_flight > 0:
         return f"{in_flight} request(s) in flight"
+    if borrowed:  # memory beyond its owner's quota: reclaimed even if used a moment ago
+        return ""
     if idle_seconds < min_idle_seconds:
         return f"used {int(idle_seconds)} s ago (an eviction needs {int(min_idle_seconds)} s idle)"
     if resident_seconds < min_residency_seconds:
@@ -74,16 +80,13 @@ class Plan:
     notes: list = field(default_factory=list, compare=False)
 
     def key(self) -> tuple:
-        # fewest victims; then least recently used (the most recent use among the victims, then the next);
-        # then most memory freed; then placement's order; then instance ids (never equal for two plans).
+        # fewest victims within their quota (borrowed memory is reclaimed first); then fewest victims; then least
+        # recently used (the most recent use among the victims, then the next); then most memory freed; then
+        # placement's order; then instance ids (never equal for two plans).
         recency = tuple(sorted((v.idle_since for v in self.victims), reverse=True))
-        return (
-            len(self.victims),
-            recency,
-            -self.freed_mib,
-            self.rank,
-            tuple(v.instance_id for v in self.victims),
-        )
+        guaranteed = sum(1 for v in self.victims if not v.borrowed)
+        ids = tuple(v.instance_id for v in self.victims)
+        return (guaranteed, len(self.victims), recency, -self.freed_mib, self.rank, ids)
 
 
 def _makes_room(victims: Sequence[Resident], shortfall: dict) -> bool:

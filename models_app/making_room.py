@@ -8,7 +8,7 @@ placement proposes). Which instances may go (README "Sharing GPUs"): running, lo
 registry keep-alive (not 0), no request in flight for LLAMACONTROLLER_EVICT_MIN_IDLE_SECONDS, loaded for
 LLAMACONTROLLER_EVICT_MIN_RESIDENCY_SECONDS."""
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timedelta
 
 from django.conf import settings
@@ -16,6 +16,7 @@ from django.utils import timezone
 
 from accounts.roles import can_manage_instance
 from gpus.models import Gpu, Host
+from policy import pins, quotas
 
 from . import admission, estimates, eviction, keepalive, placement
 from .errors import Refused
@@ -75,7 +76,22 @@ def _kind_kept(instance: GpuInstance) -> str:
     return ""
 
 
-def resident(instance: GpuInstance, claims_by_gpu: dict, now: datetime) -> eviction.Resident:
+@dataclass(frozen=True)
+class Standing:
+    """What the team policy says of the active instances: pinned (never evicted) and borrowed (beyond their
+    owner's quota: reclaimed first)."""
+
+    pinned: frozenset = frozenset()
+    borrowed: frozenset = frozenset()
+
+    @classmethod
+    def now(cls) -> "Standing":
+        return cls(frozenset(pins.pinned_instance_ids()), frozenset(quotas.borrowed_instance_ids()))
+
+
+def resident(
+    instance: GpuInstance, claims_by_gpu: dict, now: datetime, standing: Standing = Standing()
+) -> eviction.Resident:
     """The instance as eviction sees it: its claim on each GPU (Gpu pk) and why it is kept, if it is."""
     claim = {
         gpu_pk: room.claim_of(holder)
@@ -84,16 +100,23 @@ def resident(instance: GpuInstance, claims_by_gpu: dict, now: datetime) -> evict
         if holder.instance_id == instance.pk
     }
     idle_since = keepalive.idle_since(instance)
-    why = _kind_kept(instance) or eviction.why_kept(
-        status=instance.status,
-        evictable_kind=True,
-        in_flight=instance.in_flight if keepalive.serving(instance, now) else 0,
-        idle_seconds=(now - idle_since).total_seconds(),
-        resident_seconds=(now - (instance.loaded_at or now)).total_seconds(),
-        min_idle_seconds=settings.EVICT_MIN_IDLE_SECONDS,
-        min_residency_seconds=settings.EVICT_MIN_RESIDENCY_SECONDS,
+    borrowed = instance.pk in standing.borrowed
+    pinned = "pinned (never unloaded automatically)" if instance.pk in standing.pinned else ""
+    why = (
+        pinned
+        or _kind_kept(instance)
+        or eviction.why_kept(
+            status=instance.status,
+            evictable_kind=True,
+            in_flight=instance.in_flight if keepalive.serving(instance, now) else 0,
+            idle_seconds=(now - idle_since).total_seconds(),
+            resident_seconds=(now - (instance.loaded_at or now)).total_seconds(),
+            min_idle_seconds=settings.EVICT_MIN_IDLE_SECONDS,
+            min_residency_seconds=settings.EVICT_MIN_RESIDENCY_SECONDS,
+            borrowed=borrowed,
+        )
     )
-    return eviction.Resident(instance.pk, instance.model_id, claim, idle_since.timestamp(), why)
+    return eviction.Resident(instance.pk, instance.model_id, claim, idle_since.timestamp(), why, borrowed)
 
 
 def _shortfall(model, gpu: Gpu, room, claim: int | None) -> int | None:
@@ -111,12 +134,12 @@ def _shortfall(model, gpu: Gpu, room, claim: int | None) -> int | None:
     return claim - room.free_mib
 
 
-def _survey(model, gpus: list[Gpu], now: datetime):
+def _survey(model, gpus: list[Gpu], now: datetime, standing: Standing):
     """The candidates (each GPU with its shortfall), the residents on them and their rows."""
     claims_by_gpu = admission.gpu_claims(gpus)
     ids = {h.instance_id for room in claims_by_gpu.values() for h in room.holders}
     rows = {i.pk: i for i in GpuInstance.objects.filter(pk__in=ids).select_related("model", "owner")}
-    residents = [resident(rows[pk], claims_by_gpu, now) for pk in sorted(rows)]
+    residents = [resident(rows[pk], claims_by_gpu, now, standing) for pk in sorted(rows)]
     candidates = []
     for gpu in gpus:
         room = claims_by_gpu[gpu.pk]
@@ -136,7 +159,7 @@ def find(model, *, host: Host | None = None, gpus: list[Gpu] | None = None, now=
     gpus = gpus if gpus is not None else placement.candidate_gpus(model, host)
     if not gpus:
         return None
-    candidates, residents, rows = _survey(model, gpus, now)
+    candidates, residents, rows = _survey(model, gpus, now, Standing.now())
     plan = eviction.choose_victims(candidates, residents)
     if plan is None or not plan.victims:
         return None
@@ -169,7 +192,9 @@ def no_room(model, refusal: Refused, *, host: Host | None = None, now=None) -> R
     be evicted or unloads for idleness), never a load's keep-alive."""
     now = now or timezone.now()
     gpus = placement.candidate_gpus(model, host)
-    _, residents, rows = _survey(model, gpus, now) if gpus else ([], [], {})
+    standing = Standing.now()
+    candidates, residents, rows = _survey(model, gpus, now, standing) if gpus else ([], [], {})
+    _refuse_for_pins(model, candidates, residents, gpus, standing)
     kept = eviction.kept_reasons([g.pk for g in gpus], residents)
     soonest = [t for t in (_eligible_at(row, now) for row in rows.values()) if t is not None]
     retry_after = refusal.retry_after or NO_ROOM_RETRY_SECONDS
@@ -181,6 +206,25 @@ def no_room(model, refusal: Refused, *, host: Host | None = None, now=None) -> R
     return Refused(
         message, code=refusal.code, field=refusal.field, retry_after=retry_after, freeing=refusal.freeing
     )
+
+
+def _refuse_for_pins(model, candidates, residents, gpus, standing: Standing) -> None:
+    """pinned_no_room (the policy's refusal) when unloading pinned models, and only that, would make room:
+    pins are never broken, and the asker is told which pin stands in the way."""
+    if not standing.pinned:
+        return
+    unpinned = [
+        replace(r, why_kept="") if r.instance_id in standing.pinned and r.why_kept.startswith("pinned") else r
+        for r in residents
+    ]
+    plan = eviction.choose_victims(candidates, unpinned)
+    if plan is None:
+        return
+    blocking = [v.instance_id for v in plan.victims if v.instance_id in standing.pinned]
+    if blocking:
+        by_pk = {g.pk: g for g in gpus}
+        where = ", ".join(f"GPU {by_pk[pk].index} of {by_pk[pk].host.name}" for pk in plan.gpus)
+        raise pins.no_room(model.pk, where, blocking)
 
 
 def sentence(victim: GpuInstance, room: Room, *, model_id: str, actor, now: datetime) -> str:
@@ -227,9 +271,10 @@ def evict(room: Room, *, model_id: str, actor) -> None:
         .order_by("pk")
     }
     claims_by_gpu = admission.gpu_claims(room.gpus)
+    standing = Standing.now()
     for victim_id in room.victim_ids:
         row = locked.get(victim_id)
-        why = "it is gone" if row is None else resident(row, claims_by_gpu, now).why_kept
+        why = "it is gone" if row is None else resident(row, claims_by_gpu, now, standing).why_kept
         if why:
             raise Refused(f"making room for {model_id} failed: instance #{victim_id} {why}", code="busy")
     for victim_id in room.victim_ids:

@@ -8,6 +8,8 @@ from django.db import IntegrityError, transaction
 from accounts.roles import can_administer, can_load, can_manage_instance
 from gpus import services as gpu_services
 from gpus.models import Gpu
+from policy import admission as policy_admission
+from policy.rules import BORROWED
 
 from . import admission, dispatch, making_room, placement
 from .checks import (
@@ -126,6 +128,8 @@ def request_load(
             over_claims = admission.admit(model, gpus, prediction, force=force)
             if over_claims:
                 detail += f" (forced: {over_claims})"
+            if check_policy(actor, model, host, gpus, prediction, needs_room=room is not None) == BORROWED:
+                detail += " (borrowed: beyond the quota, on free memory; reclaimed first when room is needed)"
             return _create_pending(
                 model,
                 host,
@@ -138,6 +142,20 @@ def request_load(
             )
     except _Busy:
         raise busy(gpus) from None
+
+
+def check_policy(actor, model, host, gpus: list[Gpu], prediction, *, needs_room: bool) -> str:
+    """The team policy's say (policy.admission: reservations 409, quotas 429), inside the admission transaction
+    with the GPUs locked: the load's standing, "guaranteed" or "borrowed". The claim counted is the one
+    admission holds (a model without an estimate: the whole GPUs)."""
+    claims = admission.new_claims(prediction, gpus)
+    claim_mib = sum(
+        c if c is not None else (g.memory_total_mib or 0) for c, g in zip(claims, gpus, strict=True)
+    )
+    user = actor if actor_id(actor) else None
+    return policy_admission.check_load(
+        user, host=host, gpus=gpus, model_id=model.pk, claim_mib=claim_mib, needs_room=needs_room
+    )
 
 
 AUTO = "auto"  # what the CLI's --gpu (and the API's gpu_id) may say instead of GPU indices

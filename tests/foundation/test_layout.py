@@ -152,7 +152,7 @@ TIERS = [
     # Load on demand is the gateway's command: it loads and unloads through the services.
     ("load on demand", ("ondemand",)),
     ("commands", ("services", "checks")),
-    ("policy", ("placement", "admission", "keepalive")),
+    ("policy", ("placement", "admission", "keepalive", "making_room")),
     ("registry and infrastructure", ()),
     ("models and errors", ("models", "errors")),
 ]

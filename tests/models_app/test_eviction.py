@@ -105,3 +105,13 @@ def test_why_kept_in_words():
     assert why_kept(**{**base, "in_flight": 2}) == "2 request(s) in flight"
     assert "used 5 s ago" in why_kept(**{**base, "idle_seconds": 5})
     assert "loaded 30 s ago" in why_kept(**{**base, "resident_seconds": 30})
+
+
+def test_borrowed_memory_is_reclaimed_first_even_if_used_a_moment_ago():
+    recent_borrowed = Resident(1, "b", {0: 1000}, idle_since=100, borrowed=True)
+    old_guaranteed = Resident(2, "g", {0: 1000}, idle_since=1)
+    assert ids(choose_victims([((0,), {0: 900})], [recent_borrowed, old_guaranteed])) == [1]
+    base = dict(status="running", evictable_kind=True, in_flight=0, idle_seconds=1, resident_seconds=1,
+                min_idle_seconds=60, min_residency_seconds=120)  # fmt: skip
+    assert why_kept(**base, borrowed=True) == ""
+    assert why_kept(**{**base, "in_flight": 1}, borrowed=True) == "1 request(s) in flight"

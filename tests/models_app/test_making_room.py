@@ -161,3 +161,42 @@ def test_the_api_cli_and_auto_placement_may_ask_to_evict(one_small_gpu, tiny_mod
     out = StringIO()
     with pytest.raises(Exception, match="nothing may be evicted to make room"):
         call_command("load", "fourth", "--gpu", "auto", "--evict", stdout=out)
+
+
+# --- the team policy: pins, borrowed memory, quotas -------------------------------------------------------
+
+
+def test_a_pin_is_never_broken_to_make_room(one_small_gpu, tiny_model, sent, users):
+    from policy.models import Pin
+
+    pinned = running(tiny_model, "pinned", idle_minutes=60)
+    Pin.objects.create(instance=pinned, pinned_by=users["admin"], reason="demo at 3")
+    running(tiny_model, "serving", idle_minutes=1, in_flight=1)
+    GpuInstance.objects.filter(model_id="serving").update(last_used_at=timezone.now())
+    with pytest.raises(Refused) as refused:
+        load_on_demand(model_like(tiny_model, "third"), users["viewer"])
+    assert refused.value.status == 503 and refused.value.message.startswith("pinned_no_room: ")
+    assert "demo at 3" in refused.value.message
+    pinned.refresh_from_db()
+    assert pinned.status == Status.RUNNING
+
+
+def test_borrowed_memory_is_reclaimed_first_and_a_quota_refuses_with_numbers(
+    one_small_gpu, tiny_model, sent, users
+):
+    from policy.models import Quota
+
+    Quota.objects.create(user=users["operator"], models_loaded=1)
+    within = running(tiny_model, "within", idle_minutes=30, actor=users["operator"])
+    borrowed = running(tiny_model, "borrowed", idle_minutes=0, actor=users["operator"])  # used just now
+    instance = load_on_demand(model_like(tiny_model, "third"), users["admin"])  # admin: no quota
+    borrowed.refresh_from_db()
+    within.refresh_from_db()
+    assert (borrowed.status, within.status) == (Status.STOPPING, Status.RUNNING)
+    assert instance.status == Status.PENDING
+    # the operator is at their quota: a load that needs room is refused (429) with the numbers
+    with pytest.raises(Refused) as refused:
+        services.request_load(
+            model_id=model_like(tiny_model, "fourth").pk, gpu_spec="0", actor=users["operator"], evict=True
+        )
+    assert refused.value.status == 429 and refused.value.message.startswith("quota_models: ")
