@@ -21,6 +21,7 @@ from django.db.models import Q
 from django.utils import timezone
 
 from accounts.roles import can_load, can_manage_instance, can_read
+from policy import pins
 
 from . import making_room, placement, services
 from .errors import Refused
@@ -313,10 +314,13 @@ def _unload_if_idle(instance_id: int, now: datetime) -> GpuInstance | None:
 
 
 def unload_idle(now: datetime | None = None) -> list[GpuInstance]:
-    """Beat: unload every running instance idle for longer than its keep-alive. Returns those unloaded."""
+    """Beat: unload every running instance idle for longer than its keep-alive, except pinned ones (the team
+    policy: never unloaded automatically). Returns those unloaded."""
     now = now or timezone.now()
-    candidates = GpuInstance.objects.filter(status=Status.RUNNING).filter(
-        Q(loaded_on_demand=True) | Q(model__keep_alive_seconds__gt=0)
+    candidates = (
+        GpuInstance.objects.filter(status=Status.RUNNING)
+        .filter(Q(loaded_on_demand=True) | Q(model__keep_alive_seconds__gt=0))
+        .exclude(pk__in=pins.pinned_instance_ids())
     )
     unloaded = []
     for instance in candidates.select_related("model"):

@@ -200,3 +200,13 @@ def test_borrowed_memory_is_reclaimed_first_and_a_quota_refuses_with_numbers(
             model_id=model_like(tiny_model, "fourth").pk, gpu_spec="0", actor=users["operator"], evict=True
         )
     assert refused.value.status == 429 and refused.value.message.startswith("quota_models: ")
+
+
+def test_idle_unload_leaves_a_pinned_model(one_small_gpu, tiny_model, sent, users, settings):
+    from policy.models import Pin
+
+    settings.KEEP_ALIVE_SECONDS = 60
+    pinned = running(tiny_model, "pinned", idle_minutes=60)
+    loose = running(tiny_model, "loose", idle_minutes=60)
+    Pin.objects.create(instance=pinned, pinned_by=users["admin"])
+    assert [i.pk for i in ondemand.unload_idle()] == [loose.pk]
