@@ -15,7 +15,10 @@ from django.conf import settings
 from django.db import transaction
 from django.utils import timezone
 
+from gpus.models import Host
+
 from .flags import Catalogue, CatalogueError, read_catalogue
+from .models import LlamaBinary
 from .processes import scrubbed_env
 
 
@@ -33,7 +36,6 @@ NOT_FOUND_ANY_MORE = "not found at the worker's last start"
 def known_paths(host_name: str) -> frozenset[str]:
     """The real paths of the llama-server binaries the host's worker registered: only a process running one
     of these counts as an orphan llama-server, or may be killed as one."""
-    from .models import LlamaBinary
 
     paths = LlamaBinary.objects.filter(host__name=host_name).values_list("path", flat=True)
     return frozenset(os.path.realpath(path) for path in paths if path)
@@ -181,7 +183,6 @@ def refresh(binary) -> object:
 def discover_on_host(host, default_path: str | None = None) -> list:
     """Find, verify and store every llama-server of this host's configuration; the default one is marked
     `is_default`. Rows no longer found stay (models may pin them) with an error."""
-    from .models import LlamaBinary
 
     paths = candidate_paths()
     if default_path and default_path not in paths:
@@ -220,7 +221,6 @@ def store_on_host(host) -> str | None:
 def binary_for_load(host, pinned=None):
     """The verified LlamaBinary row an instance on `host` runs: the model's pinned one, else the host's
     default (discovered now if the worker has not yet). BinaryError says why there is none."""
-    from .models import LlamaBinary
 
     if pinned is not None:
         if pinned.host_id != host.pk:
@@ -253,9 +253,6 @@ def catalogues_for_model(binary=None) -> list[Catalogue]:
     """The catalogues a registry entry's flags must satisfy: its pinned binary's, else the default binary
     of every host. Before any worker has reported, this machine's own llama-server is read (and stored for
     this host when the host is known). BinaryError when there is none."""
-    from gpus.models import Host
-
-    from .models import LlamaBinary
 
     if binary is not None:
         binary = refresh(binary)

@@ -6,9 +6,12 @@ import threading
 import time
 
 import redis
+from celery import current_app
 from django.conf import settings
 from django.core.cache import cache
 from django.db import connection
+
+from gpus.models import Host
 
 BROKER_CHECK_CACHE_SECONDS = 3.0
 
@@ -55,9 +58,6 @@ def check_broker() -> dict:
 
 def check_workers() -> dict:
     """A worker counts as alive when its host refreshed recently (heartbeat), else when it answers a ping."""
-    from celery import current_app
-
-    from gpus.models import Host
 
     try:
         fresh = list(Host.objects.up().values_list("name", flat=True))

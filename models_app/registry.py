@@ -13,6 +13,7 @@ from pathlib import Path
 
 from django.conf import settings
 
+from .binaries import BinaryError, catalogues_for_model
 from .estimator import EstimateError, gguf_facts
 from .flags import Catalogue, FlagError
 from .models import ModelConfig
@@ -201,7 +202,6 @@ def used_options(params, catalogue: Catalogue) -> list[dict]:
 def check_cli_params(params, *, binary=None, model_path: str | Path | None = None) -> dict:
     """Accept cli_params only when every flag passes cli_args against the catalogue of each llama-server
     the entry may run on (its pinned binary, else every host's default)."""
-    from .binaries import BinaryError, catalogues_for_model
 
     params = check_params_shape(params)
     if not params:

@@ -187,21 +187,14 @@ INNER_IMPORTS_ALLOWED = {
     ("models_app/estimator/gguf_header.py", "gguf"): "optional: exact tensor sizes of new quantizations",
     ("models_app/testmodel.py", "gguf"): "only to write the test model",
     ("models_app/web/add_model.py", "gguf"): "optional: the quantisation's name on the add-model page",
-    ("models_app/health.py", "celery"): "the worker check asks the running Celery app",
     # Django's app loading: signal receivers connect once the models are ready.
     ("models_app/apps.py", "accounts.audit"): "connected in AppConfig.ready",
     ("models_app/apps.py", "models_app.events"): "connected in AppConfig.ready",
     ("models_app/apps.py", "models_app.model_files"): "connected in AppConfig.ready",
 }
-# Imports inside functions that other work of issue 18 takes out (registry, binaries, health: the models;
-# those of lifecycle, tasks and reconcile are gone). Not held to still being there: this list
-# only shrinks, and an entry is dropped when its import goes.
-INNER_IMPORTS_TO_GO = {
-    ("models_app/binaries.py", "models_app.models"),
-    ("models_app/binaries.py", "gpus.models"),
-    ("models_app/health.py", "gpus.models"),
-    ("models_app/registry.py", "models_app.binaries"),
-}
+# Imports inside functions that other work of issue 18 was to take out: all gone (registry, binaries and health
+# import at the top now).
+INNER_IMPORTS_TO_GO: set = set()
 
 
 def inner_imports(path: Path) -> list[tuple[int, str]]:
