@@ -101,22 +101,25 @@ def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
     (models_app/making_room.py). Returns the model's load under way where another request started it in the
     meantime (joined, never refused), or None when another request claimed the GPU at the same moment: look
     again."""
-    room = None
+    room, refusals = None, 0
     while True:
         try:
             host, gpus = placement.choose_gpus(model)
             break
         except Refused as exc:  # no GPU with room
-            joined = _current(model)
-            if joined is not None:
-                return joined
+            refusals += 1
             room = making_room.find(model)
             if room is not None:
                 host, gpus = room.host, room.gpus
                 break
+            joined = _current(model)
+            if joined is not None:
+                return joined
             # A GPU being unloaded (keep_alive 0, an idle unload, a switch) is free within the stop
-            # timeout: wait for it rather than refuse, as long as the caller's wait allows.
-            if not exc.freeing or time.monotonic() + POLL_SECONDS >= deadline:
+            # timeout: wait for it rather than refuse, as long as the caller's wait allows. A first refusal is
+            # looked at again too: placement reads the GPUs twice, and a stop or a load finishing in between
+            # makes a snapshot that holds neither.
+            if (not exc.freeing and refusals > 1) or time.monotonic() + POLL_SECONDS >= deadline:
                 raise making_room.no_room(model, exc) from None
             time.sleep(POLL_SECONDS)
     user = actor if authenticated(actor) else None
@@ -220,7 +223,12 @@ def ensure_running(
             check_wake(model, actor)
             _check_recent_failure(model)
             _check_down_host(model)
-            instance = _load(model, actor, deadline)
+            try:
+                instance = _load(model, actor, deadline)
+            except Refused as refusal:  # no room: unless another request's load of this model began meanwhile
+                instance = _current(model) if refusal.code == "busy" else None
+                if instance is None:
+                    raise
             if instance is None:
                 busy += 1
                 if busy >= BUSY_RETRIES:
