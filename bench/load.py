@@ -93,23 +93,28 @@ def median_ms(values: list[float]) -> float:
 
 def bare_start(argv: list[str], log: Path, port: int) -> tuple[float, subprocess.Popen]:
     """Seconds from process start to the first /health 200, for llama-server started by hand, and the
-    process (running; no connection left open to it)."""
-    import requests
+    process (running). Each poll asks for `Connection: close`, as the worker's do: no connection stays open
+    to hold up the stop."""
+    import http.client
 
     started = time.perf_counter()
     with open(log, "ab") as out:
         proc = subprocess.Popen(argv, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
-    with requests.Session() as session:
-        session.trust_env = False
-        while True:
-            try:
-                if session.get(f"http://127.0.0.1:{port}/health", timeout=1).status_code == 200:
-                    return time.perf_counter() - started, proc
-            except requests.RequestException:
-                pass
-            if proc.poll() is not None:
-                raise RuntimeError(f"llama-server exited ({proc.returncode}); see {log}")
-            time.sleep(0.005)
+    while True:
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=1)
+        try:
+            connection.request("GET", "/health", headers={"Connection": "close"})
+            response = connection.getresponse()
+            response.read()
+            if response.status == 200:
+                return time.perf_counter() - started, proc
+        except OSError:
+            pass
+        finally:
+            connection.close()
+        if proc.poll() is not None:
+            raise RuntimeError(f"llama-server exited ({proc.returncode}); see {log}")
+        time.sleep(0.005)
 
 
 def bare_stop(proc: subprocess.Popen, idle_connection_to: int | None = None) -> float:

@@ -32,6 +32,18 @@ def stop_pid(pid: int, create_time: float | None, timeout: float | None = None) 
     return f"pid {pid} survived SIGKILL"
 
 
+def processes_of(instance: GpuInstance) -> list[tuple[int, float | None]]:
+    """(pid, create time) of the instance's recorded process, and of one launched for it but not yet recorded
+    (a start racing this stop), found by its tag. A start that reached `running` had recorded its process:
+    no scan of the process table then (it reads the environment of every process on the machine)."""
+    pids = [(instance.pid, instance.process_create_time)] if instance.pid else []
+    if instance.loaded_at is None and instance.host_id:
+        tagged = find_tagged(instance)
+        if tagged and tagged != instance.pid:
+            pids.append((tagged, create_time_of(tagged)))
+    return pids
+
+
 def fail(
     instance: GpuInstance,
     message: str,
@@ -42,11 +54,7 @@ def fail(
 ) -> bool:
     """Mark the instance failed with the message and its log tail; no process is left behind (or the
     message says why one is)."""
-    pids = [(instance.pid, instance.process_create_time)] if instance.pid else []
-    tagged = find_tagged(instance) if instance.host_id else None
-    if tagged and tagged != instance.pid:
-        pids.append((tagged, create_time_of(tagged)))
-    for pid, create_time in pids:
+    for pid, create_time in processes_of(instance):
         problem = stop_pid(pid, create_time, timeout=2)
         if problem:
             message = f"{message}; {problem}"
@@ -143,11 +151,7 @@ def _unload(instance: GpuInstance, actor) -> None:
     GpuInstance.objects.filter(pk=instance.pk, status=Status.STOPPING).update(
         lease_expires_at=lease_until(settings.STOP_TIMEOUT + 5)
     )
-    pids = [(instance.pid, instance.process_create_time)] if instance.pid else []
-    # Launched but not yet recorded (the start was racing this stop): found by its tag.
-    tagged = find_tagged(instance)
-    if tagged and tagged != instance.pid:
-        pids.append((tagged, create_time_of(tagged)))
+    pids = processes_of(instance)
     problems = [problem for pid, create_time in pids if (problem := stop_pid(pid, create_time))]
     if problems:
         _unload_failed(instance, "could not stop llama-server: " + "; ".join(problems), actor)
