@@ -119,21 +119,32 @@ def bare_start(argv: list[str], log: Path, port: int) -> tuple[float, subprocess
 
 def bare_stop(proc: subprocess.Popen, idle_connection_to: int | None = None) -> float:
     """Seconds from SIGTERM to the exit of a llama-server started by bare_start; with one idle keep-alive
-    connection open to port `idle_connection_to` when given."""
+    connection open to port `idle_connection_to` when given. The process is gone afterwards, whatever fails."""
     import http.client
 
     idle = None
-    if idle_connection_to is not None:
-        idle = http.client.HTTPConnection("127.0.0.1", idle_connection_to, timeout=5)
-        idle.request("GET", "/health")
-        idle.getresponse().read()  # answered; the connection stays open, idle
-    started = time.perf_counter()
-    proc.terminate()
-    proc.wait(30)
-    elapsed = time.perf_counter() - started
-    if idle is not None:
-        idle.close()
-    return elapsed
+    try:
+        if idle_connection_to is not None:
+            idle = http.client.HTTPConnection("127.0.0.1", idle_connection_to, timeout=5)
+            idle.request("GET", "/health")
+            idle.getresponse().read()  # answered; the connection stays open, idle
+        started = time.perf_counter()
+        proc.terminate()
+        try:
+            proc.wait(10)
+        except subprocess.TimeoutExpired:
+            # Seen about once in 20 runs: with the idle connection open, it did not exit until that closed.
+            if idle is None:
+                raise
+            idle.close()
+            proc.wait(30)
+        return time.perf_counter() - started
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+        if idle is not None:
+            idle.close()
 
 
 def controller_load(model_id: str) -> tuple[float, object]:
