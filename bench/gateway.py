@@ -123,7 +123,7 @@ def stream(client, url: str, headers: dict, body: dict, ollama: bool = False) ->
                 tokens += 1
     ttft = (first or time.perf_counter()) - started
     rate = (tokens - 1) / (last - first) if tokens > 1 and last > first else 0.0
-    return ttft, rate, tokens
+    return ttft, rate, tokens, (last or time.perf_counter()) - started
 
 
 def openai_body(prompt: str, tokens: int) -> dict:
@@ -203,23 +203,25 @@ def interleaved(client, paths: dict, pairs: int, tokens: int) -> dict:
             url, headers, is_ollama, pids = paths[name]
             body = ollama_body(prompt, tokens) if is_ollama else openai_body(prompt, tokens)
             before = proxies.cpu_seconds(pids)
-            ttft, rate, got = stream(client, url, headers, body, ollama=is_ollama)
-            rows[name].append((ttft, rate, got, proxies.cpu_seconds(pids) - before))
+            ttft, rate, got, answer = stream(client, url, headers, body, ollama=is_ollama)
+            rows[name].append((ttft, rate, got, proxies.cpu_seconds(pids) - before, answer))
     return rows
 
 
 def report_paths(runs: dict, tokens: int) -> None:
     """The table of the interleaved runs: first token, tokens/s, and CPU per request and per chunk of each
-    path's own processes (the chunk's share: the difference between the long and the 1-token answers)."""
+    path's own processes (the chunk's share: the difference between the long and the 1-token answers).
+    Tokens/s is the whole answer's (its tokens over the time from sending to its last token): a proxy that
+    passes several tokens on at once makes the rate after the first token look higher than it is."""
     long, short = runs[tokens], runs[1]
     pairs = len(long["direct /v1"])
     print(f"\none stream at a time: {pairs} interleaved rounds of {tokens} tokens and of 1 token, medians; CPU from "
           "/proc of the path's processes (10 ms ticks: per request as the mean over all requests)")  # fmt: skip
     print(f"{'path':<24} {'tokens/s':>9} {'x direct':>8} {'TTFT ms':>8} {'+TTFT 1 tok':>11} {'CPU/req ms':>10} "
           f"{'CPU 1 tok':>9} {'CPU/chunk us':>12}")  # fmt: skip
-    direct_rate = med(r[1] for r in long["direct /v1"])
+    direct_rate = med(r[2] / r[4] for r in long["direct /v1"])
     for name in long:
-        rate = med(r[1] for r in long[name])
+        rate = med(r[2] / r[4] for r in long[name])
         over = med(s[0] - d[0] for s, d in zip(short[name], short["direct /v1"], strict=True)) * 1000
         cpu_long = statistics.mean(r[3] for r in long[name]) * 1000
         cpu_short = statistics.mean(r[3] for r in short[name]) * 1000
@@ -299,7 +301,9 @@ def main() -> None:
          "-c", "2", "-l", "WARNING", "--without-gossip", "--without-mingle", "-n", "bench@%h"],
         cwd=REPO, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
-    port = 18099
+    port = (
+        18099  # the instances take LLAMACONTROLLER_PORT_RANGE (18100-18199); the relay and LiteLLM below it
+    )
     web = subprocess.Popen(
         web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=2 if args.rounds else 1)
         + ["--access-logfile", "/dev/null"],
@@ -351,7 +355,7 @@ def main() -> None:
             bare_port = settings.PORT_RANGE[1]
             argv = build_argv(settings.LLAMA_SERVER, str(path), params, bare_port, 1)
             for n in range(3):
-                ttft, _, _ = stream(
+                ttft, _, _, _ = stream(
                     client, gateway + "/v1/chat/completions", auth, openai_body(PROMPTS[n % 4], 4)
                 )
                 cold.append(ttft)
@@ -372,7 +376,7 @@ def main() -> None:
                         except httpx.HTTPError:
                             time.sleep(0.005)
                     healthy = time.perf_counter() - started
-                    first, _, _ = stream(client, f"http://127.0.0.1:{bare_port}/v1/chat/completions", {},
+                    first, _, _, _ = stream(client, f"http://127.0.0.1:{bare_port}/v1/chat/completions", {},
                                          openai_body(PROMPTS[n % 4], 4))  # fmt: skip
                     bare.append(healthy + first)
                 finally:
@@ -389,12 +393,12 @@ def main() -> None:
         instance.refresh_from_db()
         direct = f"http://127.0.0.1:{instance.port}"
         direct_auth = {"Authorization": f"Bearer {instance.api_key}"}
-        relay = proxies.start_relay(port + 1, instance.port, logs)
+        relay = proxies.start_relay(port - 1, instance.port, logs)
         paths = {  # name: (url, headers, Ollama?, the processes whose CPU is the path's)
             "direct /v1": (direct + "/v1/chat/completions", direct_auth, False, []),
             "gateway /v1": (gateway + "/v1/chat/completions", auth, False, [web_worker.pid]),
             "relay /v1": (
-                f"http://127.0.0.1:{port + 1}/v1/chat/completions",
+                f"http://127.0.0.1:{port - 1}/v1/chat/completions",
                 direct_auth,
                 False,
                 [relay.pid],
@@ -403,11 +407,11 @@ def main() -> None:
         }
         if args.litellm:
             litellm = proxies.start_litellm(
-                args.litellm, port + 2, instance.port, instance.api_key, data, logs
+                args.litellm, port - 2, instance.port, instance.api_key, data, logs
             )
-            proxies.wait_for(f"http://127.0.0.1:{port + 2}/health/liveliness", 300)
+            proxies.wait_for(f"http://127.0.0.1:{port - 2}/health/liveliness", 300)
             tree = [litellm.pid] + [c.pid for c in psutil.Process(litellm.pid).children(recursive=True)]
-            paths["litellm /v1"] = (f"http://127.0.0.1:{port + 2}/v1/chat/completions",
+            paths["litellm /v1"] = (f"http://127.0.0.1:{port - 2}/v1/chat/completions",
                                     {"Authorization": "Bearer sk-bench"}, False, tree)  # fmt: skip
         proxies.wait_for(paths["relay /v1"][0].rsplit("/v1", 1)[0] + "/health")
         for url, headers, is_ollama, _ in paths.values():  # warm-up: connections, caches
