@@ -21,6 +21,7 @@ HOST_KINDS = (
     Kind.INSTANCE_LEAK,
     Kind.FOREIGN_PROCESS,
     Kind.INSTANCE_CRASHED,
+    Kind.INSTANCE_EVICTED,
 )
 # Fewer samples than this, or samples spanning less than this share of the window, give no slope.
 LEAK_MIN_SAMPLES = 5
@@ -35,7 +36,8 @@ class InstanceFacts:
     label: str  # e.g. "Tiny (#12) on GPU 0,1"
     gpu_pks: tuple[int, ...]
     status: str  # the instance's status ("running", "crashed", …)
-    ended_at: datetime | None = None  # crashed: when
+    ended_at: datetime | None = None  # crashed or evicted: when
+    evicted: str = ""  # evicted to make room: the eviction's sentence (who, for whom, why)
 
 
 @dataclass(frozen=True)
@@ -176,6 +178,21 @@ def instance_crashed(rule: AlertRule, facts: InstanceFacts, now: datetime) -> Ob
     )
 
 
+def instance_evicted(rule: AlertRule, facts: InstanceFacts, now: datetime) -> Observation | None:
+    """Open from the eviction for the rule's window: the channels hear who lost their model, for whom and why."""
+    if not facts.evicted or facts.ended_at is None:
+        return None
+    recent = now - facts.ended_at < timedelta(minutes=rule.window_minutes)
+    return Observation(
+        subject=f"instance:{facts.instance_id}:evicted",
+        firing=recent,
+        clear=not recent,
+        message=facts.evicted,
+        instance_id=facts.instance_id,
+        gpu_id=facts.gpu_pks[0] if facts.gpu_pks else None,
+    )
+
+
 def telemetry_failing(host: Host, gpus: list[Gpu], now: datetime) -> Observation:
     """A host's GPU query fails, a GPU is not reported, or the host's worker is silent (no refresh for three
     intervals)."""
@@ -237,4 +254,7 @@ def observe_host(
         elif rule.kind == Kind.INSTANCE_CRASHED:
             for facts in instances:
                 put(rule, instance_crashed(rule, facts, now))
+        elif rule.kind == Kind.INSTANCE_EVICTED:
+            for facts in instances:
+                put(rule, instance_evicted(rule, facts, now))
     return observations

@@ -205,12 +205,12 @@ def open_alerts():
     return Alert.objects.filter(status=Alert.Status.OPEN).select_related("rule", "gpu", "host")
 
 
-def crash_window() -> timedelta | None:
-    """How far back crashed instances matter: the longest window of the enabled crash rules."""
-    minutes = (
-        AlertRule.objects.filter(enabled=True, kind=Kind.INSTANCE_CRASHED)
-        .order_by("-window_minutes")
-        .values_list("window_minutes", flat=True)
-        .first()
+def instance_windows() -> dict[str, timedelta]:
+    """How far back crashed and evicted instances matter (one query): the longest window of the enabled rules
+    of each kind, by kind; a kind without an enabled rule is absent."""
+    rows = (
+        AlertRule.objects.filter(enabled=True, kind__in=[Kind.INSTANCE_CRASHED, Kind.INSTANCE_EVICTED])
+        .values_list("kind", "window_minutes")
+        .order_by("window_minutes")
     )
-    return timedelta(minutes=minutes) if minutes is not None else None
+    return {kind: timedelta(minutes=minutes) for kind, minutes in rows}  # the longest wins: ordered last

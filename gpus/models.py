@@ -172,6 +172,7 @@ class AlertRule(models.Model):
         TELEMETRY_FAILING = "telemetry_failing", "GPU telemetry failing for for_minutes"
         FOREIGN_PROCESS = "foreign_process", "Foreign process on a GPU that serves one of our instances"
         INSTANCE_CRASHED = "instance_crashed", "Instance crashed"
+        INSTANCE_EVICTED = "instance_evicted", "Instance evicted to make room for another model"
 
     class Severity(models.TextChoices):
         WARNING = "warning", "Warning"

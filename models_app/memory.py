@@ -13,6 +13,7 @@ from django.utils import timezone
 from gpus import alerts as gpu_alerts
 from gpus import services as gpu_services
 from gpus.alert_rules import InstanceFacts
+from gpus.models import AlertRule
 from gpus.telemetry import process_trees
 from utilities.dbutil import update_rows
 
@@ -23,6 +24,7 @@ from .processes import is_alive
 from .state import NO_MEMORY
 
 logger = logging.getLogger(__name__)
+AlertKind = AlertRule.Kind
 
 Status = GpuInstance.Status
 
@@ -98,9 +100,10 @@ def _record_alert_events(transitions: list[gpu_alerts.Transition]) -> None:
 
 
 def instance_facts(host_name: str) -> list[InstanceFacts]:
-    """The host's running instances and those that crashed within the crash rules' window (two queries,
-    the (host, status) index)."""
-    crashed_since = timezone.now() - (gpu_alerts.crash_window() or timedelta(0))
+    """The host's running instances, those that crashed within the crash rules' window (two queries, the
+    (host, status) index) and, where an eviction rule is enabled, those evicted within its window."""
+    windows = gpu_alerts.instance_windows()
+    crashed_since = timezone.now() - windows.get(AlertKind.INSTANCE_CRASHED, timedelta(0))
     rows = list(
         GpuInstance.objects.filter(host__name=host_name)
         .filter(Q(status=Status.RUNNING) | Q(status=Status.CRASHED, stopped_at__gte=crashed_since))
@@ -121,6 +124,29 @@ def instance_facts(host_name: str) -> list[InstanceFacts]:
             ended_at=stopped_at,
         )
         for pk, model_name, gpu_ids, status, stopped_at in rows
+    ] + evicted_facts(host_name, windows.get(AlertKind.INSTANCE_EVICTED))
+
+
+def evicted_facts(host_name: str, window: timedelta | None) -> list[InstanceFacts]:
+    """The host's instances evicted within `window` (the eviction rules'), with the eviction's sentence (none
+    without such a rule: no query)."""
+    if window is None:
+        return []
+    events = InstanceEvent.objects.filter(
+        kind=InstanceEvent.Kind.EVICTED,
+        instance__host__name=host_name,
+        created_at__gte=timezone.now() - window,
+    ).values_list("instance_id", "instance__gpu_ids", "instance__status", "created_at", "detail")
+    return [
+        InstanceFacts(
+            instance_id=pk,
+            label=f"instance #{pk} on {host_name} GPU {gpu_ids}",
+            gpu_pks=(),
+            status=status,
+            ended_at=created_at,
+            evicted=detail,
+        )
+        for pk, gpu_ids, status, created_at, detail in events
     ]
 
 

@@ -201,6 +201,20 @@ class TestCrash:
         assert evaluate(61, crashed) == [("resolved", r.name)]
 
 
+class TestEvicted:
+    def test_an_eviction_reaches_the_channels_with_its_sentence(self, gpu):
+        r = rule("instance_evicted", window_minutes=10)
+        sentence = (
+            "beta (#5, loaded on demand by ann) was unloaded for bob's request for gamma on GPU 0 of box"
+        )
+        evicted = [InstanceFacts(5, "instance #5", (gpu.pk,), "stopped", ended_at=at(0), evicted=sentence)]
+        assert evaluate(1, evicted) == [("fired", r.name)]
+        assert only_alert().message == sentence
+        assert evaluate(11, evicted) == [("resolved", r.name)]
+        crashed_rule_ignores_it = [InstanceFacts(6, "x", (gpu.pk,), "stopped", ended_at=at(0))]
+        assert evaluate(12, crashed_rule_ignores_it) == []
+
+
 class TestTelemetry:
     def test_failing_query_for_n_minutes_fires_and_a_good_query_resolves(self, host, gpu):
         r = rule("telemetry_failing", for_minutes=2, clear_minutes=1)

@@ -139,7 +139,9 @@ class TestHistoryApi:
 class TestAlertApi:
     def test_rules_are_read_by_viewers_and_changed_by_admins(self, client, users):
         client.force_login(users["viewer"])
-        assert len(client.get("/api/v1/alert-rules/").json()["results"]) == 6
+        assert (
+            len(client.get("/api/v1/alert-rules/").json()["results"]) == 7
+        )  # the default rules, one per kind
         new = {"name": "GPU 80", "kind": "gpu_used_pct", "threshold": 80, "for_minutes": 1}
         assert client.post("/api/v1/alert-rules/", new, content_type="application/json").status_code == 403
         client.force_login(users["admin"])

@@ -210,3 +210,17 @@ def test_idle_unload_leaves_a_pinned_model(one_small_gpu, tiny_model, sent, user
     loose = running(tiny_model, "loose", idle_minutes=60)
     Pin.objects.create(instance=pinned, pinned_by=users["admin"])
     assert [i.pk for i in ondemand.unload_idle()] == [loose.pk]
+
+
+def test_an_eviction_is_a_fact_for_the_alert_rules(one_small_gpu, tiny_model, sent, users):
+    from gpus.models import AlertRule
+    from models_app.memory import instance_facts
+
+    running(tiny_model, "recent", idle_minutes=5)
+    oldest = running(tiny_model, "oldest", idle_minutes=14)
+    assert not [f for f in instance_facts("testhost") if f.evicted]  # no eviction rule: not even asked
+    AlertRule.objects.create(name="evictions", kind=AlertRule.Kind.INSTANCE_EVICTED, window_minutes=30)
+    load_on_demand(model_like(tiny_model, "third"), users["viewer"])
+    (facts,) = [f for f in instance_facts("testhost") if f.evicted]
+    assert facts.instance_id == oldest.pk
+    assert facts.evicted == oldest.events.get(kind=InstanceEvent.Kind.EVICTED).detail
