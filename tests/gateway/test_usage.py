@@ -109,3 +109,24 @@ def test_nothing_imports_the_gateway():
                     names = [node.module]
                 wrong += [f"{path} imports {n}" for n in names if n == "gateway" or n.startswith("gateway.")]
     assert not wrong
+
+
+@pytest.mark.django_db
+def test_one_plain_insert_writes_what_the_orm_would(users):
+    """gateway.usage.record: every value prepared by its field (an aware datetime, a float, a boolean) and read
+    back as the ORM wrote it; a name that is no field is refused, not dropped."""
+    from gateway import usage
+
+    token = ApiToken.issue(users["viewer"], "t")[0]
+    arrived = timezone.now() - timedelta(seconds=3)
+    values = {
+        "user_id": users["viewer"].pk, "token_id": token.pk, "model_id": "tiny", "instance_id": 7,
+        "endpoint": "/v1/chat/completions", "status": 200, "error": "", "prompt_tokens": 12,
+        "completion_tokens": 64, "time_to_first_token_ms": 1.25, "duration_ms": 100.5,
+        "client_disconnected": True, "created_at": arrived,
+    }  # fmt: skip
+    usage.record(**values)
+    row = UsageRecord.objects.get()
+    assert {name: getattr(row, name) for name in values} == values
+    with pytest.raises(TypeError, match="no field tokens"):
+        usage.record(**values, tokens=3)
