@@ -215,6 +215,10 @@ def test_40_parallel_loads_never_admit_claims_beyond_the_gpu(measured, fake_gpus
     assert all(r.status == 409 and "does not fit on GPU 0" in r.message for r in refused)
     assert len(admitted) == (gpu.memory_total_mib - state.foreign_mib) // claim
     assert len(admitted) + len(refused) == 40
+    print(
+        f"\n40 parallel loads at one GPU: {len(admitted)} admitted, {len(refused)} refused (409); claims "
+        f"{state.claimed_mib} + foreign {state.foreign_mib} of {gpu.memory_total_mib} MiB"
+    )
 
 
 @postgres_only
