@@ -163,18 +163,26 @@ def instance_leak(
     )
 
 
-def instance_crashed(rule: AlertRule, facts: InstanceFacts, now: datetime) -> Observation | None:
-    """Open from the crash for the rule's window (or until acknowledged and the window ends)."""
-    if facts.status != "crashed" or facts.ended_at is None:
-        return None
+def _open_for_window(rule: AlertRule, facts: InstanceFacts, now: datetime, subject: str, message: str):
+    """An alert open from `facts.ended_at` for the rule's window (or until acknowledged and the window ends)."""
     recent = now - facts.ended_at < timedelta(minutes=rule.window_minutes)
     return Observation(
-        subject=f"instance:{facts.instance_id}",
+        subject=subject,
         firing=recent,
         clear=not recent,
-        message=f"{facts.label} crashed at {timezone.localtime(facts.ended_at):%Y-%m-%d %H:%M:%S}",
+        message=message,
         instance_id=facts.instance_id,
         gpu_id=facts.gpu_pks[0] if facts.gpu_pks else None,
+    )
+
+
+def instance_crashed(rule: AlertRule, facts: InstanceFacts, now: datetime) -> Observation | None:
+    """Open from the crash for the rule's window."""
+    if facts.status != "crashed" or facts.ended_at is None:
+        return None
+    at = timezone.localtime(facts.ended_at)
+    return _open_for_window(
+        rule, facts, now, f"instance:{facts.instance_id}", f"{facts.label} crashed at {at:%Y-%m-%d %H:%M:%S}"
     )
 
 
@@ -182,15 +190,7 @@ def instance_evicted(rule: AlertRule, facts: InstanceFacts, now: datetime) -> Ob
     """Open from the eviction for the rule's window: the channels hear who lost their model, for whom and why."""
     if not facts.evicted or facts.ended_at is None:
         return None
-    recent = now - facts.ended_at < timedelta(minutes=rule.window_minutes)
-    return Observation(
-        subject=f"instance:{facts.instance_id}:evicted",
-        firing=recent,
-        clear=not recent,
-        message=facts.evicted,
-        instance_id=facts.instance_id,
-        gpu_id=facts.gpu_pks[0] if facts.gpu_pks else None,
-    )
+    return _open_for_window(rule, facts, now, f"instance:{facts.instance_id}:evicted", facts.evicted)
 
 
 def telemetry_failing(host: Host, gpus: list[Gpu], now: datetime) -> Observation:

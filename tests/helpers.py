@@ -145,3 +145,30 @@ def refused(code: str, match: str | None = None):
     with pytest.raises(Refused, match=match) as caught:
         yield caught
     assert caught.value.code == code, (caught.value.code, caught.value.message)
+
+
+def callers_at_once(model, user, callers: int, timeout: float):
+    """`callers` threads ask ondemand.ensure_running for `model` at the same moment (each with its own database
+    connection). Returns the started threads and the lists their instance ids and exceptions go to."""
+    import threading
+
+    from django.db import connection
+
+    from models_app import ondemand
+
+    results, errors = [], []
+    barrier = threading.Barrier(callers)
+
+    def call():
+        try:
+            barrier.wait()
+            results.append(ondemand.ensure_running(model, user, timeout=timeout).pk)
+        except Exception as exc:  # noqa: BLE001 - reported by the test
+            errors.append(exc)
+        finally:
+            connection.close()
+
+    threads = [threading.Thread(target=call) for _ in range(callers)]
+    for thread in threads:
+        thread.start()
+    return threads, results, errors

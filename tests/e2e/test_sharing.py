@@ -4,17 +4,15 @@ so a cold request for a third evicts the least recently used idle one (with its 
 with a request in flight is never chosen. And six concurrent requests right after an unload all join one load."""
 
 import json
-import threading
 from datetime import timedelta
 
 import pytest
-from django.db import connection
 from django.utils import timezone
 
 from models_app import keepalive, ondemand, processes
 from models_app.memory import refresh_host_memory
 from models_app.models import GpuInstance, InstanceEvent, LlamaBinary, ModelConfig
-from tests.helpers import wait_until
+from tests.helpers import callers_at_once, wait_until
 
 pytestmark = [pytest.mark.e2e, pytest.mark.django_db(transaction=True)]
 
@@ -95,21 +93,7 @@ def test_requests_right_after_an_unload_all_join_one_load(small_gpu, tiny_model,
     first = ondemand.ensure_running(alpha, users["operator"], timeout=60)
     ondemand.unload_now(alpha, users["operator"])  # Ollama's keep_alive 0: it is stopping now
 
-    results, errors = [], []
-    start = threading.Barrier(6)
-
-    def call():
-        try:
-            start.wait()
-            results.append(ondemand.ensure_running(alpha, users["viewer"], timeout=60).pk)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=call) for _ in range(6)]
-    for thread in threads:
-        thread.start()
+    threads, results, errors = callers_at_once(alpha, users["viewer"], 6, timeout=60)
     for thread in threads:
         thread.join(90)
     assert errors == [] and len(results) == 6, errors

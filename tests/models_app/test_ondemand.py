@@ -2,14 +2,12 @@
 the model lifecycle. The worker is not running here: loads are captured (`sent`) and the tests play the
 worker by setting the instance's status."""
 
-import threading
 import time
 from datetime import timedelta
 from types import SimpleNamespace
 
 import pytest
 from django.contrib.auth.models import AnonymousUser
-from django.db import connection
 from django.utils import timezone
 
 from gpus.models import Gpu, Host
@@ -17,7 +15,7 @@ from models_app import keepalive, ondemand, placement, tasks
 from models_app.errors import Refused
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, LlamaBinary, ModelConfig
 from models_app.placement import choose_gpus
-from tests.helpers import refused
+from tests.helpers import callers_at_once, refused
 
 Status = GpuInstance.Status
 
@@ -347,21 +345,7 @@ def test_the_default_wait_is_the_setting(host, tiny_model, users, sent, settings
 def test_concurrent_callers_share_one_load(host, tiny_model, users, sent):
     """Eight real threads ask for a cold model at once: exactly one instance, one load task, all get it."""
     callers = 8
-    results, errors = [], []
-    barrier = threading.Barrier(callers)
-
-    def call():
-        try:
-            barrier.wait()
-            results.append(ondemand.ensure_running(tiny_model, users["operator"], timeout=20).pk)
-        except Exception as exc:  # noqa: BLE001 - reported below
-            errors.append(exc)
-        finally:
-            connection.close()
-
-    threads = [threading.Thread(target=call) for _ in range(callers)]
-    for thread in threads:
-        thread.start()
+    threads, results, errors = callers_at_once(tiny_model, users["operator"], callers, timeout=20)
     deadline = time.monotonic() + 20
     while not GpuInstance.objects.exists() and time.monotonic() < deadline:
         time.sleep(0.05)
