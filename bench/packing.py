@@ -10,6 +10,10 @@ Zipf-distributed popularity, under three rules:
   decides what fits (estimate + headroom per instance on each GPU; a GPU admits a load only while claims + the
   new claim <= its memory), placement packing best fit.
 
+A second part replays two users on the same GPUs, with and without quotas (policy/rules.py decides: a claim
+beyond the user's quota is borrowed, may not make room, and is reclaimed first): each user's 503s, 429s,
+waits and share of the claimed memory against the quota.
+
 Every rule answers a request for a model that is loading by joining that load, unloads models idle for the
 keep-alive, and refuses (a 503) a request it cannot place. After every step the simulation asserts that, on
 each GPU, the memory of the processes alive never exceeds the GPU's memory (and, for ours, that the admitted
@@ -33,6 +37,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from models_app.claims import GpuClaims, Holder, new_claim_mib  # noqa: E402
 from models_app.eviction import Resident, choose_victims, why_kept  # noqa: E402
+from policy import rules as quota_rules  # noqa: E402
+from policy.reasons import PolicyRefusal  # noqa: E402
 
 GIB = 1024
 GPU_SIZES_MIB = [80 * GIB] * 2 + [24 * GIB] * 6
@@ -70,6 +76,7 @@ class Instance:
     in_flight: int = 0
     stopping_until: float | None = None
     waits_for: list = field(default_factory=list)  # victims that must exit before its process starts
+    owner: str = ""  # the user whose request loaded it (their quota counts its claim)
 
     def ready(self, now: float) -> bool:
         return self.stopping_until is None and now >= self.loaded_at
@@ -103,8 +110,10 @@ def make_trace(rng: random.Random, models: list[Model]) -> list[tuple[float, Mod
 class Cluster:
     """Instances on GPUs, advanced in time; the rules differ only in `place`."""
 
-    def __init__(self, rule: str):
+    def __init__(self, rule: str, quotas: dict | None = None):
         self.rule = rule
+        self.quotas = quotas or {}  # user -> policy.rules.Limits (none: unlimited)
+        self.users: dict[str, dict] = {}  # per user: requests, 503s, 429s, waits, claim x seconds
         self.instances: list[Instance] = []
         self.pk = 0
         self.loads = 0
@@ -138,7 +147,15 @@ class Cluster:
         if now > self.clock:
             alive = sum(i.model.size_mib for i in self.instances if i.process_alive(self.clock))
             self.memory_time += alive * (now - self.clock)
+            for i in self.instances:
+                if i.owner and i.stopping_until is None:
+                    self.user(i.owner)["claim_time"] += i.claim_mib * (now - self.clock)
             self.clock = now
+
+    def user(self, name: str) -> dict:
+        return self.users.setdefault(
+            name, {"requests": 0, "503": 0, "429": 0, "waits": [], "claim_time": 0.0}
+        )
 
     def check(self, now: float) -> None:
         for gpu, total in enumerate(GPU_SIZES_MIB):
@@ -152,15 +169,25 @@ class Cluster:
         return instance.stopping_until is not None and any(instance in i.waits_for for i in self.instances)
 
     # --- requests ---
-    def request(self, now: float, model: Model, seconds: float) -> None:
+    def request(self, now: float, model: Model, seconds: float, user: str = "") -> None:
         self.advance(now)
+        stats = self.user(user)
+        stats["requests"] += 1
         current = next((i for i in self.instances if i.model is model and i.stopping_until is None), None)
         if current is None:
-            current = self.place(now, model)
+            self.requester = user
+            try:
+                current = self.place(now, model)
+            except PolicyRefusal:  # beyond the requester's quota where room would have to be made: 429
+                stats["429"] += 1
+                return
             if current is None:
                 self.refused += 1
+                stats["503"] += 1
                 return
+            current.owner = user
         start = max(now, current.loaded_at)  # joins a load under way
+        stats["waits"].append(start - now)
         current.in_flight += 1
         current.last_used = now
         self.pk += 1
@@ -246,9 +273,13 @@ class Cluster:
         claim = new_claim_mib(model.estimate_mib, HEADROOM_MIB)
         rooms = [self._room(g, now) for g in range(len(GPU_SIZES_MIB))]
         fitting = [(room.left_after_mib(claim), room.gpu_id) for room in rooms if room.fits(claim)]
+        decision = self._quota_decision(model, claim)
         if fitting:  # pack (placement's default): the least memory left over
+            decision.check(needs_room=False)
             _, gpu = min(fitting)
             return self.start(now, model, gpu, claim, [])
+        decision.check(needs_room=True)  # a borrowed load may not make room: 429
+        borrowed = self._borrowed()
         # eviction's candidates: the GPUs the model fits when empty, smallest first
         order = sorted((r for r in rooms if claim <= r.total_mib), key=lambda r: (r.total_mib, r.gpu_id))
         candidates = [((r.gpu_id,), {r.gpu_id: claim - r.free_mib}) for r in order]
@@ -263,6 +294,7 @@ class Cluster:
                         i.model.name,
                         {room.gpu_id: room.claim_of(holder)},
                         idle_since=i.last_used,
+                        borrowed=i.pk in borrowed,
                         why_kept=why_kept(
                             status=holder.status,
                             evictable_kind=True,
@@ -271,6 +303,7 @@ class Cluster:
                             resident_seconds=now - i.loaded_at,
                             min_idle_seconds=MIN_IDLE_S,
                             min_residency_seconds=MIN_RESIDENCY_S,
+                            borrowed=i.pk in borrowed,
                         ),
                     ),
                 )
@@ -279,6 +312,95 @@ class Cluster:
             return None
         victims = [residents[v.instance_id][0] for v in plan.victims]
         return self.start(now, model, plan.gpus[0], claim, victims)
+
+    def _claims_of(self, user: str) -> list:
+        return [
+            quota_rules.Claim(i.pk, i.model.name, (i.gpu,), i.claim_mib)
+            for i in sorted(self.instances, key=lambda i: i.pk)
+            if i.owner == user and i.stopping_until is None
+        ]
+
+    def _quota_decision(self, model: Model, claim: int):
+        """The policy's rules (policy/rules.py) for the requester's new claim."""
+        limits = self.quotas.get(self.requester, quota_rules.Limits())
+        new = quota_rules.Claim(None, model.name, (), claim)
+        return quota_rules.decide(limits, self._claims_of(self.requester), new)
+
+    def _borrowed(self) -> set:
+        """Instances beyond their owner's quota (policy/rules.py standings): reclaimed first."""
+        out = set()
+        for user, limits in self.quotas.items():
+            marks = quota_rules.standings(limits, self._claims_of(user))
+            out |= {pk for pk, standing in marks.items() if standing == quota_rules.BORROWED}
+        return out
+
+
+# --- two users and their quotas (issue 20) ----------------------------------------------------------------
+
+TEAM = {  # user: (its models, mean seconds between its requests, its quota's share of all GPU memory)
+    "heavy": (range(0, 20), 1.5, 0.5),
+    "light": (range(20, 30), 12.0, 0.25),
+}
+
+
+def make_team_trace(rng: random.Random, models: list[Model]) -> list[tuple[float, Model, float, str]]:
+    """The heavy user floods (a request every 1.5 s on average over 20 models); the light one asks every 12 s
+    for one of its own 10 models. Merged by time, the first REQUESTS requests."""
+    trace = []
+    for user, (own, gap, _) in TEAM.items():
+        mine = [models[n] for n in own]
+        weights = [1 / (rank + 1) ** 1.1 for rank in range(len(mine))]
+        now = 0.0
+        for _ in range(REQUESTS):
+            now += rng.expovariate(1 / gap)
+            trace.append((now, rng.choices(mine, weights)[0], rng.uniform(*REQUEST_S), user))
+    return sorted(trace, key=lambda r: r[0])[:REQUESTS]
+
+
+def run_team(trace, with_quotas: bool) -> dict:
+    total = sum(GPU_SIZES_MIB)
+    quotas = {
+        user: quota_rules.Limits(gpu_memory_mib=int(total * share)) for user, (_, _, share) in TEAM.items()
+    }
+    cluster = Cluster("ours", quotas if with_quotas else None)
+    for now, model, seconds, user in trace:
+        cluster.request(now, model, seconds, user)
+    end = trace[-1][0]
+    cluster.advance(end)
+    out = {}
+    for user, stats in cluster.users.items():
+        waits = sorted(stats["waits"])
+        out[user] = {
+            "requests": stats["requests"],
+            "503": stats["503"],
+            "429": stats["429"],
+            "wait_p50": statistics.median(waits) if waits else 0.0,
+            "wait_p95": waits[int(0.95 * (len(waits) - 1))] if waits else 0.0,
+            "share_pct": 100 * stats["claim_time"] / end / total,
+            "quota_pct": 100 * TEAM[user][2],
+        }
+    return out
+
+
+def main_team(seeds: list[int]) -> None:
+    print(
+        "\ntwo users on the same GPUs: heavy floods (quota 50 % of the memory), light asks now and then (quota 25 %)"
+    )
+    print("| quotas | user | requests | 503s | 429s (quota) | wait p50 / p95 | share of GPU memory claimed |")
+    print("|---|---|---|---|---|---|---|")
+    for with_quotas in (False, True):
+        runs = []
+        for seed in seeds:
+            rng = random.Random(seed)
+            models = make_models(rng)
+            runs.append(run_team(make_team_trace(rng, models), with_quotas))
+        for user in TEAM:
+            m = {k: statistics.median(r[user][k] for r in runs) for k in runs[0][user]}
+            print(
+                f"| {'on' if with_quotas else 'off'} | {user} | {m['requests']:g} | {m['503']:g} | {m['429']:g} "
+                f"| {m['wait_p50']:.1f} s / {m['wait_p95']:.1f} s | {m['share_pct']:.1f} % (quota {m['quota_pct']:g} %) |"
+            )
+    print("(medians over the traces; a wait is 0 when the model runs, else its load, after its victims stop)")
 
 
 def run(rule: str, trace) -> dict:
@@ -340,6 +462,7 @@ def main() -> None:
         f"\n503s: one-per-gpu / ours = {ratio:.1f}x (target >= 5x); loads: ours {ours['loads']:g} vs ollama {ollama['loads']:g} (target: fewer)"
     )
     print("every step checked: no GPU ran more than its memory; ours never admitted claims over it")
+    main_team(seeds)
 
 
 if __name__ == "__main__":
