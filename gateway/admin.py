@@ -9,9 +9,9 @@ class UsageRecordAdmin(admin.ModelAdmin):
 
     list_display = (
         "created_at", "user", "model_id", "endpoint", "status", "prompt_tokens", "completion_tokens",
-        "time_to_first_token_ms", "duration_ms", "client_disconnected",
+        "time_to_first_token_ms", "duration_ms", "client_disconnected", "throttled",
     )  # fmt: skip
-    list_filter = ("endpoint", "status", "client_disconnected", "model_id")
+    list_filter = ("endpoint", "status", "throttled", "client_disconnected", "model_id")
     search_fields = ("user__username", "model_id", "error")
     date_hierarchy = "created_at"
     list_select_related = ("user",)

@@ -26,10 +26,20 @@ _OPENAI_TYPES = {
 
 
 class GatewayError(Exception):
-    """A request the gateway answers with an error. `code` is a short word for OpenAI's `code` field."""
+    """A request the gateway answers with an error. `code` is a short word for OpenAI's `code` field;
+    `throttled` says why a request was held back by fair use (recorded with its usage), "" otherwise."""
 
-    def __init__(self, status: int, message: str, *, code: str = "", retry_after: int | None = None):
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        code: str = "",
+        retry_after: int | None = None,
+        throttled: str = "",
+    ):
         super().__init__(message)
+        self.throttled = throttled
         self.status = status
         self.message = message
         self.code = code or _OPENAI_TYPES.get(status, "error")

@@ -15,7 +15,7 @@ from asgiref.sync import sync_to_async
 from django.conf import settings
 from django.utils import timezone
 
-from . import access, slots, upstream, usage
+from . import access, fairness, slots, upstream, usage
 from .db import db
 from .errors import GatewayError
 from .model_facts import model_id_of
@@ -60,6 +60,7 @@ class Exchange:
     response: httpx.Response | None = None
     status: int = 200
     error: str = ""
+    throttled: str = ""  # why fair use held the request back (a GatewayError's `throttled`), if it did
     prompt_tokens: int | None = None
     completion_tokens: int | None = None
     first_token_at: float | None = None
@@ -92,6 +93,7 @@ class Exchange:
             await self._counting(self._start, model_id, instances, True)
         else:
             await self._counting(self._resolve, request, name)
+        fairness.admit(self.user)
         await self.acquire()
 
     async def _counting(self, function, *args) -> None:
@@ -134,8 +136,13 @@ class Exchange:
 
     async def enter_gate(self) -> None:
         gate = await slots.gate_for(self.instance)
-        await gate.enter(slots.queue_size())
+        await gate.enter(slots.queue_size(), self.user, slots.max_queue_seconds())
         self.gate = gate
+
+    @property
+    def user(self) -> str:
+        """Whom fair use counts this request for (its queue in the gate, its rate limits)."""
+        return fairness.user_key(self.target.caller if self.target is not None else None)
 
     def deadline(self) -> float:
         return self.started + settings.GATEWAY_MAX_REQUEST_SECONDS
@@ -202,6 +209,7 @@ class Exchange:
         if self.gate is not None:
             self.gate.leave()
             self.gate = None
+        fairness.spend(self.user, (self.prompt_tokens or 0) + (self.completion_tokens or 0))
         await asyncio.shield(self._complete())
 
     async def _complete(self) -> None:
@@ -238,6 +246,7 @@ class Exchange:
             ),
             duration_ms=round((now - self.started) * 1000, 3),
             client_disconnected=self.disconnected,
+            throttled=self.throttled,
             created_at=self.created_at,
         )
 

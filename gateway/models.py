@@ -25,6 +25,13 @@ class UsageRecord(models.Model):
     time_to_first_token_ms = models.FloatField(null=True, blank=True)
     duration_ms = models.FloatField()
     client_disconnected = models.BooleanField(default=False)
+    throttled = models.CharField(
+        max_length=30,
+        blank=True,
+        default="",
+        help_text="Why fair use held the request back (its status is 429 or 503): queue_full, queue_timeout, "
+        "requests_per_minute or tokens_per_minute; empty when it did not.",
+    )
     created_at = models.DateTimeField(default=timezone.now, help_text="When the request arrived.")
 
     class Meta:

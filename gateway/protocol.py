@@ -67,7 +67,7 @@ async def serve(
             raise
         response = await answer(Call(request, exchange, raw, body, checked))
     except GatewayError as exc:
-        exchange.status, exchange.error = exc.status, exc.message
+        exchange.status, exchange.error, exchange.throttled = exc.status, exc.message, exc.throttled
         response = error_response(dialect, exc)
     except asyncio.CancelledError:
         exchange.client_left()

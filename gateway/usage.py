@@ -51,13 +51,15 @@ def visible_to(user):
 
 
 def summary(records, group_by: str) -> list[dict]:
-    """requests, prompt and completion tokens, errors and generation speed per `group_by` value."""
+    """requests, prompt and completion tokens, errors, throttled requests (held back by fair use) and
+    generation speed per `group_by` value."""
     generating = Q(completion_tokens__gt=0, time_to_first_token_ms__isnull=False)
     rows = (
         records.values(group_by)
         .annotate(
             requests=Count("id"),
             errors=Count("id", filter=Q(status__gte=400) | ~Q(error="")),
+            throttled=Count("id", filter=~Q(throttled="")),
             prompt_total=Coalesce(Sum("prompt_tokens"), 0),
             completion_total=Coalesce(Sum("completion_tokens"), 0),
             generated=Coalesce(Sum("completion_tokens", filter=generating), 0),

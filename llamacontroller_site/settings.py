@@ -361,6 +361,12 @@ GATEWAY_MAX_REQUEST_SECONDS = envint("LLAMACONTROLLER_GATEWAY_MAX_REQUEST_SECOND
 GATEWAY_MAX_BODY_BYTES = envint("LLAMACONTROLLER_GATEWAY_MAX_BODY_BYTES", 32 * 1024 * 1024, minimum=1024)
 # Requests beyond an instance's parallel slots wait in a queue this long (per web worker); beyond it: 429.
 GATEWAY_QUEUE_SIZE = envint("LLAMACONTROLLER_GATEWAY_QUEUE_SIZE", 16, minimum=0)
+# Fair use (gateway/slots.py, gateway/fairness.py): the queue is served round-robin per user; a request waits at
+# most this long for a slot (0: no limit), then gets 503 with Retry-After. Per-user requests and tokens per
+# minute, counted per web worker (0: no limit); beyond them: 429 naming the limit, Retry-After its reset.
+GATEWAY_MAX_QUEUE_SECONDS = envint("LLAMACONTROLLER_GATEWAY_MAX_QUEUE_SECONDS", 300, minimum=0)
+GATEWAY_USER_REQUESTS_PER_MINUTE = envint("LLAMACONTROLLER_GATEWAY_USER_REQUESTS_PER_MINUTE", 0, minimum=0)
+GATEWAY_USER_TOKENS_PER_MINUTE = envint("LLAMACONTROLLER_GATEWAY_USER_TOKENS_PER_MINUTE", 0, minimum=0)
 # Per web worker, the gateway remembers a checked API token (its user and role) and a model's running instances
 # this many seconds (0: not at all; read again in the background past half of it): a revoked token, a
 # deactivated user or a changed role is refused within the token cache's time (an expiry is exact); a cached

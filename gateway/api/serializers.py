@@ -13,6 +13,6 @@ class UsageRecordSerializer(serializers.ModelSerializer):
         fields = [
             "id", "created_at", "user", "token", "model_id", "instance_id", "endpoint", "status", "error",
             "prompt_tokens", "completion_tokens", "time_to_first_token_ms", "duration_ms", "tokens_per_second",
-            "client_disconnected",
+            "client_disconnected", "throttled",
         ]  # fmt: skip
         read_only_fields = fields

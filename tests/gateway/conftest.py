@@ -14,11 +14,13 @@ from tests.helpers import running_instance
 def _close_gateway_connections():
     """The gateway's database threads keep their connections; close them after each test. Its caches (tokens,
     instances) start empty in each test: rows are rolled back between tests, ids come again."""
-    from gateway import access
+    from gateway import access, fairness
 
     access.clear_caches()
+    fairness.reset()
     yield
     access.clear_caches()
+    fairness.reset()
     from gateway.db import close_connections
 
     close_connections()

@@ -192,16 +192,16 @@ def test_gate_queue_handover_and_cancellation():
         waiting = asyncio.create_task(gate.enter(queue_size=2))
         leaving = asyncio.create_task(gate.enter(queue_size=2))
         await asyncio.sleep(0)
-        assert len(gate.waiters) == 2
+        assert gate.waiting == 2
         with pytest.raises(GatewayError) as refused:
             await gate.enter(queue_size=2)
         assert refused.value.status == 429 and refused.value.retry_after == 1
         leaving.cancel()  # a client that gives up while queued leaves no trace
         await asyncio.sleep(0)
-        assert len(gate.waiters) == 1
+        assert gate.waiting == 1
         gate.leave()  # the slot passes to the next in line
         await waiting
-        assert gate.busy == 1 and not gate.waiters
+        assert gate.busy == 1 and not gate.waiting
         gate.leave()
         assert gate.busy == 0
         # A slot handed over to a waiter that is cancelled at that moment is passed on, not lost.
@@ -212,6 +212,6 @@ def test_gate_queue_handover_and_cancellation():
         late.cancel()
         with pytest.raises(asyncio.CancelledError):
             await late
-        assert gate.busy == 0 and not gate.waiters
+        assert gate.busy == 0 and not gate.waiting
 
     asyncio.run(scenario())

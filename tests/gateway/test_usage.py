@@ -123,7 +123,7 @@ def test_one_plain_insert_writes_what_the_orm_would(users):
         "user_id": users["viewer"].pk, "token_id": token.pk, "model_id": "tiny", "instance_id": 7,
         "endpoint": "/v1/chat/completions", "status": 200, "error": "", "prompt_tokens": 12,
         "completion_tokens": 64, "time_to_first_token_ms": 1.25, "duration_ms": 100.5,
-        "client_disconnected": True, "created_at": arrived,
+        "client_disconnected": True, "throttled": "queue_full", "created_at": arrived,
     }  # fmt: skip
     usage.record(**values)
     row = UsageRecord.objects.get()
