@@ -27,6 +27,14 @@ def pinned_instance_ids() -> set[int]:
     )
 
 
+def pinned_by_names() -> dict[int, str]:
+    """The active pinned instances -> who pinned them (their username, or "an admin"), for the dashboard."""
+    rows = Pin.objects.filter(instance__status__in=GpuInstance.ACTIVE_STATUSES).values_list(
+        "instance_id", "pinned_by__username"
+    )
+    return {instance_id: name or "an admin" for instance_id, name in rows}
+
+
 def pin(instance: GpuInstance, *, actor, reason: str = "") -> Pin:
     if not instance.is_active:
         raise PinRefused(

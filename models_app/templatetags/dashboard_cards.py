@@ -347,7 +347,12 @@ def instance_card(context, instance) -> str:
         f'<article class="card instance-card status-{status}" id="instance-{instance.pk}"\n'
         f'         data-status="{status}" style="--span: {instance.gpu_count or 1}">\n'
         f'  <header class="card-head">\n    <h3>{escape(instance.model.name)}</h3>\n'
-        f'    <span class="badge badge-{status} instance-status">{status_display}</span>\n  </header>\n'
+        f'    <span class="badge badge-{status} instance-status">{status_display}</span>\n'
+        + "".join(
+            f'    <span class="badge badge-{kind} policy-mark" title="{escape(title)}">{label}</span>\n'
+            for kind, label, title in instance.policy_marks
+        )
+        + "  </header>\n"
     ]
     if instance.unknown_note:
         out.append(

@@ -19,6 +19,9 @@ from models_app import health, keepalive
 from models_app.api.views import instance_queryset
 from models_app.formatting import format_duration
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
+from policy import pins, quotas, rules
+from policy.models import Quota
+from policy.reasons import mib
 
 from .gpu_memory import memory_segments
 
@@ -78,6 +81,38 @@ def _decorate_instance(instance: GpuInstance, user, now) -> None:
         instance.elapsed_display = format_duration(elapsed)
         # Never 100% before the worker says so: the bar shows time spent against the timeout.
         instance.progress = min(95, int(elapsed * 100 / budget))
+
+
+def _policy_marks(instance: GpuInstance, borrowed: set[int], pinned_by: dict[int, str]) -> list[tuple]:
+    """The card's policy badges, (kind, label, title): borrowed (beyond its owner's quota) and pinned."""
+    marks = []
+    if instance.pk in borrowed:
+        owner = instance.owner.get_username() if instance.owner else "its owner"
+        title = f"borrowed: beyond {owner}'s quota, reclaimed first when room is needed"
+        marks.append(("borrowed", "borrowed", title))
+    if instance.pk in pinned_by:
+        title = f"pinned by {pinned_by[instance.pk]}: never unloaded automatically"
+        marks.append(("pinned", "pinned", title))
+    return marks
+
+
+# The quota panel's rows: usage()'s key, the label, how a figure is written ("6 100 of 65 536 MiB", "2 of 4").
+QUOTA_ROWS = (("gpu_memory_mib", "GPU memory", mib), ("gpus", "GPUs", str), ("models_loaded", "Models", str))
+
+
+def quota_panel(user) -> dict | None:
+    """The "Your quota" panel: the user's use against their limits (policy.quotas.usage); None without a quota."""
+    use = quotas.usage(user)
+    if use["source"] == rules.UNLIMITED.source:
+        return None
+    rows = []
+    for key, label, write in QUOTA_ROWS:
+        used, limit = use["used"][key], use["limits"][key]
+        shown = (
+            f"{write(used)} (no limit)" if limit is None else f"{used:,} of {write(limit)}".replace(",", " ")
+        )
+        rows.append({"label": label, "used": used, "limit": limit, "shown": shown})
+    return {"source": use["source"], "hard": use["hard"], "rows": rows}
 
 
 def _decorate_host(host: Host, cutoff, now) -> None:
@@ -188,10 +223,15 @@ def dashboard_context(user, base_url: str = "/") -> dict:
         .select_related("instance__model")
         .order_by("-created_at")[:5]
     )
+    # The policy's marks, read once for every card (a fixed number of queries; one while nobody has a quota).
+    any_quota = Quota.objects.exists()
+    borrowed = quotas.borrowed_instance_ids() if any_quota else set()
+    pinned_by = pins.pinned_by_names()
     holders: dict[int, list[GpuInstance]] = {}
     for instance in instances:
         instance.host = _shared_host(by_id, instance, cutoff, now)
         _decorate_instance(instance, user, now)
+        instance.policy_marks = _policy_marks(instance, borrowed, pinned_by)
         for link in instance.links:
             if link.gpu_id in gpu_by_id:  # else a GPU newer than the read above: fetched on use (rare)
                 link.gpu = gpu_by_id[link.gpu_id]
@@ -226,6 +266,7 @@ def dashboard_context(user, base_url: str = "/") -> dict:
         "refresh_seconds": FAST_REFRESH_SECONDS if transitioning else settings.DASHBOARD_REFRESH_SECONDS,
         "now": now,
         "gateway_base_url": base_url,
+        "quota": quota_panel(user) if any_quota else None,
     }
 
 

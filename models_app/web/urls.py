@@ -1,6 +1,6 @@
 from django.urls import path
 
-from . import actions, add_model, dashboard, estimate, pages, playground
+from . import actions, add_model, dashboard, estimate, pages, playground, reservations
 
 urlpatterns = [
     path("", dashboard.dashboard, name="dashboard"),
@@ -12,6 +12,7 @@ urlpatterns = [
     path("instances/<int:pk>/playground/", playground.playground, name="playground"),
     path("gpus/<int:gpu_pk>/orphans/<int:pid>/kill/", actions.kill_orphan, name="orphan-kill"),
     path("events/", pages.events, name="events"),
+    path("reservations/", reservations.reservations, name="reservations"),
     path("models/add/", add_model.model_files, name="model-files"),
     path("favicon.ico", pages.favicon, name="favicon"),
 ]

@@ -4,11 +4,14 @@ shows the model's own memory as the API reports it, a foreign process and free m
 changes the figures change on the page without a reload; at 390×844 nothing scrolls sideways."""
 
 import json
+from datetime import timedelta
 
 import pytest
+from django.utils import timezone
 
 from gateway.models import UsageRecord
 from models_app.memory import refresh_host_memory
+from policy.models import Pin, Quota, Reservation
 from tests.conftest import FAKE_GPU_UUIDS, HOST_NAME, password_for
 from tests.e2e import test_browser
 from tests.helpers import grow, running_instance
@@ -101,9 +104,17 @@ def test_pages_fit_a_phone(live_server, users, fake_gpus, tiny_model, browser_pa
                     completion_tokens=200, time_to_first_token_ms=180.0, duration_ms=37255.0)
         for n in range(60)
     )  # fmt: skip
+    # The team policy on the dashboard (a pinned card, the quota panel) and a long reservation in the week view.
+    Pin.objects.create(instance=instance, pinned_by=users["admin"])
+    Quota.objects.create(user=users["admin"], gpu_memory_mib=65536, gpus=2, models_loaded=3)
+    now = timezone.now()
+    Reservation.objects.create(host=fake_gpus.host, gpu_indices=[0, 1], start=now, end=now + timedelta(days=2),
+                               purpose="evaluation of the long-context checkpoints " * 3)  # fmt: skip
     page, base = browser_page, live_server.url
     log_in(page, base, "admin")
     pages = {
+        "dashboard-policy": "/",
+        "reservations": "/reservations/",
         "add-model": "/models/add/",
         "usage": "/usage/",
         "tokens": "/accounts/tokens/",

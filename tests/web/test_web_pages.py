@@ -30,6 +30,7 @@ PAGES = [
     ("log-partial", "get", "/instances/{instance}/log/", HTMX, "read"),
     ("tokens", "get", "/accounts/tokens/", {}, "read"),
     ("events", "get", "/events/", {}, "admin"),
+    ("reservations", "get", "/reservations/", {}, "read"),
     ("load", "post", "/load/", HTMX, "load"),
     ("load-estimate", "get", "/load/estimate/?model_id=tiny&gpu=testhost:1", HTMX, "load"),
     ("unload", "post", "/instances/{instance}/unload/", HTMX, "manage"),
