@@ -25,7 +25,10 @@ from .models import GpuInstance, InstanceEvent, InstanceGpu
 from .state import transition
 
 Status = GpuInstance.Status
-REASON = "idle_lru"  # InstanceEvent.reason of an eviction: idle, chosen least recently used first
+# InstanceEvent.reason of an eviction: idle, chosen least recently used first; or memory beyond its owner's
+# quota (the team policy), reclaimed before any other.
+IDLE_LRU = "idle_lru"
+BORROWED_RECLAIM = "borrowed_reclaim"
 NO_ROOM_RETRY_SECONDS = 60  # Retry-After when nothing on the GPUs says when it could go
 
 
@@ -233,14 +236,17 @@ def sentence(victim: GpuInstance, room: Room, *, model_id: str, actor, now: date
     how = "loaded on demand" if victim.loaded_on_demand else "loaded"
     whose = f"{actor.get_username()}'s request" if keepalive.authenticated(actor) else "a request"
     idle = keepalive.describe_idle((now - keepalive.idle_since(victim)).total_seconds())
+    resident = room.plan.victims[room.victim_ids.index(victim.pk)]
     first = room.plan.victims[0].instance_id == victim.pk
-    if not first:
+    if resident.borrowed:
+        rank = f"beyond {_who(victim.owner)}'s quota (borrowed), reclaimed first"
+    elif not first:
         rank = "unloaded with it"
     elif room.idle_count == 1:
         rank = "the only idle model there"
     else:
         rank = f"the least recently used of {room.idle_count} idle models there"
-    freed = sum(room.plan.victims[room.victim_ids.index(victim.pk)].claim_mib.values())
+    freed = sum(resident.claim_mib.values())
     where = f"GPU {','.join(str(g.index) for g in room.gpus)} of {room.host.name}"
     return (
         f"{victim.model_id} (#{victim.pk}, {how} by {_who(victim.owner)}) was unloaded for {whose} for "
@@ -284,7 +290,7 @@ def evict(room: Room, *, model_id: str, actor) -> None:
             Status.STOPPING,
             expected=[Status.RUNNING],
             event_kind=InstanceEvent.Kind.EVICTED,
-            reason=REASON,
+            reason=BORROWED_RECLAIM if row.pk in standing.borrowed else IDLE_LRU,
             detail=sentence(row, room, model_id=model_id, actor=actor, now=now),
             lease_expires_at=None,
         ):
