@@ -163,7 +163,7 @@ def test_limits_off_count_nothing(settings):
 
 
 @pytest.mark.django_db(transaction=True)
-def test_a_throttled_request_is_recorded_with_its_reason(instance, llama, users, bearer, settings):
+def test_a_throttled_request_is_recorded_with_its_reason(instance, llama, users, bearer, settings, client):
     settings.GATEWAY_USER_REQUESTS_PER_MINUTE = 1
     auth = bearer(users["viewer"])
     first = request("POST", "/v1/chat/completions", CHAT, auth=auth)
@@ -175,3 +175,8 @@ def test_a_throttled_request_is_recorded_with_its_reason(instance, llama, users,
     assert error["code"] == "rate_limit_exceeded" and "1 requests per minute" in error["message"]
     records = sorted(UsageRecord.objects.values_list("status", "throttled", "user__username"))
     assert records == [(200, "", "viewer"), (429, "requests_per_minute", "viewer")]
+    client.force_login(users["viewer"])  # the usage page shows who was throttled and why
+    text = client.get("/usage/").content.decode()
+    assert "<th" in text and "Throttled</th>" in text and "throttled (requests_per_minute)" in text
+    viewer_row = text.split("Per user")[1].split("Per model")[0]
+    assert "<td>viewer</td><td>2</td><td>" in viewer_row and "<td>1</td><td>1</td>" in viewer_row
