@@ -22,6 +22,7 @@ from django.utils import timezone
 
 from accounts.roles import can_load, can_manage_instance, can_read
 from policy import pins
+from policy.reasons import PolicyRefusal
 
 from . import making_room, placement, services
 from .errors import Refused
@@ -134,10 +135,10 @@ def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
             room=room,
         )
     except Refused as exc:
+        if isinstance(exc, PolicyRefusal) or exc.code == "forbidden":
+            raise  # the team policy's answer (a quota's 429, a reservation's 409) and a 403 go as they are
         if exc.code == "busy":
             return None
-        if exc.code == "forbidden":
-            raise
         raise Refused(f"could not load {model.pk}: {exc.message}", code="load_failed") from None
 
 

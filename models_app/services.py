@@ -293,6 +293,8 @@ def request_switch(
             over_claims = admission.admit(model, gpus, prediction, force=force, freed_mib=freed)
             if over_claims:
                 replaced += f" (forced: {over_claims})"
+            if check_policy(actor, model, host, gpus, prediction, needs_room=False) == BORROWED:
+                replaced += " (borrowed: beyond the quota)"
             return _create_pending(
                 model, host, gpus, actor, event_kind=Kind.SWITCH_REQUESTED,
                 detail=f"switch {host.name} GPU {spec} to {model.pk}, replacing {replaced}",

@@ -53,8 +53,11 @@ ClaimOf = Callable[[GpuInstance], int]
 
 
 def _active_with_gpus():
+    # A stopping instance is on its way out (an unload, a switch replacing it, an eviction): it no longer counts
+    # against its owner's quota, so a switch trades one model for another within it.
     links = Prefetch("gpu_links", queryset=InstanceGpu.objects.filter(active=True).order_by("position"))
-    return GpuInstance.objects.filter(status__in=GpuInstance.ACTIVE_STATUSES).prefetch_related(links)
+    held = [s for s in GpuInstance.ACTIVE_STATUSES if s != GpuInstance.Status.STOPPING]
+    return GpuInstance.objects.filter(status__in=held).prefetch_related(links)
 
 
 def as_claim(instance: GpuInstance, claim_of: ClaimOf = instance_claim_mib) -> rules.Claim:

@@ -194,11 +194,15 @@ def test_borrowed_memory_is_reclaimed_first_and_a_quota_refuses_with_numbers(
     within.refresh_from_db()
     assert (borrowed.status, within.status) == (Status.STOPPING, Status.RUNNING)
     assert instance.status == Status.PENDING
-    # the operator is at their quota: a load that needs room is refused (429) with the numbers
+    # the operator is at her quota (her model busy): a load that needs room made is refused (429) with the
+    # numbers, even though the admin's idle model could go
+    now = timezone.now()
+    GpuInstance.objects.filter(pk=within.pk).update(in_flight=1, last_used_at=now)
+    GpuInstance.objects.filter(pk=instance.pk).update(
+        status=Status.RUNNING, loaded_at=now - timedelta(hours=1), last_used_at=now - timedelta(hours=1)
+    )
     with pytest.raises(Refused) as refused:
-        services.request_load(
-            model_id=model_like(tiny_model, "fourth").pk, gpu_spec="0", actor=users["operator"], evict=True
-        )
+        load_on_demand(model_like(tiny_model, "fourth"), users["operator"])
     assert refused.value.status == 429 and refused.value.message.startswith("quota_models: ")
 
 
@@ -224,3 +228,19 @@ def test_an_eviction_is_a_fact_for_the_alert_rules(one_small_gpu, tiny_model, se
     (facts,) = [f for f in instance_facts("testhost") if f.evicted]
     assert facts.instance_id == oldest.pk
     assert facts.evicted == oldest.events.get(kind=InstanceEvent.Kind.EVICTED).detail
+
+
+def test_a_switch_is_held_to_the_quota_too(one_small_gpu, tiny_model, sent, users):
+    from policy.models import Quota
+
+    Quota.objects.create(user=users["operator"], models_loaded=1, hard=True)
+    mine = running(tiny_model, "mine", idle_minutes=5, actor=users["operator"])
+    for name in ("other", "third"):
+        model_like(tiny_model, name)
+    # one model for another: within the quota (the replaced one is on its way out)
+    switched = services.request_switch(model_id="other", gpu_spec=mine.gpu_ids, actor=users["operator"])
+    # a second model besides the switched one is beyond her hard quota: 429, whatever the memory
+    with pytest.raises(Refused) as refused:
+        services.request_load(model_id="third", gpu_spec="0", actor=users["operator"], force=True)
+    assert refused.value.status == 429 and refused.value.message.startswith("quota_models: ")
+    assert switched.status == Status.PENDING
