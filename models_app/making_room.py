@@ -155,11 +155,13 @@ def _survey(model, gpus: list[Gpu], now: datetime, standing: Standing):
     return candidates, residents, rows
 
 
-def find(model, *, host: Host | None = None, gpus: list[Gpu] | None = None, now=None) -> Room | None:
+def find(
+    model, *, host: Host | None = None, gpus: list[Gpu] | None = None, now=None, requester=placement.ANYONE
+) -> Room | None:
     """The victims whose unloading lets `model` load (on `gpus`, or anywhere placement would look), or None
     when no set of idle models makes room."""
     now = now or timezone.now()
-    gpus = gpus if gpus is not None else placement.candidate_gpus(model, host)
+    gpus = gpus if gpus is not None else placement.candidate_gpus(model, host, requester)
     if not gpus:
         return None
     candidates, residents, rows = _survey(model, gpus, now, Standing.now())
@@ -189,12 +191,14 @@ def _eligible_at(instance: GpuInstance, now: datetime) -> datetime | None:
     return min(known) if known else None
 
 
-def no_room(model, refusal: Refused, *, host: Host | None = None, now=None) -> Refused:
+def no_room(
+    model, refusal: Refused, *, host: Host | None = None, now=None, requester=placement.ANYONE
+) -> Refused:
     """The capacity refusal once eviction cannot help either: the placement's reasons, why each model there
     stays, and a Retry-After from what the controller knows (a stop under way, the soonest an idle model may
     be evicted or unloads for idleness), never a load's keep-alive."""
     now = now or timezone.now()
-    gpus = placement.candidate_gpus(model, host)
+    gpus = placement.candidate_gpus(model, host, requester)
     standing = Standing.now()
     candidates, residents, rows = _survey(model, gpus, now, standing) if gpus else ([], [], {})
     _refuse_for_pins(model, candidates, residents, gpus, standing)

@@ -102,14 +102,15 @@ def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
     (models_app/making_room.py). Returns the model's load under way where another request started it in the
     meantime (joined, never refused), or None when another request claimed the GPU at the same moment: look
     again."""
+    user = actor if authenticated(actor) else None
     room, refusals = None, 0
     while True:
         try:
-            host, gpus = placement.choose_gpus(model)
+            host, gpus = placement.choose_gpus(model, requester=user)
             break
         except Refused as exc:  # no GPU with room
             refusals += 1
-            room = making_room.find(model)
+            room = making_room.find(model, requester=user)
             if room is not None:
                 host, gpus = room.host, room.gpus
                 break
@@ -121,9 +122,8 @@ def _load(model: ModelConfig, actor, deadline: float) -> GpuInstance | None:
             # looked at again too: placement reads the GPUs twice, and a stop or a load finishing in between
             # makes a snapshot that holds neither.
             if (not exc.freeing and refusals > 1) or time.monotonic() + POLL_SECONDS >= deadline:
-                raise making_room.no_room(model, exc) from None
+                raise making_room.no_room(model, exc, requester=user) from None
             time.sleep(POLL_SECONDS)
-    user = actor if authenticated(actor) else None
     try:
         return services.request_load(
             model_id=model.pk,

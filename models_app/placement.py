@@ -11,6 +11,7 @@ from django.conf import settings
 from django.utils import timezone
 
 from gpus.models import Gpu, Host
+from policy import reservations
 
 from . import admission, estimates, model_files
 from .claims import GpuClaims
@@ -122,7 +123,27 @@ def _used_by_others(gpu: Gpu) -> str | None:
     return f"GPU {gpu.index}: {gib(total)} used by {names}"
 
 
-def candidate_gpus(model, host: Host | None):
+ANYONE = object()  # no requester given: GPUs reserved for someone are offered too (the form marks them)
+
+
+def _reserved_for_others(gpus: list[Gpu], requester) -> set[int]:
+    """The GPUs (pks) that a reservation keeps `requester` off now (policy/reservations.py): from its notice
+    before the start to its end, only its holders load there."""
+    blocked = set()
+    for host in {g.host_id: g.host for g in gpus}.values():
+        indices = {
+            i
+            for r in reservations.fencing(host)
+            if not reservations.is_holder(r, requester)
+            for i in (r.gpu_indices or ())
+        }
+        blocked |= {g.pk for g in gpus if g.host_id == host.pk and g.index in indices}
+    return blocked
+
+
+def candidate_gpus(model, host: Host | None, requester=ANYONE):
+    """The GPUs a load of `model` may go to: those of live hosts with a llama-server and the model's file, less
+    (with a `requester`: the user who asks, or None) the GPUs a reservation keeps them off."""
     # Live hosts whose worker did not report the model's file unusable (no report yet: not ruled out).
     hosts = Host.objects.up().exclude(pk__in=model_files.hosts_without(model))
     if host is not None:
@@ -132,11 +153,15 @@ def candidate_gpus(model, host: Host | None):
     else:
         with_binary = LlamaBinary.objects.filter(is_default=True, error="").values("host_id")
         hosts = hosts.filter(pk__in=with_binary)
-    return list(
+    gpus = list(
         Gpu.objects.filter(host__in=hosts, index__isnull=False)
         .select_related("host")
         .order_by("host__name", "index")
     )
+    if requester is ANYONE:
+        return gpus
+    blocked = _reserved_for_others(gpus, requester)
+    return [g for g in gpus if g.pk not in blocked]
 
 
 def _held(model, room: GpuClaims) -> str | None:
@@ -155,13 +180,15 @@ def _without_file(model, host: Host | None) -> list[str]:
     return [f"host {h.name}: {reason}" for h, reason in model_files.missing_on_live_hosts(model, host)]
 
 
-def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> tuple[list[Choice], list[str]]:
+def rank(
+    model, *, host: Host | None = None, overrides: dict | None = None, requester=ANYONE
+) -> tuple[list[Choice], list[str]]:
     """The GPU sets `model` may load on, best first, and why the other GPUs are out. Single GPUs that fit
     come first (idle ones before those shared with other people's processes, then by the memory left after
     the estimate); when no single GPU fits, the smallest set of a host's free GPUs that fits. GPU sets
     predicted not to fit follow, for the explanation. Hosts whose worker reported that it cannot serve the
     model (models_app/model_files.py) are left out, and said so."""
-    gpus = candidate_gpus(model, host)
+    gpus = candidate_gpus(model, host, requester)
     room = admission.gpu_claims(gpus)
     out = _without_file(model, host)
     usable = []
@@ -213,14 +240,14 @@ def rank(model, *, host: Host | None = None, overrides: dict | None = None) -> t
     return sets + singles, out
 
 
-def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
+def choose_gpus(model, *, host: Host | None = None, requester=ANYONE) -> tuple[Host, list[Gpu]]:
     """The first of `rank`: the single GPU where the model's claim fits best (LLAMACONTROLLER_PLACEMENT; idle
     GPUs before those shared with other people's processes), else the smallest set of one host's unused GPUs
     that fits. GPUs that are unavailable, or whose holders it may not join, are skipped; a GPU occupied by
     others is used only when the model is predicted to fit beside them. Raises Refused (busy, field gpu_id) naming the busy GPUs
     and what keeps them busy, with the numbers, a Retry-After (the soonest a GPU frees) and `freeing` when
     one of them is being unloaded."""
-    gpus = candidate_gpus(model, host)
+    gpus = candidate_gpus(model, host, requester)
     if not gpus:
         without_file = _without_file(model, host)
         where = f"host {host.name}" if host is not None else "any host"
@@ -232,7 +259,7 @@ def choose_gpus(model, *, host: Host | None = None) -> tuple[Host, list[Gpu]]:
             field="gpu_id",
             retry_after=NO_GPU_RETRY_SECONDS,
         )
-    choices, _ = rank(model, host=host)
+    choices, _ = rank(model, host=host, requester=requester)
     fitting = [c for c in choices if c.fits]
     if fitting:
         return fitting[0].host, fitting[0].gpus

@@ -175,13 +175,15 @@ def request_load_auto(
         host = host_named(host_name)
         check_host_up(host)
         check_model_on_host(model, host)
-    room = None
+    room, requester = None, actor if actor_id(actor) else None
     try:
-        host, gpus = placement.choose_gpus(model, host=host)
+        host, gpus = placement.choose_gpus(model, host=host, requester=requester)
     except Refused as refusal:
-        room = making_room.find(model, host=host) if evict else None
+        room = making_room.find(model, host=host, requester=requester) if evict else None
         if room is None:
-            raise (making_room.no_room(model, refusal, host=host) if evict else refusal) from None
+            raise (
+                making_room.no_room(model, refusal, host=host, requester=requester) if evict else refusal
+            ) from None
         making_room.check_may_evict(room, actor)
         host, gpus = room.host, room.gpus
     return request_load(

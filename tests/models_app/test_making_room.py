@@ -244,3 +244,21 @@ def test_a_switch_is_held_to_the_quota_too(one_small_gpu, tiny_model, sent, user
         services.request_load(model_id="third", gpu_spec="0", actor=users["operator"], force=True)
     assert refused.value.status == 429 and refused.value.message.startswith("quota_models: ")
     assert switched.status == Status.PENDING
+
+
+def test_load_on_demand_goes_around_a_gpu_reserved_for_someone_else(live, fake_gpus, tiny_model, sent, users):
+    from policy.models import Reservation
+
+    now = timezone.now()
+    reservation = Reservation.objects.create(
+        host=fake_gpus.host, gpu_indices=[0], start=now - timedelta(minutes=5), end=now + timedelta(hours=1),
+        purpose="training run",
+    )  # fmt: skip
+    reservation.users.add(users["operator2"])
+    other = load_on_demand(model_like(tiny_model, "other"), users["viewer"])
+    assert other.gpu_ids == "1"  # GPU 0 would have packed best, but it is reserved
+    Gpu.objects.filter(pk=fake_gpus.gpus[1].pk).update(state=Gpu.State.UNAVAILABLE, state_reason="test")
+    with pytest.raises(Refused):  # only the reserved GPU is left: not for the viewer
+        load_on_demand(model_like(tiny_model, "third"), users["viewer"])
+    holder = load_on_demand(model_like(tiny_model, "holders"), users["operator2"])
+    assert holder.gpu_ids == "0"  # the holder's
