@@ -21,7 +21,8 @@ STATUS = {
 class Refused(Exception):
     """`message` for people; `code` a key of STATUS (its HTTP status is `status`); `field` names the bad
     input; `retry_after` (seconds) where asking again later may help; `freeing`: what blocks the request is
-    being unloaded (worth waiting for)."""
+    being unloaded (worth waiting for); `reason`: which rule decided, where one did (no_evictable_model,
+    gpu_unavailable, the team policy's quota_*, reservation, pinned_no_room)."""
 
     def __init__(
         self,
@@ -31,6 +32,7 @@ class Refused(Exception):
         field: str | None = None,
         retry_after: int | None = None,
         freeing: bool = False,
+        reason: str = "",
     ):
         if code not in STATUS:
             raise ValueError(f"unknown refusal code {code!r}")
@@ -40,6 +42,7 @@ class Refused(Exception):
         self.field = field
         self.retry_after = retry_after
         self.freeing = freeing
+        self.reason = reason
 
     @property
     def status(self) -> int:

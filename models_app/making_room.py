@@ -210,8 +210,14 @@ def no_room(
     message = refusal.message
     if kept:
         message += "; nothing may be evicted to make room: " + "; ".join(kept)
+    usable = [g for g in gpus if g.state != Gpu.State.UNAVAILABLE]
     return Refused(
-        message, code=refusal.code, field=refusal.field, retry_after=retry_after, freeing=refusal.freeing
+        message,
+        code=refusal.code,
+        field=refusal.field,
+        retry_after=retry_after,
+        freeing=refusal.freeing,
+        reason="no_evictable_model" if usable else "gpu_unavailable",
     )
 
 

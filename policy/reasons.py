@@ -40,9 +40,10 @@ class PolicyRefusal(Refused):
     def __init__(self, reason: str, sentence: str, *, retry_after: int | None = None):
         if reason not in REASONS:
             raise ValueError(f"unknown policy reason {reason!r}")
-        self.reason = reason
         self.sentence = sentence
-        super().__init__(f"{reason}: {sentence}", code=REASONS[reason][1], retry_after=retry_after)
+        super().__init__(
+            f"{reason}: {sentence}", code=REASONS[reason][1], retry_after=retry_after, reason=reason
+        )
 
     def body(self) -> dict:
         """The API's answer: `{"detail", "code", "reason"}` (code as every refusal has it; reason: which rule)."""

@@ -13,6 +13,10 @@ class RefusalSerializer(serializers.Serializer):
 
     detail = serializers.CharField()
     code = serializers.ChoiceField(choices=sorted(STATUS), required=False)
+    reason = serializers.CharField(
+        required=False,
+        help_text="Which rule decided, where one did (quota_gpu_memory, no_evictable_model, …).",
+    )
 
 
 def refusals(*statuses: int) -> dict:
@@ -29,6 +33,8 @@ def refusals(*statuses: int) -> dict:
 def refusal_body(exc: Refused) -> dict:
     """`{"detail", "code"}`, plus `{<field>: [reason]}` like a DRF validation error when a field is named."""
     body = {"detail": exc.message, "code": exc.code}
+    if exc.reason:
+        body["reason"] = exc.reason
     if getattr(exc, "field", None):
         body[exc.field] = [exc.message]
     return body

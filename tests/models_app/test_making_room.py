@@ -105,7 +105,7 @@ def test_nothing_evictable_is_a_503_that_says_why_and_when(one_small_gpu, tiny_m
     with pytest.raises(Refused) as refused:
         load_on_demand(model_like(tiny_model, "third"), users["viewer"])
     message = refused.value.message
-    assert "nothing may be evicted to make room" in message
+    assert "nothing may be evicted to make room" in message and refused.value.reason == "no_evictable_model"
     assert f"by-hand (#{by_hand.pk}): loaded by hand without a keep-alive" in message
     assert f"fresh (#{fresh.pk}): used 0 s ago (an eviction needs 60 s idle)" in message
     # the soonest the fresh one may go: about a minute, never the 30 min keep-alive
@@ -262,3 +262,19 @@ def test_load_on_demand_goes_around_a_gpu_reserved_for_someone_else(live, fake_g
         load_on_demand(model_like(tiny_model, "third"), users["viewer"])
     holder = load_on_demand(model_like(tiny_model, "holders"), users["operator2"])
     assert holder.gpu_ids == "0"  # the holder's
+
+
+def test_the_api_answers_a_quota_refusal_with_its_reason(one_small_gpu, tiny_model, sent, users, client):
+    from policy.models import Quota
+
+    Quota.objects.create(user=users["operator"], models_loaded=1, hard=True)
+    running(tiny_model, "mine", idle_minutes=5, actor=users["operator"])
+    model_like(tiny_model, "second")
+    client.force_login(users["operator"])
+    answer = client.post(
+        "/api/v1/instances/", {"model_id": "second", "gpu_id": "0"}, content_type="application/json"
+    )
+    assert answer.status_code == 429
+    body = answer.json()
+    assert body["code"] == "quota" and body["reason"] == "quota_models"
+    assert body["detail"].startswith("quota_models: you have 1 of your 1 model(s) loaded")
