@@ -51,7 +51,7 @@ def _load(instance: GpuInstance) -> None:
     where = f"{instance.host.name} GPU {instance.gpu_ids}"
     if not transition(
         instance, Status.STARTING, expected=[Status.PENDING], event_kind=Kind.STARTED, detail=f"on {where}",
-        lease_expires_at=lease_until(),
+        lease_expires_at=lease_until(), waiting_for="",
     ):  # fmt: skip
         return
     try:

@@ -164,6 +164,9 @@ class GpuInstance(models.Model):
     )
     # Who asked for that keep_alive (a username, or "anonymous"): the idle unload's event names them.
     keep_alive_by = models.CharField(max_length=150, blank=True)
+    # What a pending load waits for before it starts ("waiting for room: unloading gemma3-270m (#4) on GPU 0");
+    # cleared when it starts.
+    waiting_for = models.CharField(max_length=500, blank=True)
 
     class Meta:
         ordering = ["-requested_at"]

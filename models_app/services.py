@@ -42,7 +42,16 @@ Kind = InstanceEvent.Kind
 
 
 def _create_pending(
-    model, host, gpus, actor, *, event_kind: str, detail: str, on_demand: bool = False, prediction=None
+    model,
+    host,
+    gpus,
+    actor,
+    *,
+    event_kind: str,
+    detail: str,
+    on_demand: bool = False,
+    prediction=None,
+    waiting_for: str = "",
 ) -> GpuInstance:
     """Insert the instance and its GPU links (admitted by the caller, models_app.admission); a partial unique
     index refuses a second load on demand of one model."""
@@ -55,6 +64,7 @@ def _create_pending(
                 gpu_ids=",".join(str(g.index) for g in gpus),
                 owner=owner,
                 loaded_on_demand=on_demand,
+                waiting_for=waiting_for,
                 **estimate_fields(prediction),
             )
     except IntegrityError:
@@ -139,6 +149,7 @@ def request_load(
                 detail=detail,
                 on_demand=on_demand,
                 prediction=prediction,
+                waiting_for=room.waiting_note() if room is not None else "",
             )
     except _Busy:
         raise busy(gpus) from None

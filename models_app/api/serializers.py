@@ -33,7 +33,7 @@ class InstanceSerializer(HostStateFields, serializers.ModelSerializer):
             "owner", "host", "requested_at", "stopped_at", "exit_code", "error",
             "loaded_on_demand", "in_flight", "last_used_at", "expires_at",
             "memory_estimated_mb", "memory_measured_mb", "memory_estimate_error_pct", "memory_estimate",
-            "host_state", "host_down_reason",
+            "host_state", "host_down_reason", "waiting_for",
         ]  # fmt: skip
         read_only_fields = fields
 

@@ -382,6 +382,11 @@ def instance_card(context, instance) -> str:
     if instance.in_transition:
         progress = instance.progress or 0
         elapsed = f" for {escape(instance.elapsed_display)}" if instance.elapsed_display else ""
+        elapsed += (
+            f" ({escape(instance.waiting_for)})"
+            if instance.status == "pending" and instance.waiting_for
+            else ""
+        )
         out.append(
             '  <div class="progress-row small">\n'
             f'    <progress max="100" value="{progress}">{progress}%</progress>\n'

@@ -53,7 +53,9 @@ def load_on_demand(model, actor):
     return ondemand._load(model, actor, deadline=time.monotonic() + 5)
 
 
-def test_a_cold_model_evicts_the_least_recently_used_idle_model(one_small_gpu, tiny_model, sent, users):
+def test_a_cold_model_evicts_the_least_recently_used_idle_model(
+    one_small_gpu, tiny_model, sent, users, client
+):
     recent = running(tiny_model, "recent", idle_minutes=5, actor=users["operator"])
     oldest = running(tiny_model, "oldest", idle_minutes=14, actor=users["operator"])
     third = model_like(tiny_model, "third")
@@ -72,7 +74,10 @@ def test_a_cold_model_evicts_the_least_recently_used_idle_model(one_small_gpu, t
     )
     assert event.detail.endswith(" claim freed")
     requested = instance.events.get(kind=InstanceEvent.Kind.REQUESTED).detail
-    assert f"waiting for room: unloading oldest (#{oldest.pk}) on GPU 0" in requested
+    waiting = f"waiting for room: unloading oldest (#{oldest.pk}) on GPU 0"
+    assert waiting in requested and instance.waiting_for == waiting
+    client.force_login(users["viewer"])  # the pending card says what it waits for
+    assert waiting in client.get("/", HTTP_HX_REQUEST="true").content.decode()
     # the victim's GPU passes to the new load, whose worker stops it first (as a switch does)
     assert not oldest.gpu_links.filter(active=True).exists()
 
