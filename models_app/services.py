@@ -9,6 +9,8 @@ from accounts.roles import can_administer, can_load, can_manage_instance
 from gpus import services as gpu_services
 from gpus.models import Gpu
 from policy import admission as policy_admission
+from policy import reservations
+from policy.reasons import PolicyRefusal, mib
 from policy.rules import BORROWED
 
 from . import admission, dispatch, making_room, placement
@@ -164,9 +166,30 @@ def check_policy(actor, model, host, gpus: list[Gpu], prediction, *, needs_room:
         c if c is not None else (g.memory_total_mib or 0) for c, g in zip(claims, gpus, strict=True)
     )
     user = actor if actor_id(actor) else None
+    check_memory_reservations(user, model, host, claim_mib)
     return policy_admission.check_load(
         user, host=host, gpus=gpus, model_id=model.pk, claim_mib=claim_mib, needs_room=needs_room
     )
+
+
+def check_memory_reservations(user, model, host, claim_mib: int) -> None:
+    """A reservation of an amount of memory on the host (not of GPUs) keeps that much from everyone but its
+    holders: the host's claims + foreign memory + this load's claim + the held-back MiB must fit its GPUs'
+    memory, else the policy's `reservation` refusal (409) with the numbers."""
+    held = reservations.held_back_mib(user, host)
+    if not held:
+        return
+    usable = Gpu.objects.filter(host=host, index__isnull=False).exclude(state=Gpu.State.UNAVAILABLE)
+    rooms = admission.gpu_claims(list(usable)).values()
+    total = sum(r.total_mib for r in rooms)
+    used = sum(r.claimed_mib + r.foreign_mib for r in rooms)
+    if used + claim_mib + held > total:
+        left = max(0, total - used - held)
+        raise PolicyRefusal(
+            "reservation",
+            f"{mib(held)} of {host.name}'s GPU memory is reserved for others now; {model.pk} needs "
+            f"≈ {mib(claim_mib)} and {mib(left)} are left outside the reservation",
+        )
 
 
 AUTO = "auto"  # what the CLI's --gpu (and the API's gpu_id) may say instead of GPU indices

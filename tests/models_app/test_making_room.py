@@ -283,3 +283,23 @@ def test_the_api_answers_a_quota_refusal_with_its_reason(one_small_gpu, tiny_mod
     body = answer.json()
     assert body["code"] == "quota" and body["reason"] == "quota_models"
     assert body["detail"].startswith("quota_models: you have 1 of your 1 model(s) loaded")
+
+
+def test_memory_reserved_on_a_host_is_kept_from_others(one_small_gpu, tiny_model, sent, users):
+    from policy.models import Reservation
+
+    now = timezone.now()
+    reservation = Reservation.objects.create(
+        host=one_small_gpu.host, memory_mib=1000, start=now - timedelta(minutes=1), end=now + timedelta(hours=1),
+        purpose="eval batch",
+    )  # fmt: skip
+    reservation.users.add(users["operator2"])
+    model_like(tiny_model, "first")
+    model_like(tiny_model, "second")
+    # 1400 MiB on GPU 0 (GPU 1 unavailable reports none): 10 foreign + ~500 claimed + 1000 held back > 1400
+    with pytest.raises(Refused) as refused:
+        services.request_load(model_id="first", gpu_spec="0", actor=users["operator"])
+    assert refused.value.status == 409 and refused.value.reason == "reservation"
+    assert "1 000 MiB of testhost's GPU memory is reserved for others now" in refused.value.message
+    holder = services.request_load(model_id="second", gpu_spec="0", actor=users["operator2"])
+    assert holder.status == Status.PENDING
