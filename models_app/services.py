@@ -159,16 +159,17 @@ def request_load(
 
 def check_policy(actor, model, host, gpus: list[Gpu], prediction, *, needs_room: bool) -> str:
     """The team policy's say (policy.admission: reservations 409, quotas 429), inside the admission transaction
-    with the GPUs locked: the load's standing, "guaranteed" or "borrowed". The claim counted is the one
-    admission holds (a model without an estimate: the whole GPUs)."""
+    with the GPUs locked: the load's standing, "guaranteed" or "borrowed". A quota counts a model's memory as
+    the policy counts the ones held (its estimate, or measured once larger: no headroom); a model without an
+    estimate counts as its whole GPUs. Memory reservations count admission's claim (with the headroom)."""
     claims = admission.new_claims(prediction, gpus)
-    claim_mib = sum(
-        c if c is not None else (g.memory_total_mib or 0) for c, g in zip(claims, gpus, strict=True)
-    )
+    whole = [g.memory_total_mib or 0 for g in gpus]
+    claim_mib = sum(c if c is not None else w for c, w in zip(claims, whole, strict=True))
+    model_mib = prediction.total_mib if prediction is not None and prediction.estimate else sum(whole)
     user = actor if actor_id(actor) else None
     check_memory_reservations(user, model, host, claim_mib)
     return policy_admission.check_load(
-        user, host=host, gpus=gpus, model_id=model.pk, claim_mib=claim_mib, needs_room=needs_room
+        user, host=host, gpus=gpus, model_id=model.pk, claim_mib=model_mib, needs_room=needs_room
     )
 
 
