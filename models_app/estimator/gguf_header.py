@@ -64,7 +64,8 @@ def read_header(path: str | os.PathLike) -> GgufFacts:
     try:
         with open(path, "rb") as handle, mmap.mmap(handle.fileno(), 0, access=mmap.ACCESS_READ) as data:
             return _parse(path, data)
-    except (OSError, ValueError, struct.error) as exc:
+    except (OSError, ValueError, struct.error, OverflowError, MemoryError) as exc:
+        # OverflowError, MemoryError: a corrupt header's lengths and counts (up to 2**64) used as sizes
         if isinstance(exc, EstimateError):
             raise
         raise EstimateError(f"{path}: not a readable GGUF header ({exc})") from None

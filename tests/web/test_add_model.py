@@ -51,3 +51,25 @@ def test_register_refuses_what_the_registry_refuses(client, users, live, tmp_pat
     response = client.post("/models/add/", {"id": "x", "name": "X", "path": str(outside), "cli_params": "{}"})
     assert response.status_code == 400 and not ModelConfig.objects.filter(pk="x").exists()
     assert "alert-error" in response.content.decode()
+
+
+def test_corrupt_gguf_files_in_the_folder_leave_the_page_working(client, users, live, tiny_model, settings):
+    """Random bytes after the magic (a truncated download, a test's broken file): each one is listed as
+    unreadable, never a 500 (seeded: the same 20 files every run)."""
+    import random
+
+    rng = random.Random(21)
+    folder = settings.MODEL_DIRS[0] / "corrupt"
+    folder.mkdir(exist_ok=True)
+    paths = []
+    for n in range(20):
+        path = folder / f"corrupt-{n}.gguf"
+        path.write_bytes(b"GGUF" + rng.randbytes(rng.choice([8, 64, 4096])))
+        paths.append(path)
+    try:
+        client.force_login(users["admin"])
+        page = client.get("/models/add/")
+        assert page.status_code == 200
+        assert all(f'data-path="{p}"' in page.content.decode() for p in paths)
+    finally:
+        shutil.rmtree(folder)
