@@ -18,7 +18,7 @@ from accounts.roles import can_manage_instance
 from gpus.models import Gpu, Host
 from policy import pins, quotas
 
-from . import admission, estimates, eviction, keepalive, placement
+from . import admission, claims, estimates, eviction, keepalive, placement
 from .errors import Refused
 from .estimates import gib
 from .models import GpuInstance, InstanceEvent, InstanceGpu
@@ -48,16 +48,10 @@ class Room:
 
     def freed_mib(self) -> dict[int, int]:
         """Memory each victim's processes use on each GPU (Gpu pk), for the prediction of the new load."""
-        freed: dict[int, int] = {}
-        for gpu in self.gpus:
-            for victim in self.victims:
-                used = sum(
-                    int(p.get("used_mib") or 0)
-                    for p in gpu.processes or []
-                    if p.get("owner") == "instance" and p.get("instance_id") == victim.pk
-                )
-                freed[gpu.pk] = freed.get(gpu.pk, 0) + used
-        return freed
+        return {
+            gpu.pk: sum(claims.measured_mib(gpu.processes or [], v.pk) or 0 for v in self.victims)
+            for gpu in self.gpus
+        }
 
     def waiting_note(self) -> str:
         """For the load's event: "waiting for room: unloading gemma3-270m (#4) on GPU 0"."""
