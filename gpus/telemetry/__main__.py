@@ -24,6 +24,8 @@ def reading_to_dict(gpu: GpuReading) -> dict:
         "memory_total_mib": gpu.memory_total_mib,
         "memory_used_mib": gpu.memory_used_mib,
         "utilization_pct": gpu.utilization_pct,
+        "temperature_c": gpu.temperature_c,
+        "power_w": gpu.power_w,
         "processes": [{"pid": p.pid, "name": p.name, "used_mib": p.used_mib} for p in gpu.processes],
     }
 
@@ -32,6 +34,8 @@ def format_table(backend_name: str, sample_ms: float, gpus: list[GpuReading]) ->
     lines = [f"backend: {backend_name}   sample: {sample_ms:.3f} ms   gpus: {len(gpus)}"]
     for gpu in gpus:
         util = "n/a" if gpu.utilization_pct is None else f"{gpu.utilization_pct}%"
+        util += "" if gpu.temperature_c is None else f"  {gpu.temperature_c} °C"
+        util += "" if gpu.power_w is None else f"  {gpu.power_w} W"
         flags = "".join([" [simulated]" if gpu.simulated else "", " [MIG]" if gpu.mig else ""])
         lines.append(
             f"GPU {gpu.index}  {gpu.name}  {gpu.memory_used_mib}/{gpu.memory_total_mib} MiB  "

@@ -10,7 +10,7 @@ from .base import GpuProcess, GpuReading, TelemetryError
 from .procs import nspid_map, process_name
 
 GPU_QUERY = [
-    "--query-gpu=index,uuid,name,memory.total,memory.used,utilization.gpu",
+    "--query-gpu=index,uuid,name,memory.total,memory.used,utilization.gpu,temperature.gpu,power.draw",
     "--format=csv,noheader,nounits",
 ]
 APPS_QUERY = [
@@ -26,7 +26,7 @@ def _optional_int(value: str) -> int | None:
     if value.lower() in _MISSING:
         return None
     try:
-        return int(float(value))
+        return round(float(value))  # power.draw has decimals ("312.45"): the nearest watt, as from NVML
     except ValueError:
         return None
 
@@ -36,16 +36,17 @@ def parse_gpus(output: str) -> list[dict]:
     would shift columns: take the fixed columns from both ends and join the rest back as the name.
 
     memory.total / memory.used that are not available are reported as 0 (the GPU still shows up;
-    callers treat a total of 0 as "unknown"), utilization as None.
+    callers treat a total of 0 as "unknown"); utilization, temperature and power as None ("[N/A]",
+    "[Not Supported]": many boards do not report their power draw).
     """
     gpus = []
     for line in output.splitlines():
         if not line.strip():
             continue
         parts = [p.strip() for p in line.split(",")]
-        if len(parts) < 6:
+        if len(parts) < 8:
             raise TelemetryError(f"unexpected nvidia-smi --query-gpu line: {line!r}")
-        index, uuid, *name_parts, total, used, util = parts
+        index, uuid, *name_parts, total, used, util, temperature, power = parts
         index_value = _optional_int(index)
         if index_value is None:
             raise TelemetryError(f"unexpected nvidia-smi --query-gpu line: {line!r}")
@@ -57,6 +58,8 @@ def parse_gpus(output: str) -> list[dict]:
                 "memory_total_mib": _optional_int(total) or 0,
                 "memory_used_mib": _optional_int(used) or 0,
                 "utilization_pct": _optional_int(util),
+                "temperature_c": _optional_int(temperature),
+                "power_w": _optional_int(power),
             }
         )
     return gpus

@@ -9,7 +9,10 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SMI_DIR = REPO / "tests" / "fixtures" / "nvidia-smi"
 TOP_KEYS = {"backend", "sample_ms", "gpus"}
-GPU_KEYS = {"index", "uuid", "name", "memory_total_mib", "memory_used_mib", "utilization_pct", "processes"}
+GPU_KEYS = {
+    "index", "uuid", "name", "memory_total_mib", "memory_used_mib", "utilization_pct", "temperature_c", "power_w",
+    "processes",
+}  # fmt: skip
 PROC_KEYS = {"pid", "name", "used_mib"}
 
 
@@ -110,6 +113,7 @@ def test_nvidia_smi_table():
     result = run_cli("--backend", "nvidia-smi", **smi_env("eight_gpus"))
     assert result.returncode == 0, result.stderr
     assert result.stdout.count("NVIDIA A100-SXM4-80GB") == 8
+    assert "util 50%  55 °C  261 W" in result.stdout  # GPU 5: 260.55 W
 
 
 def test_nvidia_smi_driver_failure_exit_2():

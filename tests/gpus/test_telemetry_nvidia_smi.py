@@ -41,12 +41,16 @@ def test_normal(fake_smi):
     ]
     assert second.processes == () and second.utilization_pct == 0
     assert not first.mig and not first.simulated
+    # temperature.gpu and power.draw ("512.37" W: the nearest watt, as the NVML backend gives it)
+    assert (first.temperature_c, first.power_w) == (64, 512)
+    assert (second.temperature_c, second.power_w) == (31, 72)
 
 
 def test_eight_gpus(fake_smi):
     readings = fake_smi("eight_gpus").sample()
     assert [r.index for r in readings] == list(range(8))
     assert readings[5].memory_used_mib == 5004 and readings[5].utilization_pct == 50
+    assert [(r.temperature_c, r.power_w) for r in readings[:3]] == [(30, 60), (35, 100), (40, 140)]
     assert [p.pid for p in readings[3].processes] == [2201]
     assert [p.pid for p in readings[7].processes] == [2202]
     assert sum(len(r.processes) for r in readings) == 2
@@ -58,6 +62,9 @@ def test_na_fields(fake_smi):
     assert [(p.pid, p.used_mib) for p in a100.processes] == [(5150, None), (5151, None)]
     # unavailable memory figures are reported as 0 rather than failing the whole sample
     assert (t4.memory_total_mib, t4.memory_used_mib, t4.utilization_pct) == (0, 0, None)
+    # a board that does not report its power draw ("[N/A]", "[Not Supported]"): None, "—" on the dashboard
+    assert (a100.temperature_c, a100.power_w) == (33, None)
+    assert (t4.temperature_c, t4.power_w) == (None, None)
 
 
 def test_no_processes(fake_smi):
@@ -112,13 +119,16 @@ def test_nspid_mapping_applies(fake_smi, tmp_path):
 
 
 def test_parsers_on_odd_lines():
-    (gpu,) = parse_gpus("3, GPU-x, Weird, Name GPU, 100, N/A, \n")
+    (gpu,) = parse_gpus("3, GPU-x, Weird, Name GPU, 100, N/A, , 45, 250.5\n")
     assert (gpu["index"], gpu["name"], gpu["memory_used_mib"], gpu["utilization_pct"]) == (
         3,
         "Weird, Name GPU",
         0,
         None,
     )
+    assert (gpu["temperature_c"], gpu["power_w"]) == (45, 250)  # a comma in the name shifts nothing
+    with pytest.raises(TelemetryError, match="unexpected"):  # the columns of the old query: six, not eight
+        parse_gpus("0, GPU-x, NVIDIA H100, 81559, 1, 0\n")
     assert parse_apps("") == []
     assert parse_apps("No running processes found\n") == []
     with pytest.raises(TelemetryError, match="unexpected"):
