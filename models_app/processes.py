@@ -263,7 +263,24 @@ def launched_log(pid: int) -> str | None:
 
 
 def _reap(proc: subprocess.Popen, log_path: Path) -> None:
-    record_exit(proc.pid, proc.wait(), log_path)
+    code = exit_code_keeping_zombie(proc.pid, block=True)
+    if code is not None:
+        record_exit(proc.pid, code, log_path)
+    proc.wait()  # only now is the pid gone: no one sees it neither running nor recorded
+
+
+def exit_code_keeping_zombie(pid: int, block: bool = False) -> int | None:
+    """The exit code of our child `pid` once it has exited, read without reaping it (WNOWAIT): its code is
+    recorded while it is still a zombie, so exit_code_of() never finds it gone with no code. None when it
+    still runs (block=False) or is not our child."""
+    flags = os.WEXITED | os.WNOWAIT | (0 if block else os.WNOHANG)
+    try:
+        info = os.waitid(os.P_PID, pid, flags)
+    except ChildProcessError:
+        return None
+    if info is None:
+        return None
+    return info.si_status if info.si_code == os.CLD_EXITED else -info.si_status
 
 
 def record_exit(pid: int, code: int, log_path: str | Path) -> None:

@@ -79,17 +79,17 @@ class OrphanReaper(threading.Thread):
 
     def _reap(self, pid: int) -> tuple[int, int] | None:
         created, log_path = self.known[pid]
-        try:
-            done, status = os.waitpid(pid, os.WNOHANG)
-        except ChildProcessError:  # not ours (its pool process lives and reaps it), or gone
-            if not processes.is_alive(pid, created):
+        code = processes.exit_code_keeping_zombie(pid)
+        if code is None:
+            if not processes.is_alive(pid, created):  # not ours (its pool process reaped it), or gone
                 del self.known[pid]
             return None
-        if not done:
-            return None
         del self.known[pid]
-        code = os.waitstatus_to_exitcode(status)
-        processes.record_exit(pid, code, log_path)
+        processes.record_exit(pid, code, log_path)  # recorded before the pid disappears
+        try:
+            os.waitpid(pid, 0)
+        except ChildProcessError:
+            pass
         logger.warning("llama-server pid %s, inherited from a pool process that died, exited with code %s",
                        pid, code)  # fmt: skip
         return pid, code

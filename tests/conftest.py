@@ -295,6 +295,39 @@ def _no_leftover_processes():
     kill_test_processes()
 
 
+@pytest.fixture(scope="session")
+def django_db_setup(django_db_setup, django_db_blocker):
+    """pytest-django's, then, before it drops the test database: every process this run started is gone and
+    every connection closed. A session still connected makes PostgreSQL refuse the DROP ("being accessed by
+    other users"): it is named in a warning (so the test that left it can be found) and ended."""
+    yield
+    kill_test_processes()
+    with django_db_blocker.unblock():
+        _close_test_database_sessions()
+
+
+def _close_test_database_sessions() -> None:
+    import warnings
+
+    from django.db import connection, connections
+
+    connections.close_all()
+    if connection.vendor != "postgresql":
+        return
+    connection.close_pool()
+    with connection._nodb_cursor() as cursor:
+        cursor.execute(
+            "SELECT pid, application_name, state, left(query, 200) FROM pg_stat_activity"
+            " WHERE datname = %s AND pid <> pg_backend_pid()",
+            [connection.settings_dict["NAME"]],
+        )
+        others = cursor.fetchall()
+        for pid, *_ in others:
+            cursor.execute("SELECT pg_terminate_backend(%s)", [pid])
+    if others:
+        warnings.warn(f"sessions still on the test database at the end, ended: {others}", stacklevel=1)
+
+
 def which_chromium() -> str | None:
     return shutil.which("chromium") or (Path("/usr/bin/chromium").exists() and "/usr/bin/chromium") or None
 

@@ -102,7 +102,7 @@ def test_exit_code_of_waits_for_a_zombie_to_be_reaped(fake_llama, tmp_path, reap
 
     def reap_later():
         time.sleep(0.5)
-        processes.record_exit(server.pid, server.wait(), log)
+        processes._reap(server, log)  # as the launch's reaping thread does
 
     threading.Thread(target=reap_later).start()
     assert processes.exit_code_of(server.pid, str(log)) == -9
@@ -130,3 +130,18 @@ def test_one_that_died_before_any_scan_saw_it_is_reaped_by_its_launch_note(
     assert OrphanReaper().scan() == [(server_pid, -9)]  # the first scan ever
     assert processes.exit_code_of(server_pid, str(log), wait=0) == -9
     assert processes.launched_log(server_pid) is None  # the note is gone with the process
+
+
+def test_the_exit_code_is_read_while_the_pid_is_still_a_zombie(fake_llama, tmp_path, reap):
+    """The order that closes the race above: the code is read without reaping (WNOWAIT) and recorded, and
+    only then is the zombie reaped, so the pid is never gone with no recorded code."""
+    server = subprocess.Popen([fake_llama, "60"])
+    reap.append(server.pid)
+    assert processes.exit_code_keeping_zombie(server.pid) is None  # still running
+    server.kill()
+    assert processes.exit_code_keeping_zombie(server.pid, block=True) == -9
+    assert psutil.Process(server.pid).status() == psutil.STATUS_ZOMBIE  # not reaped by reading its code
+    processes._reap(server, tmp_path / "x.log")
+    assert not psutil.pid_exists(server.pid)
+    assert processes.exit_code_of(server.pid, str(tmp_path / "x.log"), wait=0) == -9
+    assert processes.exit_code_keeping_zombie(1) is None  # not our child
