@@ -51,6 +51,7 @@ def choose_gpu_backend(data_dir: Path) -> str | None:
                 "memory_total_mib": 24564,
                 "baseline_used_mib": 5,
                 "foreign_processes": [],
+                "simulate_load": True,  # utilisation, temperature and power from the models' CPU use
             }
             for i in range(2)
         ]

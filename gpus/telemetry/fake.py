@@ -2,6 +2,12 @@
 processes that select them through CUDA_VISIBLE_DEVICES (uuid or index).
 
 The file is re-read on every sample() so tests can edit it to inject faults at run time.
+
+Utilisation, temperature and power are given per GPU in the file, or left out ("—" on the dashboard). With
+`"simulate_load": true` a GPU without them gets plausible ones from the real processes on it: utilisation is
+their CPU use since the previous sample (a llama-server generating on the CPU keeps a core or more busy: 100 %),
+temperature rises from 30 °C idle to 80 °C at full use, and power from 25 W to the board's `power_limit_w`
+(450 W, an RTX 4090's, unless the file says).
 """
 
 from __future__ import annotations
@@ -15,6 +21,8 @@ import psutil
 from .base import GpuProcess, GpuReading, TelemetryError
 from .procs import MIB, cuda_visible_devices_by_pid
 
+IDLE_C, FULL_C, IDLE_W, POWER_LIMIT_W = 30, 80, 25, 450
+
 
 def _is_int(value: Any) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
@@ -26,6 +34,8 @@ class FakeBackend:
     def __init__(self, path: str, proc_root: str = "/proc") -> None:
         self.path = str(path)
         self._proc_root = proc_root
+        self._cpu: dict[tuple[int, float], float] = {}  # (pid, start time) -> CPU seconds at the last sample
+        self._sampled_at: float | None = None  # monotonic time of the last sample
         self.load()  # fail at construction on a bad file, like the real backends do on init
 
     def load(self) -> dict[str, Any]:
@@ -64,13 +74,11 @@ class FakeBackend:
                     raise self._problem(f"{where}.{key} must be a non-empty string")
             if not _is_int(gpu.get("baseline_used_mib", 0)) or gpu.get("baseline_used_mib", 0) < 0:
                 raise self._problem(f"{where}.baseline_used_mib must be an integer >= 0")
-            for key in (
-                "utilization_pct",
-                "temperature_c",
-                "power_w",
-            ):  # optional: "—" on the dashboard without
+            for key in ("utilization_pct", "temperature_c", "power_w", "power_limit_w"):  # optional
                 if gpu.get(key) is not None and (not _is_int(gpu[key]) or gpu[key] < 0):
                     raise self._problem(f"{where}.{key} must be an integer >= 0")
+            if not isinstance(gpu.get("simulate_load", False), bool):
+                raise self._problem(f"{where}.simulate_load must be true or false")
             foreign = gpu.get("foreign_processes", [])
             if not isinstance(foreign, list):
                 raise self._problem(f"{where}.foreign_processes must be a list")
@@ -101,6 +109,8 @@ class FakeBackend:
             slot_by_token.setdefault(str(gpu["index"]), slot)
 
         ours: list[list[GpuProcess]] = [[] for _ in gpus]
+        busy = [0.0 for _ in gpus]  # CPU seconds of the GPU's processes since the last sample
+        cpu: dict[tuple[int, float], float] = {}
         for pid, tokens in cuda_visible_devices_by_pid(self._proc_root).items():
             slots = sorted({slot_by_token[t] for t in tokens if t in slot_by_token})
             if not slots:
@@ -110,12 +120,20 @@ class FakeBackend:
                 with proc.oneshot():
                     rss = proc.memory_info().rss
                     name = proc.name()
+                    times = proc.cpu_times()
+                    key = (pid, proc.create_time())
             except (psutil.Error, OSError):  # exited since the scan, zombie, or not ours
                 continue
             rss_mib = max(1, rss // MIB) if rss > 0 else 0
             share = rss_mib // len(slots)
+            cpu[key] = times.user + times.system
+            used_cpu = cpu[key] - self._cpu.get(key, cpu[key])  # a process new since the last sample: 0
             for slot in slots:
                 ours[slot].append(GpuProcess(pid=pid, name=name, used_mib=share))
+                busy[slot] += used_cpu / len(slots)
+        now = time.monotonic()
+        elapsed = now - self._sampled_at if self._sampled_at is not None else 0.0
+        self._cpu, self._sampled_at = cpu, now
 
         readings = []
         for slot, gpu in enumerate(gpus):
@@ -125,6 +143,9 @@ class FakeBackend:
             )
             processes = foreign + tuple(ours[slot])
             used = gpu.get("baseline_used_mib", 0) + sum(p.used_mib or 0 for p in processes)
+            figures = {key: gpu.get(key) for key in ("utilization_pct", "temperature_c", "power_w")}
+            if gpu.get("simulate_load"):
+                figures = simulated_load(busy[slot], elapsed, gpu.get("power_limit_w"), figures)
             readings.append(
                 GpuReading(
                     index=gpu["index"],
@@ -132,14 +153,31 @@ class FakeBackend:
                     name=gpu["name"],
                     memory_total_mib=gpu["memory_total_mib"],
                     memory_used_mib=min(used, gpu["memory_total_mib"]),
-                    utilization_pct=gpu.get("utilization_pct"),
                     processes=processes,
                     simulated=True,
-                    temperature_c=gpu.get("temperature_c"),
-                    power_w=gpu.get("power_w"),
+                    **figures,
                 )
             )
         return readings
 
     def close(self) -> None:
         pass
+
+
+def simulated_load(cpu_seconds: float, elapsed: float, power_limit_w: int | None, given: dict) -> dict:
+    """Utilisation, temperature and power of a simulated GPU whose processes used `cpu_seconds` of CPU in
+    the `elapsed` seconds since the previous sample; figures the file gives win."""
+    utilization = given["utilization_pct"]
+    if utilization is None:
+        utilization = min(100, round(cpu_seconds * 100 / elapsed)) if elapsed > 0 else 0
+    limit = POWER_LIMIT_W if power_limit_w is None else power_limit_w
+    temperature, power = given["temperature_c"], given["power_w"]
+    return {
+        "utilization_pct": utilization,
+        "temperature_c": round(IDLE_C + (FULL_C - IDLE_C) * utilization / 100)
+        if temperature is None
+        else temperature,
+        "power_w": round(min(IDLE_W, limit) + max(0, limit - IDLE_W) * utilization / 100)
+        if power is None
+        else power,
+    }

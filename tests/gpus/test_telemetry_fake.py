@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gpus.telemetry import GpuReading, TelemetryError, get_backend, process_tree_pids, sample_with_timeout
-from gpus.telemetry.fake import FakeBackend
+from gpus.telemetry.fake import FakeBackend, simulated_load
 
 UUID0 = "GPU-00000000-fake-0000-0000-000000000000"
 UUID1 = "GPU-11111111-fake-1111-1111-111111111111"
@@ -113,6 +113,62 @@ def test_index_match_and_memory_growth(gpus_file, spawn):
     assert after.used_mib >= before.used_mib + 90
 
 
+NONE = {"utilization_pct": None, "temperature_c": None, "power_w": None}
+
+
+def test_simulated_load_figures():
+    """Half a core over the interval: 50 %, halfway from 30 to 80 °C and from 25 W to the power limit."""
+    assert simulated_load(1.0, 2.0, None, NONE) == {
+        "utilization_pct": 50,
+        "temperature_c": 55,
+        "power_w": 238,
+    }
+    assert simulated_load(4.0, 1.0, 300, NONE) == {
+        "utilization_pct": 100,
+        "temperature_c": 80,
+        "power_w": 300,
+    }
+    assert simulated_load(0.0, 0.0, None, NONE) == {"utilization_pct": 0, "temperature_c": 30, "power_w": 25}
+    given = {"utilization_pct": 20, "temperature_c": None, "power_w": 99}  # the file's figures win
+    assert simulated_load(9.0, 1.0, None, given) == {
+        "utilization_pct": 20,
+        "temperature_c": 40,
+        "power_w": 99,
+    }
+
+
+def test_simulate_load_follows_the_cpu_use_of_the_gpus_processes(gpus_file):
+    """Opt-in per GPU ("simulate_load": true, as the run command's simulated GPUs have): a process spinning on
+    GPU 0 makes it busy, warm and power-hungry; GPU 1, with nothing on it, idles; without the key: "—"."""
+    config = gpus_config()
+    for gpu in config["gpus"]:
+        gpu["simulate_load"] = True
+    backend = FakeBackend(gpus_file(config))
+    env = {**os.environ, "CUDA_VISIBLE_DEVICES": UUID0}
+    spinner = subprocess.Popen([sys.executable, "-c", "while True: pass"], env=env)
+    try:
+        deadline = time.monotonic() + 10
+        backend.sample()
+        while True:  # the first sample of a process has no interval yet; a loaded machine gives it little CPU
+            time.sleep(0.3)
+            gpu0, gpu1 = backend.sample()
+            if (
+                any(p.pid == spinner.pid for p in gpu0.processes)
+                and gpu0.utilization_pct
+                or time.monotonic() > deadline
+            ):
+                break
+    finally:
+        spinner.kill()
+        spinner.wait()
+    assert 0 < gpu0.utilization_pct <= 100
+    assert gpu0.temperature_c == round(30 + 50 * gpu0.utilization_pct / 100) > 30
+    assert gpu0.power_w == round(25 + 425 * gpu0.utilization_pct / 100) > 25
+    assert (gpu1.utilization_pct, gpu1.temperature_c, gpu1.power_w) == (0, 30, 25)
+    plain = FakeBackend(gpus_file(gpus_config())).sample()[0]
+    assert (plain.utilization_pct, plain.temperature_c, plain.power_w) == (None, None, None)
+
+
 def test_used_memory_capped_at_total(gpus_file):
     config = gpus_config()
     config["gpus"][1]["foreign_processes"] = [{"pid": None, "name": "hog", "used_mib": 10**6}]
@@ -165,6 +221,12 @@ def test_hang_seconds_and_timeout(gpus_file):
             r"gpus\[0\]\.foreign_processes\[0\]\.pid",
         ),
         (json.dumps({"gpus": [], "hang_seconds": "x"}), "hang_seconds"),
+        (
+            json.dumps(
+                {"gpus": [{"index": 0, "uuid": "x", "name": "n", "memory_total_mib": 1, "simulate_load": 1}]}
+            ),
+            r"gpus\[0\]\.simulate_load must be true or false",
+        ),
     ],
 )
 def test_bad_files(tmp_path, content, message):
