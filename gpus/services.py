@@ -267,7 +267,7 @@ def refresh_host(
     )
     if not updated:
         register_host(host_name, sampled)
-    gpus = list(Gpu.objects.filter(host__name=host_name))
+    gpus = list(Gpu.objects.filter(host__name=host_name).order_by("pk"))
 
     if sampled.readings is None:
         logger.warning("GPU query failed on %s: %s", host_name, sampled.error)
@@ -281,7 +281,7 @@ def refresh_host(
     if _inventory_changed(sampled.readings, gpus):
         host = gpus[0].host if gpus else Host.objects.get(name=host_name)
         _sync_inventory(host, sampled.readings, gpus)
-        gpus = list(Gpu.objects.filter(host__name=host_name))
+        gpus = list(Gpu.objects.filter(host__name=host_name).order_by("pk"))
 
     owner_of = {pid: c.instance_id for c in claims for pid in c.pids}
     claimed_pks = {pk for c in claims for pk in c.gpu_pks}
@@ -297,13 +297,7 @@ def refresh_host(
             gpu.processes = []
             continue
         readings_by_pk[gpu.pk] = reading
-        gpu.index, gpu.name, gpu.simulated = reading.index, reading.name, reading.simulated
-        gpu.memory_total_mib, gpu.memory_used_mib = reading.memory_total_mib, reading.memory_used_mib
-        gpu.utilization_pct = reading.utilization_pct
-        gpu.temperature_c, gpu.power_w = reading.temperature_c, reading.power_w
-        gpu.processes = _process_rows(reading, owner_of, llama_servers)
-        gpu.state, gpu.state_reason = _gpu_state(reading, gpu.pk in claimed_pks, gpu.processes)
-        gpu.unavailable_cause = Gpu.Cause.NONE
+        _apply(gpu, reading, gpu.pk in claimed_pks, owner_of, llama_servers)
         samples.append(
             MemorySample(
                 gpu=gpu, taken_at=now, used_mib=reading.memory_used_mib, total_mib=reading.memory_total_mib
@@ -316,13 +310,58 @@ def refresh_host(
         for f in figures
         if f.source != "none"
     ]
-    fields = [
-        "index", "name", "simulated", "memory_total_mib", "memory_used_mib", "utilization_pct",
-        "temperature_c", "power_w", "processes", "state", "state_reason", "unavailable_cause", "updated_at",
-    ]  # fmt: skip
-    update_rows(gpus, fields)
+    update_rows(gpus, GPU_FIELDS)
     MemorySample.objects.bulk_create(samples)
     return figures
+
+
+GPU_FIELDS = [
+    "index", "name", "simulated", "memory_total_mib", "memory_used_mib", "utilization_pct",
+    "temperature_c", "power_w", "processes", "state", "state_reason", "unavailable_cause", "updated_at",
+]  # fmt: skip
+
+
+def _apply(gpu: Gpu, reading: GpuReading, ours: bool, owner_of: dict[int, int], llama_servers) -> None:
+    """A GPU row takes a reading: its figures, its processes (and whose each is), its state."""
+    gpu.index, gpu.name, gpu.simulated = reading.index, reading.name, reading.simulated
+    gpu.memory_total_mib, gpu.memory_used_mib = reading.memory_total_mib, reading.memory_used_mib
+    gpu.utilization_pct = reading.utilization_pct
+    gpu.temperature_c, gpu.power_w = reading.temperature_c, reading.power_w
+    gpu.processes = _process_rows(reading, owner_of, llama_servers)
+    gpu.state, gpu.state_reason = _gpu_state(reading, ours, gpu.processes)
+    gpu.unavailable_cause = Gpu.Cause.NONE
+
+
+def refresh_live(
+    host_name: str, claims: list[InstanceClaim], sampled: Sampled, llama_servers: frozenset[str] = frozenset()
+) -> list[InstanceMemory]:
+    """The live figures between two full refreshes (models_app/live.py): the GPU rows and the instances' memory
+    from `sampled`, and nothing else: no history sample, no host heartbeat, no change of inventory or of
+    availability. Those stay the full refresh's (`refresh_host`), which also reports a failed query: here a
+    failed query, a changed inventory or a GPU that is unavailable (query failed, not reported, host down)
+    leaves the rows as they are. Returns the instances' figures that were measured (none with source
+    "none": those keep their last). Two queries: the rows read and the rows written."""
+    if sampled.readings is None:
+        return []
+    gpus = list(Gpu.objects.filter(host__name=host_name).order_by("pk"))
+    if _inventory_changed(sampled.readings, gpus):
+        return []
+    by_uuid = {r.uuid: r for r in sampled.readings}
+    owner_of = {pid: c.instance_id for c in claims for pid in c.pids}
+    claimed_pks = {pk for c in claims for pk in c.gpu_pks}
+    readings_by_pk: dict[int, GpuReading] = {}
+    live = []
+    for gpu in gpus:
+        reading = by_uuid.get(gpu.uuid)
+        if reading is None or gpu.state == Gpu.State.UNAVAILABLE:
+            continue
+        readings_by_pk[gpu.pk] = reading
+        gpu.updated_at = sampled.taken_at
+        _apply(gpu, reading, gpu.pk in claimed_pks, owner_of, llama_servers)
+        live.append(gpu)
+    update_rows(live, GPU_FIELDS)
+    figures = [attribute(c, readings_by_pk, sampled.taken_at) for c in claims if c.measure]
+    return [f for f in figures if f.source != "none"]
 
 
 def prune_samples(*, older_than_days: int | None = None, batch_size: int = 10_000) -> int:

@@ -218,6 +218,14 @@ HOST_NAME = envstr("LLAMACONTROLLER_HOST_NAME", socket.gethostname().split(".")[
 HOST_QUEUE = f"host.{HOST_NAME}"
 
 GPU_REFRESH_SECONDS = envint("LLAMACONTROLLER_GPU_REFRESH_SECONDS", 15, minimum=1)
+# Live figures (models_app/live.py): where a sample is cheap, each host's worker also refreshes its GPU rows and its
+# models' memory this often (0: off); history samples and alert rules keep GPU_REFRESH_SECONDS.
+GPU_LIVE_SECONDS = envint("LLAMACONTROLLER_GPU_LIVE_SECONDS", 2, minimum=0)
+GPU_LIVE_BACKENDS = envlist("LLAMACONTROLLER_GPU_LIVE_BACKENDS", ["nvml", "fake"])
+if not set(GPU_LIVE_BACKENDS) <= {"nvml", "nvidia-smi", "fake"}:
+    raise ImproperlyConfigured(
+        f"LLAMACONTROLLER_GPU_LIVE_BACKENDS={GPU_LIVE_BACKENDS}: use nvml, nvidia-smi, fake"
+    )
 RECONCILE_SECONDS = envint("LLAMACONTROLLER_RECONCILE_SECONDS", 10, minimum=1)
 SAMPLE_RETENTION_DAYS = envint("LLAMACONTROLLER_SAMPLE_RETENTION_DAYS", 30, minimum=1)
 LOAD_TIMEOUT = envint("LLAMACONTROLLER_LOAD_TIMEOUT", 120, minimum=1)

@@ -75,6 +75,22 @@ def refresh_host_memory(
     return figures
 
 
+def refresh_live(host_name: str, sampled: gpu_services.Sampled | None = None) -> gpu_services.Sampled:
+    """The live figures between two full refreshes (models_app/live.py): the GPU rows and the running
+    instances' memory, from one sample, in one short transaction. No history sample, no alert: those stay at
+    the full refresh's rate. Returns the sample (its `error` says whether the query failed)."""
+    sampled = sampled or gpu_services.sample_gpus()
+    if sampled.readings is None:
+        return sampled
+    claims = active_claims(host_name)
+    with transaction.atomic():
+        figures = gpu_services.refresh_live(
+            host_name, claims, sampled, llama_servers=binaries.known_paths(host_name)
+        )
+        _store_figures(figures)
+    return sampled
+
+
 def evaluate_alerts(host_name: str) -> list[gpu_alerts.Transition]:
     """Right after the refresh: the host's alert rules over its fresh rows, with the instance facts they need
     handed to `gpus` as plain values. An error here is logged, never fails the refresh."""

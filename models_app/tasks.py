@@ -20,6 +20,7 @@ from . import (
     cluster,
     dispatch,
     hosts,
+    live,
     load,
     memory,
     model_files,
@@ -129,6 +130,7 @@ def _host_worker(sender) -> bool:
 
 _heartbeat: cluster.Heartbeat | None = None
 _reaper: subreaper.OrphanReaper | None = None
+_live: live.LiveRefresh | None = None
 
 
 @worker_init.connect
@@ -153,9 +155,10 @@ def on_worker_init(sender=None, **kwargs) -> None:
 @worker_ready.connect
 def on_worker_ready(sender=None, **kwargs) -> None:
     """A host's worker starts: register the host and its GPUs, discover and verify its llama-server
-    binaries (with their flag catalogues), reconcile, and start the heartbeat and the reaper of the
-    llama-servers that pool processes leave behind (models_app/subreaper.py)."""
-    global _heartbeat, _reaper
+    binaries (with their flag catalogues), reconcile, and start the heartbeat, the reaper of the
+    llama-servers that pool processes leave behind (models_app/subreaper.py) and, where the backend is cheap,
+    the live GPU figures between the full refreshes (models_app/live.py)."""
+    global _heartbeat, _reaper, _live
     if not _host_worker(sender):
         return
     try:
@@ -181,12 +184,17 @@ def on_worker_ready(sender=None, **kwargs) -> None:
     _heartbeat.start()
     _reaper = subreaper.OrphanReaper()
     _reaper.start()
+    if live.wanted():
+        heartbeat = _heartbeat
+        _live = live.LiveRefresh(settings.HOST_NAME, may_run=lambda: heartbeat.withheld is None)
+        _live.start()
 
 
 @worker_shutdown.connect
 def on_worker_shutdown(sender=None, **kwargs) -> None:
-    if _reaper is not None:
-        _reaper.stop()
+    for thread in (_reaper, _live):
+        if thread is not None:
+            thread.stop()
     if _heartbeat is None:
         return
     _heartbeat.stop()

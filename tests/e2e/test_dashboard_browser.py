@@ -4,12 +4,14 @@ shows the model's own memory as the API reports it, a foreign process and free m
 changes the figures change on the page without a reload; at 390×844 nothing scrolls sideways."""
 
 import json
+import time
 from datetime import timedelta
 
 import pytest
 from django.utils import timezone
 
 from gateway.models import UsageRecord
+from models_app.live import LiveRefresh
 from models_app.memory import refresh_host_memory
 from policy.models import Pin, Quota, Reservation
 from tests.conftest import FAKE_GPU_UUIDS, HOST_NAME, password_for
@@ -82,6 +84,23 @@ def test_live_stacked_bar_matches_the_api_and_updates_without_reload(
     assert after >= before + 150
     wait_for(lambda: model_segment(page, instance.pk) == after, 15, "the bar to show the new figure")
     assert page.evaluate("window.notReloaded === true")
+
+    # Without a refresh: the live figures a host's worker writes between refreshes (models_app/live.py; its
+    # thread runs here, in the test's process). The bar follows within the live interval plus the poll's (1 s
+    # each), with room for a loaded machine.
+    settings.GPU_LIVE_SECONDS = 1
+    live_thread = LiveRefresh(HOST_NAME)
+    live_thread.start()
+    try:
+        grow(child)
+        grown = time.monotonic()
+        wait_for(
+            lambda: model_segment(page, instance.pk) >= after + 60, 8, "the bar to follow the live figures"
+        )
+        print(f"the bar followed a growth in {time.monotonic() - grown:.1f} s")
+    finally:
+        live_thread.stop()
+        live_thread.join(5)
     assert not [line for line in console if "returned no matches" in line], console  # hx-disabled-elt
 
     SCREENSHOTS.mkdir(parents=True, exist_ok=True)
