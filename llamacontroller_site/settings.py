@@ -227,6 +227,8 @@ if not set(GPU_LIVE_BACKENDS) <= {"nvml", "nvidia-smi", "fake"}:
         f"LLAMACONTROLLER_GPU_LIVE_BACKENDS={GPU_LIVE_BACKENDS}: use nvml, nvidia-smi, fake"
     )
 RECONCILE_SECONDS = envint("LLAMACONTROLLER_RECONCILE_SECONDS", 10, minimum=1)
+# Each host's worker lists the GGUF files of its model folders this often (models_app/folder_scan.py).
+MODEL_SCAN_SECONDS = envint("LLAMACONTROLLER_MODEL_SCAN_SECONDS", 60, minimum=10)
 SAMPLE_RETENTION_DAYS = envint("LLAMACONTROLLER_SAMPLE_RETENTION_DAYS", 30, minimum=1)
 LOAD_TIMEOUT = envint("LLAMACONTROLLER_LOAD_TIMEOUT", 120, minimum=1)
 STOP_TIMEOUT = envint("LLAMACONTROLLER_STOP_TIMEOUT", 10, minimum=1)
@@ -283,6 +285,11 @@ CELERY_BEAT_SCHEDULE = {
         "task": "models_app.tasks.dispatch_reconcile",
         "schedule": RECONCILE_SECONDS,
         "options": {"expires": RECONCILE_SECONDS * 0.8},
+    },
+    "scan-model-folders": {
+        "task": "models_app.tasks.dispatch_folder_scans",
+        "schedule": MODEL_SCAN_SECONDS,
+        "options": {"expires": MODEL_SCAN_SECONDS * 0.8},
     },
     "check-hosts": {
         "task": "models_app.tasks.check_hosts",

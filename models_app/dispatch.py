@@ -25,8 +25,12 @@ KILL_ORPHAN = "models_app.tasks.kill_orphan"
 RECONCILE_HOST = "models_app.tasks.reconcile_host"
 CHECK_MODEL_FILES = "models_app.tasks.check_model_files"
 REFRESH_HOST = "models_app.tasks.refresh_host"
+SCAN_MODEL_FOLDERS = "models_app.tasks.scan_model_folders"
 
-NAMES = (LOAD_MODEL, RESUME_START, UNLOAD_MODEL, KILL_ORPHAN, RECONCILE_HOST, CHECK_MODEL_FILES, REFRESH_HOST)
+NAMES = (
+    LOAD_MODEL, RESUME_START, UNLOAD_MODEL, KILL_ORPHAN, RECONCILE_HOST, CHECK_MODEL_FILES, REFRESH_HOST,
+    SCAN_MODEL_FOLDERS,
+)  # fmt: skip
 
 # A command's send: the broker went away between the ping (services.check_broker) and the commit.
 COMMAND_RETRY = {"retry": True, "retry_policy": {"max_retries": 2, "interval_start": 0.2}}
@@ -104,8 +108,24 @@ def send_model_file_checks(hosts, expires: float, *, at_once: bool = True) -> No
         )  # fmt: skip
 
 
+def send_folder_scans(hosts, expires: float) -> list[str]:
+    """`scan_model_folders` to each host's queue now (the Add a model page's Rescan). Returns the names of the
+    hosts the broker refused (logged; the page says so), never raises."""
+    refused_hosts = []
+    for host in hosts:
+
+        def refused(exc: Exception, name=host.name) -> None:
+            logger.error("could not ask %s to scan its model folders", name, exc_info=exc)
+            refused_hosts.append(name)
+
+        send(
+            SCAN_MODEL_FOLDERS, [host.name], queue=host.queue, expires=expires, at_once=True, on_error=refused
+        )
+    return refused_hosts
+
+
 def fan_out(name: str, hosts, expires: float) -> int:
-    """The beat dispatchers: task `name` (REFRESH_HOST, RECONCILE_HOST) to each host's queue now, expiring
+    """The beat dispatchers: task `name` (REFRESH_HOST, RECONCILE_HOST, SCAN_MODEL_FOLDERS) to each host's queue now, expiring
     after `expires` seconds. The number of hosts."""
     for host in hosts:
         send(name, [host.name], queue=host.queue, expires=expires, at_once=True)

@@ -214,9 +214,11 @@ def predict(
     overrides: dict | None = None,
     *,
     freed_mib: dict[int, int] | None = None,
+    facts: estimator.GgufFacts | None = None,
 ) -> Prediction:
     """The prediction of `model` on `gpus` (one host). `overrides`: canonical option names (ctx-size, ...)
-    that replace the model's flags. `freed_mib`: memory per GPU pk that the load frees first (a switch)."""
+    that replace the model's flags. `freed_mib`: memory per GPU pk that the load frees first (a switch).
+    `facts`: the header as a host's worker reported it (a file the web node cannot read), else read here."""
     host = gpus[0].host if gpus else None
     binary = binary_for(model, host)
     version = binary.version if binary is not None else ""
@@ -232,7 +234,7 @@ def predict(
         for g in gpus
     ]
     try:
-        facts = estimator.gguf_facts(model.path)
+        facts = facts or estimator.gguf_facts(model.path)
         options = options_for(model, binary, overrides)
         if "tensor-split" not in options and len(gpus) > 1 and all(f for f in prediction.free_mib):
             # llama.cpp's default split: in proportion to each device's free memory.

@@ -243,6 +243,66 @@ class HostModelFile(models.Model):
         )
 
 
+class HostGgufFile(models.Model):
+    """A GGUF file that a host's worker found in its own model folders (its LLAMACONTROLLER_MODEL_DIRS), with
+    the facts of its header: what the "Add a model" page lists per host, registered or not. Written by the
+    host's worker only (models_app/folder_scan.py), at start, every LLAMACONTROLLER_MODEL_SCAN_SECONDS and on
+    the page's Rescan; a file that vanished loses its row. `error`: the header could not be read (the file is
+    listed as unreadable, with the reason). `facts` has read_gguf_facts' shape (saved as a registered model's
+    gguf_metadata); `header` is the estimator's compact summary (models_app/estimator: tensors per block), so
+    the web node predicts the memory of a file it cannot read itself."""
+
+    host = models.ForeignKey(Host, on_delete=models.CASCADE, related_name="gguf_files")
+    path = models.CharField(max_length=1000)
+    size_bytes = models.BigIntegerField()
+    modified_at = models.DateTimeField()
+    architecture = models.CharField(max_length=100, blank=True)
+    quantization = models.CharField(max_length=40, blank=True)
+    parameter_count = models.BigIntegerField(null=True, blank=True)
+    block_count = models.IntegerField(null=True, blank=True)
+    context_length = models.IntegerField(null=True, blank=True)
+    facts = models.JSONField(default=dict, blank=True)
+    header = models.JSONField(default=dict, blank=True)
+    error = models.TextField(blank=True, help_text="Why the header could not be read, if it could not.")
+    seen_at = models.DateTimeField(default=timezone.now)
+
+    class Meta:
+        ordering = ["host__name", "path"]
+        verbose_name = "GGUF file on a host"
+        constraints = [models.UniqueConstraint(fields=["host", "path"], name="host_gguf_file_once")]
+
+    def __str__(self) -> str:
+        return f"{self.path} on {self.host_id and self.host.name}"
+
+
+class HostFolderScan(models.Model):
+    """A host's last scan of its model folders: when it was asked for and when it finished (the page polls
+    until a Rescan lands), what the folders were there, and whether a bound cut it short."""
+
+    host = models.OneToOneField(Host, on_delete=models.CASCADE, primary_key=True, related_name="folder_scan")
+    folders = models.JSONField(default=list, blank=True)
+    requested_at = models.DateTimeField(null=True, blank=True)
+    scanned_at = models.DateTimeField(null=True, blank=True)
+    duration_ms = models.FloatField(null=True, blank=True)
+    files = models.IntegerField(default=0)
+    note = models.TextField(
+        blank=True, help_text="A bound that cut the scan short, folders it could not read."
+    )
+
+    class Meta:
+        verbose_name = "model folder scan"
+
+    def __str__(self) -> str:
+        return f"scan of {self.host_id and self.host.name}"
+
+    @property
+    def pending(self) -> bool:
+        """A scan was asked for and has not finished since."""
+        return self.requested_at is not None and (
+            self.scanned_at is None or self.scanned_at < self.requested_at
+        )
+
+
 class InstanceGpu(models.Model):
     """An instance's hold on one GPU, in order; `active` mirrors the instance being active. Several active
     instances may hold one GPU: admission (models_app/admission.py) admits them by memory."""

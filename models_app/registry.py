@@ -14,7 +14,7 @@ from pathlib import Path
 from django.conf import settings
 
 from .binaries import BinaryError, catalogues_for_model
-from .estimator import EstimateError, gguf_facts
+from .estimator import EstimateError, GgufFacts, gguf_facts
 from .flags import Catalogue, FlagError
 from .models import ModelConfig
 
@@ -226,6 +226,17 @@ def model_file(raw: str, *, base: Path | None = None) -> dict:
     return {"path": str(resolved), **file_facts(resolved)}
 
 
+def reported_model_file(raw: str, facts: dict, size_bytes: int) -> dict:
+    """model_file for a file that a host's worker found and reported (the web node need not have it): the
+    path's form checked as a load checks it on the web node (check_model_path_form), the facts and size as
+    the worker read them. The host's worker checks the file itself once it is registered."""
+    path = check_model_path_form(raw)
+    limit = ModelConfig._meta.get_field("path").max_length
+    if len(str(path)) > limit:
+        raise RegistryError(f"{raw}: the path is longer than {limit} characters")
+    return {"path": str(path), "gguf_metadata": dict(facts or {}), "file_size_bytes": int(size_bytes)}
+
+
 def file_facts(path: Path) -> dict:
     """The registry fields read from a model file: its GGUF header facts and its size."""
     return {"gguf_metadata": read_gguf_facts(path), "file_size_bytes": Path(path).stat().st_size}
@@ -239,6 +250,11 @@ def read_gguf_facts(path: Path) -> dict:
         header = gguf_facts(path)
     except (OSError, EstimateError):  # a truncated or foreign file: the facts stay empty, loading reports it
         return {}
+    return header_facts(header)
+
+
+def header_facts(header: GgufFacts) -> dict:
+    """read_gguf_facts of a parsed header (a host's worker reports these for the files it finds)."""
 
     def scalar(key):
         value = header.metadata.get(key)

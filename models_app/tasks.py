@@ -19,6 +19,7 @@ from . import (
     binaries,
     cluster,
     dispatch,
+    folder_scan,
     hosts,
     live,
     load,
@@ -77,6 +78,13 @@ def check_model_files(host_name: str) -> dict:
     return model_files.check_on_this_host(host) if host is not None else {}
 
 
+@shared_task(name="models_app.tasks.scan_model_folders", ignore_result=True)
+def scan_model_folders(host_name: str) -> dict:
+    """On the host's queue: list the GGUF files in this host's model folders (models_app/folder_scan.py)."""
+    host = Host.objects.filter(name=host_name).first()
+    return folder_scan.scan_on_this_host(host) if host is not None else {}
+
+
 @shared_task(name="models_app.tasks.refresh_host", ignore_result=True)
 def refresh_host(host_name: str) -> None:
     memory.refresh_host_memory(host_name)
@@ -101,6 +109,15 @@ def dispatch_refresh() -> int:
 def dispatch_reconcile() -> int:
     """Beat: one reconcile pass per live host, expiring before the next one is due."""
     return dispatch.fan_out(dispatch.RECONCILE_HOST, live_hosts(), expires=settings.RECONCILE_SECONDS * 0.8)
+
+
+@shared_task(name="models_app.tasks.dispatch_folder_scans", ignore_result=True)
+@once_per_period(lambda: settings.MODEL_SCAN_SECONDS)
+def dispatch_folder_scans() -> int:
+    """Beat: one scan of the model folders per live host, expiring before the next one is due."""
+    return dispatch.fan_out(
+        dispatch.SCAN_MODEL_FOLDERS, live_hosts(), expires=settings.MODEL_SCAN_SECONDS * 0.8
+    )
 
 
 @shared_task(name="models_app.tasks.check_hosts", ignore_result=True)
@@ -173,6 +190,10 @@ def on_worker_ready(sender=None, **kwargs) -> None:
             logger.info("model files on %s: %s", host.name, model_files.check_on_this_host(host))
         except Exception:
             logger.exception("%s: checking the model files failed", host.name)
+        try:  # the GGUF files in this host's model folders, for the Add a model page
+            logger.info("model folders of %s: %s", host.name, folder_scan.scan_on_this_host(host))
+        except Exception:
+            logger.exception("%s: scanning the model folders failed", host.name)
         logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
     except Exception:  # a failed start-up check must not stop the worker; the next reconcile tries again
         logger.exception("start-up of the %s worker failed", settings.HOST_NAME)

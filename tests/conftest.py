@@ -381,6 +381,7 @@ def sent(monkeypatch):
         models_dispatch.KILL_ORPHAN,
         models_dispatch.REFRESH_HOST,
         models_dispatch.RECONCILE_HOST,
+        models_dispatch.SCAN_MODEL_FOLDERS,
     }
     calls = []
     publish = dispatch.publish

@@ -23,7 +23,7 @@ The formulas follow llama.cpp (README "Memory prediction"):
 - CUDA context: a per-device constant (DEFAULT_CUDA_OVERHEAD_MIB), refined by what loads measured.
 """
 
-from .gguf_header import EstimateError, GgufFacts, gguf_facts, read_header
+from .gguf_header import EstimateError, GgufFacts, from_summary, gguf_facts, read_header, summary
 from .llama_log import fit_params, logged_buffers, parse_buffer_log
 from .settings import (
     CACHE_TYPES,
@@ -60,6 +60,7 @@ __all__ = [
     "compute_bytes",
     "estimate",
     "fit_params",
+    "from_summary",
     "gguf_facts",
     "kv_layout",
     "logged_buffers",
@@ -67,6 +68,7 @@ __all__ = [
     "parse_buffer_log",
     "read_header",
     "settings_for",
+    "summary",
     "switch",
     "tensor_split",
     "whole_number",

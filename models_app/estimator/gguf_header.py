@@ -144,3 +144,43 @@ def gguf_facts(path: str | os.PathLike) -> GgufFacts:
             _CACHE.clear()
         facts = _CACHE[key] = read_header(path)
     return facts
+
+
+def summary(facts: GgufFacts) -> dict:
+    """What the estimate needs of `facts`, small enough to store per file (a few KiB for a 70B model): the
+    metadata without the tokenizer's arrays (the vocabulary kept as its length) and the tensor bytes summed per
+    block (`blk.N`), the output and embedding tensors by name, everything else as one `other`. The estimate of
+    `from_summary(summary(f))` is the estimate of `f`."""
+    metadata = {k: v for k, v in facts.metadata.items() if not k.startswith("tokenizer.")}
+    tokens = facts.metadata.get("tokenizer.ggml.tokens")
+    if tokens is not None:
+        count = tokens.get("array_len", 0) if isinstance(tokens, dict) else len(tokens)
+        metadata["tokenizer.ggml.tokens"] = {"array_len": int(count)}
+    tensors: dict[str, int] = {}
+    for name, size in facts.tensors.items():
+        parts = name.split(".")
+        if name.startswith("blk.") and len(parts) > 1 and parts[1].isdigit():
+            key = f"blk.{parts[1]}"
+        elif name.startswith(("output.", "output_norm.")) or name == "token_embd.weight":
+            key = name
+        else:
+            key = "other"
+        tensors[key] = tensors.get(key, 0) + size
+    return {
+        "architecture": facts.architecture,
+        "metadata": metadata,
+        "tensors": tensors,
+        "parameter_count": facts.parameter_count,
+    }
+
+
+def from_summary(path: str, data: dict) -> GgufFacts:
+    """The GgufFacts of a stored summary(); EstimateError when it is not one."""
+    try:
+        return GgufFacts(
+            path=str(path), architecture=str(data["architecture"]), metadata=dict(data["metadata"]),
+            tensors={str(k): int(v) for k, v in data["tensors"].items()},
+            parameter_count=int(data.get("parameter_count") or 0),
+        )  # fmt: skip
+    except (KeyError, TypeError, ValueError, AttributeError):
+        raise EstimateError(f"{path}: no header summary") from None

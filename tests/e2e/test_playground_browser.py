@@ -1,6 +1,6 @@
 """From a file in the model folder to a streamed answer, in a real browser against the web server as `./lc.sh run`
 serves it (gunicorn, uvicorn worker), a real Celery worker and a real llama-server with the tiny model: an admin
-registers the file on the "Add a model" page, loads it from the dashboard, and chats with it in the playground
+registers the file that its worker lists on the "Add a model" page (after a Rescan), loads it from the dashboard, and chats with it in the playground
 through the gateway (streamed, with the request's time to first token and tokens per second)."""
 
 import re
@@ -30,9 +30,15 @@ def test_register_load_and_chat_in_the_browser(celery_worker, users, fake_gpus, 
         page.click("button[type=submit]")
         page.wait_for_url(f"{base}/")
 
-        # Register the file from the new page.
+        # Register the file from the new page: the worker lists its folders (the file came after its start-up
+        # scan); Rescan asks it again and the list updates by itself when the scan lands.
         page.click("text=Add a model")
-        page.locator(f"tr[data-path='{second_file}'] .choose-file").click()
+        page.click("#rescan-button")
+        row = page.locator(f"tr[data-path='{second_file}'][data-host='testhost']")
+        wait_for(lambda: row.count() == 1, 30, "the worker's scan to list the file")
+        assert "MiB on GPU 0" in row.inner_text()
+        row.locator(".choose-file").click()
+        assert page.locator("#id_host").input_value() == "testhost"
         page.fill("#id_id", "pg")
         page.fill("#id_name", "Playground tiny")
         page.click("#register-button")

