@@ -243,7 +243,8 @@ def predict(
     except (OSError, estimator.EstimateError) as exc:
         prediction.error = str(exc)
         return prediction
-    prediction.factor, prediction.loads = calibration(model.pk, gpu_name, version)
+    if model.pk:  # an unsaved probe (a file not registered yet) has no loads to learn from
+        prediction.factor, prediction.loads = calibration(model.pk, gpu_name, version)
     _use(prediction, result)
     fit_on = str(options.get("fit", "on")).lower() not in ("off", "0", "false")
     if prediction.fits is False and fit_on and "ctx-size" not in options:

@@ -190,10 +190,9 @@ def on_worker_ready(sender=None, **kwargs) -> None:
             logger.info("model files on %s: %s", host.name, model_files.check_on_this_host(host))
         except Exception:
             logger.exception("%s: checking the model files failed", host.name)
-        try:  # the GGUF files in this host's model folders, for the Add a model page
-            logger.info("model folders of %s: %s", host.name, folder_scan.scan_on_this_host(host))
-        except Exception:
-            logger.exception("%s: scanning the model folders failed", host.name)
+        # The GGUF files in this host's model folders (Add a model), as a task on its own queue: a scan takes
+        # up to folder_scan.MAX_SECONDS and must not hold back the heartbeat started below.
+        dispatch.send_folder_scans([host], expires=settings.MODEL_SCAN_SECONDS)
         logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
     except Exception:  # a failed start-up check must not stop the worker; the next reconcile tries again
         logger.exception("start-up of the %s worker failed", settings.HOST_NAME)

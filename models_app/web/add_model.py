@@ -124,7 +124,7 @@ def parameters(count) -> str:
     return f"{count / 1e9:.2f} B" if count >= 1e8 else f"{count / 1e6:.2f} M"
 
 
-def describe(row: HostGgufFile, registered: dict[str, str], gpus: list[Gpu]) -> FoundFile:
+def describe(row: HostGgufFile, registered: dict[str, str], gpus: list[Gpu], binary=None) -> FoundFile:
     found = FoundFile(
         path=Path(row.path),
         size=format_mib(row.size_bytes / 2**20),
@@ -136,7 +136,8 @@ def describe(row: HostGgufFile, registered: dict[str, str], gpus: list[Gpu]) -> 
     )
     if row.error or not gpus:
         return found
-    probe = ModelConfig(id="", name=found.path.stem, path=row.path, cli_params={})  # the file's defaults
+    # Unsaved, with the file's defaults and the host's default llama-server (read once per host)
+    probe = ModelConfig(id="", name=found.path.stem, path=row.path, cli_params={}, binary=binary)
     try:
         facts = estimator.from_summary(row.path, row.header)
     except estimator.EstimateError as exc:
@@ -165,8 +166,9 @@ def host_lists() -> list[HostFiles]:
         gpus = list(host.gpus.filter(index__isnull=False).order_by("index")[:MAX_GPUS]) if up else []
         for gpu in gpus:
             gpu.host = host
+        binary = estimates.binary_for(ModelConfig(), host) if gpus else None
         rows = list(HostGgufFile.objects.filter(host=host).order_by("path")[: MAX_FILES + 1])
-        files = [describe(row, registered, gpus) for row in rows[:MAX_FILES]]
+        files = [describe(row, registered, gpus, binary) for row in rows[:MAX_FILES]]
         lists.append(HostFiles(host, up, scans.get(host.pk), files, len(rows) > MAX_FILES))
     return lists
 

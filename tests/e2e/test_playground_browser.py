@@ -7,7 +7,7 @@ import re
 
 import pytest
 
-from models_app.models import GpuInstance
+from models_app.models import GpuInstance, HostFolderScan
 from tests.conftest import password_for, worker_env
 from tests.e2e import test_browser
 from tests.helpers import web_server
@@ -32,6 +32,8 @@ def test_register_load_and_chat_in_the_browser(celery_worker, users, fake_gpus, 
 
         # Register the file from the new page: the worker lists its folders (the file came after its start-up
         # scan); Rescan asks it again and the list updates by itself when the scan lands.
+        scanned = HostFolderScan.objects.filter(host__name="testhost", scanned_at__isnull=False)
+        wait_for(scanned.exists, 30, "the worker's start-up scan of its model folders")
         page.click("text=Add a model")
         page.click("#rescan-button")
         row = page.locator(f"tr[data-path='{second_file}'][data-host='testhost']")
