@@ -11,6 +11,7 @@ import pytest
 from django.utils import timezone
 
 from gateway.models import UsageRecord
+from models_app import folder_scan
 from models_app.live import LiveRefresh
 from models_app.memory import refresh_host_memory
 from policy.models import Pin, Quota, Reservation
@@ -129,6 +130,7 @@ def test_pages_fit_a_phone(live_server, users, fake_gpus, tiny_model, browser_pa
     now = timezone.now()
     Reservation.objects.create(host=fake_gpus.host, gpu_indices=[0, 1], start=now, end=now + timedelta(days=2),
                                purpose="evaluation of the long-context checkpoints " * 3)  # fmt: skip
+    folder_scan.scan_on_this_host(fake_gpus.host)  # the Add a model page lists what its worker found
     page, base = browser_page, live_server.url
     log_in(page, base, "admin")
     pages = {
