@@ -5,7 +5,9 @@ the modules import one way: gguf_header <- settings <- sizes, and llama_log besi
 
 - gguf_header.py: the header, read without touching tensor data (a small parser seeks past arrays, so
   tokenizer vocabularies are counted, never turned into Python objects); the facts are cached by path, size
-  and mtime. EstimateError lives here, at the bottom of the package.
+  and mtime. EstimateError lives here, at the bottom of the package. `summary` keeps what the estimate needs
+  (tensor bytes per block) small enough to store: a host's worker reports it for each file it finds, and the
+  web node estimates `from_summary` a file it cannot read itself.
 - settings.py: the memory-relevant flags under canonical names, llama-server's defaults and its refusals.
 - sizes.py: the formulas below and the result types (Estimate, DeviceEstimate).
 - llama_log.py: llama.cpp's own accounting (the buffers llama-server logs, llama-fit-params) to check against.
