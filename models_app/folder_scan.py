@@ -14,7 +14,7 @@ Bounded, so that a folder of 100 000 files cannot hang a worker (the scan's note
 - files: MAX_FILES .gguf files listed;
 - time: MAX_SECONDS for the whole scan; headers not read by then are read by the next scan (their files are
   not listed until then).
-Symlinks: a linked folder is not entered; a linked file is listed only when its target resolves inside the
+Paths longer than MAX_PATH or not valid UTF-8 are skipped. Symlinks: a linked folder is not entered; a linked file is listed only when its target resolves inside the
 allowed folders and is a regular file (the rule a load applies, models_app/model_files.py)."""
 
 import logging
@@ -40,6 +40,7 @@ MAX_DEPTH = 6
 MAX_ENTRIES = 20_000
 MAX_FILES = 1_000
 MAX_SECONDS = 20.0
+MAX_PATH = 1000  # HostGgufFile.path's length; longer paths are not listed (the registry could not hold them)
 
 
 def quantisation(file_type) -> str:
@@ -63,6 +64,16 @@ class Walk:
     @property
     def complete(self) -> bool:
         return not self.limits
+
+
+def _storable(path: str) -> bool:
+    """A path the registry can hold: at most MAX_PATH characters, valid UTF-8 (a name in another encoding
+    reaches Python as surrogates, which no database column takes)."""
+    try:
+        path.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return len(path) <= MAX_PATH
 
 
 def _inside(path: Path, folders: list[Path]) -> bool:
@@ -100,7 +111,7 @@ def walk(folders: list[Path], deadline: float) -> Walk:
                     elif not any("deeper than" in note for note in found.limits):
                         found.limits.append(f"folders deeper than {MAX_DEPTH} levels are not scanned")
                     continue
-                if not entry.name.lower().endswith(".gguf"):
+                if not entry.name.lower().endswith(".gguf") or not _storable(entry.path):
                     continue
                 if entry.is_symlink():
                     target = Path(entry.path).resolve()

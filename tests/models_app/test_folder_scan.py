@@ -79,6 +79,15 @@ def test_scan_lists_headers_unreadable_files_and_not_links_out(folders, host):
     assert scan.folders == [str(f) for f in folders] and scan.files == 5 and scan.scanned_at and not scan.note
 
 
+def test_names_the_registry_cannot_hold_are_skipped(folders, host, monkeypatch):
+    with open(os.path.join(os.fsencode(folders[0]), b"latin-\xe9.gguf"), "wb") as handle:
+        handle.write(b"GGUF")  # a name in Latin-1, not UTF-8
+    monkeypatch.setattr(folder_scan, "MAX_PATH", len(str(folders[0] / "tiny.gguf")))
+    folder_scan.scan_on_this_host(host, folders)
+    assert "tiny.gguf" in rows(host) and "corrupt.gguf" not in rows(host)  # one character too long
+    assert not [name for name in rows(host) if name.startswith("latin")]
+
+
 def test_the_header_summary_gives_the_same_estimate_as_the_file(folders, host):
     folder_scan.scan_on_this_host(host, folders)
     for name in ("tiny.gguf", "gemma.gguf"):
