@@ -17,6 +17,7 @@ Bounded, so that a folder of 100 000 files cannot hang a worker (the scan's note
 Paths longer than MAX_PATH or not valid UTF-8 are skipped. Symlinks: a linked folder is not entered; a linked file is listed only when its target resolves inside the
 allowed folders and is a regular file (the rule a load applies, models_app/model_files.py)."""
 
+import itertools
 import logging
 import os
 import time
@@ -89,7 +90,9 @@ def walk(folders: list[Path], deadline: float) -> Walk:
         folder, depth = pending.pop()
         try:
             with os.scandir(folder) as entries:
-                listing = sorted(entries, key=lambda e: e.name)
+                # at most the entries still allowed (a folder of a million names is not read whole), by name
+                left = MAX_ENTRIES - found.entries + 1
+                listing = sorted(itertools.islice(entries, max(left, 0)), key=lambda e: e.name)
         except FileNotFoundError:
             continue  # a folder that does not exist (yet) lists nothing
         except OSError as exc:

@@ -164,12 +164,13 @@ def test_the_bounds_cut_a_huge_folder_short(tmp_path, tiny_model_file, host, mon
 def test_a_folder_of_100000_entries_is_bounded(tmp_path, host):
     folder = tmp_path / "huge"
     folder.mkdir()
-    for n in range(100_000):
-        (folder / f"f{n:06}.gguf").touch()  # empty: unreadable headers, the worst case
+    for n in range(100_000):  # every 50th an empty .gguf: an unreadable header to read, the slow case
+        (folder / (f"f{n:06}.gguf" if n % 50 == 0 else f"f{n:06}.part")).touch()
     started = time.monotonic()
     result = folder_scan.scan_on_this_host(host, [folder])
     elapsed = time.monotonic() - started
-    assert result["files"] == folder_scan.MAX_FILES and result["limits"]
+    assert result["limits"] == [f"stopped after {folder_scan.MAX_ENTRIES} folder entries"]
+    assert result["entries"] == folder_scan.MAX_ENTRIES + 1 and 0 < result["files"] <= folder_scan.MAX_FILES
     assert elapsed < folder_scan.MAX_SECONDS + 10, elapsed
     print(f"100 000 entries: {result['files']} listed in {elapsed:.2f} s; {result['limits']}")
 
