@@ -7,6 +7,8 @@ import random
 import shutil
 
 import pytest
+from django.db import connection
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from gpus.models import Gpu, Host
@@ -232,5 +234,27 @@ def test_corrupt_gguf_files_in_the_folder_leave_the_page_working(
         page = client.get("/models/add/")
         assert page.status_code == 200
         assert all("unreadable" in row_of(page.content.decode(), p) for p in paths)
+    finally:
+        shutil.rmtree(folder)
+
+
+def test_the_page_queries_do_not_grow_with_the_files(client, users, scanned, settings, tiny_model_file):
+    """The estimate per file and GPU reads the host's default llama-server once and, for a file not registered,
+    no calibration: a fixed number of queries whether the host lists 1 file or 31."""
+    client.force_login(users["admin"])
+
+    def queries() -> int:
+        folder_scan.scan_on_this_host(scanned.host)
+        with CaptureQueriesContext(connection) as captured:
+            assert client.get("/models/add/").status_code == 200
+        return len(captured)
+
+    few = queries()
+    folder = settings.MODEL_DIRS[0] / "many"
+    folder.mkdir()
+    try:
+        for n in range(30):
+            shutil.copy(tiny_model_file, folder / f"m{n:02}.gguf")
+        assert queries() == few, few
     finally:
         shutil.rmtree(folder)
