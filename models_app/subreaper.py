@@ -8,6 +8,7 @@ subreaper (Linux `PR_SET_CHILD_SUBREAPER`), so they are re-parented to it instea
 thread of the main process, reaps them and writes their exit codes into their logs, where
 processes.exit_code_of finds them."""
 
+import contextlib
 import ctypes
 import logging
 import os
@@ -86,10 +87,8 @@ class OrphanReaper(threading.Thread):
             return None
         del self.known[pid]
         processes.record_exit(pid, code, log_path)  # recorded before the pid disappears
-        try:
+        with contextlib.suppress(ChildProcessError):
             os.waitpid(pid, 0)
-        except ChildProcessError:
-            pass
         logger.warning("llama-server pid %s, inherited from a pool process that died, exited with code %s",
                        pid, code)  # fmt: skip
         return pid, code
