@@ -1,8 +1,8 @@
 """Load and unload latency: the controller (request -> `running`, request -> `stopped`, through a real Celery
 worker) against a bare llama-server (process start -> first /health 200, SIGTERM -> exit), for the same model;
-plus the post-load memory query, and the unload as the instance's own events time it (unload_requested ->
-unloaded, without the polling). The bare stop is also timed with one idle keep-alive connection open to
-llama-server, which makes it wait for that connection.
+plus the post-load memory query, and the load and unload as the instance's own events time them (requested ->
+started -> healthy, unload_requested -> unloaded: no polling). The bare stop is also timed with one idle
+keep-alive connection open to llama-server, which makes it wait for that connection.
 
     .venv/bin/python bench/load.py [--runs 10] [--gemma]
 
@@ -92,9 +92,9 @@ def median_ms(values: list[float]) -> float:
 
 
 def bare_start(argv: list[str], log: Path, port: int) -> tuple[float, subprocess.Popen]:
-    """Seconds from process start to the first /health 200, for llama-server started by hand, and the
-    process (running). Each poll asks for `Connection: close`, as the worker's do: no connection stays open
-    to hold up the stop."""
+    """Seconds from process start to the first /health 200 (asked every ROW_POLL), for llama-server started by
+    hand, and the process (running). Each poll asks for `Connection: close`, as the worker's do: no connection
+    stays open to hold up the stop."""
     import http.client
 
     started = time.perf_counter()
@@ -114,7 +114,7 @@ def bare_start(argv: list[str], log: Path, port: int) -> tuple[float, subprocess
             connection.close()
         if proc.poll() is not None:
             raise RuntimeError(f"llama-server exited ({proc.returncode}); see {log}")
-        time.sleep(0.005)
+        time.sleep(ROW_POLL)
 
 
 def bare_stop(proc: subprocess.Popen, idle_connection_to: int | None = None) -> float:
@@ -147,43 +147,103 @@ def bare_stop(proc: subprocess.Popen, idle_connection_to: int | None = None) -> 
             idle.close()
 
 
-def controller_load(model_id: str) -> tuple[float, object]:
-    """Seconds from the load request to the instance row saying `running` (polled every 5 ms)."""
-    from models_app.models import GpuInstance
+# How often the benchmark reads the instance's row: a poll adds up to this much to what it measures. The read
+# is plain SQL (a few tens of microseconds; the ORM's took ten times as long), so a fast poll takes little of
+# the two cores that the worker and llama-server need.
+ROW_POLL = 0.001
+# Between measurements: the worker's memory refresh after a load or unload (tens of milliseconds of CPU) is
+# over before the next one starts, so that it does not land on it.
+SETTLE = 0.25
+
+
+def status_of(instance_id: int) -> str:
+    from django.db import connection
+
+    with connection.cursor() as cursor:
+        cursor.execute("SELECT status FROM models_app_gpuinstance WHERE id = %s", [instance_id])
+        return cursor.fetchone()[0]
+
+
+def event_times(instance, *kinds: str) -> dict:
+    """created_at of the instance's newest event of each kind."""
+    from models_app.models import InstanceEvent
+
+    return dict(
+        InstanceEvent.objects.filter(instance_id=instance.pk, kind__in=kinds)
+        .order_by("created_at", "id")
+        .values_list("kind", "created_at")
+    )
+
+
+def controller_load(model_id: str) -> tuple[float, object, dict]:
+    """Seconds from the load request to the instance row saying `running` (polled every ROW_POLL), and the
+    load as the instance's events time it: requested -> started -> healthy."""
+    from models_app.models import GpuInstance, InstanceEvent
     from models_app.services import request_load
 
     started = time.perf_counter()
     instance = request_load(model_id=model_id, gpu_spec="0", actor=None)
     while True:
-        status = GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get()
+        status = status_of(instance.pk)
         if status == GpuInstance.Status.RUNNING:
             elapsed = time.perf_counter() - started
             instance.refresh_from_db()
-            return elapsed, instance
+            break
         if status not in GpuInstance.ACTIVE_STATUSES:
             instance.refresh_from_db()
             raise RuntimeError(f"load failed: {instance.error}")
-        time.sleep(0.005)
+        time.sleep(ROW_POLL)
+    Kind = InstanceEvent.Kind
+    times = event_times(instance, Kind.REQUESTED, Kind.STARTED, Kind.HEALTHY)
+    spans = {
+        "events": (times[Kind.HEALTHY] - times[Kind.REQUESTED]).total_seconds(),
+        "requested->started": (times[Kind.STARTED] - times[Kind.REQUESTED]).total_seconds(),
+        "started->healthy": (times[Kind.HEALTHY] - times[Kind.STARTED]).total_seconds(),
+    }
+    return elapsed, instance, spans
 
 
 def unload(instance) -> tuple[float, float]:
-    """Seconds from the unload request to the row saying `stopped` (polled every 5 ms), and from the
+    """Seconds from the unload request to the row saying `stopped` (polled every ROW_POLL), and from the
     instance's unload_requested event to its unloaded event."""
     from models_app.models import GpuInstance, InstanceEvent
     from models_app.services import request_unload
 
     started = time.perf_counter()
     request_unload(instance=instance, actor=None)
-    while GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get() != "stopped":
-        time.sleep(0.005)
+    while status_of(instance.pk) != GpuInstance.Status.STOPPED:
+        time.sleep(ROW_POLL)
     elapsed = time.perf_counter() - started
     Kind = InstanceEvent.Kind
-    times = dict(
-        instance.events.filter(kind__in=[Kind.UNLOAD_REQUESTED, Kind.UNLOADED]).values_list(
-            "kind", "created_at"
-        )
-    )
+    times = event_times(instance, Kind.UNLOAD_REQUESTED, Kind.UNLOADED)
     return elapsed, (times[Kind.UNLOADED] - times[Kind.UNLOAD_REQUESTED]).total_seconds()
+
+
+class GatewayPool:
+    """The gateway's connection pool to the instances (gateway/upstream.py), on an event loop that keeps
+    running in a thread, as in a web worker: a request through it leaves its connection open, idle."""
+
+    def __init__(self):
+        import asyncio
+        import threading
+
+        self.loop = asyncio.new_event_loop()
+        threading.Thread(target=self.loop.run_forever, name="gateway-loop", daemon=True).start()
+
+    def request(self, instance) -> int:
+        """One request to the instance as the gateway sends it; its status."""
+        import asyncio
+
+        from gateway import upstream
+
+        async def go():
+            response = await upstream.send(
+                upstream.transport(), "GET", f"{upstream.base_url(instance)}/v1/models",
+                headers=upstream.headers(instance), stream=False,
+            )  # fmt: skip
+            return response.status_code
+
+        return asyncio.run_coroutine_threadsafe(go(), self.loop).result(10)
 
 
 def main() -> None:
@@ -240,25 +300,49 @@ def main() -> None:
             port = settings.PORT_RANGE[1]
             argv = build_argv(settings.LLAMA_SERVER, str(path), params, port, 1)
             # Interleaved, so that the machine's ups and downs fall on both sides alike.
-            controller, memory_query, bare = [], [], []
+            controller, memory_query, bare, spans = [], [], [], {}
             stops, stop_events, bare_stops, bare_stops_idle = [], [], [], []
+            after_traffic, gateway = [], GatewayPool()
             for _ in range(args.runs):
-                elapsed, instance = controller_load(model_id)
+                elapsed, instance, load_spans = controller_load(model_id)
                 controller.append(elapsed)
+                for name, value in load_spans.items():
+                    spans.setdefault(name, []).append(value)
+                time.sleep(SETTLE)
                 started = time.perf_counter()
                 memory.measure_after_load(instance)
                 memory_query.append(time.perf_counter() - started)
+                time.sleep(SETTLE)
                 elapsed, by_events = unload(instance)
                 stops.append(elapsed)
                 stop_events.append(by_events)
+                time.sleep(SETTLE)
+                # Once more, right after a request through the gateway's pool (its connection idle, open).
+                instance = controller_load(model_id)[1]
+                instance = GpuInstance.objects.select_related("host").get(pk=instance.pk)
+                time.sleep(SETTLE)
+                if gateway.request(instance) != 200:
+                    raise RuntimeError("the request through the gateway's pool failed")
+                after_traffic.append(unload(instance)[0])
+                time.sleep(SETTLE)
                 elapsed, proc = bare_start(argv, data / f"bare-{model_id}.log", port)
                 bare.append(elapsed)
+                time.sleep(SETTLE)
                 bare_stops.append(bare_stop(proc))
                 # Once more, stopped with an idle keep-alive connection open (not counted in the bare start).
                 bare_stops_idle.append(
                     bare_stop(bare_start(argv, data / f"bare-{model_id}.log", port)[1], port)
                 )
-            rows.append((model_id, median_ms(controller), median_ms(bare), median_ms(memory_query)))
+            rows.append(
+                (
+                    model_id,
+                    median_ms(controller),
+                    median_ms(spans["events"]),
+                    median_ms(bare),
+                    median_ms(memory_query),
+                    {name: median_ms(values) for name, values in spans.items() if name != "events"},
+                )
+            )
             stop_rows.append(
                 (
                     model_id,
@@ -266,6 +350,7 @@ def main() -> None:
                     median_ms(stop_events),
                     median_ms(bare_stops),
                     median_ms(bare_stops_idle),
+                    median_ms(after_traffic),
                 )
             )
     finally:
@@ -276,23 +361,31 @@ def main() -> None:
 
     print()
     print(f"medians of {args.runs} runs; simulated GPUs (fake backend), llama-server on the CPU")
-    header = ("model", "controller: request->running", "bare: start->/health 200", "overhead", "memory query")
-    print(f"{header[0]:<14} {header[1]:>29} {header[2]:>25} {header[3]:>10} {header[4]:>13}")
-    for model_id, ctl, bare, mem in rows:
-        print(f"{model_id:<14} {ctl:>26.1f} ms {bare:>22.1f} ms {ctl - bare:>7.1f} ms {mem:>10.2f} ms")
+    header = (
+        "model", "controller: request->running", "events", "bare: start->/health 200", "overhead",
+        "memory query",
+    )  # fmt: skip
+    print(f"{header[0]:<14} {header[1]:>29} {header[2]:>10} {header[3]:>25} {header[4]:>10} {header[5]:>13}")
+    for model_id, ctl, events, bare, mem, _ in rows:
+        print(
+            f"{model_id:<14} {ctl:>26.1f} ms {events:>7.1f} ms {bare:>22.1f} ms {ctl - bare:>7.1f} ms"
+            f" {mem:>10.2f} ms"
+        )
+    for model_id, *_, parts in rows:
+        print(f"  {model_id} by its events: " + ", ".join(f"{n} {v:.1f} ms" for n, v in parts.items()))
     print()
     header = (
-        "model",
-        "controller: request->stopped",
-        "events",
-        "bare: SIGTERM->exit",
-        "overhead",
-        "bare, idle conn.",
+        "model", "controller: request->stopped", "events", "bare: SIGTERM->exit", "overhead",
+        "bare, idle conn.", "after gateway traffic",
+    )  # fmt: skip
+    print(
+        f"{header[0]:<14} {header[1]:>29} {header[2]:>10} {header[3]:>20} {header[4]:>10} {header[5]:>17}"
+        f" {header[6]:>22}"
     )
-    print(f"{header[0]:<14} {header[1]:>29} {header[2]:>10} {header[3]:>20} {header[4]:>10} {header[5]:>17}")
-    for model_id, ctl, events, bare, idle in stop_rows:
+    for model_id, ctl, events, bare, idle, traffic in stop_rows:
         print(
-            f"{model_id:<14} {ctl:>26.1f} ms {events:>7.1f} ms {bare:>17.1f} ms {ctl - bare:>7.1f} ms {idle:>14.1f} ms"
+            f"{model_id:<14} {ctl:>26.1f} ms {events:>7.1f} ms {bare:>17.1f} ms {ctl - bare:>7.1f} ms"
+            f" {idle:>14.1f} ms {traffic:>19.1f} ms"
         )
 
 

@@ -3,6 +3,7 @@ environment, log file and instance tag. No status changes here: load.py decides 
 instance no longer `starting` raises Cancelled."""
 
 import logging
+import os
 import secrets
 import time
 from pathlib import Path
@@ -101,9 +102,10 @@ def build_argv(
     return argv
 
 
-def claim_port(instance: GpuInstance, avoid: set[int] = frozenset()) -> int:
+def claim_port(instance: GpuInstance, avoid: set[int] = frozenset(), **fields) -> int:
     """A port of PORT_RANGE that no active instance of the host holds and nothing listens on, recorded on
-    the instance. The database's unique constraint settles two workers picking the same port."""
+    the instance (with `fields`, in the same UPDATE). The database's unique constraint settles two workers
+    picking the same port. Cancelled when the instance is no longer `starting`."""
     low, high = settings.PORT_RANGE
     held = set(
         GpuInstance.objects.filter(host_id=instance.host_id, status__in=GpuInstance.ACTIVE_STATUSES)
@@ -116,7 +118,9 @@ def claim_port(instance: GpuInstance, avoid: set[int] = frozenset()) -> int:
             continue
         try:
             with transaction.atomic():
-                claimed = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(port=port)
+                claimed = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
+                    port=port, **fields
+                )
         except IntegrityError:
             continue  # another worker took it a moment ago
         if not claimed:
@@ -145,26 +149,72 @@ def instance_env(instance: GpuInstance, gpu_uuids: list[str], log_path: Path) ->
 # --- health --------------------------------------------------------------------------------------------
 
 
+# llama-server writes one of these once it answers /health with 200 (its log is the instance's log file):
+# "model loaded", then "listening on http://…" (newer) or "server is listening on … - starting the main loop"
+# (older). A mark seen early only costs one /health request more; one never seen, the poll's pause.
+READY_MARKS = (b"model loaded", b"listening on http", b"starting the main loop")
+LOG_WATCH = 0.001  # how often the log's size is looked at (a stat, far cheaper than an HTTP request)
+HEALTH_POLL_FIRST, HEALTH_POLL_MAX = 0.005, 0.05  # /health itself: every 5 ms at first, then less often
+
+
 def wait_until_healthy(instance: GpuInstance, deadline: float) -> None:
-    """Poll /health until 200, renewing the instance's lease as it goes. StartError when the process exits
-    or the deadline passes, Cancelled when the instance leaves `starting`."""
-    pause, next_renewal = 0.02, 0.0
+    """Until /health says 200, renewing the instance's lease as it goes. StartError when the process exits
+    or the deadline passes, Cancelled when the instance leaves `starting`. /health is asked on a schedule
+    that starts at 5 ms and grows, and at once when llama-server's log says it is ready (READY_MARKS): a
+    small model is ready ~30 ms after its start, and a slow poll would add to every load."""
+    pause, next_poll, next_renewal = HEALTH_POLL_FIRST, 0.0, 0.0
+    began = time.monotonic()
     renew_every = min(1.0, lease_seconds() / 4)
+    log = _LogWatch(instance.log_path)
     while True:
-        if not is_alive(instance.pid, instance.process_create_time):
-            code = _wait_exit_code(instance)
-            raise StartError(f"llama-server exited while loading (exit code {code})", exit_code=code)
-        if health_status(instance.port) == 200:
-            return
         now = time.monotonic()
+        if now >= next_poll or log.saw(READY_MARKS):
+            if health_status(instance.port) == 200:
+                return
+            if not is_alive(instance.pid, instance.process_create_time):
+                code = _wait_exit_code(instance)
+                raise StartError(f"llama-server exited while loading (exit code {code})", exit_code=code)
+            next_poll = time.monotonic() + pause
+            pause = min(pause * 1.2, HEALTH_POLL_MAX)
         if now >= next_renewal:
             if not renew_lease(instance):
                 raise Cancelled()
             next_renewal = now + renew_every
         if now >= deadline:
             raise StartError(f"llama-server did not answer /health with 200 within {settings.LOAD_TIMEOUT}s")
-        time.sleep(pause)
-        pause = min(pause * 1.5, 0.05)  # cheap to ask; a slow poll would add to every load
+        time.sleep(LOG_WATCH if now - began < 2.0 else 10 * LOG_WATCH)  # a long load: less often
+
+
+class _LogWatch:
+    """What a log file gains from now on, searched for marks (which may be split across two reads)."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self.offset = self._size()
+        self.tail = b""
+
+    def _size(self) -> int:
+        try:
+            return os.stat(self.path).st_size
+        except OSError:
+            return 0
+
+    def saw(self, marks: tuple[bytes, ...]) -> bool:
+        """Whether one of the marks was written since the last call."""
+        size = self._size()
+        if size <= self.offset:
+            self.offset = min(self.offset, size)  # cut by cap_log: go on from its new end
+            return False
+        try:
+            with open(self.path, "rb") as handle:
+                handle.seek(self.offset)
+                data = handle.read(size - self.offset)
+        except OSError:
+            return False
+        self.offset += len(data)
+        text = self.tail + data
+        self.tail = text[-(max(map(len, marks)) - 1) :]  # the start of a mark that the next read completes
+        return any(mark in text for mark in marks)
 
 
 def _wait_exit_code(instance: GpuInstance) -> int | None:
@@ -180,22 +230,24 @@ def _wait_exit_code(instance: GpuInstance) -> int | None:
 # --- the start -----------------------------------------------------------------------------------------
 
 
+def starting_lease():
+    """The lease an instance takes on to `starting` (load.py): long enough for a first read of its binary's
+    catalogue (--version and --help, each up to RUN_TIMEOUT) before start_and_wait renews it."""
+    return lease_until(2 * RUN_TIMEOUT)
+
+
 def start_and_wait(instance: GpuInstance) -> None:
     """Start llama-server for a `starting` instance (its binary, model file and flags checked first, a fresh API
     key, a free port) and wait until it is healthy: StartError when it cannot, Cancelled when the instance
     leaves `starting`. A port taken between our check and the bind is tried again with another one."""
     model = instance.model
-    # Reading a binary's catalogue (first use, or the file changed) runs --version and --help: the lease
-    # covers their time-outs, then goes back to its usual length.
-    GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
-        lease_expires_at=lease_until(2 * RUN_TIMEOUT)
-    )
+    # Reading a binary's catalogue (first use, or the file changed) runs --version and --help: the lease the
+    # instance took on to `starting` (starting_lease) covers their time-outs; the port's claim brings it back
+    # to its usual length. No write of its own before the launch: each one added to every load.
     try:
         binary = binary_for_load(instance.host, model.binary if model.binary_id else None)
     except BinaryError as exc:
         raise StartError(str(exc)) from None
-    if not renew_lease(instance):
-        raise Cancelled()
     catalogue = catalogue_for(binary)
     try:
         model_path = check_model_path(model.path)
@@ -205,18 +257,15 @@ def start_and_wait(instance: GpuInstance) -> None:
         cli_args(model.cli_params, catalogue, model_path)
     except RegistryError as exc:
         raise StartError(f"cli_params: {exc}") from None
-    # Only the controller may call the instance: a fresh key per start, never shown to people.
+    # Only the controller may call the instance: a fresh key per start (written with the port), never shown
+    # to people.
     instance.api_key = secrets.token_urlsafe(32)
-    if not GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
-        api_key=instance.api_key
-    ):
-        raise Cancelled()
     uuids = list(instance.gpu_links.order_by("position").values_list("gpu__uuid", flat=True))
     log_path = log_path_for(instance)
     deadline = time.monotonic() + settings.LOAD_TIMEOUT
     tried: set[int] = set()
     for attempt in range(1, PORT_ATTEMPTS + 1):
-        port = claim_port(instance, avoid=tried)
+        port = claim_port(instance, avoid=tried, api_key=instance.api_key, lease_expires_at=lease_until())
         argv = build_argv(
             binary.path, str(model_path), model.cli_params, port, len(uuids), catalogue=catalogue,
             alias=model.pk,

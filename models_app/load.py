@@ -11,7 +11,7 @@ from django.utils import timezone
 
 from . import memory
 from .events import record
-from .launch import Cancelled, Launched, start_and_wait, wait_until_healthy
+from .launch import Cancelled, Launched, start_and_wait, starting_lease, wait_until_healthy
 from .lease import lease_until
 from .models import GpuInstance, InstanceEvent
 from .processes import StartError
@@ -51,7 +51,7 @@ def _load(instance: GpuInstance) -> None:
     where = f"{instance.host.name} GPU {instance.gpu_ids}"
     if not transition(
         instance, Status.STARTING, expected=[Status.PENDING], event_kind=Kind.STARTED, detail=f"on {where}",
-        lease_expires_at=lease_until(), waiting_for="",
+        lease_expires_at=starting_lease(), waiting_for="",
     ):  # fmt: skip
         return
     try:

@@ -3,6 +3,7 @@ file, reaped by a thread so no zombie is left), tell whether it still runs, stop
 its log and its /health. No model rows here: launch.py, load.py and stop.py decide what to do with them."""
 
 import os
+import select
 import signal
 import socket
 import subprocess
@@ -328,21 +329,59 @@ def health_status(port: int, timeout: float = 1.0) -> int | None:
         return None
 
 
-def stop_process(pid: int | None, create_time: float | None, timeout: float | None = None) -> bool:
-    """SIGTERM to the process group, SIGKILL after `timeout`. True if the process is gone afterwards."""
+def stop_process(
+    pid: int | None, create_time: float | None, timeout: float | None = None, while_it_exits=None
+) -> bool:
+    """SIGTERM to the process group, SIGKILL after `timeout`. True if the process is gone afterwards.
+    `while_it_exits`: called once right after the SIGTERM (e.g. a write that would otherwise delay it)."""
     if not is_alive(pid, create_time):
         return True
     timeout = settings.STOP_TIMEOUT if timeout is None else timeout
-    for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
-        _signal_group(pid, sig)
-        deadline = time.monotonic() + wait
-        while time.monotonic() < deadline:
-            if not is_alive(pid, create_time):
+    exit_fd = _exit_watch(pid, create_time)
+    try:
+        for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
+            _signal_group(pid, sig)
+            if while_it_exits is not None:
+                while_it_exits()
+                while_it_exits = None
+            if _wait_exit(pid, create_time, exit_fd, wait):
                 return True
-            time.sleep(
-                0.005
-            )  # llama-server exits a few milliseconds after SIGTERM: each wait adds to an unload
+    finally:
+        if exit_fd is not None:
+            os.close(exit_fd)
     return not is_alive(pid, create_time)
+
+
+# Without a pidfd (Linux before 5.3, or not allowed) the exit is polled: llama-server exits a few
+# milliseconds after SIGTERM, and each poll's pause adds to an unload.
+EXIT_POLL = 0.002
+
+
+def _exit_watch(pid: int, create_time: float | None) -> int | None:
+    """A pidfd of this very process (readable once it exits: no polling, whoever its parent is), or None."""
+    try:
+        fd = os.pidfd_open(pid)
+    except (AttributeError, OSError):
+        return None
+    if not is_alive(pid, create_time):  # the pid went to another process before the pidfd was opened
+        os.close(fd)
+        return None
+    return fd
+
+
+def _wait_exit(pid: int, create_time: float | None, exit_fd: int | None, wait: float) -> bool:
+    """Whether the process is gone within `wait` seconds."""
+    deadline = time.monotonic() + wait
+    while True:
+        if not is_alive(pid, create_time):
+            return True
+        left = deadline - time.monotonic()
+        if left <= 0:
+            return False
+        if exit_fd is None:
+            time.sleep(min(EXIT_POLL, left))
+        else:
+            select.select([exit_fd], [], [], left)
 
 
 def _signal_group(pid: int, sig: int) -> None:

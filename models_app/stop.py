@@ -22,10 +22,13 @@ Status = GpuInstance.Status
 Kind = InstanceEvent.Kind
 
 
-def stop_pid(pid: int, create_time: float | None, timeout: float | None = None) -> str | None:
-    """Stop the process (group). None when it is gone, else why it is not."""
+def stop_pid(
+    pid: int, create_time: float | None, timeout: float | None = None, while_it_exits=None
+) -> str | None:
+    """Stop the process (group). None when it is gone, else why it is not. `while_it_exits`: see
+    processes.stop_process."""
     try:
-        if stop_process(pid, create_time, timeout=timeout):
+        if stop_process(pid, create_time, timeout=timeout, while_it_exits=while_it_exits):
             return None
     except PermissionError as exc:
         return f"not allowed to stop pid {pid}: {exc.strerror or exc}"
@@ -147,12 +150,19 @@ def _unload(instance: GpuInstance, actor) -> None:
         )
     if instance.status != Status.STOPPING:
         return
-    # The stop may take STOP_TIMEOUT and then the SIGKILL's wait: hold the instance that long.
-    GpuInstance.objects.filter(pk=instance.pk, status=Status.STOPPING).update(
-        lease_expires_at=lease_until(settings.STOP_TIMEOUT + 5)
-    )
-    pids = processes_of(instance)
-    problems = [problem for pid, create_time in pids if (problem := stop_pid(pid, create_time))]
+
+    def hold() -> None:
+        # The stop may take STOP_TIMEOUT and then the SIGKILL's wait: hold the instance that long. Written
+        # while llama-server exits (a few milliseconds), not before its SIGTERM.
+        GpuInstance.objects.filter(pk=instance.pk, status=Status.STOPPING).update(
+            lease_expires_at=lease_until(settings.STOP_TIMEOUT + 5)
+        )
+
+    problems = [
+        problem
+        for n, (pid, create_time) in enumerate(processes_of(instance))
+        if (problem := stop_pid(pid, create_time, while_it_exits=hold if n == 0 else None))
+    ]
     if problems:
         _unload_failed(instance, "could not stop llama-server: " + "; ".join(problems), actor)
         return

@@ -315,7 +315,7 @@ def test_unload_marks_stopped_only_when_the_process_is_gone(
     fake_gpus, tiny_model, fake_llama, reap, monkeypatch
 ):
     instance = _running_sleeper(fake_gpus, fake_llama, reap)
-    monkeypatch.setattr(stop, "stop_process", lambda pid, create_time, timeout=None: False)
+    monkeypatch.setattr(stop, "stop_process", lambda pid, create_time, timeout=None, **kwargs: False)
     tasks.unload_model(instance.pk)
     instance.refresh_from_db()
     assert instance.status == Status.FAILED

@@ -141,6 +141,51 @@ def test_lifecycle_stop_process_group(fake_llama, tmp_path, reap):
     assert processes.is_alive(pid, create_time)
 
 
+def _no_pidfd(pid: int) -> int:
+    raise OSError(38, "Function not implemented")  # ENOSYS: a kernel before 5.3
+
+
+def test_lifecycle_stop_waits_on_the_exit_not_a_poll(fake_llama, tmp_path, reap, monkeypatch):
+    # The stop learns of the exit from a pidfd, whoever the process's parent is: no pause between polls.
+    # Without one (an older kernel) it polls, and stops all the same.
+    for pidfd in (True, False):
+        if not pidfd:
+            monkeypatch.setattr(processes.os, "pidfd_open", _no_pidfd, raising=False)
+        pid, create_time = processes.launch([fake_llama, "60"], env=dict(os.environ), log_path=tmp_path / "l")
+        reap.append(pid)
+        if pidfd:
+            watch = processes._exit_watch(pid, create_time)
+            assert watch is not None
+            os.close(watch)
+            assert processes._exit_watch(pid, create_time + 100) is None  # not this process
+        else:
+            assert processes._exit_watch(pid, create_time) is None
+        started = time.monotonic()
+        assert processes.stop_process(pid, create_time, timeout=5)
+        assert time.monotonic() - started < 1
+        assert not processes.is_alive(pid, create_time)
+
+
+def test_lifecycle_log_watch_finds_the_ready_line(tmp_path):
+    log = tmp_path / "instance.log"
+    log.write_bytes(b"llama-server ... starting the main loop\n")  # an earlier start's line: not counted
+    watch = launch._LogWatch(str(log))
+    assert not watch.saw(launch.READY_MARKS)
+    with open(log, "ab") as handle:
+        handle.write(b"llama_model_loader: loaded meta data\nsrv    main: model lo")
+    assert not watch.saw(launch.READY_MARKS)
+    with open(log, "ab") as handle:
+        handle.write(b"aded\n")  # the mark split across two reads
+    assert watch.saw(launch.READY_MARKS)
+    assert not watch.saw(launch.READY_MARKS)  # seen once
+    log.write_bytes(b"cut\n")  # cap_log cut it: the watch goes on from the new end
+    assert not watch.saw(launch.READY_MARKS)
+    with open(log, "ab") as handle:
+        handle.write(b"srv    main: listening on http://127.0.0.1:8080\n")
+    assert watch.saw(launch.READY_MARKS)
+    assert not launch._LogWatch(str(tmp_path / "missing.log")).saw(launch.READY_MARKS)
+
+
 def test_lifecycle_cap_log(tmp_path):
     log = tmp_path / "big.log"
     log.write_bytes(b"".join(b"line %05d\n" % i for i in range(2000)))
