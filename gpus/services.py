@@ -335,15 +335,14 @@ def _apply(gpu: Gpu, reading: GpuReading, ours: bool, owner_of: dict[int, int], 
 def refresh_live(
     host_name: str, claims: list[InstanceClaim], sampled: Sampled, llama_servers: frozenset[str] = frozenset()
 ) -> list[InstanceMemory]:
-    """The live figures between two full refreshes (models_app/live.py): the GPU rows and the instances' memory
-    from `sampled`, and nothing else: no history sample, no host heartbeat, no change of inventory or of
-    availability. Those stay the full refresh's (`refresh_host`), which also reports a failed query: here a
-    failed query, a changed inventory or a GPU that is unavailable (query failed, not reported, host down)
-    leaves the rows as they are. Returns the instances' figures that were measured (none with source
-    "none": those keep their last). Two queries: the rows read and the rows written."""
+    """The live figures between two full refreshes (models_app/live.py), inside the caller's transaction: GPU
+    rows and instances' memory, no history sample, no heartbeat. Inventory and availability stay the full
+    refresh's: a failed query, a changed inventory or an unavailable GPU (query failed, not reported, host down:
+    rows locked, in admission's order, so a mark made meanwhile is not undone) leave the rows as they are.
+    Returns the figures measured (those with source "none" keep their last). Two queries."""
     if sampled.readings is None:
         return []
-    gpus = list(Gpu.objects.filter(host__name=host_name).order_by("pk"))
+    gpus = list(Gpu.objects.select_for_update(of=("self",)).filter(host__name=host_name).order_by("pk"))
     if _inventory_changed(sampled.readings, gpus):
         return []
     by_uuid = {r.uuid: r for r in sampled.readings}

@@ -174,11 +174,12 @@ def test_the_thread_follows_a_model_that_grows(fake_gpus, tiny_row, child_on_gpu
         grown_at = timezone.now()
         figure = wait_until(
             lambda: (i := GpuInstance.objects.get(pk=instance.pk)).memory_updated_at > grown_at and i,
-            timeout=5,
+            timeout=10,
             what="a live figure after the growth",
         )
         assert figure.memory_used_mb >= before + 60
-        assert (figure.memory_updated_at - grown_at).total_seconds() < 2.5  # within ~ one live interval
+        # the next tick's sample: within one live interval, with room for a loaded machine
+        assert (figure.memory_updated_at - grown_at).total_seconds() < 4
     finally:
         thread.stop()
         thread.join(5)
