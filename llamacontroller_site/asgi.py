@@ -4,6 +4,7 @@ stream the gateway's answers without holding a thread per stream; the sync views
 Django reads a request's whole body before any view runs, so the gateway's body limit is enforced here,
 while the body arrives: a larger one answers 413 without being stored."""
 
+import gc
 import json
 import os
 
@@ -18,6 +19,14 @@ from gateway.handler import PATHS, GatewayHandler  # noqa: E402
 
 # The gateway's own routes go through a shorter middleware chain run on the event loop (gateway/handler.py).
 gateway_application = GatewayHandler()
+
+# What is loaded by now (Django, the apps, their modules: ~113,000 objects the collector tracks) lives as long
+# as the worker: out of the cyclic garbage collector's way. Its full collections otherwise walked all of it
+# (~50 ms of CPU each, in which no stream moved), about one every 1,500 gateway requests: 0.14 ms a request on
+# average with the younger generations' (measured with gc.callbacks on the gateway's code path), 0.02 ms with
+# the freeze. Garbage first, so that none is kept for good.
+gc.collect()
+gc.freeze()
 
 GATEWAY_PREFIXES = ("/api/", "/v1/")
 

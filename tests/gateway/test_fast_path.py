@@ -275,3 +275,11 @@ def test_an_instance_from_the_slow_path_has_what_the_event_loop_reads(
     monkeypatch.setattr(ondemand, "ensure_running", loaded)
     assert chat(bearer(users["viewer"]))[0] == 200
     assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
+
+
+def test_the_web_worker_keeps_what_it_loaded_out_of_the_garbage_collector():
+    import gc
+
+    import llamacontroller_site.asgi  # noqa: F401
+
+    assert gc.get_freeze_count() > 10_000
