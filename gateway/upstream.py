@@ -68,7 +68,7 @@ async def send(
     fixed CPU and nothing the gateway uses. With `stream` the caller reads the body and closes the response;
     without, the body is read here. Timeouts: timeout(seconds). httpx's exceptions as its client raises them."""
     request = httpx.Request(
-        method, url, content=content, headers=headers, extensions={"timeout": timeout(seconds)}
+        method, _url(url), content=content, headers=headers, extensions={"timeout": timeout(seconds)}
     )
     response = await pool.handle_async_request(request)
     response.request = request
@@ -78,6 +78,19 @@ async def send(
         finally:
             await response.aclose()
     return response
+
+
+_urls: dict[str, httpx.URL] = {}
+
+
+def _url(url: str) -> httpx.URL:
+    """The URL parsed once: httpx's parsing was two thirds of building each request (38 against 12 us)."""
+    parsed = _urls.get(url)
+    if parsed is None:
+        if len(_urls) >= 1024:  # instances come and go (ports change): start again rather than grow
+            _urls.clear()
+        parsed = _urls[url] = httpx.URL(url)
+    return parsed
 
 
 def base_url(instance) -> str:
