@@ -6,7 +6,7 @@ import logging
 import sys
 
 from celery import shared_task
-from celery.signals import worker_init, worker_process_init, worker_ready, worker_shutdown
+from celery.signals import task_postrun, worker_init, worker_process_init, worker_ready, worker_shutdown
 from django.conf import settings
 from django.contrib.auth import get_user_model
 from django.db import connections
@@ -171,12 +171,21 @@ def on_worker_init(sender=None, **kwargs) -> None:
 
 @worker_process_init.connect
 def on_worker_process_init(**kwargs) -> None:
-    """A pool process keeps its SQLite connection from one task to the next: Django opens one per task
-    otherwise (CONN_MAX_AGE 0, which Celery's Django fix-up applies after every task), ~1.5 ms of each load
-    and unload. One thread per pool process, so one connection; PostgreSQL has its pool already."""
+    """A pool process keeps its SQLite connection from one task to the next (settings.CELERY_DB_REUSE_MAX):
+    one thread per pool process, so one connection. PostgreSQL: Celery closes them after each task."""
     for conn in connections.all():
         if conn.vendor == "sqlite":
             conn.settings_dict["CONN_MAX_AGE"] = None
+
+
+@task_postrun.connect
+def close_failed_connections(sender=None, **kwargs) -> None:
+    """Where Celery reuses connections (CELERY_DB_REUSE_MAX), one that failed, or that is not to be kept
+    (CONN_MAX_AGE 0), is closed after each task, as Django does after each request (not after a task run
+    eagerly, inside its caller's transaction)."""
+    if settings.CELERY_DB_REUSE_MAX and not getattr(getattr(sender, "request", None), "is_eager", False):
+        for conn in connections.all(initialized_only=True):
+            conn.close_if_unusable_or_obsolete()
 
 
 @worker_ready.connect
