@@ -104,7 +104,7 @@ def exit_code_of(pid: int | None, log_path: str, wait: float = 3.0) -> int | Non
         code = _recorded_exit_code(pid, log_path)
         if code is not None or time.monotonic() >= deadline or not _is_zombie(pid):
             return code
-        time.sleep(0.005)  # its reaper records the code within a few milliseconds
+        time.sleep(0.001)  # its reaper (another pool process) records it within a millisecond or two
 
 
 def _recorded_exit_code(pid: int, log_path: str) -> int | None:
