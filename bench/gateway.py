@@ -216,7 +216,7 @@ def report_paths(runs: dict, tokens: int) -> None:
     long, short = runs[tokens], runs[1]
     pairs = len(long["direct /v1"])
     print(f"\none stream at a time: {pairs} interleaved rounds of {tokens} tokens and of 1 token, medians; CPU from "
-          "/proc of the path's processes (10 ms ticks: per request as the mean over all requests)")  # fmt: skip
+          "/proc of the path's processes (each thread's run time: per request as the mean over all requests)")  # fmt: skip
     print(f"{'path':<24} {'tokens/s':>9} {'x direct':>8} {'TTFT ms':>8} {'+TTFT 1 tok':>11} {'CPU/req ms':>10} "
           f"{'CPU 1 tok':>9} {'CPU/chunk us':>12}")  # fmt: skip
     direct_rate = med(r[2] / r[4] for r in long["direct /v1"])
