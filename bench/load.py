@@ -2,7 +2,8 @@
 worker) against a bare llama-server (process start -> first /health 200, SIGTERM -> exit), for the same model;
 plus the post-load memory query, and the load and unload as the instance's own events time them (requested ->
 started -> healthy, unload_requested -> unloaded: no polling). The bare stop is also timed with one idle
-keep-alive connection open to llama-server, which makes it wait for that connection.
+keep-alive connection open to llama-server that nobody reads (llama-server waits ~100 ms for it), and the
+controller's unload right after a request through the gateway's own connection pool.
 
     .venv/bin/python bench/load.py [--runs 10] [--gemma]
 
