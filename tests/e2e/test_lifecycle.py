@@ -299,6 +299,10 @@ def test_lifecycle_bad_model_file_fails(worker, fake_gpus, tiny_model, settings)
     bad = settings.MODEL_DIRS[0] / "broken.gguf"
     bad.write_bytes(b"GGUF" + os.urandom(4096))
     tiny_model.path = str(bad)
+    # The registry agrees with the file's size: otherwise the host's file check (sent when the row is saved)
+    # may refuse the load first ("is 4100 bytes there, the registry says 470080"), and this test is about
+    # llama-server failing on the file's content.
+    tiny_model.file_size_bytes = bad.stat().st_size
     tiny_model.save()
     instance = wait_for(
         request_load(model_id="tiny", gpu_spec="0", actor=None), Status.FAILED, Status.RUNNING
