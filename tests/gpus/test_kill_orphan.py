@@ -8,6 +8,7 @@ import os
 import shutil
 import signal
 import subprocess
+import time
 
 import psutil
 import pytest
@@ -34,6 +35,11 @@ def start(tmp_path):
         env = {"PATH": "/usr/bin:/bin", **({"CUDA_VISIBLE_DEVICES": gpu_uuid} if gpu_uuid else {})}
         child = subprocess.Popen([str(path), "60"], env=env, start_new_session=True)
         children.append(child)
+        # Popen returns after the fork, maybe before the exec: until then the child is a copy of this
+        # process, with this process's executable and environment, and the telemetry would see that.
+        deadline = time.monotonic() + 10
+        while _exe(child.pid) != str(path) and time.monotonic() < deadline:
+            time.sleep(0.002)
         return child.pid
 
     yield run
@@ -60,6 +66,13 @@ def scene(fake_gpus, start, tmp_path):
     gpu0.refresh_from_db()
     gpu1.refresh_from_db()
     return gpu0, gpu1, pids
+
+
+def _exe(pid: int) -> str | None:
+    try:
+        return psutil.Process(pid).exe()
+    except psutil.Error:
+        return None
 
 
 def alive(pid: int) -> bool:
