@@ -95,3 +95,17 @@ def layer_bytes(i: int) -> int:
         + 2 * qbytes(Q4_K, 14336, 4096)
         + qbytes(more, 4096, 14336)
     )
+
+
+def write_small_gemma3(path: Path) -> Path:
+    """A small gemma3 header: 12 layers, 1 KV head of 256, a 512-token window, per-layer head counts; its data
+    a sparse hole."""
+    tensors = [("token_embd.weight", (1000, 640), F32), ("output_norm.weight", (640,), F32)]
+    for i in range(12):
+        tensors += [(f"blk.{i}.attn_q.weight", (1024, 640), F32), (f"blk.{i}.attn_k.weight", (256, 640), F32)]
+    keys = {
+        "block_count": 12, "context_length": 32768, "embedding_length": 640, "feed_forward_length": 2048,
+        "attention.head_count": 4, "attention.head_count_kv": [1] * 12, "attention.key_length": 256,
+        "attention.value_length": 256, "attention.sliding_window": 512,
+    }  # fmt: skip
+    return write_sparse(path, "gemma3", keys, tensors, vocab=1000)

@@ -11,7 +11,7 @@ import pytest
 
 from models_app import estimator
 from models_app.flags import Catalogue, parse_help
-from tests.gguf_helpers import F32, Q6_K, layer_bytes, qbytes, write_llama8b, write_sparse
+from tests.gguf_helpers import Q6_K, layer_bytes, qbytes, write_llama8b, write_small_gemma3
 
 MIB = 1024 * 1024
 FIXTURES = Path(__file__).parent.parent / "fixtures" / "llama-server"
@@ -137,15 +137,7 @@ def test_quantized_kv_uses_ggml_block_sizes(llama8b):
 @pytest.fixture(scope="module")
 def gemma3(tmp_path_factory) -> Path:
     """A small gemma3: 12 layers, 1 KV head of 256, a 512-token window, per-layer head counts."""
-    tensors = [("token_embd.weight", (1000, 640), F32), ("output_norm.weight", (640,), F32)]
-    for i in range(12):
-        tensors += [(f"blk.{i}.attn_q.weight", (1024, 640), F32), (f"blk.{i}.attn_k.weight", (256, 640), F32)]
-    keys = {
-        "block_count": 12, "context_length": 32768, "embedding_length": 640, "feed_forward_length": 2048,
-        "attention.head_count": 4, "attention.head_count_kv": [1] * 12, "attention.key_length": 256,
-        "attention.value_length": 256, "attention.sliding_window": 512,
-    }  # fmt: skip
-    return write_sparse(tmp_path_factory.mktemp("gguf") / "gemma3.gguf", "gemma3", keys, tensors, vocab=1000)
+    return write_small_gemma3(tmp_path_factory.mktemp("gguf") / "gemma3.gguf")
 
 
 def test_sliding_window_layers_hold_only_the_window(gemma3):

@@ -13,22 +13,14 @@ from django.utils import timezone
 from gpus.models import Host
 from models_app import estimator, folder_scan, tasks
 from models_app.models import HostFolderScan, HostGgufFile
-from tests.gguf_helpers import F32, write_sparse
+from tests.gguf_helpers import write_small_gemma3
 
 pytestmark = pytest.mark.django_db
 
 
 def gemma_like(path: Path) -> Path:
     """A second architecture: a small gemma3 header (12 layers, a sliding window), its data a sparse hole."""
-    tensors = [("token_embd.weight", (1000, 640), F32), ("output_norm.weight", (640,), F32)]
-    for i in range(12):
-        tensors += [(f"blk.{i}.attn_q.weight", (1024, 640), F32), (f"blk.{i}.attn_k.weight", (256, 640), F32)]
-    keys = {
-        "block_count": 12, "context_length": 32768, "embedding_length": 640, "feed_forward_length": 2048,
-        "attention.head_count": 4, "attention.head_count_kv": [1] * 12, "attention.key_length": 256,
-        "attention.value_length": 256, "attention.sliding_window": 512,
-    }  # fmt: skip
-    return write_sparse(path, "gemma3", keys, tensors, vocab=1000)
+    return write_small_gemma3(path)
 
 
 @pytest.fixture
