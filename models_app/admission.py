@@ -18,18 +18,31 @@ from gpus.models import Gpu
 from . import claims
 from .errors import Refused
 from .estimates import gib
-from .models import GpuInstance, InstanceGpu
+from .models import InstanceGpu
 
 
-def estimate_on(instance: GpuInstance, position: int) -> int | None:
-    """The instance's estimate (corrected, as stored at load time) on its GPU at `position`; None without
-    an estimate."""
-    per_gpu = (instance.memory_estimate or {}).get("per_gpu") or []
+def estimate_on(memory_estimate: dict | None, memory_estimated_mb: int | None, gpu_ids: str, position: int):
+    """An instance's estimate (corrected, as stored at load time: its columns of these names) on its GPU at
+    `position`; None without an estimate."""
+    per_gpu = (memory_estimate or {}).get("per_gpu") or []
     if position < len(per_gpu) and per_gpu[position].get("estimated_mib") is not None:
         return int(per_gpu[position]["estimated_mib"])
-    if instance.memory_estimated_mb is not None:  # a row stored before the per-GPU figures
-        return -(-instance.memory_estimated_mb // max(1, len(instance.gpu_ids.split(","))))
+    if memory_estimated_mb is not None:  # a row stored before the per-GPU figures
+        return -(-memory_estimated_mb // max(1, len(gpu_ids.split(","))))
     return None
+
+
+_HOLDER_COLUMNS = (
+    "gpu_id",
+    "position",
+    "instance_id",
+    "instance__model_id",
+    "instance__status",
+    "instance__memory_estimate",
+    "instance__memory_estimated_mb",
+    "instance__gpu_ids",
+    "instance__model__exclusive",
+)
 
 
 def gpu_claims(gpus: list[Gpu]) -> dict[int, claims.GpuClaims]:
@@ -40,19 +53,18 @@ def gpu_claims(gpus: list[Gpu]) -> dict[int, claims.GpuClaims]:
     holders = defaultdict(list)
     links = (
         InstanceGpu.objects.filter(gpu__in=gpus, active=True)
-        .select_related("instance__model")
         .order_by("instance_id")
-    )
-    for link in links:
-        instance = link.instance
-        holders[link.gpu_id].append(
+        .values_list(*_HOLDER_COLUMNS)
+    )  # the columns a claim needs, not whole rows: a load reads these on its way (issue 22)
+    for gpu_id, position, instance_id, model_id, status, estimate, estimated_mb, gpu_ids, exclusive in links:
+        holders[gpu_id].append(
             claims.Holder(
-                instance_id=instance.pk,
-                model_id=instance.model_id,
-                status=instance.status,
-                estimate_mib=estimate_on(instance, link.position),
-                measured_mib=claims.measured_mib(by_pk[link.gpu_id].processes or [], instance.pk),
-                exclusive=instance.model.exclusive,
+                instance_id=instance_id,
+                model_id=model_id,
+                status=status,
+                estimate_mib=estimate_on(estimate, estimated_mb, gpu_ids, position),
+                measured_mib=claims.measured_mib(by_pk[gpu_id].processes or [], instance_id),
+                exclusive=exclusive,
             )
         )
     return {
@@ -107,6 +119,8 @@ def admit(model, gpus: list[Gpu], prediction, *, force: bool, freed_mib: dict[in
         g.pk: g for g in Gpu.objects.select_for_update().filter(pk__in=[g.pk for g in gpus]).order_by("pk")
     }
     fresh = [locked[g.pk] for g in gpus]
+    for gpu, given in zip(fresh, gpus, strict=True):
+        gpu.host = given.host  # its name for the messages (a GPU never changes host), not read again
     state = gpu_claims(fresh)
     wanted = new_claims(prediction, fresh)
     forced = []

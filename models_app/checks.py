@@ -95,6 +95,8 @@ def resolve_gpus(indices: list[int], host_name: str | None) -> tuple[Host, list[
     if host_name:
         host = host_named(host_name)
         found = {gpu.index: gpu for gpu in Gpu.objects.filter(host=host, index__in=indices)}
+        for gpu in found.values():
+            gpu.host = host  # the checks name it: not read once per GPU
         missing = [i for i in indices if i not in found]
         if missing:
             raise Refused(f"host {host.name} has no GPU {missing[0]}", field="gpu_id")

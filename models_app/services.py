@@ -56,10 +56,11 @@ def _create_pending(
     waiting_for: str = "",
 ) -> GpuInstance:
     """Insert the instance and its GPU links (admitted by the caller, models_app.admission); a partial unique
-    index refuses a second load on demand of one model."""
+    index refuses a second load on demand of one model. Called inside the caller's transaction, which _Busy
+    leaves (rolled back): no savepoints of its own."""
     owner = actor if actor_id(actor) else None
     try:
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             instance = GpuInstance.objects.create(
                 model=model,
                 host=host,
@@ -72,7 +73,7 @@ def _create_pending(
     except IntegrityError:
         raise _Busy() from None
     try:
-        with transaction.atomic():
+        with transaction.atomic(savepoint=False):
             InstanceGpu.objects.bulk_create(
                 [InstanceGpu(instance=instance, gpu=gpu, position=n) for n, gpu in enumerate(gpus)]
             )
@@ -167,17 +168,25 @@ def check_policy(actor, model, host, gpus: list[Gpu], prediction, *, needs_room:
     claim_mib = sum(c if c is not None else w for c, w in zip(claims, whole, strict=True))
     model_mib = prediction.total_mib if prediction is not None and prediction.estimate else sum(whole)
     user = actor if actor_id(actor) else None
-    check_memory_reservations(user, model, host, claim_mib)
+    fenced = reservations.fencing(host)  # read once, for the memory reservations and the GPUs' alike
+    check_memory_reservations(user, model, host, claim_mib, fenced=fenced)
     return policy_admission.check_load(
-        user, host=host, gpus=gpus, model_id=model.pk, claim_mib=model_mib, needs_room=needs_room
+        user,
+        host=host,
+        gpus=gpus,
+        model_id=model.pk,
+        claim_mib=model_mib,
+        needs_room=needs_room,
+        fenced=fenced,
     )
 
 
-def check_memory_reservations(user, model, host, claim_mib: int) -> None:
+def check_memory_reservations(user, model, host, claim_mib: int, *, fenced=None) -> None:
     """A reservation of an amount of memory on the host (not of GPUs) keeps that much from everyone but its
     holders: the host's claims + foreign memory + this load's claim + the held-back MiB must fit its GPUs'
-    memory, else the policy's `reservation` refusal (409) with the numbers."""
-    held = reservations.held_back_mib(user, host)
+    memory, else the policy's `reservation` refusal (409) with the numbers. `fenced`: the host's fencing
+    reservations, when read already."""
+    held = reservations.held_back_mib(user, host, fenced=fenced)
     if not held:
         return
     usable = Gpu.objects.filter(host=host, index__isnull=False).exclude(state=Gpu.State.UNAVAILABLE)

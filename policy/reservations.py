@@ -132,20 +132,25 @@ def fencing(host: Host, at: datetime | None = None) -> list[Reservation]:
     return [r for r in _on_host(host, after=at) if r.start - timedelta(minutes=r.notice_minutes) <= at]
 
 
-def blocks(user, host: Host, gpu_indices, *, model_id: str = "this model", at=None) -> PolicyRefusal | None:
+def blocks(
+    user, host: Host, gpu_indices, *, model_id: str = "this model", at=None, fenced=None
+) -> PolicyRefusal | None:
     """Admission's question for a load by `user` on GPUs `gpu_indices` of `host`: the `reservation` refusal
     (409, a sentence naming the holders, the purpose and the end; retry_after until the end) when a window
-    that `user` does not hold covers one of them at `at` (default now), else None."""
+    that `user` does not hold covers one of them at `at` (default now), else None. `fenced`: `fencing(host,
+    at)` already read (admission reads it once for this and `held_back_mib`)."""
     at = at or timezone.now()
     wanted = set(gpu_indices)
-    for reservation in fencing(host, at):
+    for reservation in fencing(host, at) if fenced is None else fenced:
         if wanted & set(reservation.gpu_indices or ()) and not is_holder(reservation, user):
             until_end = int((reservation.end - at).total_seconds())
             return windows.blocked(window_of(reservation), model_id, until_end)
     return None
 
 
-def held_back_mib(user, host: Host, at=None) -> int:
+def held_back_mib(user, host: Host, at=None, fenced=None) -> int:
     """MiB of `host` that memory reservations keep from `user` at `at`: admission treats the host as that much
-    smaller for them (sum of claims on the host + this + the new claim must fit the host's total)."""
-    return sum(r.memory_mib or 0 for r in fencing(host, at) if not r.gpu_indices and not is_holder(r, user))
+    smaller for them (sum of claims on the host + this + the new claim must fit the host's total). `fenced`:
+    `fencing(host, at)` already read."""
+    fenced = fencing(host, at) if fenced is None else fenced
+    return sum(r.memory_mib or 0 for r in fenced if not r.gpu_indices and not is_holder(r, user))
