@@ -60,8 +60,9 @@ def model_to_load(model_id: str) -> ModelConfig:
     model = ModelConfig.objects.filter(pk=str(model_id or "")).select_related("binary").first()
     if model is None:
         raise Refused(f"unknown model {model_id!r}", field="model_id")
+    model.host_reports = model_files.reports(model)  # for check_model_on_host: not read again
     try:
-        if model_files.reported(model):
+        if model.host_reports:
             # The hosts' workers report the file (checked per host in check_model_on_host); the web node
             # need not have it, so only the path's form is checked here.
             check_model_path_form(model.path)
@@ -75,7 +76,7 @@ def model_to_load(model_id: str) -> ModelConfig:
 def check_model_on_host(model: ModelConfig, host: Host) -> None:
     """Refuse up front (409) a load on a host whose worker reported that it cannot serve the model, with its
     reason. No report yet: accepted (the worker checks the file again when it loads)."""
-    reason = model_files.refusal(model, host)
+    reason = model_files.refusal(model, host, getattr(model, "host_reports", None))
     if reason:
         raise Refused(reason, field="model_id", code="busy")
 

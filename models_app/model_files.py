@@ -144,12 +144,24 @@ def connect() -> None:
 # --- what loads and placement ask -------------------------------------------------------------------------
 
 
-def refusal(model: ModelConfig, host: Host) -> str | None:
-    """Why `host` cannot serve `model`, by its worker's last report; None when it can or has not said."""
-    row = HostModelFile.objects.filter(host=host, model=model, available=False).only("reason").first()
-    if row is None:
+def refusal(model: ModelConfig, host: Host, known: dict[int, str | None] | None = None) -> str | None:
+    """Why `host` cannot serve `model`, by its worker's last report; None when it can or has not said.
+    `known`: the model's `reports`, when read already."""
+    if known is not None:
+        reason = known.get(host.pk)
+    else:
+        row = HostModelFile.objects.filter(host=host, model=model, available=False).only("reason").first()
+        reason = None if row is None else row.reason
+    if reason is None:
         return None
-    return f"model {model.pk} cannot load on host {host.name}: {row.reason}"
+    return f"model {model.pk} cannot load on host {host.name}: {reason}"
+
+
+def reports(model: ModelConfig) -> dict[int, str | None]:
+    """Every host's last report on `model`, in one query: host id -> None (it can serve the model) or why
+    not. Empty: no host has reported (`reported`)."""
+    rows = HostModelFile.objects.filter(model=model).values_list("host_id", "available", "reason")
+    return {host_id: None if available else reason for host_id, available, reason in rows}
 
 
 def hosts_without(model: ModelConfig):

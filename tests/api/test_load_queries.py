@@ -6,11 +6,11 @@ from django.test.utils import CaptureQueriesContext
 
 from models_app.models import GpuInstance
 
-# Session, user and groups (3); the model, its host reports (2); the GPUs with their host; the model's report
-# from that host; the host's default binary and the model's past loads (the estimate); in the transaction
+# Session, user and groups (3); the model and every host's report on its file; the GPUs with their host; the
+# host's default binary and the model's past loads (the estimate); in the transaction
 # (a savepoint here, BEGIN outside tests): the GPU rows locked, their claims, the reservations, the quota;
 # the instance, its GPU link and its event; the release; the instance answered.
-LOAD_STATEMENTS = 19
+LOAD_STATEMENTS = 18
 
 
 def _load(client, gpu: str):
