@@ -87,6 +87,13 @@ async def stand_in(port_box: list, ready: threading.Event, gap: float) -> None:
     await server.serve_forever()
 
 
+def _web_command(checkout: Path, bind: str) -> list[str]:
+    """The run command's web server as that checkout's own runner.web_command builds it (its worker class)."""
+    code = "import json, sys; from pathlib import Path; from llamacontroller_site.runner import web_command; "
+    code += f"print(json.dumps(web_command(Path(sys.executable).parent, bind={bind!r}, workers=1)))"
+    return json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=checkout))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -96,6 +103,9 @@ def main() -> None:
     parser.add_argument("--tokens", type=int, default=64, help="chunks per long answer (default 64)")
     parser.add_argument("--gap", type=float, default=2.0, help="ms between the stand-in's chunks (default 2)")
     parser.add_argument("--ollama", action="store_true", help="the gateway's /api/generate instead of /v1")
+    parser.add_argument(
+        "--idle", type=float, default=5.0, help="seconds each path's idle CPU is read (default 5)"
+    )
     parser.add_argument("--checkout", type=Path, action="append", default=[],
                         help="another checkout of the code (its own web worker), e.g. `git worktree` of main")  # fmt: skip
     args = parser.parse_args()
@@ -120,7 +130,6 @@ def main() -> None:
 
     from accounts.models import ApiToken
     from gpus.services import register_host
-    from llamacontroller_site.runner import web_command
     from models_app.models import GpuInstance, ModelConfig
 
     call_command("migrate", verbosity=0)
@@ -134,56 +143,67 @@ def main() -> None:
 
     logs = open(data / "processes.log", "ab")  # noqa: SIM115
     started, paths = [], {}
-    for n, checkout in enumerate([REPO, *args.checkout]):
-        port = 18300 + n
-        web = subprocess.Popen(web_command(Path(sys.executable).parent, bind=f"127.0.0.1:{port}", workers=1)
-                               + ["--access-logfile", "/dev/null"], cwd=checkout, stdout=logs,
-                               stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
-        started.append(web)
-        proxies.wait_for(f"http://127.0.0.1:{port}/api/version")
-        paths[f"gateway {checkout}"] = (
-            f"http://127.0.0.1:{port}",
-            auth,
-            psutil.Process(web.pid).children()[0].pid,
-        )
-    if not args.ollama:
-        started.append(proxies.start_relay(18399, upstream, logs))
-        proxies.wait_for("http://127.0.0.1:18399/props")
-        paths["relay"] = ("http://127.0.0.1:18399", {}, started[-1].pid)
-        paths["stand-in (direct)"] = (f"http://127.0.0.1:{upstream}", {}, None)
-
-    logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
-    client = httpx.Client(trust_env=False, timeout=60)
-
-    def ask(base: str, headers: dict, tokens: int) -> float:
-        if args.ollama:
-            url, body = (
-                base + "/api/generate",
-                {"model": "gemma3-270m", "prompt": "hi", "options": {"num_predict": tokens}},
+    try:  # every process started is stopped, whatever fails
+        for n, checkout in enumerate([REPO, *args.checkout]):
+            port = 18300 + n
+            web = subprocess.Popen(_web_command(checkout, f"127.0.0.1:{port}") + ["--access-logfile", "/dev/null"],
+                                   cwd=checkout, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
+            started.append(web)
+            proxies.wait_for(f"http://127.0.0.1:{port}/api/version")
+            paths[f"gateway {checkout}"] = (
+                f"http://127.0.0.1:{port}",
+                auth,
+                psutil.Process(web.pid).children()[0].pid,
             )
-        else:
-            url = base + "/v1/chat/completions"
-            body = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
-                    "max_tokens": tokens}  # fmt: skip
-        sent = time.perf_counter()
-        first = None
-        with client.stream("POST", url, json=body, headers=headers) as response:
-            assert response.status_code == 200, response.read()
-            for _ in response.iter_raw():
-                first = first or time.perf_counter() - sent
-        return first
+        if not args.ollama:
+            started.append(proxies.start_relay(18399, upstream, logs))
+            proxies.wait_for("http://127.0.0.1:18399/props")
+            paths["relay"] = ("http://127.0.0.1:18399", {}, started[-1].pid)
+            paths["stand-in (direct)"] = (f"http://127.0.0.1:{upstream}", {}, None)
 
-    try:
+        logging.getLogger("httpx").setLevel(logging.WARNING)  # a line per request otherwise
+        client = httpx.Client(trust_env=False, timeout=60)
+
+        def ask(base: str, headers: dict, tokens: int) -> float:
+            if args.ollama:
+                url, body = (
+                    base + "/api/generate",
+                    {"model": "gemma3-270m", "prompt": "hi", "options": {"num_predict": tokens}},
+                )
+            else:
+                url = base + "/v1/chat/completions"
+                body = {"model": "gemma3-270m", "messages": [{"role": "user", "content": "hi"}], "stream": True,
+                        "max_tokens": tokens}  # fmt: skip
+            sent = time.perf_counter()
+            first = None
+            with client.stream("POST", url, json=body, headers=headers) as response:
+                assert response.status_code == 200, response.read()
+                for _ in response.iter_raw():
+                    first = first or time.perf_counter() - sent
+            return first
+
         for base, headers, _ in paths.values():
             for _ in range(5):
                 ask(base, headers, args.tokens)
+        # What each path's process burns with nothing to do (uvicorn's housekeeping tick, say): over a slow
+        # stream's long answers it is counted into the chunks' share, printed so that it can be told apart.
+        idle = {}
+        for name, (_, _, pid) in paths.items():
+            before, started_at = proxies.cpu_seconds([pid] if pid else []), time.perf_counter()
+            time.sleep(args.idle)
+            idle[name] = (proxies.cpu_seconds([pid] if pid else []) - before) / (
+                time.perf_counter() - started_at
+            )
         cpu = {name: {args.tokens: [], 1: []} for name in paths}
+        seconds = {name: {args.tokens: [], 1: []} for name in paths}
         firsts = {name: [] for name in paths}
         for _ in range(args.rounds):
             for name, (base, headers, pid) in paths.items():
                 for tokens in (args.tokens, 1):
                     before = proxies.cpu_seconds([pid] if pid else [])
+                    started_at = time.perf_counter()
                     times = [ask(base, headers, tokens) for _ in range(args.requests)]
+                    seconds[name][tokens].append((time.perf_counter() - started_at) / args.requests)
                     cpu[name][tokens].append(
                         (proxies.cpu_seconds([pid] if pid else []) - before) / args.requests
                     )
@@ -191,13 +211,16 @@ def main() -> None:
                         firsts[name] += times
         print(f"{args.tokens} chunks {args.gap:g} ms apart, {args.requests} requests x {args.rounds} rounds per path, "
               f"{'/api/generate' if args.ollama else '/v1/chat/completions'}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
-        print(
-            f"{'path':<50} {'CPU/request ms':>14} {'1 token ms':>10} {'per chunk us':>12} {'first byte ms':>13}"
-        )
+        print(f"{'path':<50} {'CPU/request ms':>14} {'1 token ms':>10} {'per chunk us':>12} {'first byte ms':>13} "
+              f"{'idle us/s':>9} {'chunk less idle us':>18}")  # fmt: skip
         for name in paths:
             long, short = statistics.median(cpu[name][args.tokens]), statistics.median(cpu[name][1])
-            print(f"{name[-50:]:<50} {long * 1000:>14.2f} {short * 1000:>10.2f} "
-                  f"{(long - short) / (args.tokens - 1) * 1e6:>12.1f} {statistics.median(firsts[name]) * 1000:>13.2f}")  # fmt: skip
+            per_chunk = (long - short) / (args.tokens - 1)
+            # the idle rate over the long answer's extra time, taken out of its chunks
+            extra = statistics.median(seconds[name][args.tokens]) - statistics.median(seconds[name][1])
+            net = per_chunk - idle[name] * extra / (args.tokens - 1)
+            print(f"{name[-50:]:<50} {long * 1000:>14.2f} {short * 1000:>10.2f} {per_chunk * 1e6:>12.1f} "
+                  f"{statistics.median(firsts[name]) * 1000:>13.2f} {idle[name] * 1e6:>9.0f} {net * 1e6:>18.1f}")  # fmt: skip
     finally:
         for process in started:
             process.terminate()

@@ -1,4 +1,4 @@
-"""The ASGI application (gunicorn with uvicorn_worker.UvicornWorker; see runner.py). Django's async views
+"""The ASGI application (gunicorn with uvicorn workers, web_worker.py; see runner.py). Django's async views
 stream the gateway's answers without holding a thread per stream; the sync views run as before.
 
 Django reads a request's whole body before any view runs, so the gateway's body limit is enforced here,

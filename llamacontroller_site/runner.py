@@ -44,7 +44,8 @@ def web_command(venv_bin: Path, bind: str = BIND, workers: int = 2) -> list[str]
     local client as the client's address (its default trusts 127.0.0.1). The client's address is the socket
     peer, or what LLAMACONTROLLER_PROXY_COUNT trusted proxies wrote (accounts.throttle.client_ip)."""
     return [
-        str(venv_bin / "gunicorn"), "llamacontroller_site.asgi:application", "-k", "uvicorn_worker.UvicornWorker",
+        str(venv_bin / "gunicorn"), "llamacontroller_site.asgi:application",
+        "-k", "llamacontroller_site.web_worker.UvicornWorker",  # uvicorn's, its housekeeping once a second
         "-b", bind, "-w", str(workers), "--access-logfile", "-", "--forwarded-allow-ips=",
         # A stream lasts as long as its answer: gunicorn's timeout is the worker heartbeat, not a request limit.
         "--graceful-timeout", "10",
