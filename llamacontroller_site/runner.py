@@ -176,8 +176,13 @@ def run() -> int:
         while not stopping:
             exited = supervisor.first_exited()
             if exited:
-                say(f"{exited} exited with code {supervisor.children[exited].returncode}; stopping")
-                break
+                # Celery's worker dies on some broker losses (kombu restoring unacknowledged messages on a
+                # dead connection): started again, as systemd's Restart= would, rather than stopping all.
+                restarted = supervisor.restart_exited(exited)
+                if restarted is None:
+                    break
+                if exited == "worker":
+                    worker, claimed = restarted, False  # the watchdog is told the new worker's pid
             if redis_server and not keep_redis_up(redis_server, redis_restarts):
                 break
             with contextlib.suppress(DatabaseError):  # the database away a moment: asked again next turn

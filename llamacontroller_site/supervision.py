@@ -21,8 +21,12 @@ from pathlib import Path
 import psutil
 
 PR_SET_PDEATHSIG = 1
-# The embedded Redis is restarted when it dies, unless it died this often within a minute.
+# The embedded Redis, the web server, the worker and beat are restarted when they die, unless one died this
+# often within a minute.
 REDIS_RESTARTS_PER_MINUTE = 5
+CHILD_RESTARTS_PER_MINUTE = 5
+# A worker that exits with EX_CONFIG refused its host name (models_app/tasks.py): a restart cannot help.
+EX_CONFIG = 78
 _libc = ctypes.CDLL(None, use_errno=True) if sys.platform == "linux" else None
 
 REPO = Path(__file__).resolve().parent.parent
@@ -50,9 +54,7 @@ def keep_redis_up(server, restarts: list[float]) -> bool:
     if server.process.poll() is None:
         return True
     code = server.process.returncode
-    now = time.monotonic()
-    restarts[:] = [t for t in restarts if now - t < 60] + [now]
-    if len(restarts) > REDIS_RESTARTS_PER_MINUTE:
+    if not restart_allowed(restarts, REDIS_RESTARTS_PER_MINUTE):
         say(f"the embedded Redis exited with code {code}, {len(restarts)} times within a minute: stopping")
         return False
     say(f"the embedded Redis exited with code {code}: restarting it on port {server.port}")
@@ -62,6 +64,14 @@ def keep_redis_up(server, restarts: list[float]) -> bool:
         say(f"could not restart the embedded Redis ({exc}; see its log in the data folder): stopping")
         return False
     return True
+
+
+def restart_allowed(restarts: list[float], per_minute: int) -> bool:
+    """Count one more restart in `restarts` (monotonic times); False when that makes more than `per_minute`
+    within the last minute."""
+    now = time.monotonic()
+    restarts[:] = [t for t in restarts if now - t < 60] + [now]
+    return len(restarts) <= per_minute
 
 
 def die_with_parent():
@@ -104,6 +114,8 @@ def lock_data_folder(data_dir: Path):
 class Supervisor:
     def __init__(self):
         self.children: dict[str, subprocess.Popen] = {}
+        self.argvs: dict[str, list[str]] = {}
+        self.restarts: dict[str, list[float]] = {}
 
     def start(self, name: str, argv: list[str]) -> subprocess.Popen:
         # Each child in its own session: Ctrl-C reaches only this supervisor, which stops them in order.
@@ -111,7 +123,23 @@ class Supervisor:
         self.children[name] = subprocess.Popen(
             argv, cwd=REPO, start_new_session=True, preexec_fn=die_with_parent()
         )
+        self.argvs[name] = argv
         return self.children[name]
+
+    def restart_exited(self, name: str) -> subprocess.Popen | None:
+        """`name` exited: what is left of its group goes, and it starts again with the same arguments. None
+        (stop everything) when it refused its configuration or died too often within a minute. A worker's
+        llama-servers run in their own sessions and outlive it: the new worker takes them over (its
+        start-up reconcile)."""
+        code = self.children[name].returncode
+        if code == EX_CONFIG or not restart_allowed(
+            self.restarts.setdefault(name, []), CHILD_RESTARTS_PER_MINUTE
+        ):
+            say(f"{name} exited with code {code}; stopping")
+            return None
+        say(f"{name} exited with code {code}: starting it again")
+        self.stop(name)
+        return self.start(name, self.argvs[name])
 
     def first_exited(self) -> str | None:
         return next((name for name, p in self.children.items() if p.poll() is not None), None)

@@ -201,3 +201,39 @@ def test_killed_redis_is_restarted_and_a_hang_up_records_a_killed_model_as_crash
     assert (after["status"], after["exit_code"]) == ("crashed", -9), after
     assert "unloaded" not in run.events(instance["id"])
     assert "[llamacontroller] stopped" in run.log()
+
+
+def test_a_worker_that_dies_is_started_again_and_takes_its_running_model_over(run):
+    """Celery's worker can die on a broker loss (kombu restoring unacknowledged messages on a dead
+    connection: "Unrecoverable error: AttributeError"), here it is killed: the run command starts it again
+    instead of stopping everything; the model loaded before keeps running, the new worker holds the host
+    name, an unload goes through it, and Ctrl-C still stops everything."""
+    proc = run.start()
+    run.wait_ready(proc)
+    instance = run.load()
+    (worker,) = [
+        p
+        for p in psutil.Process(proc.pid).children()
+        if p.cmdline()[2:5] == ["celery", "-A", "llamacontroller_site"] and "worker" in p.cmdline()
+    ]
+    worker.kill()
+    wait_until(
+        lambda: "worker exited with code -9: starting it again" in run.log(), 30, "the worker's restart"
+    )
+    wait_until(lambda: run.log().count(" ready.") >= 2, 90, "the new worker to be ready")
+    assert proc.poll() is None
+    (after,) = run.instances()
+    assert (after["status"], after["pid"]) == ("running", instance["pid"]) and psutil.pid_exists(
+        instance["pid"]
+    )
+    holder = run.query("SELECT worker_pid FROM gpus_host")[0]["worker_pid"]
+    assert holder != worker.pid and psutil.pid_exists(holder)
+
+    result = run.manage("unload", str(instance["id"]), "--wait")
+    assert result.returncode == 0, result.stdout + result.stderr + run.log()[-3000:]
+    (after,) = run.instances()
+    assert after["status"] == "stopped" and not psutil.pid_exists(instance["pid"])
+    proc.send_signal(signal.SIGINT)
+    assert proc.wait(90) == 0
+    assert not run.leftovers()
+    assert "[llamacontroller] stopped" in run.log()
