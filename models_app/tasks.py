@@ -211,7 +211,10 @@ def on_worker_ready(sender=None, **kwargs) -> None:
             logger.exception("%s: checking the model files failed", host.name)
         # The GGUF files in this host's model folders (Add a model), as a task on its own queue: a scan takes
         # up to folder_scan.MAX_SECONDS and must not hold back the heartbeat started below.
-        dispatch.send_folder_scans([host], expires=settings.MODEL_SCAN_SECONDS)
+        try:  # the broker away a moment: the beat's next scan lists them; the reconcile below must run
+            dispatch.send_folder_scans([host], expires=settings.MODEL_SCAN_SECONDS)
+        except Exception:
+            logger.exception("%s: sending the scan of the model folders failed", host.name)
         logger.info("reconcile at start of %s: %s", host.name, reconcile.reconcile_host(host.name))
     except Exception:  # a failed start-up check must not stop the worker; the next reconcile tries again
         logger.exception("start-up of the %s worker failed", settings.HOST_NAME)
