@@ -184,8 +184,3 @@ def hosts_for(model: ModelConfig) -> tuple[list[Host], list[tuple[Host, str]]]:
     ruled_out = {h.pk for h, _ in missing}
     offered = [h for h in Host.objects.up().order_by("name") if h.pk not in ruled_out]
     return offered, missing
-
-
-def reported(model: ModelConfig) -> bool:
-    """Whether any host has reported on the model (then the web node no longer checks the file itself)."""
-    return HostModelFile.objects.filter(model=model).exists()
