@@ -6,12 +6,31 @@ from rest_framework import serializers
 
 from gpus.models import Host
 from models_app.models import GpuInstance, ModelConfig
+from utilities.query import unstorable
 
 from ..models import Pin, Quota, Reservation
 from ..reservations import holders_text
 
 MAX_GPU_INDEX = 255
 MAX_NOTICE_MINUTES = 7 * 24 * 60
+
+
+class _StorableLookup:
+    """A related field whose looked-up text the database can take: a NUL character or a lone surrogate is a 400
+    here, where PostgreSQL's refusal of the lookup was a 500 (a multipart PATCH's fields pass no middleware)."""
+
+    def to_internal_value(self, data):
+        if isinstance(data, str) and (problem := unstorable(data)):
+            raise serializers.ValidationError(problem)
+        return super().to_internal_value(data)
+
+
+class SlugLookupField(_StorableLookup, serializers.SlugRelatedField):
+    pass
+
+
+class KeyLookupField(_StorableLookup, serializers.PrimaryKeyRelatedField):
+    pass
 
 
 class PolicyRefusalSerializer(serializers.Serializer):
@@ -25,15 +44,11 @@ class PolicyRefusalSerializer(serializers.Serializer):
 class QuotaSerializer(serializers.ModelSerializer):
     """A user's or a group's quota (exactly one of the two). Empty limits: no limit; empty allowed_models: any."""
 
-    user = serializers.SlugRelatedField(
+    user = SlugLookupField(
         slug_field="username", queryset=get_user_model().objects.all(), required=False, allow_null=True
     )
-    group = serializers.SlugRelatedField(
-        slug_field="name", queryset=Group.objects.all(), required=False, allow_null=True
-    )
-    allowed_models = serializers.PrimaryKeyRelatedField(
-        many=True, queryset=ModelConfig.objects.all(), required=False
-    )
+    group = SlugLookupField(slug_field="name", queryset=Group.objects.all(), required=False, allow_null=True)
+    allowed_models = KeyLookupField(many=True, queryset=ModelConfig.objects.all(), required=False)
 
     class Meta:
         model = Quota
@@ -86,17 +101,15 @@ class ReservationSerializer(serializers.ModelSerializer):
     """A window on GPUs of a host (`gpu_indices`) or an amount of its memory (`memory_mib`), for `users` and/or
     `groups`. Conflicts answer 409."""
 
-    host = serializers.SlugRelatedField(slug_field="name", queryset=Host.objects.all())
+    host = SlugLookupField(slug_field="name", queryset=Host.objects.all())
     gpu_indices = serializers.ListField(
         child=serializers.IntegerField(min_value=0, max_value=MAX_GPU_INDEX), required=False, max_length=64
     )
     memory_mib = serializers.IntegerField(min_value=1, max_value=2**31 - 1, required=False, allow_null=True)
-    users = serializers.SlugRelatedField(
+    users = SlugLookupField(
         slug_field="username", queryset=get_user_model().objects.all(), many=True, required=False
     )
-    groups = serializers.SlugRelatedField(
-        slug_field="name", queryset=Group.objects.all(), many=True, required=False
-    )
+    groups = SlugLookupField(slug_field="name", queryset=Group.objects.all(), many=True, required=False)
     notice_minutes = serializers.IntegerField(min_value=0, max_value=MAX_NOTICE_MINUTES, default=30)
     created_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
     holders = serializers.SerializerMethodField()
@@ -127,7 +140,7 @@ class ReservationSerializer(serializers.ModelSerializer):
 class PinSerializer(serializers.ModelSerializer):
     """A pinned instance: never unloaded automatically."""
 
-    instance = serializers.PrimaryKeyRelatedField(queryset=GpuInstance.objects.all())
+    instance = KeyLookupField(queryset=GpuInstance.objects.all())
     model = serializers.CharField(source="instance.model_id", read_only=True)
     pinned_by = serializers.SlugRelatedField(slug_field="username", read_only=True, allow_null=True)
     active = serializers.BooleanField(source="instance.is_active", read_only=True)
