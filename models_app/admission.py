@@ -109,15 +109,22 @@ def conflict_refusal(kind: str, holder: claims.Holder, where: str, model_id: str
     return Refused(message, field="gpu_id", code="busy")
 
 
+def lock_gpu_rows(gpus: list[Gpu]) -> dict[int, Gpu]:
+    """Lock the GPU rows in pk order, by pk. Every transaction that writes GPU rows and instance rows takes
+    the GPU rows first (admission, a switch, the telemetry refreshes): the opposite order deadlocked a
+    switch against the worker's live refresh on PostgreSQL."""
+    return {
+        g.pk: g for g in Gpu.objects.select_for_update().filter(pk__in=[g.pk for g in gpus]).order_by("pk")
+    }
+
+
 def admit(model, gpus: list[Gpu], prediction, *, force: bool, freed_mib: dict[int, int] | None = None) -> str:
     """Inside the load's transaction: lock the GPU rows (fixed order), then refuse (409) a load that may not
     join the GPUs' holders (the same model already there unless forced; sharing off; exclusive models) or
     whose claim does not fit beside the claims and foreign memory on a GPU, unless forced. `freed_mib`:
     memory per GPU pk that the load frees first (a switch: the replaced instances'). Returns what a forced
     load goes over, for its event ("" when nothing)."""
-    locked = {
-        g.pk: g for g in Gpu.objects.select_for_update().filter(pk__in=[g.pk for g in gpus]).order_by("pk")
-    }
+    locked = lock_gpu_rows(gpus)
     fresh = [locked[g.pk] for g in gpus]
     for gpu, given in zip(fresh, gpus, strict=True):
         gpu.host = given.host  # its name for the messages (a GPU never changes host), not read again

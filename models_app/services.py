@@ -324,6 +324,7 @@ def request_switch(
         replaced += f" (forced: {over_fit})"
     try:
         with transaction.atomic():
+            admission.lock_gpu_rows(gpus)  # before the old instances' rows: the refreshes lock in this order
             for instance in old:
                 if instance.status != Status.STOPPING and not transition(
                     instance,
