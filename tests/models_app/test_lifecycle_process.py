@@ -141,7 +141,7 @@ def test_lifecycle_stop_process_group(fake_llama, tmp_path, reap):
     assert processes.is_alive(pid, create_time)
 
 
-def _no_pidfd(pid: int) -> int:
+def _no_pidfd(pid: int, flags: int = 0) -> int:
     raise OSError(38, "Function not implemented")  # ENOSYS: a kernel before 5.3
 
 
@@ -149,21 +149,25 @@ def test_lifecycle_stop_waits_on_the_exit_not_a_poll(fake_llama, tmp_path, reap,
     # The stop learns of the exit from a pidfd, whoever the process's parent is: no pause between polls.
     # Without one (an older kernel) it polls, and stops all the same.
     for pidfd in (True, False):
-        if not pidfd:
-            monkeypatch.setattr(processes.os, "pidfd_open", _no_pidfd, raising=False)
-        pid, create_time = processes.launch([fake_llama, "60"], env=dict(os.environ), log_path=tmp_path / "l")
-        reap.append(pid)
-        if pidfd:
-            watch = processes._exit_watch(pid, create_time)
-            assert watch is not None
-            os.close(watch)
-            assert processes._exit_watch(pid, create_time + 100) is None  # not this process
-        else:
-            assert processes._exit_watch(pid, create_time) is None
-        started = time.monotonic()
-        assert processes.stop_process(pid, create_time, timeout=5)
-        assert time.monotonic() - started < 1
-        assert not processes.is_alive(pid, create_time)
+        # `os` is everybody's: the patch ends with the stop, before `reap`'s teardown (psutil opens a pidfd too)
+        with monkeypatch.context() as patch:
+            if not pidfd:
+                patch.setattr(processes.os, "pidfd_open", _no_pidfd, raising=False)
+            pid, create_time = processes.launch(
+                [fake_llama, "60"], env=dict(os.environ), log_path=tmp_path / "l"
+            )
+            reap.append(pid)
+            if pidfd:
+                watch = processes._exit_watch(pid, create_time)
+                assert watch is not None
+                os.close(watch)
+                assert processes._exit_watch(pid, create_time + 100) is None  # not this process
+            else:
+                assert processes._exit_watch(pid, create_time) is None
+            started = time.monotonic()
+            assert processes.stop_process(pid, create_time, timeout=5)
+            assert time.monotonic() - started < 1
+            assert not processes.is_alive(pid, create_time)
 
 
 def test_lifecycle_log_watch_finds_the_ready_line(tmp_path):
