@@ -92,19 +92,49 @@ def create_time_of(pid: int) -> float | None:
         return None
 
 
-def exit_code_of(pid: int | None, log_path: str, wait: float = 3.0) -> int | None:
+def exit_code_of(
+    pid: int | None, log_path: str, wait: float = 3.0, create_time: float | None = None
+) -> int | None:
     """The exit code if this process (or the worker that started it) saw it: reaped here, or the line the
     reaper appended to the log. A process that is a zombie still is about to be reaped by its parent (the
-    pool process that started it, or the worker's main process: models_app/subreaper.py): its code is
-    waited for, up to `wait` seconds."""
+    pool process that started it, or the worker's main process: models_app/subreaper.py): with its
+    `create_time`, its code is read from the zombie itself; without, it is waited for, up to `wait`
+    seconds."""
     if not pid:
         return None
     deadline = time.monotonic() + wait
     while True:
         code = _recorded_exit_code(pid, log_path)
+        if code is None and create_time is not None:
+            code = zombie_exit_code(pid, create_time)
         if code is not None or time.monotonic() >= deadline or not _is_zombie(pid):
             return code
         time.sleep(0.001)  # its reaper (another pool process) records it within a millisecond or two
+
+
+def zombie_exit_code(pid: int, create_time: float) -> int | None:
+    """The exit code that the zombie `pid` (started at `create_time`) keeps until its parent reaps it, as
+    the reaper decodes it (-N: killed by signal N); None when it is not that zombie. /proc/<pid>/stat's
+    field 52 (Linux 3.5+): a process exits a few milliseconds before its reaper, in another pool process,
+    wakes up and records the code, and an unload waits for nothing else. Only for a process of our own
+    user, whose field the kernel does not hide (it shows 0 to others)."""
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+            return None
+        fields = stat[stat.rindex(b")") + 2 :].split()  # after the command name, which may hold anything
+        if fields[0] != b"Z" or len(fields) < 50:
+            return None
+        started = psutil.boot_time() + int(fields[19]) / _CLOCK_TICKS  # field 22: ticks after boot
+        if abs(started - create_time) > 1.0:
+            return None  # the pid went to another process
+        return os.waitstatus_to_exitcode(int(fields[49]))
+    except (OSError, ValueError):
+        return None
+
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
 
 
 def _recorded_exit_code(pid: int, log_path: str) -> int | None:
@@ -333,15 +363,20 @@ def stop_process(
     pid: int | None, create_time: float | None, timeout: float | None = None, while_it_exits=None
 ) -> bool:
     """SIGTERM to the process group, SIGKILL after `timeout`. True if the process is gone afterwards.
-    `while_it_exits`: called once right after the SIGTERM (e.g. a write that would otherwise delay it)."""
-    if not is_alive(pid, create_time):
+    `while_it_exits`: called once when the process has not exited EXIT_GRACE after the SIGTERM (e.g. a
+    write that only a long stop needs: llama-server usually exits within a few milliseconds)."""
+    if not pid:
         return True
     timeout = settings.STOP_TIMEOUT if timeout is None else timeout
-    exit_fd = _exit_watch(pid, create_time)
+    exit_fd = _exit_watch(pid, create_time)  # one there: the process runs (checked)
     try:
+        if exit_fd is None and not is_alive(pid, create_time):
+            return True
         for sig, wait in ((signal.SIGTERM, timeout), (signal.SIGKILL, 5.0)):
             _signal_group(pid, sig)
             if while_it_exits is not None:
+                if _wait_exit(pid, create_time, exit_fd, min(EXIT_GRACE, wait)):
+                    return True
                 while_it_exits()
                 while_it_exits = None
             if _wait_exit(pid, create_time, exit_fd, wait):
@@ -355,22 +390,28 @@ def stop_process(
 # Without a pidfd (Linux before 5.3, or not allowed) the exit is polled: llama-server exits a few
 # milliseconds after SIGTERM, and each poll's pause adds to an unload.
 EXIT_POLL = 0.002
+# How long a stop waits for the exit before it calls `while_it_exits` (stop_process).
+EXIT_GRACE = 0.2
 
 
 def _exit_watch(pid: int, create_time: float | None) -> int | None:
-    """A pidfd of this very process (readable once it exits: no polling, whoever its parent is), or None."""
+    """A pidfd of this very process, running (readable once it exits: no polling, whoever its parent is),
+    or None."""
     try:
         fd = os.pidfd_open(pid)
     except (AttributeError, OSError):
         return None
-    if not is_alive(pid, create_time):  # the pid went to another process before the pidfd was opened
+    if not is_alive(pid, create_time):  # gone, or the pid went to another process before the pidfd opened
         os.close(fd)
         return None
     return fd
 
 
 def _wait_exit(pid: int, create_time: float | None, exit_fd: int | None, wait: float) -> bool:
-    """Whether the process is gone within `wait` seconds."""
+    """Whether the process is gone within `wait` seconds. A pidfd turns readable when its process exits:
+    nothing else to ask then."""
+    if exit_fd is not None:
+        return bool(select.select([exit_fd], [], [], max(0.0, wait))[0])
     deadline = time.monotonic() + wait
     while True:
         if not is_alive(pid, create_time):
@@ -378,10 +419,7 @@ def _wait_exit(pid: int, create_time: float | None, exit_fd: int | None, wait: f
         left = deadline - time.monotonic()
         if left <= 0:
             return False
-        if exit_fd is None:
-            time.sleep(min(EXIT_POLL, left))
-        else:
-            select.select([exit_fd], [], [], left)
+        time.sleep(min(EXIT_POLL, left))
 
 
 def _signal_group(pid: int, sig: int) -> None:

@@ -153,7 +153,8 @@ def _unload(instance: GpuInstance, actor) -> None:
 
     def hold() -> None:
         # The stop may take STOP_TIMEOUT and then the SIGKILL's wait: hold the instance that long. Written
-        # while llama-server exits (a few milliseconds), not before its SIGTERM.
+        # only when llama-server has not exited EXIT_GRACE after its SIGTERM (it usually takes a few
+        # milliseconds; until then no reconcile pass counts the request's unload as lost).
         GpuInstance.objects.filter(pk=instance.pk, status=Status.STOPPING).update(
             lease_expires_at=lease_until(settings.STOP_TIMEOUT + 5)
         )
@@ -166,7 +167,11 @@ def _unload(instance: GpuInstance, actor) -> None:
     if problems:
         _unload_failed(instance, "could not stop llama-server: " + "; ".join(problems), actor)
         return
-    code = exit_code_of(instance.pid, instance.log_path) if instance.pid else None
+    code = (
+        exit_code_of(instance.pid, instance.log_path, create_time=instance.process_create_time)
+        if instance.pid
+        else None
+    )
     if transition(
         instance,
         Status.STOPPED,

@@ -1,8 +1,10 @@
 """Process helpers and the load/unload flows, called as plain functions (the worker does the same)."""
 
 import os
+import signal
 import socket
 import stat
+import subprocess
 import sys
 import threading
 import time
@@ -168,6 +170,25 @@ def test_lifecycle_stop_waits_on_the_exit_not_a_poll(fake_llama, tmp_path, reap,
             assert processes.stop_process(pid, create_time, timeout=5)
             assert time.monotonic() - started < 1
             assert not processes.is_alive(pid, create_time)
+
+
+def test_the_exit_code_is_read_from_the_zombie_before_its_reaper_runs(tmp_path):
+    # A process that another process started (here: this test, which does not reap it yet) keeps its exit
+    # code as a zombie; exit_code_of reads it there, with its create time, instead of waiting for the reaper.
+    for argv, expected in (([sys.executable, "-c", "raise SystemExit(3)"], 3), (["sleep", "60"], -15)):
+        child = subprocess.Popen(argv)
+        create_time = psutil.Process(child.pid).create_time()
+        if expected < 0:
+            os.kill(child.pid, signal.SIGTERM)
+        while psutil.Process(child.pid).status() != psutil.STATUS_ZOMBIE:
+            time.sleep(0.005)
+        assert processes.zombie_exit_code(child.pid, create_time + 100) is None  # not that process
+        started = time.monotonic()
+        code = processes.exit_code_of(child.pid, str(tmp_path / "none.log"), create_time=create_time)
+        assert code == expected
+        assert time.monotonic() - started < 0.5  # not the reaper's wait (3 s: nobody reaps it here)
+        child.wait()
+        assert processes.zombie_exit_code(child.pid, create_time) is None  # reaped: gone
 
 
 def test_lifecycle_log_watch_finds_the_ready_line(tmp_path):
