@@ -162,7 +162,8 @@ def refresh(binary) -> object:
     try:
         path = check_executable(binary.path)
         size, mtime = file_stamp(path)
-        if binary.catalogue and not binary.error and (size, mtime) == (binary.file_size, binary.file_mtime):
+        unchanged = (size, mtime) == (binary.file_size, binary.file_mtime) and not binary.error
+        if unchanged and _has_catalogue(binary):  # the catalogue only when the rest says unchanged
             return binary
         data = catalogue_of_path(path)
     except (BinaryError, OSError) as exc:
@@ -220,7 +221,8 @@ def store_on_host(host) -> str | None:
 
 def binary_for_load(host, pinned=None):
     """The verified LlamaBinary row an instance on `host` runs: the model's pinned one, else the host's
-    default (discovered now if the worker has not yet). BinaryError says why there is none."""
+    default (discovered now if the worker has not yet). BinaryError says why there is none. The row comes
+    without its catalogue: catalogue_for() reads it only when this process has not parsed it yet."""
 
     if pinned is not None:
         if pinned.host_id != host.pk:
@@ -229,10 +231,10 @@ def binary_for_load(host, pinned=None):
             )
         row = pinned
     else:
-        row = LlamaBinary.objects.filter(host=host, is_default=True).first()
+        row = without_catalogue().filter(host=host, is_default=True).first()
         if row is None:
             store_on_host(host)
-            row = LlamaBinary.objects.filter(host=host, is_default=True).first()
+            row = without_catalogue().filter(host=host, is_default=True).first()
         if row is None:
             raise BinaryError(host.llama_server_error or f"no llama-server on {host.name}: {INSTALL_HINT}")
     refresh(row)
@@ -245,8 +247,56 @@ def binary_for_load(host, pinned=None):
     return row
 
 
+# --- a row's catalogue, parsed once per process ----------------------------------------------------------
+
+# A row's catalogue is ~65 kB of JSON (about a millisecond to read and parse): every load's estimate and start
+# read the row without it (without_catalogue) and reuse the one parsed before while the row is unchanged.
+_parsed_lock = threading.Lock()
+_parsed: dict[int, tuple[tuple, Catalogue | None]] = {}
+
+
+def without_catalogue():
+    """LlamaBinary rows as a load reads them: the catalogue is left in the database (catalogue_for)."""
+    return LlamaBinary.objects.defer("catalogue")
+
+
+def _version(binary) -> tuple:
+    # Whatever rewrites the catalogue changes one of these: refresh() sets discovered_at (and the file's
+    # stamp), discover_on_host's "not found any more" sets the error.
+    return (binary.discovered_at, binary.file_size, binary.file_mtime, binary.error)
+
+
+def _cached(binary) -> tuple[bool, Catalogue | None]:
+    """(found, the parsed catalogue or None when the row has none) for this version of the row."""
+    if not binary.pk:
+        return False, None
+    with _parsed_lock:
+        entry = _parsed.get(binary.pk)
+    if entry is not None and entry[0] == _version(binary):
+        return True, entry[1]
+    return False, None
+
+
+def parsed_catalogue(binary) -> Catalogue | None:
+    """The row's catalogue, parsed (None when it has none): from this process's cache while the row is
+    unchanged, else read (a row without it reads it now) and kept."""
+    found, catalogue = _cached(binary)
+    if found:
+        return catalogue
+    data = binary.catalogue
+    catalogue = Catalogue(data, label="llama-server") if data else None
+    if binary.pk:
+        with _parsed_lock:
+            _parsed[binary.pk] = (_version(binary), catalogue)
+    return catalogue
+
+
+def _has_catalogue(binary) -> bool:
+    return parsed_catalogue(binary) is not None
+
+
 def catalogue_for(binary) -> Catalogue:
-    return Catalogue(binary.catalogue, label="llama-server")
+    return parsed_catalogue(binary) or Catalogue({}, label="llama-server")
 
 
 def catalogues_for_model(binary=None) -> list[Catalogue]:

@@ -12,7 +12,7 @@ from statistics import median
 from gpus.models import Gpu
 
 from . import estimator
-from .flags import Catalogue
+from .binaries import parsed_catalogue, without_catalogue
 from .formatting import format_mib
 from .models import GpuInstance, LlamaBinary
 
@@ -164,8 +164,8 @@ def binary_for(model, host) -> LlamaBinary | None:
     """The binary a load on `host` would run (pinned, else the host's default) as the inventory knows it,
     without running anything; None when the host has not reported one."""
     if model.binary_id:
-        return model.binary
-    query = LlamaBinary.objects.filter(is_default=True, error="")
+        return without_catalogue().filter(pk=model.binary_id).first()
+    query = without_catalogue().filter(is_default=True, error="")
     if host is not None:
         query = query.filter(host=host)
     return query.order_by("-discovered_at").first()
@@ -173,7 +173,7 @@ def binary_for(model, host) -> LlamaBinary | None:
 
 def options_for(model, binary: LlamaBinary | None, overrides: dict | None = None) -> dict:
     """The memory-relevant flags of the model (cli_params, then the overrides) under canonical names."""
-    catalogue = Catalogue(binary.catalogue) if binary is not None and binary.catalogue else None
+    catalogue = parsed_catalogue(binary) if binary is not None else None
     params = dict(model.cli_params or {})
     options = estimator.memory_options(params, catalogue)
     options.update(overrides or {})

@@ -11,7 +11,7 @@ import pytest
 import requests
 from rest_framework.test import APIClient
 
-from models_app import binaries, processes, tasks
+from models_app import binaries, estimates, processes, tasks
 from models_app.models import GpuInstance, LlamaBinary, ModelConfig
 from models_app.services import request_load
 
@@ -94,6 +94,28 @@ def test_catalogue_is_read_again_when_the_file_changes(fake_gpus, settings, tmp_
     assert binaries.binary_for_load(fake_gpus.host).version == "b6200"
     row.refresh_from_db()
     assert row.version == "b6200" and row.file_mtime == path.stat().st_mtime
+
+
+def test_a_loads_catalogue_is_parsed_once_and_read_again_when_the_file_changes(
+    fake_gpus, settings, tmp_path, django_assert_num_queries
+):
+    path = fake_llama_server(tmp_path / "bin" / "llama-server", version="6100")
+    settings.LLAMA_SERVER = str(path)
+    binaries.store_on_host(fake_gpus.host)
+    first = binaries.catalogue_for(binaries.binary_for_load(fake_gpus.host))
+    assert first.version == "b6100" and "-ngl" in first.by_spelling
+    with django_assert_num_queries(1):  # the row without its catalogue (~65 kB of JSON); the parsed one again
+        row = binaries.binary_for_load(fake_gpus.host)
+        assert binaries.catalogue_for(row) is first
+    assert "catalogue" in row.get_deferred_fields()
+    fake_llama_server(path, version="6200")  # rebuilt in place
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    again = binaries.catalogue_for(binaries.binary_for_load(fake_gpus.host))
+    assert again is not first and again.version == "b6200"
+    # The estimate of a load reads it the same way.
+    model = ModelConfig(id="probe", name="probe", path="/nowhere.gguf", cli_params={"c": 512})
+    with django_assert_num_queries(1):
+        assert estimates.options_for(model, estimates.binary_for(model, fake_gpus.host))["ctx-size"] == 512
 
 
 def test_scrubbed_environment():
