@@ -2,6 +2,7 @@
 file, reaped by a thread so no zombie is left), tell whether it still runs, stop its process group, read
 its log and its /health. No model rows here: launch.py, load.py and stop.py decide what to do with them."""
 
+import http.client
 import os
 import select
 import signal
@@ -12,7 +13,6 @@ import time
 from pathlib import Path
 
 import psutil
-import requests
 from django.conf import settings
 from django.utils import timezone
 
@@ -339,24 +339,25 @@ def port_is_free(port: int) -> bool:
     return True
 
 
-_http = requests.Session()
-
-
-_http.trust_env = False  # never send 127.0.0.1 through a proxy from the environment
-
-
 def health_status(port: int, timeout: float = 1.0) -> int | None:
     """HTTP status of /health (200 ready, 503 loading), or None when nothing answers. The connection is
     closed after each answer: llama-server, asked to stop, waits about 100 ms for an idle keep-alive
-    connection, and a pooled one would stay open to every instance this process ever loaded."""
+    connection, and a pooled one would stay open to every instance this process ever loaded. Plain
+    http.client (never through a proxy): a load asks every few milliseconds while llama-server starts on the
+    same cores, and requests cost 1.1 ms of CPU per 200 against 0.4 ms, 0.85 ms per refused connection
+    against 0.12 ms (2-core VM)."""
     host = settings.LLAMA_SERVER_HOST
     host = "127.0.0.1" if host in ("0.0.0.0", "") else host
+    connection = http.client.HTTPConnection(host, port, timeout=timeout)
     try:
-        return _http.get(
-            f"http://{host}:{port}/health", timeout=timeout, headers={"Connection": "close"}
-        ).status_code
-    except requests.RequestException:
+        connection.request("GET", "/health", headers={"Connection": "close"})
+        response = connection.getresponse()
+        response.read()
+        return response.status
+    except (OSError, http.client.HTTPException):
         return None
+    finally:
+        connection.close()
 
 
 def stop_process(
