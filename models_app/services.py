@@ -257,21 +257,22 @@ def request_unload(
         raise Refused(f"instance #{instance.pk} is not loaded (it is {instance.status})")
     check_host_up(instance.host, f"unload instance #{instance.pk}")
     check_broker()
-    with transaction.atomic():
-        if not transition(
-            instance,
-            Status.STOPPING,
-            expected=[Status.PENDING, Status.STARTING, Status.RUNNING],
-            event_kind=event_kind,
-            actor=actor,
-            detail=detail,
-            lease_expires_at=None,
-        ):
-            instance.refresh_from_db()
-            if instance.status == Status.STOPPING:
-                return instance
-            raise Refused(f"instance #{instance.pk} is not loaded (it is {instance.status})")
-        dispatch.send_unload(instance, actor_id(actor), at_once=False)
+    # The transition is its own transaction (no savepoint in another one: two statements fewer); the
+    # unload is sent when it commits, or when the caller's transaction does.
+    if not transition(
+        instance,
+        Status.STOPPING,
+        expected=[Status.PENDING, Status.STARTING, Status.RUNNING],
+        event_kind=event_kind,
+        actor=actor,
+        detail=detail,
+        lease_expires_at=None,
+    ):
+        instance.refresh_from_db()
+        if instance.status == Status.STOPPING:
+            return instance
+        raise Refused(f"instance #{instance.pk} is not loaded (it is {instance.status})")
+    dispatch.send_unload(instance, actor_id(actor), at_once=False)
     return instance
 
 
