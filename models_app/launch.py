@@ -104,17 +104,12 @@ def build_argv(
 
 def claim_port(instance: GpuInstance, avoid: set[int] = frozenset(), **fields) -> int:
     """A port of PORT_RANGE that no active instance of the host holds and nothing listens on, recorded on
-    the instance (with `fields`, in the same UPDATE). The database's unique constraint settles two workers
-    picking the same port. Cancelled when the instance is no longer `starting`."""
+    the instance (with `fields`, in the same UPDATE). The database's unique constraint refuses a port that
+    another active instance holds (a running one's is in use anyway: the bind test skips it), so no read of
+    the held ports comes first. Cancelled when the instance is no longer `starting`."""
     low, high = settings.PORT_RANGE
-    held = set(
-        GpuInstance.objects.filter(host_id=instance.host_id, status__in=GpuInstance.ACTIVE_STATUSES)
-        .exclude(pk=instance.pk)
-        .exclude(port=None)
-        .values_list("port", flat=True)
-    )
     for port in range(low, high + 1):
-        if port in held or port in avoid or not port_is_free(port):
+        if port in avoid or not port_is_free(port):
             continue
         try:
             with transaction.atomic():
@@ -122,7 +117,7 @@ def claim_port(instance: GpuInstance, avoid: set[int] = frozenset(), **fields) -
                     port=port, **fields
                 )
         except IntegrityError:
-            continue  # another worker took it a moment ago
+            continue  # another active instance holds it (one starting has not bound it yet)
         if not claimed:
             raise Cancelled()
         instance.port = port

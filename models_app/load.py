@@ -103,11 +103,11 @@ def adopt_running(instance: GpuInstance) -> None:
 
 
 def _mark_running(instance: GpuInstance, *, detail: str, adopted: str = "") -> None:
-    """`starting` -> `running`; `adopted`: the detail of an ADOPTED event written before, in one transaction."""
-    with transaction.atomic():
-        if adopted:
-            record(Kind.ADOPTED, instance=instance, detail=adopted)
-        running = transition(
+    """`starting` -> `running`; `adopted`: the detail of an ADOPTED event written before, in one transaction
+    (a load's own transition is a transaction by itself: no savepoint in another one)."""
+
+    def to_running() -> bool:
+        return transition(
             instance,
             Status.RUNNING,
             expected=[Status.STARTING],
@@ -117,8 +117,15 @@ def _mark_running(instance: GpuInstance, *, detail: str, adopted: str = "") -> N
             error="",
             lease_expires_at=None,
         )
-        if not running:
-            transaction.set_rollback(True)  # not adopted after all: somebody moved it first
+
+    if adopted:
+        with transaction.atomic():
+            record(Kind.ADOPTED, instance=instance, detail=adopted)
+            running = to_running()
+            if not running:
+                transaction.set_rollback(True)  # not adopted after all: somebody moved it first
+    else:
+        running = to_running()
     if not running:
         _finish_cancelled(instance)
         return
