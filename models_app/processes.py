@@ -117,7 +117,10 @@ def zombie_exit_code(pid: int, create_time: float) -> int | None:
     the reaper decodes it (-N: killed by signal N); None when it is not that zombie. /proc/<pid>/stat's
     field 52 (Linux 3.5+): a process exits a few milliseconds before its reaper, in another pool process,
     wakes up and records the code, and an unload waits for nothing else. Only for a process of our own
-    user, whose field the kernel does not hide (it shows 0 to others)."""
+    user, whose field the kernel does not hide (it shows 0 to others), and whose parent is this process or
+    another pool process of this worker: their reaper threads reap it at once. Any other parent (one that
+    took it over when a worker died) may take longer, and the caller waits for it, so that an instance is
+    not `stopped` while its process is still there."""
     try:
         with open(f"/proc/{pid}/stat", "rb") as handle:
             stat = handle.read()
@@ -125,6 +128,9 @@ def zombie_exit_code(pid: int, create_time: float) -> int | None:
             return None
         fields = stat[stat.rindex(b")") + 2 :].split()  # after the command name, which may hold anything
         if fields[0] != b"Z" or len(fields) < 50:
+            return None
+        parent = int(fields[1])
+        if parent != os.getpid() and _parent_of(parent) != os.getppid():
             return None
         started = psutil.boot_time() + int(fields[19]) / _CLOCK_TICKS  # field 22: ticks after boot
         if abs(started - create_time) > 1.0:
@@ -135,6 +141,15 @@ def zombie_exit_code(pid: int, create_time: float) -> int | None:
 
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _parent_of(pid: int) -> int | None:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as handle:
+            stat = handle.read()
+        return int(stat[stat.rindex(b")") + 2 :].split()[1])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 def _recorded_exit_code(pid: int, log_path: str) -> int | None:
