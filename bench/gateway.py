@@ -4,6 +4,7 @@ proxy.
 
     .venv/bin/python bench/gateway.py [--pairs 30] [--tokens 64] [--model gemma|tiny] [--no-repack]
                                       [--litellm /tmp/litellm-venv/bin/litellm] [--no-cold] [--no-memory]
+                                      [--checkout /path/to/another/checkout ...]
 
 (The registry id is `gemma3-270m` whichever file serves it.)
 
@@ -19,6 +20,10 @@ proxy.
 - the web worker's memory (RSS) idle and with `--open` open streams;
 - cold start: a request for an unloaded model -> first token (load on demand through the real worker),
   against a bare llama-server start + first token.
+
+`--checkout` adds another checkout's gateway (its own web worker, on the same database and instance) as one
+more OpenAI path, "gateway /v1 @<folder>", interleaved with the others: a before/after comparison in the same
+rounds, on the same llama-server.
 
 LiteLLM is not a requirement: install it into a virtual environment of its own, e.g.
 `python -m venv /tmp/litellm && /tmp/litellm/bin/pip install 'litellm[proxy]'`.
@@ -80,6 +85,9 @@ def parse_args():
     parser.add_argument(
         "--concurrent-runs", type=int, default=2, help="runs of the concurrent streams (default 2)"
     )
+    parser.add_argument("--checkout", type=Path, action="append", default=[],
+                        help="another checkout of the code (its own web worker) as one more path, e.g. `git "
+                        "worktree` of main")  # fmt: skip
     parser.add_argument("--no-cold", action="store_true", help="skip the cold-start figures")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory with --open open requests")
     parser.add_argument("--pause", type=float, default=1.0, help="seconds between load rounds (default 1)")
@@ -217,7 +225,7 @@ def report_paths(runs: dict, tokens: int) -> None:
     pairs = len(long["direct /v1"])
     print(f"\none stream at a time: {pairs} interleaved rounds of {tokens} tokens and of 1 token, medians; CPU from "
           "/proc of the path's processes (each thread's run time: per request as the mean over all requests)")  # fmt: skip
-    print(f"{'path':<24} {'tokens/s':>9} {'x direct':>8} {'TTFT ms':>8} {'+TTFT 1 tok':>11} {'CPU/req ms':>10} "
+    print(f"{'path':<30} {'tokens/s':>9} {'x direct':>8} {'TTFT ms':>8} {'+TTFT 1 tok':>11} {'CPU/req ms':>10} "
           f"{'CPU 1 tok':>9} {'CPU/chunk us':>12}")  # fmt: skip
     direct_rate = med(r[2] / r[4] for r in long["direct /v1"])
     for name in long:
@@ -227,7 +235,7 @@ def report_paths(runs: dict, tokens: int) -> None:
         cpu_short = statistics.mean(r[3] for r in short[name]) * 1000
         chunks = statistics.mean(r[2] for r in long[name]) - statistics.mean(r[2] for r in short[name])
         per_chunk = (cpu_long - cpu_short) / chunks * 1000 if chunks > 0 else 0.0
-        print(f"{name:<24} {rate:>9.1f} {rate / direct_rate:>8.3f} {med(r[0] for r in long[name]) * 1000:>8.1f} "
+        print(f"{name:<30} {rate:>9.1f} {rate / direct_rate:>8.3f} {med(r[0] for r in long[name]) * 1000:>8.1f} "
               f"{over:>11.2f} {cpu_long:>10.2f} {cpu_short:>9.2f} {per_chunk:>12.1f}")  # fmt: skip
 
 
@@ -310,6 +318,19 @@ def main() -> None:
         cwd=REPO, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
     gateway = f"http://127.0.0.1:{port}"
+    others = {}  # another checkout's gateway: its name -> (its web command's process, its URL)
+    for n, checkout in enumerate(args.checkout):
+        bind = f"127.0.0.1:{port - 10 - n}"
+        others[f"gateway /v1 @{checkout.resolve().name}"] = (
+            subprocess.Popen(
+                proxies.web_command(checkout, bind) + ["--access-logfile", "/dev/null"],
+                cwd=checkout,
+                stdout=logs,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            ),
+            f"http://{bind}",
+        )
     client = httpx.Client(trust_env=False, timeout=600)
     results = []
     relay = litellm = None
@@ -405,6 +426,14 @@ def main() -> None:
             ),
             "gateway /api/generate": (gateway + "/api/generate", auth, True, [web_worker.pid]),
         }
+        for name, (process, url) in others.items():
+            proxies.wait_for(url + "/api/version")
+            paths[name] = (
+                url + "/v1/chat/completions",
+                auth,
+                False,
+                [psutil.Process(process.pid).children()[0].pid],
+            )
         if args.litellm:
             litellm = proxies.start_litellm(
                 args.litellm, port - 2, instance.port, instance.api_key, data, logs
@@ -430,7 +459,7 @@ def main() -> None:
                 rates[name].append(concurrent(url, headers, args.streams, args.tokens))
         for name, values in rates.items():
             print(
-                f"{name:<24} {med(values):>9.1f} tokens/s ({med(values) / med(rates['direct /v1']):.3f}x direct)"
+                f"{name:<30} {med(values):>9.1f} tokens/s ({med(values) / med(rates['direct /v1']):.3f}x direct)"
             )
         outcomes, errors = load_rounds(paths["gateway /v1"][0], auth, 64, 1, args.tokens, 0)
         report_load("gateway /v1", outcomes, errors, 64, 1)
@@ -473,8 +502,9 @@ def main() -> None:
         for proxy in (relay, litellm):
             if proxy is not None:
                 proxy.terminate()
-        web.terminate()
-        web.wait(15)
+        for process in [web] + [process for process, _ in others.values()]:
+            process.terminate()
+            process.wait(15)
         worker.terminate()
         worker.wait(30)
         if redis_server:

@@ -87,13 +87,6 @@ async def stand_in(port_box: list, ready: threading.Event, gap: float) -> None:
     await server.serve_forever()
 
 
-def _web_command(checkout: Path, bind: str) -> list[str]:
-    """The run command's web server as that checkout's own runner.web_command builds it (its worker class)."""
-    code = "import json, sys; from pathlib import Path; from llamacontroller_site.runner import web_command; "
-    code += f"print(json.dumps(web_command(Path(sys.executable).parent, bind={bind!r}, workers=1)))"
-    return json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=checkout))
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
@@ -146,7 +139,7 @@ def main() -> None:
     try:  # every process started is stopped, whatever fails
         for n, checkout in enumerate([REPO, *args.checkout]):
             port = 18300 + n
-            web = subprocess.Popen(_web_command(checkout, f"127.0.0.1:{port}") + ["--access-logfile", "/dev/null"],
+            web = subprocess.Popen(proxies.web_command(checkout, f"127.0.0.1:{port}") + ["--access-logfile", "/dev/null"],
                                    cwd=checkout, stdout=logs, stderr=subprocess.STDOUT, start_new_session=True)  # fmt: skip
             started.append(web)
             proxies.wait_for(f"http://127.0.0.1:{port}/api/version")

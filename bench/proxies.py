@@ -7,6 +7,7 @@ of llama-server). CPU is read from /proc for each proxy's processes.
 """
 
 import asyncio
+import json
 import os
 import subprocess
 import sys
@@ -88,6 +89,14 @@ def cpu_seconds(pids) -> float:
             continue
         total += (int(fields[11]) + int(fields[12])) / ticks
     return total
+
+
+def web_command(checkout: Path, bind: str, workers: int = 1) -> list[str]:
+    """The run command's web server as that checkout's own runner.web_command builds it (its worker class):
+    a before/after comparison runs each checkout's web worker on the same database."""
+    code = "import json, sys; from pathlib import Path; from llamacontroller_site.runner import web_command; "
+    code += f"print(json.dumps(web_command(Path(sys.executable).parent, bind={bind!r}, workers={workers})))"
+    return json.loads(subprocess.check_output([sys.executable, "-c", code], cwd=checkout))
 
 
 def wait_for(url: str, seconds: float = 120) -> None:
