@@ -123,13 +123,13 @@ def _guarded(function):
 
 
 def db(function):
-    """`await db(f)(*args)`: f (synchronous, ORM) on a gateway database thread, its outcome set on a future
-    of the event loop. Not asgiref's sync_to_async: that copies and restores the context and wraps the call
+    """`await db(f)(*args)`: f (synchronous, ORM) on a gateway database thread, sent there at once; the call
+    returns a future of the event loop that its outcome is set on (shielding it needs no task). Not asgiref's sync_to_async: that copies and restores the context and wraps the call
     in several more layers on the way there and back, about a tenth of a streamed request's fixed CPU in the
     web worker, for nothing these calls need (Django's connections are per thread either way)."""
     guarded = _guarded(function)
 
-    async def call(*args):
+    def call(*args) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         future = loop.create_future()
 
@@ -138,7 +138,7 @@ def db(function):
                 loop.call_soon_threadsafe(_settle, future, result, exc)
 
         _threads.put((guarded, args, on_done))
-        return await future
+        return future
 
     return call
 

@@ -100,7 +100,7 @@ class Exchange:
         """`function` on a database thread, where it may count the request (and says so on self). Shielded:
         a client that leaves meanwhile does not stop it, and finish() waits for it, so that a count made is
         always ended."""
-        self.counting = asyncio.ensure_future(db(function)(*args))
+        self.counting = db(function)(*args)
         await asyncio.shield(self.counting)
 
     def _resolve(self, request, name) -> None:
@@ -210,15 +210,26 @@ class Exchange:
             self.gate.leave()
             self.gate = None
         fairness.spend(self.user, (self.prompt_tokens or 0) + (self.completion_tokens or 0))
-        await asyncio.shield(self._complete())
+        with contextlib.suppress(GatewayError):  # logged by _log_failure
+            if self.counting is None or self.counting.done():
+                await asyncio.shield(self._written())  # the usual case: a future, shielded without a task
+            else:
+                await asyncio.shield(self._complete())
 
     async def _complete(self) -> None:
-        if self.counting is not None:  # a count under way when the client left: wait for its outcome
-            with contextlib.suppress(Exception):
-                await self.counting
-        try:
-            await db(self._write)()
-        except GatewayError as exc:  # the answer is given: a record the database refused is only logged
+        """A count under way when the client left: its outcome first (a count made is always ended)."""
+        with contextlib.suppress(Exception):
+            await self.counting
+        await self._written()
+
+    def _written(self) -> asyncio.Future:
+        written = db(self._write)()
+        written.add_done_callback(self._log_failure)
+        return written
+
+    def _log_failure(self, written: asyncio.Future) -> None:
+        exc = None if written.cancelled() else written.exception()
+        if isinstance(exc, GatewayError):  # the answer is given: a record the database refused is only logged
             logger.error("could not write the usage record of a %s request: %s", self.endpoint, exc.message)
 
     def _write(self) -> None:
