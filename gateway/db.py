@@ -66,17 +66,18 @@ class _Threads:
                     result, error = function(*args), None
                 except BaseException as exc:  # handed to the caller, as an executor's future would
                     result, error = None, exc
-                try:
-                    on_done(result, error)
-                except Exception:
-                    logger.exception("a gateway database call's answer could not be handed back")
-                call = function = args = on_done = result = error = None  # nothing held while idle
+                # Idle again before the answer goes back: the caller's next call comes to this thread.
                 with self.lock:
                     if self.backlog:
                         call = self.backlog.popleft()
                     else:
                         self.idle.append(inbox)
                         call = None
+                try:
+                    on_done(result, error)
+                except Exception:
+                    logger.exception("a gateway database call's answer could not be handed back")
+                function = args = on_done = result = error = None  # nothing held while idle
 
 
 _threads = _Threads(THREADS)
