@@ -107,8 +107,11 @@ def exit_code_of(
         code = _recorded_exit_code(pid, log_path)
         if code is None and create_time is not None:
             code = zombie_exit_code(pid, create_time)
-        if code is not None or time.monotonic() >= deadline or not _is_zombie(pid):
+        if code is not None or time.monotonic() >= deadline:
             return code
+        if not _is_zombie(pid):
+            # Reaped since the read above? Its reaper records the code before it reaps: read once more.
+            return _recorded_exit_code(pid, log_path)
         time.sleep(0.001)  # its reaper (another pool process) records it within a millisecond or two
 
 

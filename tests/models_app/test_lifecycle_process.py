@@ -1,6 +1,7 @@
 """Process helpers and the load/unload flows, called as plain functions (the worker does the same)."""
 
 import os
+import random
 import signal
 import socket
 import stat
@@ -51,8 +52,26 @@ def _listening_socket():
     return sock
 
 
+def _listening_below_two_free_ports():
+    """A listening socket whose next two ports are free, below the kernel's ephemeral range (32768-60999 by
+    default), where no connection of another program on the machine picks its local port meanwhile."""
+    rng = random.Random()
+    for _ in range(200):
+        port = rng.randrange(20000, 30000)
+        if all(processes.port_is_free(p) for p in (port, port + 1, port + 2)):
+            sock = socket.socket()
+            try:
+                sock.bind(("127.0.0.1", port))
+            except OSError:
+                sock.close()
+                continue
+            sock.listen()
+            return sock
+    raise AssertionError("no three free ports in 20000-30000")
+
+
 def test_lifecycle_port_picking(fake_gpus, tiny_model, settings):
-    busy = _listening_socket()
+    busy = _listening_below_two_free_ports()
     port = busy.getsockname()[1]
     settings.PORT_RANGE = (port, port + 2)
     holder = GpuInstance.objects.create(

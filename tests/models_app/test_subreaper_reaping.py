@@ -145,3 +145,12 @@ def test_the_exit_code_is_read_while_the_pid_is_still_a_zombie(fake_llama, tmp_p
     assert not psutil.pid_exists(server.pid)
     assert processes.exit_code_of(server.pid, str(tmp_path / "x.log"), wait=0) == -9
     assert processes.exit_code_keeping_zombie(1) is None  # not our child
+
+
+def test_exit_code_of_reads_once_more_when_the_zombie_was_reaped_between_its_reads(monkeypatch):
+    # CI (PostgreSQL pass, a loaded machine): the reaper recorded the code and reaped the pid between
+    # exit_code_of's read of the log and its zombie check, and the crash was recorded with no code.
+    reads = iter([None, -9])
+    monkeypatch.setattr(processes, "_recorded_exit_code", lambda pid, log_path: next(reads))
+    monkeypatch.setattr(processes, "_is_zombie", lambda pid: False)  # reaped meanwhile
+    assert processes.exit_code_of(12345, "/nonexistent.log") == -9
