@@ -164,6 +164,8 @@ def binary_for(model, host) -> LlamaBinary | None:
     """The binary a load on `host` would run (pinned, else the host's default) as the inventory knows it,
     without running anything; None when the host has not reported one."""
     if model.binary_id:
+        if type(model).binary.is_cached(model):  # handed in (the Add a model page's probes: one row for all)
+            return model.binary
         return without_catalogue().filter(pk=model.binary_id).first()
     query = without_catalogue().filter(is_default=True, error="")
     if host is not None:
