@@ -117,42 +117,37 @@ def exit_code_of(
 
 def zombie_exit_code(pid: int, create_time: float) -> int | None:
     """The exit code that the zombie `pid` (started at `create_time`) keeps until its parent reaps it, as
-    the reaper decodes it (-N: killed by signal N); None when it is not that zombie. /proc/<pid>/stat's
-    field 52 (Linux 3.5+): a process exits a few milliseconds before its reaper, in another pool process,
-    wakes up and records the code, and an unload waits for nothing else. Only for a process of our own
-    user, whose field the kernel does not hide (it shows 0 to others), and whose parent is this process or
-    another pool process of this worker: their reaper threads reap it at once. Any other parent (one that
-    took it over when a worker died) may take longer, and the caller waits for it, so that an instance is
-    not `stopped` while its process is still there."""
+    the reaper decodes it (-N: killed by signal N); None when it is not that zombie. A process exits a few
+    milliseconds before its reaper, in another pool process, wakes up and records the code, and an unload
+    waits for nothing else. Only for a process of our own user, whose code the kernel does not hide (it
+    shows 0 to others), and whose parent is this process or another pool process of this worker: their
+    reaper threads reap it at once. Any other parent (one that took it over when a worker died) may take
+    longer, and the caller waits for it, so that an instance is not `stopped` while its process is still
+    there."""
     try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-        if os.stat(f"/proc/{pid}").st_uid != os.geteuid():
+        proc = psutil.Process(pid)
+        with proc.oneshot():
+            if proc.status() != psutil.STATUS_ZOMBIE or proc.uids().effective != os.geteuid():
+                return None
+            if abs(proc.create_time() - create_time) > 1.0:
+                return None  # the pid went to another process
+            parent = proc.ppid()
+        if parent != os.getpid() and psutil.Process(parent).ppid() != os.getppid():
             return None
-        fields = stat[stat.rindex(b")") + 2 :].split()  # after the command name, which may hold anything
-        if fields[0] != b"Z" or len(fields) < 50:
-            return None
-        parent = int(fields[1])
-        if parent != os.getpid() and _parent_of(parent) != os.getppid():
-            return None
-        started = psutil.boot_time() + int(fields[19]) / _CLOCK_TICKS  # field 22: ticks after boot
-        if abs(started - create_time) > 1.0:
-            return None  # the pid went to another process
-        return os.waitstatus_to_exitcode(int(fields[49]))
-    except (OSError, ValueError):
+        return _zombie_wait_status(pid)
+    except (psutil.Error, OSError, ValueError):
         return None
 
 
-_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
-
-
-def _parent_of(pid: int) -> int | None:
-    try:
-        with open(f"/proc/{pid}/stat", "rb") as handle:
-            stat = handle.read()
-        return int(stat[stat.rindex(b")") + 2 :].split()[1])
-    except (OSError, ValueError, IndexError):
+def _zombie_wait_status(pid: int) -> int | None:
+    """The exit code in /proc/<pid>/stat's field 52 (Linux 3.5+; psutil does not read it), while the process
+    is a zombie still: a zombie's pid is not reused before its parent reaps it."""
+    with open(f"/proc/{pid}/stat", "rb") as handle:
+        stat = handle.read()
+    fields = stat[stat.rindex(b")") + 2 :].split()  # after the command name, which may hold anything
+    if fields[0] != b"Z" or len(fields) < 50:
         return None
+    return os.waitstatus_to_exitcode(int(fields[49]))
 
 
 def _recorded_exit_code(pid: int, log_path: str) -> int | None:
