@@ -3,6 +3,7 @@ environment (secret key, simulated GPUs when there is no NVIDIA GPU), the migrat
 the tiny test model, the collected static files and the embedded Redis. Each step is safe to repeat at every start.
 Django is imported inside the functions that need it: the environment must be in place before it is set up."""
 
+import fcntl
 import json
 import os
 import secrets
@@ -71,12 +72,25 @@ def migrate() -> None:
 
 
 def prepare_database() -> None:
-    from django.core.management import call_command
-
-    call_command("collectstatic", interactive=False, verbosity=0)
+    collect_static()
     create_admin()
     register_test_model()
     report_llama_server()
+
+
+def collect_static() -> None:
+    """collectstatic, one at a time per checkout. Every start from a checkout writes the same STATIC_ROOT (a
+    second data folder, a test run beside a running product), and two at once broke each other's manifest
+    step: FileNotFoundError for a hashed file that the other run had just replaced, in 3 of 7
+    concurrent pairs tried. The lock is a file beside STATIC_ROOT (inside it, WhiteNoise would serve it)."""
+    from django.conf import settings
+    from django.core.management import call_command
+
+    root = Path(settings.STATIC_ROOT)
+    root.parent.mkdir(parents=True, exist_ok=True)
+    with open(root.with_name(root.name + ".lock"), "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes, or when this process dies
+        call_command("collectstatic", interactive=False, verbosity=0)
 
 
 def create_admin() -> None:

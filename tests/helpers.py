@@ -94,6 +94,13 @@ def wait_until(check, timeout=30.0, what="condition"):
     raise AssertionError(f"timed out waiting for {what}")
 
 
+# The run command's collectstatic (first_run.collect_static: under the checkout's lock), as a command line.
+COLLECT_STATIC = [
+    sys.executable, "manage.py", "shell", "-c",
+    "from llamacontroller_site.first_run import collect_static; collect_static()",
+]  # fmt: skip
+
+
 @contextlib.contextmanager
 def web_server(env: dict, log_path, *, workers: int = 1, timeout: float = 30.0, access_log: bool = True):
     """The web server as `./lc.sh run` starts it (runner.web_command: gunicorn with uvicorn workers) on a free

@@ -5,7 +5,6 @@ and the /metrics allow-list passed a spoofed header."""
 
 import re
 import subprocess
-import sys
 from contextlib import contextmanager
 
 import httpx
@@ -15,6 +14,7 @@ from django.contrib.auth.hashers import PBKDF2PasswordHasher
 from accounts.throttle import client_ip
 from models_app.models import InstanceEvent
 from tests.conftest import REPO, worker_env
+from tests.helpers import COLLECT_STATIC
 from tests.helpers import web_server as run_web_server
 
 pytestmark = pytest.mark.django_db(transaction=True)
@@ -25,8 +25,7 @@ ALLOWED = "10.9.9.9"
 @pytest.fixture(scope="module", autouse=True)
 def collected_static():
     """The login page names its static files through the manifest that `./lc.sh run` writes at start."""
-    command = [sys.executable, "manage.py", "collectstatic", "--noinput", "--verbosity", "0"]
-    subprocess.run(command, cwd=REPO, env=worker_env(), check=True, timeout=300)
+    subprocess.run(COLLECT_STATIC, cwd=REPO, env=worker_env(), check=True, timeout=300)
 
 
 @contextmanager
