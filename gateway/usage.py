@@ -3,45 +3,22 @@
 from datetime import timedelta
 
 from django.conf import settings
-from django.db import connection
 from django.db.models import Count, F, FloatField, Q, Sum
 from django.db.models.functions import Coalesce
 from django.utils import timezone
 
 from accounts.roles import can_administer
+from utilities.dbutil import insert
 
 from .models import UsageRecord
 
 
 def record(**values) -> None:
     """One usage record, each value prepared by its field as UsageRecord.objects.create(**values) would (by
-    attname: user_id, token_id, ...; every field but the id given), written by one plain INSERT: the ORM's way
-    to it cost the web worker more than the database's work, once per request. The statement is built once
-    per database vendor and set of fields."""
-    key = (connection.vendor, tuple(values))
-    statement = _statements.get(key)
-    if statement is None:
-        statement = _statements[key] = _insert(values)
-    sql, fields = statement
-    with connection.cursor() as cursor:
-        cursor.execute(sql, [field.get_db_prep_save(values[field.attname], connection) for field in fields])
-
-
-def _insert(values: dict) -> tuple[str, list]:
-    fields = [field for field in UsageRecord._meta.concrete_fields if field.attname in values]
-    unknown = set(values) - {field.attname for field in fields}
-    if unknown:
-        raise TypeError(f"UsageRecord has no field {', '.join(sorted(unknown))}")
-    quote = connection.ops.quote_name
-    sql = "INSERT INTO {} ({}) VALUES ({})".format(
-        quote(UsageRecord._meta.db_table),
-        ", ".join(quote(field.column) for field in fields),
-        ", ".join(["%s"] * len(fields)),
-    )
-    return sql, fields
-
-
-_statements: dict[tuple, tuple[str, list]] = {}  # one per caller's set of fields, in practice one
+    attname: user_id, token_id, ...; every field but the id given), written by one plain INSERT
+    (utilities.dbutil.insert): the ORM's way to it cost the web worker more than the database's work, once per
+    request."""
+    insert(UsageRecord, values)
 
 
 def prune(now=None) -> int:

@@ -1,3 +1,7 @@
+from django.utils import timezone
+
+from utilities.dbutil import insert
+
 from .models import GpuInstance, InstanceEvent
 
 SYSTEM = "system"
@@ -5,16 +9,22 @@ SYSTEM = "system"
 
 def record(
     kind: str, *, instance: GpuInstance | None = None, actor=None, detail: str = "", reason: str = ""
-) -> InstanceEvent:
-    """Write one audit/timeline row. `actor` is a user, or None for the system; `reason`: the rule's code."""
+) -> None:
+    """Write one audit/timeline row. `actor` is a user, or None for the system; `reason`: the rule's code.
+    One plain INSERT (utilities.dbutil.insert): every status transition writes one, on the way of each load
+    and unload."""
     user = actor if actor is not None and getattr(actor, "is_authenticated", False) else None
-    return InstanceEvent.objects.create(
-        instance=instance,
-        kind=kind,
-        actor=user,
-        actor_name=user.get_username() if user else SYSTEM,
-        detail=detail,
-        reason=reason,
+    insert(
+        InstanceEvent,
+        {
+            "instance_id": instance.pk if instance is not None else None,
+            "kind": kind,
+            "actor_id": user.pk if user else None,
+            "actor_name": user.get_username() if user else SYSTEM,
+            "detail": detail,
+            "reason": reason,
+            "created_at": timezone.now(),
+        },
     )
 
 

@@ -27,7 +27,7 @@ Kind = InstanceEvent.Kind
 def load_instance(instance_id: int) -> None:
     """Start llama-server for a pending instance and see it healthy. Idempotent: an instance that is not
     pending (already started, running, or stopped) is left alone."""
-    instance = GpuInstance.objects.select_related("model", "host").filter(pk=instance_id).first()
+    instance = GpuInstance.objects.by_id(instance_id, "model", "host")
     if instance is None or instance.status != Status.PENDING:
         return
     try:

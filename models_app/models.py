@@ -1,5 +1,5 @@
 from django.conf import settings
-from django.db import models
+from django.db import connection, models
 from django.db.models import Q
 from django.utils import timezone
 
@@ -91,6 +91,37 @@ class ModelConfig(models.Model):
         return self.name
 
 
+class GpuInstanceManager(models.Manager):
+    def by_id(self, pk: int, *related: str) -> "GpuInstance | None":
+        """The instance `pk` with the rows of its `related` foreign keys ("host", "model") attached, or None;
+        as `select_related(*related).filter(pk=pk).first()` gives it, read by a plain `SELECT *` per table
+        (`raw()`: each column converted by its field). For the worker's first read of a load or an unload:
+        met cold, the ORM took ~2 ms to build that one statement (47 columns) that runs in ~0.4 ms."""
+        instance = _by_pk(self.model, pk)
+        if instance is not None:
+            for name in related:
+                field = self.model._meta.get_field(name)
+                setattr(instance, name, _by_pk(field.related_model, getattr(instance, field.attname)))
+        return instance
+
+    def refresh(self, instance: "GpuInstance", *related: str) -> None:
+        """`instance.refresh_from_db()` with the rows of `related` attached, read as `by_id` reads them (an
+        unload request's read). GpuInstance.DoesNotExist when the row is gone."""
+        fresh = self.by_id(instance.pk, *related)
+        if fresh is None:
+            raise self.model.DoesNotExist(f"instance #{instance.pk} no longer exists")
+        for field in self.model._meta.concrete_fields:
+            setattr(instance, field.attname, getattr(fresh, field.attname))
+        for name in related:
+            setattr(instance, name, getattr(fresh, name))
+
+
+def _by_pk(model, pk):
+    meta, quote = model._meta, connection.ops.quote_name
+    sql = f"SELECT * FROM {quote(meta.db_table)} WHERE {quote(meta.pk.column)} = %s"
+    return next(iter(model.objects.raw(sql, [pk])), None)
+
+
 class GpuInstance(models.Model):
     """One llama-server process serving one model on one or more GPUs of one host, with the memory it
     was last measured to use."""
@@ -167,6 +198,8 @@ class GpuInstance(models.Model):
     # What a pending load waits for before it starts ("waiting for room: unloading gemma3-270m (#4) on GPU 0");
     # cleared when it starts.
     waiting_for = models.CharField(max_length=500, blank=True)
+
+    objects = GpuInstanceManager()
 
     class Meta:
         ordering = ["-requested_at"]

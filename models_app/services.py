@@ -250,7 +250,7 @@ def request_unload(
     """Mark the instance stopping and queue the stop. Asking again while it stops is not an error.
     `detail`: why, for the event (e.g. "idle for 30 min"); `event_kind`: IDLE_UNLOAD for the idle timer."""
     check_actor(can_manage_instance(actor, instance), actor, f"unload instance #{instance.pk}")
-    instance.refresh_from_db(from_queryset=GpuInstance.objects.select_related("host"))  # one query
+    GpuInstance.objects.refresh(instance, "host")
     if instance.status == Status.STOPPING:
         return instance
     if not instance.is_active:

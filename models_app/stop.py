@@ -117,7 +117,7 @@ def unload_instance(instance_id: int, actor=None) -> None:
 
 
 def _unload_instance(instance_id: int, actor) -> None:
-    instance = GpuInstance.objects.select_related("host").filter(pk=instance_id).first()
+    instance = GpuInstance.objects.by_id(instance_id, "host")
     if instance is None:
         return
     try:
