@@ -12,6 +12,8 @@ from typing import NamedTuple
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
+from utilities.dbutil import update
+
 from .binaries import BinaryError, binary_for_load, catalogue_for, catalogue_of_path
 from .flags import RUN_TIMEOUT, Catalogue
 from .lease import lease_seconds, lease_until, renew_lease
@@ -113,8 +115,8 @@ def claim_port(instance: GpuInstance, avoid: set[int] = frozenset(), **fields) -
             continue
         try:
             with transaction.atomic():
-                claimed = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
-                    port=port, **fields
+                claimed = update(
+                    GpuInstance, {"port": port, **fields}, {"pk": instance.pk, "status": Status.STARTING}
                 )
         except IntegrityError:
             continue  # another active instance holds it (one starting has not bound it yet)
@@ -266,9 +268,11 @@ def start_and_wait(instance: GpuInstance) -> None:
             alias=model.pk,
         )  # fmt: skip
         pid, create_time = launch(argv, env=instance_env(instance, uuids, log_path), log_path=log_path)
-        recorded = GpuInstance.objects.filter(pk=instance.pk, status=Status.STARTING).update(
-            pid=pid, process_create_time=create_time, argv=argv, log_path=str(log_path),
-            lease_expires_at=lease_until(),
+        recorded = update(
+            GpuInstance,
+            {"pid": pid, "process_create_time": create_time, "argv": argv, "log_path": str(log_path),
+             "lease_expires_at": lease_until()},
+            {"pk": instance.pk, "status": Status.STARTING},
         )  # fmt: skip
         if not recorded:
             raise Cancelled(Launched(pid, create_time))  # an unload came first: this process is nobody's
