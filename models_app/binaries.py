@@ -16,6 +16,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from gpus.models import Host
+from utilities.dbutil import select
 
 from .flags import Catalogue, CatalogueError, read_catalogue
 from .models import LlamaBinary
@@ -231,10 +232,10 @@ def binary_for_load(host, pinned=None):
             )
         row = pinned
     else:
-        row = without_catalogue().filter(host=host, is_default=True).first()
+        row = _default_on(host)
         if row is None:
             store_on_host(host)
-            row = without_catalogue().filter(host=host, is_default=True).first()
+            row = _default_on(host)
         if row is None:
             raise BinaryError(host.llama_server_error or f"no llama-server on {host.name}: {INSTALL_HINT}")
     refresh(row)
@@ -253,6 +254,18 @@ def binary_for_load(host, pinned=None):
 # read the row without it (without_catalogue) and reuse the one parsed before while the row is unchanged.
 _parsed_lock = threading.Lock()
 _parsed: dict[int, tuple[tuple, Catalogue | None]] = {}
+
+
+def _default_on(host):
+    """The host's default binary without its catalogue (a plain SELECT, utilities.dbutil: on every load's way)."""
+    found = select(
+        LlamaBinary,
+        {"host_id": host.pk, "is_default": True},
+        exclude=("catalogue",),
+        order_by=("name",),
+        limit=1,
+    )
+    return found[0] if found else None
 
 
 def without_catalogue():

@@ -9,10 +9,11 @@ from collections import defaultdict
 from django.conf import settings
 
 from gpus.models import Gpu, Host
+from utilities.dbutil import select
 
 from . import estimates, health, model_files
 from .errors import Refused
-from .models import InstanceGpu, ModelConfig
+from .models import InstanceGpu, LlamaBinary, ModelConfig
 from .registry import RegistryError, check_model_path, check_model_path_form
 
 logger = logging.getLogger(__name__)
@@ -57,9 +58,13 @@ def check_actor(allowed: bool, actor, what: str) -> None:
 
 def model_to_load(model_id: str) -> ModelConfig:
     """The model of that id, with its file checked (its form only, where the hosts' workers report it)."""
-    model = ModelConfig.objects.filter(pk=str(model_id or "")).select_related("binary").first()
-    if model is None:
+    # Plain SELECTs (utilities.dbutil), as select_related("binary") would read them: on every load's way.
+    found = select(ModelConfig, {"pk": str(model_id or "")})
+    if not found:
         raise Refused(f"unknown model {model_id!r}", field="model_id")
+    model = found[0]
+    if model.binary_id is not None:
+        model.binary = select(LlamaBinary, {"pk": model.binary_id})[0]
     model.host_reports = model_files.reports(model)  # for check_model_on_host: not read again
     try:
         if model.host_reports:
@@ -83,10 +88,10 @@ def check_model_on_host(model: ModelConfig, host: Host) -> None:
 
 def host_named(host_name: str, code: str = "invalid") -> Host:
     """The host of that name, or Refused ("unknown host", field host)."""
-    host = Host.objects.filter(name=host_name).first()
-    if host is None:
+    found = select(Host, {"name": host_name}, limit=1)  # names are unique
+    if not found:
         raise Refused(f"unknown host {host_name!r}", field="host", code=code)
-    return host
+    return found[0]
 
 
 def resolve_gpus(indices: list[int], host_name: str | None) -> tuple[Host, list[Gpu]]:
@@ -95,7 +100,7 @@ def resolve_gpus(indices: list[int], host_name: str | None) -> tuple[Host, list[
     wanted = ",".join(str(i) for i in indices)
     if host_name:
         host = host_named(host_name)
-        found = {gpu.index: gpu for gpu in Gpu.objects.filter(host=host, index__in=indices)}
+        found = {gpu.index: gpu for gpu in select(Gpu, {"host_id": host.pk, "index__in": indices})}
         for gpu in found.values():
             gpu.host = host  # the checks name it: not read once per GPU
         missing = [i for i in indices if i not in found]
@@ -103,7 +108,10 @@ def resolve_gpus(indices: list[int], host_name: str | None) -> tuple[Host, list[
             raise Refused(f"host {host.name} has no GPU {missing[0]}", field="gpu_id")
         return host, [found[i] for i in indices]
     by_host: dict[str, dict[int, Gpu]] = defaultdict(dict)
-    for gpu in Gpu.objects.filter(index__in=indices).select_related("host"):
+    gpus = select(Gpu, {"index__in": indices})
+    hosts = {h.pk: h for h in select(Host, {"pk__in": sorted({g.host_id for g in gpus})})} if gpus else {}
+    for gpu in gpus:
+        gpu.host = hosts[gpu.host_id]
         by_host[gpu.host.name][gpu.index] = gpu
     complete = sorted(name for name, found in by_host.items() if len(found) == len(indices))
     if len(complete) == 1:

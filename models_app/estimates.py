@@ -10,6 +10,7 @@ from dataclasses import dataclass, field
 from statistics import median
 
 from gpus.models import Gpu
+from utilities.dbutil import select
 
 from . import estimator
 from .binaries import parsed_catalogue, without_catalogue
@@ -167,10 +168,9 @@ def binary_for(model, host) -> LlamaBinary | None:
         if type(model).binary.is_cached(model):  # handed in (the Add a model page's probes: one row for all)
             return model.binary
         return without_catalogue().filter(pk=model.binary_id).first()
-    query = without_catalogue().filter(is_default=True, error="")
-    if host is not None:
-        query = query.filter(host=host)
-    return query.order_by("-discovered_at").first()
+    where = {"is_default": True, "error": ""} | ({"host_id": host.pk} if host is not None else {})
+    found = select(LlamaBinary, where, exclude=("catalogue",), order_by=("-discovered_at",), limit=1)
+    return found[0] if found else None
 
 
 def options_for(model, binary: LlamaBinary | None, overrides: dict | None = None) -> dict:
@@ -185,15 +185,15 @@ def options_for(model, binary: LlamaBinary | None, overrides: dict | None = None
 def calibration(model_id: str, gpu_name: str, version: str) -> tuple[float, int]:
     """The median measured/estimated ratio of the recent loads of this model on this kind of GPU with this
     llama.cpp version, and how many loads it comes from ((1.0, 0) when none)."""
-    rows = (
-        GpuInstance.objects.filter(
-            model_id=model_id, memory_measured_mb__isnull=False, memory_estimated_mb__isnull=False
-        )
-        .order_by("-requested_at")
-        .values_list("memory_measured_mb", "memory_estimate")[:50]
+    rows = select(
+        GpuInstance,
+        {"model_id": model_id, "memory_measured_mb__isnull": False, "memory_estimated_mb__isnull": False},
+        columns=("memory_measured_mb", "memory_estimate"),
+        order_by=("-requested_at",),
+        limit=50,
     )
     ratios = []
-    for measured, stored in rows:
+    for measured, stored in ((row.memory_measured_mb, row.memory_estimate) for row in rows):
         stored = stored or {}
         if stored.get("gpu_name") != gpu_name or stored.get("llama_version", "") != version:
             continue

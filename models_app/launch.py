@@ -12,12 +12,13 @@ from typing import NamedTuple
 from django.conf import settings
 from django.db import IntegrityError, transaction
 
-from utilities.dbutil import update
+from gpus.models import Gpu
+from utilities.dbutil import read, update
 
 from .binaries import BinaryError, binary_for_load, catalogue_for, catalogue_of_path
 from .flags import RUN_TIMEOUT, Catalogue
 from .lease import lease_seconds, lease_until, renew_lease
-from .models import GpuInstance
+from .models import GpuInstance, InstanceGpu
 from .processes import (
     ENV_API_KEY,
     ENV_INSTANCE_ID,
@@ -102,6 +103,18 @@ def build_argv(
     if gpu_count > 1 and split is not None and split not in used:
         argv += ["--split-mode", "layer"]
     return argv
+
+
+def gpu_uuids(instance: GpuInstance) -> list[str]:
+    """The UUIDs of the instance's GPUs in its order (one plain statement, utilities.dbutil.read: on every
+    load's way)."""
+    rows = read(
+        "SELECT {g.uuid} FROM {link} INNER JOIN {g} ON {g.id} = {link.gpu} "
+        "WHERE {link.instance} = %s ORDER BY {link.position}",
+        {"link": InstanceGpu, "g": Gpu},
+        [instance.pk],
+    )
+    return [uuid for (uuid,) in rows]
 
 
 def claim_port(instance: GpuInstance, avoid: set[int] = frozenset(), **fields) -> int:
@@ -257,7 +270,7 @@ def start_and_wait(instance: GpuInstance) -> None:
     # Only the controller may call the instance: a fresh key per start (written with the port), never shown
     # to people.
     instance.api_key = secrets.token_urlsafe(32)
-    uuids = list(instance.gpu_links.order_by("position").values_list("gpu__uuid", flat=True))
+    uuids = gpu_uuids(instance)
     log_path = log_path_for(instance)
     deadline = time.monotonic() + settings.LOAD_TIMEOUT
     tried: set[int] = set()

@@ -18,6 +18,7 @@ from django.db.models.signals import post_save
 from django.utils import timezone
 
 from gpus.models import Host
+from utilities.dbutil import select
 
 from . import dispatch
 from .models import HostModelFile, ModelConfig
@@ -160,8 +161,8 @@ def refusal(model: ModelConfig, host: Host, known: dict[int, str | None] | None 
 def reports(model: ModelConfig) -> dict[int, str | None]:
     """Every host's last report on `model`, in one query: host id -> None (it can serve the model) or why
     not. Empty: no host has reported (`reported`)."""
-    rows = HostModelFile.objects.filter(model=model).values_list("host_id", "available", "reason")
-    return {host_id: None if available else reason for host_id, available, reason in rows}
+    rows = select(HostModelFile, {"model_id": model.pk}, columns=("host", "available", "reason"))
+    return {row.host_id: None if row.available else row.reason for row in rows}
 
 
 def hosts_without(model: ModelConfig):

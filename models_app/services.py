@@ -12,6 +12,7 @@ from policy import admission as policy_admission
 from policy import reservations
 from policy.reasons import PolicyRefusal, mib
 from policy.rules import BORROWED
+from utilities.dbutil import create
 
 from . import admission, dispatch, making_room, placement
 from .checks import (
@@ -59,24 +60,21 @@ def _create_pending(
     index refuses a second load on demand of one model. Called inside the caller's transaction, which _Busy
     leaves (rolled back): no savepoints of its own."""
     owner = actor if actor_id(actor) else None
+    instance = GpuInstance(
+        model=model,
+        host=host,
+        gpu_ids=",".join(str(g.index) for g in gpus),
+        owner=owner,
+        loaded_on_demand=on_demand,
+        waiting_for=waiting_for,
+        **estimate_fields(prediction),
+    )
+    # Plain INSERTs (utilities.dbutil.create; neither model has signal receivers): on every load's way.
     try:
         with transaction.atomic(savepoint=False):
-            instance = GpuInstance.objects.create(
-                model=model,
-                host=host,
-                gpu_ids=",".join(str(g.index) for g in gpus),
-                owner=owner,
-                loaded_on_demand=on_demand,
-                waiting_for=waiting_for,
-                **estimate_fields(prediction),
-            )
-    except IntegrityError:
-        raise _Busy() from None
-    try:
-        with transaction.atomic(savepoint=False):
-            InstanceGpu.objects.bulk_create(
-                [InstanceGpu(instance=instance, gpu=gpu, position=n) for n, gpu in enumerate(gpus)]
-            )
+            create(instance)
+            for n, gpu in enumerate(gpus):
+                create(InstanceGpu(instance=instance, gpu=gpu, position=n))
     except IntegrityError:
         raise _Busy() from None
     record(event_kind, instance=instance, actor=actor, detail=detail)

@@ -9,6 +9,7 @@ from django.db import transaction
 from django.utils import timezone
 
 from gpus.models import Host
+from utilities.dbutil import select
 
 from . import audit, windows
 from .models import Reservation
@@ -129,6 +130,8 @@ def delete(reservation: Reservation, actor) -> None:
 def fencing(host: Host, at: datetime | None = None) -> list[Reservation]:
     """The host's reservations that keep others out at `at` (from the notice before the start to the end)."""
     at = at or timezone.now()
+    if not select(Reservation, {"host_id": host.pk, "end__gt": at}, columns=("id",), limit=1):
+        return []  # the usual case, asked on every load's way: one plain SELECT (utilities.dbutil)
     return [r for r in _on_host(host, after=at) if r.start - timedelta(minutes=r.notice_minutes) <= at]
 
 

@@ -8,10 +8,19 @@ model's fields (columns quoted, values prepared by the fields as the ORM prepare
   database vendor and shape. They are for the hot paths: an instance's status transitions and their events
   (every load and unload goes through four), and a gateway request's usage record. Met cold, as a load or an
   unload meets them, the ORM took 1.6 ms to build and run a transition's UPDATE and INSERT that run in 0.6 ms
-  as plain SQL (two-core VM, after a 0.25 s pause, medians of 30); building the SQL was most of it."""
+  as plain SQL (two-core VM, after a 0.25 s pause, medians of 30); building the SQL was most of it.
+- `select` and `create`: the reads and inserts on a load request's way (the model, its file reports, the GPUs
+  and their holders, the binary, the calibration, the reservations; the pending instance and its GPU links)
+  and the worker's before the launch. Each ORM statement there cost 0.5-1.8 ms met cold, most of it building
+  the SQL; a load request made thirteen. One table per statement: where the ORM joined, the caller reads the
+  second table by the keys the first gave (usually none: an empty GPU has no holders to read)."""
 
-from django.db import connection
-from django.db.models import Expression, Model
+import string
+
+from django.db import connection, transaction
+from django.db.models import Model
+from django.db.models.expressions import Combinable
+from django.db.transaction import TransactionManagementError
 
 
 def update_rows(objects: list, fields: list[str]) -> None:
@@ -108,8 +117,268 @@ def update(model: type[Model], values: dict, where: dict) -> int:
         return cursor.rowcount
 
 
+# A `where` key's suffix: its SQL operator (`__isnull` takes True or False and no parameter).
+_OPERATORS = {"": "=", "__gt": ">", "__gte": ">=", "__lt": "<", "__lte": "<=", "__ne": "<>"}
+
+
+def _condition(meta, name: str, value, quote) -> tuple[str, object, str]:
+    """(the condition's SQL, its field, its kind: "one", "many" or "none") for a `where` key."""
+    base, _, suffix = name.partition("__")
+    field = meta.pk if base == "pk" else meta.get_field(base)
+    column = quote(field.column)
+    if suffix == "in":
+        if not value:
+            raise ValueError(f"{name}: an empty list matches nothing")
+        return f"{column} IN ({', '.join(['%s'] * len(value))})", field, "many"
+    if suffix == "isnull":
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} takes True or False")
+        return f"{column} IS {'' if value else 'NOT '}NULL", field, "none"
+    operator = _OPERATORS.get(f"__{suffix}" if suffix else "")
+    if operator is None:
+        raise ValueError(f"{name}: unknown lookup {suffix!r}")
+    return f"{column} {operator} %s", field, "one"
+
+
+def _where_key(where: dict) -> tuple:
+    return tuple(
+        (name, len(value) if name.endswith("__in") else value if name.endswith("__isnull") else None)
+        for name, value in where.items()
+    )
+
+
+def _where_params(fields: list, where: dict) -> list:
+    params = []
+    for (field, kind), value in zip(fields, where.values(), strict=True):
+        if kind != "none":
+            for item in value if kind == "many" else [value]:
+                params.append(field.get_db_prep_value(_plain(item), connection))
+    return params
+
+
+def select(
+    model: type[Model],
+    where: dict,
+    *,
+    columns: tuple[str, ...] | None = None,
+    exclude: tuple[str, ...] = (),
+    order_by: tuple[str, ...] = (),
+    limit: int | None = None,
+    for_update: bool = False,
+) -> list:
+    """`model`'s rows matching every condition of `where` (field, field__in (a non-empty list),
+    field__gt/__gte/__lt/__lte/__ne, field__isnull=True/False; `pk` for the primary key), as instances: the
+    ORM's `filter(**where).only(*columns)` / `.defer(*exclude)` `.order_by(*order_by)[:limit]`, each column
+    converted by its field as the ORM converts it (the fields not read are deferred). `for_update`: SELECT
+    ... FOR UPDATE where the database has it (PostgreSQL; SQLite's write transactions lock the file), inside
+    a transaction as the ORM requires."""
+    meta = model._meta
+    key = (
+        "select",
+        connection.vendor,
+        model,
+        _where_key(where),
+        columns,
+        exclude,
+        order_by,
+        limit,
+        for_update,
+    )
+    built = _statements.get(key)
+    if built is None:
+        quote = connection.ops.quote_name
+        wanted = set(columns) if columns is not None else None
+        fields = [
+            f
+            for f in meta.concrete_fields
+            if (f.primary_key or wanted is None or f.name in wanted or f.attname in wanted)
+            and f.name not in exclude
+        ]
+        conditions = [_condition(meta, name, value, quote) for name, value in where.items()]
+        sql = "SELECT {} FROM {}".format(", ".join(quote(f.column) for f in fields), quote(meta.db_table))
+        if conditions:
+            sql += " WHERE " + " AND ".join(c[0] for c in conditions)
+        if order_by:
+            sql += " ORDER BY " + ", ".join(
+                quote(meta.pk.column if n.lstrip("-") == "pk" else meta.get_field(n.lstrip("-")).column)
+                + (" DESC" if n.startswith("-") else " ASC")
+                for n in order_by
+            )
+        if limit is not None:
+            sql += f" LIMIT {int(limit)}"
+        if for_update and connection.features.has_select_for_update:
+            sql += " FOR UPDATE"
+        converters = [_converters(f, f.get_col(meta.db_table)) for f in fields]
+        built = _statements[key] = (
+            sql,
+            [(c[1], c[2]) for c in conditions],
+            [f.attname for f in fields],
+            converters,
+        )
+    sql, where_fields, names, converters = built
+    if (
+        for_update
+        and connection.features.has_select_for_update
+        and not transaction.get_connection().in_atomic_block
+    ):
+        raise TransactionManagementError("select(for_update=True) runs inside a transaction")
+    with connection.cursor() as cursor:
+        cursor.execute(sql, _where_params(where_fields, where))
+        rows = cursor.fetchall()
+    return [model.from_db(connection.alias, names, _converted(row, converters)) for row in rows]
+
+
+def _converters(field, col) -> tuple:
+    """(the column expression, the converters the ORM applies to a value of this field read from it)."""
+    return col, connection.ops.get_db_converters(col) + field.get_db_converters(connection)
+
+
+def _converted(row, converters) -> list:
+    values = []
+    for value, (col, field_converters) in zip(row, converters, strict=True):
+        for convert in field_converters:
+            value = convert(value, col, connection)
+        values.append(value)
+    return values
+
+
+def select_one(model: type[Model], pk, related: tuple[str, ...] = ()):
+    """The row `pk` of `model` with the rows of its `related` foreign keys attached (None where the key is
+    NULL), or None: `select_related(*related).filter(pk=pk).first()` in one plain statement built once per
+    shape, each column converted by its field."""
+    key = ("select_one", connection.vendor, model, related)
+    built = _statements.get(key)
+    if built is None:
+        quote = connection.ops.quote_name
+        parts = [(None, model, "t0")]  # (foreign key, model, alias)
+        for n, name in enumerate(related, start=1):
+            field = model._meta.get_field(name)
+            parts.append((field, field.related_model, f"t{n}"))
+        columns, joins, segments = [], [], []
+        for fk, part_model, alias in parts:
+            meta = part_model._meta
+            fields = list(meta.concrete_fields)
+            columns += [f"{alias}.{quote(f.column)}" for f in fields]
+            segments.append(
+                (
+                    fk,
+                    part_model,
+                    [f.attname for f in fields],
+                    [_converters(f, f.get_col(alias)) for f in fields],
+                )
+            )
+            if fk is not None:
+                joins.append(
+                    f"LEFT OUTER JOIN {quote(meta.db_table)} {alias} "
+                    f"ON {alias}.{quote(meta.pk.column)} = t0.{quote(fk.column)}"
+                )
+        sql = "SELECT {} FROM {} t0 {} WHERE t0.{} = %s".format(
+            ", ".join(columns), quote(model._meta.db_table), " ".join(joins), quote(model._meta.pk.column)
+        )
+        built = _statements[key] = (sql, segments)
+    sql, segments = built
+    with connection.cursor() as cursor:
+        cursor.execute(sql, [model._meta.pk.get_db_prep_value(_plain(pk), connection)])
+        row = cursor.fetchone()
+    if row is None:
+        return None
+    found, start = None, 0
+    for fk, part_model, names, converters in segments:
+        values = row[start : start + len(names)]
+        start += len(names)
+        if fk is None:
+            found = part_model.from_db(connection.alias, names, _converted(values, converters))
+        elif values[0] is None:  # a NULL key: nothing joined
+            setattr(found, fk.name, None)
+        else:
+            setattr(
+                found, fk.name, part_model.from_db(connection.alias, names, _converted(values, converters))
+            )
+    return found
+
+
+class _Table:
+    """A model in a `read` template under its alias `t`: `{t}` is its table named t, `{t.field}` a column of
+    it (quoted): one table may appear twice under two aliases."""
+
+    def __init__(self, model: type[Model], alias: str):
+        self.meta = model._meta
+        self.alias = alias
+
+    def field(self, name: str):
+        return self.meta.pk if name == "pk" else self.meta.get_field(name)
+
+    def __getattr__(self, name: str) -> str:
+        return f"{self.alias}.{connection.ops.quote_name(self.field(name).column)}"
+
+    def __format__(self, spec: str) -> str:
+        return f"{connection.ops.quote_name(self.meta.db_table)} {self.alias}"
+
+
+def read(template: str, tables: dict[str, type[Model]], params: list, *, many: int = 0) -> list[tuple]:
+    """Rows of a plain SELECT written as a template: `{t}` names a table of `tables` (under the alias t: write
+    it once, in FROM or JOIN), `{t.field}` its column (a field's name or attname), `{many}` stands for
+    `many` placeholders (an IN list). Each selected column
+    (those before the first FROM) is converted by its field as the ORM converts it; `params` go to the
+    driver as they are (ints, strings, booleans). Built once per template, vendor and `many`: for a join on
+    a hot path that the ORM would rebuild each time."""
+    key = ("read", connection.vendor, template, tuple(tables.items()), many)
+    built = _statements.get(key)
+    if built is None:
+        wrapped = {alias: _Table(model, alias) for alias, model in tables.items()}
+        sql = template.format(**wrapped, many=", ".join(["%s"] * many))
+        selected = template.split(" FROM ", 1)[0]
+        converters = []
+        for _, name, _, _ in string.Formatter().parse(selected):
+            if name and "." in name:
+                alias, field_name = name.split(".", 1)
+                field = wrapped[alias].field(field_name)
+                converters.append(_converters(field, field.get_col(alias)))
+        built = _statements[key] = (sql, converters)
+    sql, converters = built
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        rows = cursor.fetchall()
+    return [tuple(_converted(row, converters)) for row in rows]
+
+
+def create(instance: Model) -> Model:
+    """INSERT a new `instance` (as `instance.save()` would: defaults and auto_now_add filled in by the fields,
+    the automatic primary key read back) without the ORM's statement building; no model signals are sent
+    (use it only for models that have no receivers). IntegrityError as the ORM raises it."""
+    model = type(instance)
+    meta = model._meta
+    key = ("create", connection.vendor, model)
+    built = _statements.get(key)
+    if built is None:
+        quote = connection.ops.quote_name
+        fields = [
+            f
+            for f in meta.concrete_fields
+            if not (f.primary_key and f.get_internal_type().endswith("AutoField"))
+        ]
+        sql = "INSERT INTO {} ({}) VALUES ({})".format(
+            quote(meta.db_table),
+            ", ".join(quote(f.column) for f in fields),
+            ", ".join(["%s"] * len(fields)),
+        )
+        returning = connection.features.can_return_columns_from_insert
+        if returning:
+            sql += f" RETURNING {quote(meta.pk.column)}"
+        built = _statements[key] = (sql, fields, returning)
+    sql, fields, returning = built
+    params = [f.get_db_prep_save(_plain(f.pre_save(instance, True)), connection) for f in fields]
+    with connection.cursor() as cursor:
+        cursor.execute(sql, params)
+        pk = cursor.fetchone()[0] if returning else cursor.lastrowid
+    instance.pk = pk
+    instance._state.adding = False
+    instance._state.db = connection.alias
+    return instance
+
+
 def _plain(value):
-    if isinstance(value, Expression | Model):
+    if isinstance(value, Combinable | Model):  # F(), Value(), F() + 1, ...: expressions
         raise TypeError(f"a plain value is needed here, not {value!r}: use the ORM for it")
     return value
 

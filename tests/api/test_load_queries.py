@@ -7,12 +7,13 @@ from django.test.utils import CaptureQueriesContext
 from models_app import binaries
 from models_app.models import GpuInstance
 
-# Session, user and groups (3); the model and every host's report on its file; the GPUs with their host; the
+# Session, user and groups (3); the model and every host's report on its file; the GPUs, then their host; the
 # host's default binary and the model's past loads (the estimate); in the transaction
-# (a savepoint here, BEGIN outside tests): the GPU rows locked, their claims, the reservations, the quota;
+# (a savepoint here, BEGIN outside tests): the GPU rows locked, their claims (the active links: GPUs that
+# hold something add their instances and models), the reservations, the quota;
 # the instance, its GPU link and its event; the release; the instance answered. The binary's row comes without its
 # flag catalogue, parsed once per process (binaries.parsed_catalogue): a process's first load reads it once more.
-LOAD_STATEMENTS = 18
+LOAD_STATEMENTS = 19
 
 
 def _load(client, gpu: str):

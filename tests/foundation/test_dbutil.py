@@ -1,18 +1,21 @@
 """utilities.dbutil's plain statements write what the ORM would (each value prepared by its field: datetimes,
-JSON, NULLs), change only the rows they match, and refuse what they cannot write; GpuInstance.objects.by_id
-reads what select_related would."""
+JSON, NULLs), read what it would (each column converted by its field), change only the rows they match, and
+refuse what they cannot write; GpuInstance.objects.by_id reads what select_related would."""
 
 from datetime import timedelta
 
 import pytest
+from django.db import IntegrityError, transaction
 from django.db.models import F
+from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
 from gateway.models import UsageRecord
-from models_app.models import GpuInstance, InstanceEvent, InstanceGpu
+from gpus.models import Gpu
+from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
 from models_app.state import transition
 from tests.helpers import running_instance
-from utilities.dbutil import insert, update
+from utilities.dbutil import create, insert, read, select, update
 
 pytestmark = pytest.mark.django_db
 
@@ -100,6 +103,8 @@ def test_by_id_reads_what_select_related_reads(instance):
     assert read.host == expected.host and read.host.name == expected.host.name
     assert read.model.cli_params == expected.model.cli_params
     assert GpuInstance.objects.by_id(instance.pk + 1000) is None
+    no_owner = GpuInstance.objects.by_id(instance.pk, "owner", "host")  # a NULL key: None attached, no read
+    assert no_owner.owner_id is None and no_owner.owner is None and no_owner.host.name == expected.host.name
 
 
 def test_refresh_reads_the_row_again_in_place(instance):
@@ -115,3 +120,92 @@ def test_refresh_reads_the_row_again_in_place(instance):
     GpuInstance.objects.filter(pk=instance.pk).delete()
     with pytest.raises(GpuInstance.DoesNotExist):
         GpuInstance.objects.refresh(stale, "host")
+
+
+def _same_rows(found, expected, fields):
+    assert [row.pk for row in found] == [row.pk for row in expected]
+    for row, other in zip(found, expected, strict=True):
+        for name in fields:
+            assert getattr(row, name) == getattr(other, name), name
+
+
+def test_select_reads_what_the_orm_reads_field_by_field(instance, fake_gpus):
+    GpuInstance.objects.filter(pk=instance.pk).update(
+        argv=["a", "b"], loaded_at=timezone.now(), memory_estimate={"total_mib": 3}, process_create_time=2.5
+    )
+    found = select(GpuInstance, {"pk": instance.pk})
+    expected = list(GpuInstance.objects.filter(pk=instance.pk))
+    _same_rows(found, expected, [f.attname for f in GpuInstance._meta.concrete_fields])
+    assert found[0]._state.adding is False and found[0].host == fake_gpus.host  # a saved row, related lazily
+    gpus = select(Gpu, {"host_id": fake_gpus.host.pk, "index__in": [1, 0]}, order_by=("-index",))
+    _same_rows(gpus, list(Gpu.objects.filter(host=fake_gpus.host).order_by("-index")), ["uuid", "processes"])
+
+
+def test_select_conditions_columns_order_and_limit(instance, fake_gpus, tiny_model):
+    from tests.helpers import running_instance
+
+    other = running_instance(fake_gpus.host, tiny_model, fake_gpus.gpus[:1])
+    GpuInstance.objects.filter(pk=other.pk).update(memory_measured_mb=100, memory_estimated_mb=90)
+    assert [i.pk for i in select(GpuInstance, {"memory_measured_mb__isnull": False})] == [other.pk]
+    assert [i.pk for i in select(GpuInstance, {"memory_measured_mb__isnull": True})] == [instance.pk]
+    assert [i.pk for i in select(GpuInstance, {"pk__ne": instance.pk})] == [other.pk]
+    assert [i.pk for i in select(GpuInstance, {"pk__gt": instance.pk})] == [other.pk]
+    assert [i.pk for i in select(GpuInstance, {"pk__lte": instance.pk})] == [instance.pk]
+    newest = select(GpuInstance, {}, order_by=("-pk",), limit=1)
+    assert [i.pk for i in newest] == [other.pk]
+    only = select(GpuInstance, {"pk": other.pk}, columns=("status", "memory_measured_mb"))[0]
+    assert (only.status, only.memory_measured_mb) == ("running", 100)
+    assert only.get_deferred_fields() >= {"argv", "port", "model_id"}  # read on access, as .only() does
+    assert only.port == other.port
+    assert "argv" in select(GpuInstance, {"pk": other.pk}, exclude=("argv",))[0].get_deferred_fields()
+    with pytest.raises(ValueError, match="empty list"):
+        select(GpuInstance, {"pk__in": []})
+    with pytest.raises(ValueError, match="unknown lookup"):
+        select(GpuInstance, {"port__contains": 1})
+    with pytest.raises(TypeError, match="plain value"):
+        select(GpuInstance, {"port": F("pid")})
+
+
+def test_select_for_update_reads_the_rows_in_order(fake_gpus):
+    from django.db import connection
+
+    pks = [g.pk for g in fake_gpus.gpus]
+    with CaptureQueriesContext(connection) as captured, transaction.atomic():
+        assert [g.pk for g in select(Gpu, {"pk__in": pks}, order_by=("pk",), for_update=True)] == sorted(pks)
+    locking = [q["sql"] for q in captured.captured_queries if "FOR UPDATE" in q["sql"]]
+    assert len(locking) == (1 if connection.features.has_select_for_update else 0)
+
+
+def test_create_inserts_as_save_does_and_refuses_a_conflict(instance, fake_gpus, tiny_model):
+    made = create(GpuInstance(model=tiny_model, host=fake_gpus.host, gpu_ids="1", argv=["x"]))
+    saved = GpuInstance(model=tiny_model, host=fake_gpus.host, gpu_ids="1", argv=["x"])
+    saved.save()
+    assert made.pk and made._state.adding is False
+    read, expected = GpuInstance.objects.get(pk=made.pk), GpuInstance.objects.get(pk=saved.pk)
+    for field in GpuInstance._meta.concrete_fields:
+        if field.name not in ("id", "requested_at"):
+            assert getattr(read, field.attname) == getattr(expected, field.attname), field.name
+    assert read.requested_at == made.requested_at  # the field's default, as written
+    create(InstanceGpu(instance=made, gpu=fake_gpus.gpus[1], position=0))
+    with pytest.raises(IntegrityError), transaction.atomic():  # GPU 1 held twice by one instance
+        create(InstanceGpu(instance=made, gpu=fake_gpus.gpus[1], position=1))
+    assert InstanceGpu.objects.filter(instance=made).count() == 1
+
+
+def test_read_joins_and_converts_each_column_by_its_field(instance, fake_gpus, tiny_model):
+    GpuInstance.objects.filter(pk=instance.pk).update(memory_estimate={"per_gpu": [{"estimated_mib": 7}]})
+    ModelConfig.objects.filter(pk=tiny_model.pk).update(exclusive=True)
+    rows = read(
+        "SELECT {l.gpu}, {l.position}, {i.memory_estimate}, {i.requested_at}, {m.exclusive} FROM {l} "
+        "INNER JOIN {i} ON {i.pk} = {l.instance} INNER JOIN {m} ON {m.id} = {i.model} "
+        "WHERE {l.gpu} IN ({many}) AND {l.active} = %s ORDER BY {l.position}",
+        {"l": InstanceGpu, "i": GpuInstance, "m": ModelConfig},
+        [*(g.pk for g in fake_gpus.gpus), True],
+        many=len(fake_gpus.gpus),
+    )
+    instance.refresh_from_db()
+    assert rows == [
+        (link.gpu_id, link.position, {"per_gpu": [{"estimated_mib": 7}]}, instance.requested_at, True)
+        for link in instance.gpu_links.order_by("position")
+    ]
+    assert all(type(row[4]) is bool for row in rows)  # SQLite's 1, converted as the ORM converts it
