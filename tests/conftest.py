@@ -16,9 +16,14 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 HOST_NAME = "testhost"
-FAKE_GPU_UUIDS = [f"GPU-00000000-fake-0000-0000-00000000000{i}" for i in range(8)]
-# Marks every process a test run starts (inherited by llama-server), so teardown can find leftovers.
-TEST_RUN_ID = uuid.uuid4().hex
+# Marks every process a test run starts (inherited by llama-server), so teardown can find leftovers. Kept in
+# the environment: pytest loads this file as a conftest and test modules import it as tests.conftest (two
+# module objects), and both must give the same run id.
+TEST_RUN_ID = os.environ.setdefault("LLAMACONTROLLER_TEST_RUN_ID", uuid.uuid4().hex)
+# The simulated GPUs' UUIDs are this run's own: the fake backend finds the processes on a GPU by the UUIDs in
+# their CUDA_VISIBLE_DEVICES, and another test run on the same machine (a second checkout, CI beside a
+# developer's run) must not show up on ours as a foreign process.
+FAKE_GPU_UUIDS = [f"GPU-{TEST_RUN_ID[:8]}-fake-0000-0000-00000000000{i}" for i in range(8)]
 
 
 # --- users -----------------------------------------------------------------------------------------

@@ -6,6 +6,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+from tests.conftest import FAKE_GPU_UUIDS
+
 REPO = Path(__file__).resolve().parents[2]
 FAKE_SMI_DIR = REPO / "tests" / "fixtures" / "nvidia-smi"
 TOP_KEYS = {"backend", "sample_ms", "gpus"}
@@ -46,7 +48,7 @@ def write_fake_gpus(tmp_path):
                 "gpus": [
                     {
                         "index": 0,
-                        "uuid": "GPU-00000000-fake-0000-0000-000000000000",
+                        "uuid": FAKE_GPU_UUIDS[0],
                         "name": "Simulated RTX 4090",
                         "memory_total_mib": 24564,
                         "baseline_used_mib": 250,

@@ -10,8 +10,9 @@ import pytest
 
 from gpus.telemetry import GpuReading, TelemetryError, get_backend, process_tree_pids, sample_with_timeout
 from gpus.telemetry.fake import FakeBackend, simulated_load
+from tests.conftest import FAKE_GPU_UUIDS
 
-UUID0 = "GPU-00000000-fake-0000-0000-000000000000"
+UUID0 = FAKE_GPU_UUIDS[0]  # this run's own (tests/conftest.py)
 UUID1 = "GPU-11111111-fake-1111-1111-111111111111"
 
 # Allocates 50 MiB, says so, then allocates 100 MiB more for each line read from stdin.
