@@ -9,11 +9,11 @@ from collections import defaultdict
 from django.conf import settings
 
 from gpus.models import Gpu, Host
-from utilities.dbutil import select
+from utilities.dbutil import select, select_one
 
 from . import estimates, health, model_files
 from .errors import Refused
-from .models import InstanceGpu, LlamaBinary, ModelConfig
+from .models import InstanceGpu, ModelConfig
 from .registry import RegistryError, check_model_path, check_model_path_form
 
 logger = logging.getLogger(__name__)
@@ -58,13 +58,10 @@ def check_actor(allowed: bool, actor, what: str) -> None:
 
 def model_to_load(model_id: str) -> ModelConfig:
     """The model of that id, with its file checked (its form only, where the hosts' workers report it)."""
-    # Plain SELECTs (utilities.dbutil), as select_related("binary") would read them: on every load's way.
-    found = select(ModelConfig, {"pk": str(model_id or "")})
-    if not found:
+    # One plain statement (utilities.dbutil), as select_related("binary") reads it: on every load's way.
+    model = select_one(ModelConfig, str(model_id or ""), ("binary",))
+    if model is None:
         raise Refused(f"unknown model {model_id!r}", field="model_id")
-    model = found[0]
-    if model.binary_id is not None:
-        model.binary = select(LlamaBinary, {"pk": model.binary_id})[0]
     model.host_reports = model_files.reports(model)  # for check_model_on_host: not read again
     try:
         if model.host_reports:

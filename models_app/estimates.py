@@ -193,8 +193,8 @@ def calibration(model_id: str, gpu_name: str, version: str) -> tuple[float, int]
         limit=50,
     )
     ratios = []
-    for measured, stored in ((row.memory_measured_mb, row.memory_estimate) for row in rows):
-        stored = stored or {}
+    for row in rows:
+        measured, stored = row.memory_measured_mb, row.memory_estimate or {}
         if stored.get("gpu_name") != gpu_name or stored.get("llama_version", "") != version:
             continue
         formula = stored.get("formula_mib")

@@ -9,15 +9,15 @@ model's fields (columns quoted, values prepared by the fields as the ORM prepare
   (every load and unload goes through four), and a gateway request's usage record. Met cold, as a load or an
   unload meets them, the ORM took 1.6 ms to build and run a transition's UPDATE and INSERT that run in 0.6 ms
   as plain SQL (two-core VM, after a 0.25 s pause, medians of 30); building the SQL was most of it.
-- `select` and `create`: the reads and inserts on a load request's way (the model, its file reports, the GPUs
-  and their holders, the binary, the calibration, the reservations; the pending instance and its GPU links)
-  and the worker's before the launch. Each ORM statement there cost 0.5-1.8 ms met cold, most of it building
-  the SQL; a load request made thirteen. One table per statement: where the ORM joined, the caller reads the
-  second table by the keys the first gave (usually none: an empty GPU has no holders to read)."""
+- `select`, `select_one`, `read` and `create`: the reads and inserts on a load request's way (the model, its
+  file reports, the GPUs and their holders, the binary, the calibration, the reservations; the pending
+  instance and its GPU links) and the worker's before the launch. Each ORM statement there cost 0.5-1.8 ms
+  met cold, most of it building the SQL; a load request made thirteen. `select` reads one table,
+  `select_one` a row with its foreign keys' rows, `read` a join written as a template."""
 
 import string
 
-from django.db import connection, transaction
+from django.db import connection
 from django.db.models import Model
 from django.db.models.expressions import Combinable
 from django.db.transaction import TransactionManagementError
@@ -40,6 +40,14 @@ def update_rows(objects: list, fields: list[str]) -> None:
         cursor.executemany(sql, rows)
 
 
+def _insert_sql(meta, fields: list, returning: bool = False) -> str:
+    quote = connection.ops.quote_name
+    sql = "INSERT INTO {} ({}) VALUES ({})".format(
+        quote(meta.db_table), ", ".join(quote(f.column) for f in fields), ", ".join(["%s"] * len(fields))
+    )
+    return sql + f" RETURNING {quote(meta.pk.column)}" if returning else sql
+
+
 def insert(model: type[Model], values: dict) -> None:
     """INSERT one row of `model`: `values` by field attname (`instance_id`, not `instance`), every field but
     an automatic primary key given (no defaults are filled in here)."""
@@ -55,13 +63,7 @@ def insert(model: type[Model], values: dict) -> None:
         ]
         if missing:
             raise TypeError(f"{model.__name__}: no value for {', '.join(missing)}")
-        quote = connection.ops.quote_name
-        sql = "INSERT INTO {} ({}) VALUES ({})".format(
-            quote(model._meta.db_table),
-            ", ".join(quote(field.column) for field in fields),
-            ", ".join(["%s"] * len(fields)),
-        )
-        built = _statements[key] = (sql, fields)
+        built = _statements[key] = (_insert_sql(model._meta, fields), fields)
     sql, fields = built
     with connection.cursor() as cursor:
         cursor.execute(
@@ -70,50 +72,29 @@ def insert(model: type[Model], values: dict) -> None:
 
 
 def update(model: type[Model], values: dict, where: dict) -> int:
-    """UPDATE `model`'s rows matching `where` (field=value, or field__in=a non-empty list; `pk` for the
-    primary key) with `values` (by field name or attname): the number of rows changed. Plain values only, no
-    expressions (an F() or a model instance is refused: the ORM's `update` is for those)."""
+    """UPDATE `model`'s rows matching `where` (its conditions as `select` takes them) with `values` (by field
+    name or attname): the number of rows changed. Plain values only, no expressions (an F() or a model
+    instance is refused: the ORM's `update` is for those)."""
     meta = model._meta
-    lookups = [(name.removesuffix("__in"), name.endswith("__in"), value) for name, value in where.items()]
-    key = (
-        "update",
-        connection.vendor,
-        model,
-        tuple(values),
-        tuple((n, i, len(v) if i else 0) for n, i, v in lookups),
-    )
+    key = ("update", connection.vendor, model, tuple(values), _where_key(where))
     built = _statements.get(key)
     if built is None:
         quote = connection.ops.quote_name
         set_fields = [meta.get_field(name) for name in values]
-        where_fields = [
-            (meta.pk if name == "pk" else meta.get_field(name), many, value) for name, many, value in lookups
-        ]
-        conditions = []
-        for field, many, value in where_fields:
-            column = quote(field.column)
-            if many:
-                if not value:
-                    raise ValueError(f"{field.name}__in: an empty list matches nothing")
-                conditions.append(f"{column} IN ({', '.join(['%s'] * len(value))})")
-            else:
-                conditions.append(f"{column} = %s")
+        conditions = [_condition(meta, name, value, quote) for name, value in where.items()]
         sql = "UPDATE {} SET {} WHERE {}".format(
             quote(meta.db_table),
             ", ".join(f"{quote(field.column)} = %s" for field in set_fields),
-            " AND ".join(conditions),
+            " AND ".join(c[0] for c in conditions),
         )
-        built = _statements[key] = (sql, set_fields, [field for field, _, _ in where_fields])
+        built = _statements[key] = (sql, set_fields, [(c[1], c[2]) for c in conditions])
     sql, set_fields, where_fields = built
     params = [
         field.get_db_prep_save(_plain(values[name]), connection)
         for field, name in zip(set_fields, values, strict=True)
     ]
-    for field, (_, many, value) in zip(where_fields, lookups, strict=True):
-        for item in value if many else [value]:
-            params.append(field.get_db_prep_value(_plain(item), connection))
     with connection.cursor() as cursor:
-        cursor.execute(sql, params)
+        cursor.execute(sql, params + _where_params(where_fields, where))
         return cursor.rowcount
 
 
@@ -216,11 +197,7 @@ def select(
             converters,
         )
     sql, where_fields, names, converters = built
-    if (
-        for_update
-        and connection.features.has_select_for_update
-        and not transaction.get_connection().in_atomic_block
-    ):
+    if for_update and connection.features.has_select_for_update and not connection.in_atomic_block:
         raise TransactionManagementError("select(for_update=True) runs inside a transaction")
     with connection.cursor() as cursor:
         cursor.execute(sql, _where_params(where_fields, where))
@@ -288,7 +265,7 @@ def select_one(model: type[Model], pk, related: tuple[str, ...] = ()):
         start += len(names)
         if fk is None:
             found = part_model.from_db(connection.alias, names, _converted(values, converters))
-        elif values[0] is None:  # a NULL key: nothing joined
+        elif getattr(found, fk.attname) is None:  # a NULL key: nothing joined
             setattr(found, fk.name, None)
         else:
             setattr(
@@ -317,11 +294,10 @@ class _Table:
 
 def read(template: str, tables: dict[str, type[Model]], params: list, *, many: int = 0) -> list[tuple]:
     """Rows of a plain SELECT written as a template: `{t}` names a table of `tables` (under the alias t: write
-    it once, in FROM or JOIN), `{t.field}` its column (a field's name or attname), `{many}` stands for
-    `many` placeholders (an IN list). Each selected column
-    (those before the first FROM) is converted by its field as the ORM converts it; `params` go to the
-    driver as they are (ints, strings, booleans). Built once per template, vendor and `many`: for a join on
-    a hot path that the ORM would rebuild each time."""
+    it once, in FROM or JOIN), `{t.field}` its column (a field's name or attname), `{many}` stands for `many`
+    placeholders (an IN list). Each selected column (those before the first FROM) is converted by its field
+    as the ORM converts it; `params` go to the driver as they are (ints, strings, booleans). Built once per
+    template, vendor and `many`: for a join on a hot path that the ORM would rebuild each time."""
     key = ("read", connection.vendor, template, tuple(tables.items()), many)
     built = _statements.get(key)
     if built is None:
@@ -351,21 +327,13 @@ def create(instance: Model) -> Model:
     key = ("create", connection.vendor, model)
     built = _statements.get(key)
     if built is None:
-        quote = connection.ops.quote_name
         fields = [
             f
             for f in meta.concrete_fields
             if not (f.primary_key and f.get_internal_type().endswith("AutoField"))
         ]
-        sql = "INSERT INTO {} ({}) VALUES ({})".format(
-            quote(meta.db_table),
-            ", ".join(quote(f.column) for f in fields),
-            ", ".join(["%s"] * len(fields)),
-        )
         returning = connection.features.can_return_columns_from_insert
-        if returning:
-            sql += f" RETURNING {quote(meta.pk.column)}"
-        built = _statements[key] = (sql, fields, returning)
+        built = _statements[key] = (_insert_sql(meta, fields, returning), fields, returning)
     sql, fields, returning = built
     params = [f.get_db_prep_save(_plain(f.pre_save(instance, True)), connection) for f in fields]
     with connection.cursor() as cursor:
