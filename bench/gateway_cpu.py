@@ -4,7 +4,8 @@ sends them, and the last chunk with llama-server's `timings` and `usage`. Severa
 run side by side (each its own web worker on the same database), beside the raw relay of bench/proxies.py and
 the stand-in itself, every path in turn, so that a before/after comparison shares the machine's load.
 
-    .venv/bin/python bench/gateway_cpu.py [--requests 40] [--rounds 5] [--tokens 64] [--gap 2] [--ollama]
+    .venv/bin/python bench/gateway_cpu.py [--requests 40] [--rounds 5] [--tokens 64] [--gap 2] [--prompt-ms 0]
+                                          [--ollama]
                                           [--checkout /path/to/another/checkout ...]
 
 CPU is read from /proc of each web worker (and of the relay) around each batch of `--requests` requests; the
@@ -53,7 +54,7 @@ def _chunked(data: bytes) -> bytes:
     return b"%x\r\n%s\r\n" % (len(data), data)
 
 
-async def stand_in(port_box: list, ready: threading.Event, gap: float) -> None:
+async def stand_in(port_box: list, ready: threading.Event, gap: float, prompt: float = 0.0) -> None:
     async def serve(reader, writer):
         try:
             while True:
@@ -67,6 +68,8 @@ async def stand_in(port_box: list, ready: threading.Event, gap: float) -> None:
                                  % (len(answer), answer))  # fmt: skip
                     continue
                 tokens = json.loads(body).get("max_tokens") or json.loads(body).get("n_predict") or 1
+                if prompt:
+                    await asyncio.sleep(prompt / 1000)
                 writer.write(
                     b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
                 )
@@ -95,6 +98,9 @@ def main() -> None:
     parser.add_argument("--rounds", type=int, default=5, help="batches per path, in turn (default 5)")
     parser.add_argument("--tokens", type=int, default=64, help="chunks per long answer (default 64)")
     parser.add_argument("--gap", type=float, default=2.0, help="ms between the stand-in's chunks (default 2)")
+    parser.add_argument("--prompt-ms", type=float, default=0.0,
+                        help="ms before the answer's head, as llama-server's prompt takes (Gemma's ~30 ms: the "
+                             "worker waits idle, and its caches go cold; default 0)")  # fmt: skip
     parser.add_argument("--ollama", action="store_true", help="the gateway's /api/generate instead of /v1")
     parser.add_argument(
         "--idle", type=float, default=5.0, help="seconds each path's idle CPU is read (default 5)"
@@ -104,7 +110,9 @@ def main() -> None:
     args = parser.parse_args()
 
     port_box, ready = [], threading.Event()
-    threading.Thread(target=lambda: asyncio.run(stand_in(port_box, ready, args.gap)), daemon=True).start()
+    threading.Thread(
+        target=lambda: asyncio.run(stand_in(port_box, ready, args.gap, args.prompt_ms)), daemon=True
+    ).start()
     ready.wait(10)
     upstream = port_box[0]
     data = Path(tempfile.mkdtemp(prefix="llamacontroller-bench-gateway-cpu-"))
@@ -202,7 +210,7 @@ def main() -> None:
                     )
                     if tokens == 1:
                         firsts[name] += times
-        print(f"{args.tokens} chunks {args.gap:g} ms apart, {args.requests} requests x {args.rounds} rounds per path, "
+        print(f"{args.tokens} chunks {args.gap:g} ms apart after {args.prompt_ms:g} ms, {args.requests} requests x {args.rounds} rounds per path, "
               f"{'/api/generate' if args.ollama else '/v1/chat/completions'}; load average {os.getloadavg()[0]:.1f}")  # fmt: skip
         print(f"{'path':<50} {'CPU/request ms':>14} {'1 token ms':>10} {'per chunk us':>12} {'first byte ms':>13} "
               f"{'idle us/s':>9} {'chunk less idle us':>18}")  # fmt: skip

@@ -184,6 +184,11 @@ class Exchange:
         async with asyncio.timeout(max(0.001, self.deadline() - time.perf_counter())):
             return await upstream.send(transport, "POST", url, headers=headers, content=payload, stream=False)
 
+    def upstream_complete(self) -> bool:
+        """The instance's whole answer has arrived (gateway/http11.py says so before it hands on the last
+        piece): whatever the answer's stream still yields comes without waiting for the instance."""
+        return getattr(getattr(self.response, "stream", None), "complete", False) is True
+
     def client_left(self) -> None:
         """The client disconnected before the answer began (499, as nginx logs it) or during it."""
         self.disconnected = True

@@ -11,7 +11,9 @@ millisecond before every gateway request reached its view. The gateway's routes 
   in (inline); the session is read on a gateway database thread when `access.authenticate` asks for the
   user, and saved on the way out through a thread, only where it was read;
 - not needed: CSRF (the views are exempt; `access.authenticate` checks a session caller's writes itself),
-  messages, htmx, axes (logins), WhiteNoise (static files).
+  messages, htmx, axes (logins), WhiteNoise (static files);
+- a request with an API token (the clients' traffic) skips sessions and authentication too
+  (TOKEN_MIDDLEWARE).
 
 `llamacontroller_site.asgi` sends the exact paths of `gateway.urls` here; everything else (the site, the
 REST API under /api/v1/, the API docs) goes through the whole chain as before."""
@@ -21,6 +23,7 @@ import contextlib
 from contextlib import aclosing
 
 from asgiref.sync import markcoroutinefunction, sync_to_async
+from django.conf import settings
 from django.contrib.auth.middleware import AuthenticationMiddleware
 from django.contrib.sessions.middleware import SessionMiddleware
 from django.core import signals
@@ -31,7 +34,8 @@ from django.db import close_old_connections
 from django.middleware.clickjacking import XFrameOptionsMiddleware
 from django.middleware.common import CommonMiddleware
 from django.middleware.security import SecurityMiddleware
-from django.urls import URLPattern, set_script_prefix
+from django.urls import URLPattern, set_script_prefix, set_urlconf
+from django.utils.log import log_response
 
 from . import urls
 
@@ -88,6 +92,13 @@ MIDDLEWARE = [
     (_Inline, XFrameOptionsMiddleware),
 ]
 
+# A request with an API token (an Authorization header) is the token's caller: `access.authenticate` reads the
+# token and never the session or request.user (a request without `user` is anonymous there). So such requests,
+# the clients' traffic, skip the session and authentication middleware; the header work stays the same.
+TOKEN_MIDDLEWARE = [
+    entry for entry in MIDDLEWARE if entry[1] not in (SessionMiddleware, AuthenticationMiddleware)
+]
+
 PATHS = frozenset("/" + str(p.pattern) for p in urls.urlpatterns if isinstance(p, URLPattern))
 
 
@@ -126,8 +137,12 @@ class GatewayHandler(ASGIHandler):
             error_response.close()
             return
 
+        chain = (
+            self._token_chain if request.headers.get("Authorization", "").strip() else self._middleware_chain
+        )
+
         async def process_request(request, send):
-            response = await self.run_get_response(request)
+            response = await self.run_get_response(request, chain)
             with contextlib.suppress(asyncio.CancelledError):  # the client left during send_response
                 await self.send_response(response, send)
             return response
@@ -159,10 +174,25 @@ class GatewayHandler(ASGIHandler):
             response.close()
         body_file.close()
 
+    async def run_get_response(self, request, chain):
+        """Django's get_response_async with the chain chosen for the request (and without the FileResponse
+        tweak of ASGIHandler.run_get_response: the gateway sends no files)."""
+        set_urlconf(settings.ROOT_URLCONF)
+        response = await chain(request)
+        response._resource_closers.append(request.close)
+        if response.status_code >= 400:
+            await sync_to_async(log_response, thread_sensitive=False)(
+                "%s: %s", response.reason_phrase, request.path, response=response, request=request
+            )
+        response._handler_class = self.__class__
+        return response
+
     async def send_response(self, response, send):
         """Django's, but a stream handed over by protocol.hand_over (its chunks in `relayed`: bytes, passed
         on by none of the MIDDLEWARE above) goes out as it comes: Django's way wraps every chunk in two more
-        generators, a bytes check and a slicing generator, which cost the worker more than the chunk's write."""
+        generators, a bytes check and a slicing generator, which cost the worker more than the chunk's write.
+        Once the instance's answer is complete (`upstream_complete`), the rest waits for the stream's end and
+        goes with it: one write to the client where there were two, each a wake-up of its reader."""
         chunks = getattr(response, "relayed", None)
         if chunks is None:
             return await super().send_response(response, send)
@@ -171,10 +201,18 @@ class GatewayHandler(ASGIHandler):
             (b"Set-Cookie", c.output(header="").encode("ascii").strip()) for c in response.cookies.values()
         ]
         await send({"type": "http.response.start", "status": response.status_code, "headers": headers})
+        upstream_complete = getattr(response, "upstream_complete", None)
+        sent, tail = False, b""
         async with aclosing(chunks):
             async for chunk in chunks:
+                if sent and upstream_complete is not None and upstream_complete():
+                    # The instance's answer is all here: the rest goes out with the stream's end in one write
+                    # (the end waits for the usage record either way). Never the first chunk: it may not wait.
+                    tail += chunk
+                    continue
                 await send({"type": "http.response.body", "body": chunk, "more_body": True})
-        await send({"type": "http.response.body"})
+                sent = True
+        await send({"type": "http.response.body", "body": tail})
 
     def resolve_request(self, request):
         """Django's, once per path: the gateway's paths are exact (PATHS) and each resolves to one view
@@ -192,7 +230,11 @@ class GatewayHandler(ASGIHandler):
         self._view_middleware = []
         self._template_response_middleware = []
         self._exception_middleware = []
+        self._middleware_chain = self._chain(MIDDLEWARE)
+        self._token_chain = self._chain(TOKEN_MIDDLEWARE)
+
+    def _chain(self, middleware):
         handler = convert_exception_to_response(self._get_response_async)
-        for wrapper, middleware in reversed(MIDDLEWARE):
-            handler = convert_exception_to_response(wrapper(handler, middleware))
-        self._middleware_chain = handler
+        for wrapper, each in reversed(middleware):
+            handler = convert_exception_to_response(wrapper(handler, each))
+        return handler

@@ -128,7 +128,7 @@ class _Body(httpx.AsyncByteStream):
                  keep: bool, timeout: float | None):  # fmt: skip
         self.transport, self.conn, self.length, self.chunked = transport, conn, length, chunked
         self.keep, self.timeout = keep, timeout
-        self.complete = False
+        self.complete = False  # the whole body has been received: set before its last piece is handed on
 
     def __aiter__(self):
         return self._chunks() if self.chunked else self._plain()  # the reader itself: no generator between
@@ -145,6 +145,7 @@ class _Body(httpx.AsyncByteStream):
             del conn.buffer[: len(piece)]
             if left is not None:
                 left -= len(piece)
+                self.complete = left == 0  # before the last piece goes: the reader may ask (`complete`)
             yield piece
         self.complete = left == 0
 
@@ -178,10 +179,10 @@ class _Body(httpx.AsyncByteStream):
                 position = start + size + 2
             if position:
                 del buffer[:position]
+            self.complete = done  # before the last piece goes: the reader may ask (`complete`)
             if out:
                 yield out[0] if len(out) == 1 else b"".join(out)
             if done:
-                self.complete = True
                 return
             await conn.more(self.timeout)
 

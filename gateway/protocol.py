@@ -87,6 +87,7 @@ def hand_over(exchange: Exchange, chunks: AsyncIterator[bytes], content_type: st
     exchange.guard(stream)
     response = StreamingHttpResponse(stream, content_type=content_type, headers=STREAM_HEADERS)
     response.relayed = stream  # gateway/handler.py sends these bytes as they are, without Django's wrappers
+    response.upstream_complete = exchange.upstream_complete
     return response
 
 

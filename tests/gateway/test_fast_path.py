@@ -202,12 +202,22 @@ def test_with_a_cache_time_of_0_nothing_is_cached(instance, llama, users, bearer
 # --- the gateway's middleware chain (through the ASGI entry the server runs) -----------------------------
 
 
-def asgi(method: str, path: str, body: bytes = b"", headers=()) -> tuple[int, dict, bytes]:
+def asgi(
+    method: str, path: str, body: bytes = b"", headers=(), *, sent: list | None = None, upstream=None
+) -> tuple[int, dict, bytes]:
+    """One request through the ASGI entry; `sent` collects the ASGI messages, `upstream` (an async context
+    manager: a stand-in llama-server on a socket) runs around it."""
     from llamacontroller_site.asgi import application
 
-    sent = []
+    sent = [] if sent is None else sent
 
     async def scenario():
+        if upstream is not None:
+            async with upstream:
+                return await ask()
+        return await ask()
+
+    async def ask():
         messages = [{"type": "http.request", "body": body, "more_body": False}]
 
         async def receive():
@@ -257,6 +267,76 @@ def test_the_gateway_routes_keep_the_security_headers_and_the_session(instance, 
     )
     assert status == 403 and "CSRF" in json.loads(content)["error"]
     assert asgi("GET", "/api/tags")[0] == 401
+
+
+def test_a_token_request_skips_the_session_but_keeps_the_headers(instance, llama, users, bearer):
+    """A request with an API token takes the chain without the session and authentication middleware: the
+    token decides (a session cookie beside it is neither read nor answered with Vary: Cookie), and the
+    header work is the same as for everyone."""
+    from django.conf import settings
+    from django.test import Client
+
+    browser = Client()
+    browser.force_login(users["admin"])
+    cookie = f"{settings.SESSION_COOKIE_NAME}={browser.cookies[settings.SESSION_COOKIE_NAME].value}"
+    body = json.dumps({**CHAT, "stream": False}).encode()
+    token = bearer(users["viewer"])
+    status, headers, content = asgi(
+        "POST", "/api/chat", body, [(b"authorization", token.encode()), (b"cookie", cookie.encode())]
+    )
+    assert status == 200 and json.loads(content)["done"] is True
+    assert "Cookie" not in headers.get("vary", "")
+    assert headers["x-frame-options"] == "DENY" and headers["x-content-type-options"] == "nosniff"
+    assert UsageRecord.objects.get().user == users["viewer"]  # the token's user, not the session's admin
+
+    status, headers, content = asgi(
+        "GET", "/api/tags", headers=[(b"authorization", b"Bearer lc_not-a-token")]
+    )
+    assert status == 401 and headers["www-authenticate"] == "Bearer"
+    assert asgi("GET", "/api/tags", headers=[(b"authorization", b"Basic eDp5")])[0] == 401
+
+
+def _chunk(data: bytes) -> bytes:
+    return b"%x\r\n%s\r\n" % (len(data), data)
+
+
+def test_a_stream_s_tail_goes_out_with_its_end(instance, users, bearer):
+    """Against a real socket: once the instance's whole answer is in, what is left of the stream goes out with
+    its end (one write to the client instead of two: the end waits for the usage record either way); the
+    first chunk never waits."""
+    import socket
+
+    from tests.gateway.test_http11 import Server
+
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    GpuInstance.objects.filter(pk=instance.pk).update(port=port)
+    first = b'data: {"choices":[{"index":0,"delta":{"content":"Hi"}}]}\n\n'
+    last = b'data: {"choices":[],"timings":{"prompt_n":3,"predicted_n":1}}\n\n'
+    props = b'{"total_slots": 4}'
+    server = Server(
+        [b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(props), props)],
+        [
+            b"HTTP/1.1 200 OK\r\nContent-Type: text/event-stream\r\nTransfer-Encoding: chunked\r\n\r\n"
+            + _chunk(first),
+            _chunk(last) + _chunk(b"data: [DONE]\n\n") + b"0\r\n\r\n",
+        ],
+        pause=0.05,
+        port=port,
+    )
+    sent = []
+    body = json.dumps({**CHAT, "stream": True}).encode()
+    auth = [(b"authorization", bearer(users["viewer"]).encode())]
+    status, _, content = asgi("POST", "/v1/chat/completions", body, auth, sent=sent, upstream=server)
+    assert status == 200
+    bodies = [
+        (m.get("body", b""), m.get("more_body", False)) for m in sent if m["type"] == "http.response.body"
+    ]
+    assert bodies == [(first, True), (last + b"data: [DONE]\n\n", False)]
+    record = UsageRecord.objects.get()
+    assert (record.status, record.prompt_tokens, record.completion_tokens) == (200, 3, 1)
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 0
 
 
 def test_an_instance_from_the_slow_path_has_what_the_event_loop_reads(

@@ -14,14 +14,15 @@ class Server:
     """Answers each request with the next of `answers` (raw bytes, written in the pieces given, `pause` seconds
     apart; a None piece closes the connection there); an answer None closes it without a word."""
 
-    def __init__(self, *answers, pause=0.0):
+    def __init__(self, *answers, pause=0.0, port=0):
         self.answers = list(answers)
         self.pause = pause
+        self.port = port
         self.connections = 0
         self.requests: list[bytes] = []
 
     async def __aenter__(self):
-        self.server = await asyncio.start_server(self.serve, "127.0.0.1", 0)
+        self.server = await asyncio.start_server(self.serve, "127.0.0.1", self.port)
         self.url = f"http://127.0.0.1:{self.server.sockets[0].getsockname()[1]}"
         return self
 
