@@ -203,17 +203,38 @@ class LlamaTransport(httpx.AsyncBaseTransport):
         self.idle: dict[tuple[str, int], list[_Connection]] = {}
 
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
-        timeouts = request.extensions.get("timeout") or {}
-        url = request.url
+        payload = await request.aread()
+        return await self._exchange(
+            request.url, request.method, _head(request, payload) + payload, request.extensions.get("timeout")
+        )
+
+    async def send(
+        self, method: str, url: httpx.URL, headers: dict[str, str], content: bytes, timeouts: dict
+    ) -> httpx.Response:
+        """`handle_async_request` without an httpx.Request: the same bytes on the wire (httpx adds Host and
+        Content-Length to a request built without a client, nothing more), written straight from the
+        arguments. Building the httpx.Request and its headers cost more than the rest of the way out."""
+        lines = [f"{method} {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}"]
+        lines += [f"{name}: {value}" for name, value in headers.items()]
+        if content or method in ("POST", "PUT", "PATCH"):
+            lines.append(f"Content-Length: {len(content)}")
+        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+        return await self._exchange(url, method, head + content, timeouts)
+
+    async def _exchange(
+        self, url: httpx.URL, method: str, data: bytes, timeouts: dict | None
+    ) -> httpx.Response:
+        """`data` (the request's head and body) sent to `url`'s server, on a kept connection or a new one;
+        the answer's head read, its body left to read (a stream on the connection)."""
+        timeouts = timeouts or {}
         if url.scheme != "http":
             raise httpx.UnsupportedProtocol(f"only http:// is served by this transport, not {url.scheme}")
         key = (url.host, url.port or 80)
-        payload = await request.aread()
         conn = self._idle_connection(key)
         if conn is None:
             conn = await self._connect(key, timeouts.get("connect"))
         try:
-            conn.transport.write(_head(request, payload) + payload)
+            conn.transport.write(data)
         except Exception as exc:  # a transport that broke just now
             conn.close()
             raise httpx.WriteError(str(exc) or exc.__class__.__name__) from None
@@ -222,7 +243,7 @@ class LlamaTransport(httpx.AsyncBaseTransport):
         except BaseException:
             conn.close()
             raise
-        length, chunked, keep = _framing(headers, request.method, status)
+        length, chunked, keep = _framing(headers, method, status)
         conn.stop_timer()  # the body's reads arm it again, with the same timeout
         body = _Body(self, conn, length, chunked, keep and not http10, timeouts.get("read"))
         return httpx.Response(status, headers=headers, stream=body, extensions={"http_version": b"HTTP/1.1"})

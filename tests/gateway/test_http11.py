@@ -158,3 +158,36 @@ def test_answers_without_a_body(status):
             return first.status_code, first.content, second.content, server.connections
 
     assert asyncio.run(scenario()) == (status, b"", b"next", 1)
+
+
+@pytest.mark.parametrize(
+    ("method", "content"), [("POST", b'{"model": "m"}'), ("POST", b""), ("GET", b""), ("DELETE", b"")]
+)
+def test_a_request_sent_without_an_httpx_request_is_the_same_on_the_wire(method, content):
+    """LlamaTransport.send (the gateway's way, gateway/upstream.py) writes what an httpx.Request would."""
+    headers = {"Authorization": "Bearer key", "Content-Type": "application/json"}
+
+    async def scenario():
+        async with Server(fixed(b"{}"), fixed(b"{}")) as server:
+            transport = LlamaTransport()
+            url = httpx.URL(server.url + "/v1/chat/completions")
+            for response in (
+                await transport.send(method, url, headers, content, {}),
+                await transport.handle_async_request(
+                    httpx.Request(method, url, headers=headers, content=content)
+                ),
+            ):
+                assert response.status_code == 200 and await response.aread() == b"{}"
+                await response.aclose()
+            await transport.aclose()
+            return server.requests
+
+    lean, built = asyncio.run(scenario())
+
+    def parts(raw: bytes):
+        head, _, body = raw.partition(b"\r\n\r\n")
+        first, *lines = head.split(b"\r\n")
+        return first, sorted(line.lower() for line in lines), body
+
+    assert parts(lean) == parts(built)
+    assert parts(lean)[2] == content
