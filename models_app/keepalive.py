@@ -21,6 +21,7 @@ from django.db import connection
 from django.utils import timezone
 
 from accounts.roles import can_manage_instance
+from utilities.dbutil import execute, now_value
 
 from .models import GpuInstance
 
@@ -148,7 +149,7 @@ def request_started(
     `port` and `api_key`: the caller's copy of the row (the gateway caches it), which must still describe this
     start of the instance (a restart keeps the row but gets a new port and key): False otherwise."""
     sets = "{in_flight} = {in_flight} + 1, {last_used_at} = %s"
-    params: list = [connection.ops.adapt_datetimefield_value(timezone.now())]
+    params: list = [now_value()]
     if keep_alive_seconds is not None:
         sets += ", {keep_alive_seconds} = %s, {keep_alive_by} = %s"
         params += [clamp_keep_alive(keep_alive_seconds), keep_alive_by]
@@ -186,7 +187,7 @@ def request_finished(instance_id: int) -> None:
     _update(
         "{in_flight} = CASE WHEN {in_flight} > 0 THEN {in_flight} - 1 ELSE 0 END, {last_used_at} = %s",
         "{id} = %s",
-        [connection.ops.adapt_datetimefield_value(timezone.now()), instance_id],
+        [now_value(), instance_id],
     )
 
 
@@ -202,9 +203,7 @@ def _update(sets: str, where: str, params: list) -> int:
         columns = {field.name: quote(field.column) for field in GpuInstance._meta.concrete_fields}
         sql = f"UPDATE {quote(GpuInstance._meta.db_table)} SET {sets} WHERE {where}".format(**columns)
         _statements[key] = sql
-    with connection.cursor() as cursor:
-        cursor.execute(sql, params)
-        return cursor.rowcount
+    return execute(sql, params)
 
 
 _statements: dict[tuple[str, str, str], str] = {}  # a handful: the shapes of `_update`'s callers

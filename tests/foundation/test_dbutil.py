@@ -2,11 +2,12 @@
 JSON, NULLs), read what it would (each column converted by its field), change only the rows they match, and
 refuse what they cannot write; GpuInstance.objects.by_id reads what select_related would."""
 
-from datetime import timedelta
+from datetime import UTC, datetime, timedelta
 
 import pytest
-from django.db import IntegrityError, transaction
+from django.db import IntegrityError, connection, transaction
 from django.db.models import F
+from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
 
@@ -15,7 +16,7 @@ from gpus.models import Gpu
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
 from models_app.state import transition
 from tests.helpers import running_instance
-from utilities.dbutil import create, insert, read, select, update
+from utilities.dbutil import create, execute, insert, now_value, read, select, update
 
 pytestmark = pytest.mark.django_db
 
@@ -209,3 +210,37 @@ def test_read_joins_and_converts_each_column_by_its_field(instance, fake_gpus, t
         for link in instance.gpu_links.order_by("position")
     ]
     assert all(type(row[4]) is bool for row in rows)  # SQLite's 1, converted as the ORM converts it
+
+
+def test_execute_writes_on_the_driver_and_keeps_what_djangos_cursor_does(instance):
+    """`execute` (the writes' way, past Django's cursor): rows changed, RETURNING, errors as Django's, nothing
+    run in an atomic block marked for rollback, and a test counting statements still sees them."""
+    table = GpuInstance._meta.db_table
+    sql = f'UPDATE "{table}" SET "in_flight" = "in_flight" + %s WHERE "id" = %s'
+    assert execute(sql, [2, instance.pk]) == 1 and execute(sql, [1, -1]) == 0
+    assert GpuInstance.objects.get(pk=instance.pk).in_flight == 2
+    model = ModelConfig.objects.get()
+    clash = f'INSERT INTO "{ModelConfig._meta.db_table}" ("id", "name") VALUES (%s, %s) RETURNING "id"'
+    with pytest.raises(IntegrityError), transaction.atomic():  # Django's IntegrityError, not the driver's
+        execute(clash, [model.pk, "again"], returning=True)
+    with transaction.atomic():
+        transaction.set_rollback(True)  # as an error caught inside the block leaves it
+        with pytest.raises(TransactionManagementError):  # a broken block: nothing more runs in it
+            execute(sql, [1, instance.pk])
+    with CaptureQueriesContext(connection) as captured:
+        execute(sql, [1, instance.pk])
+    assert len(captured) == 1 and "in_flight" in captured[0]["sql"]
+
+
+def test_now_value_is_what_the_field_would_write():
+    before = timezone.now()
+    value = now_value()
+    after = timezone.now()
+    adapted = connection.ops.adapt_datetimefield_value(before)
+    assert type(value) is type(adapted)
+    if isinstance(value, str):  # SQLite: naive UTC text, read back as the field reads it
+        assert value[:10] == adapted[:10] and value[10] == " "
+        parsed = timezone.make_aware(datetime.fromisoformat(value), UTC)
+        assert before <= parsed <= after
+    else:
+        assert before <= value <= after
