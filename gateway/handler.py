@@ -191,7 +191,6 @@ class GatewayHandler(ASGIHandler):
             await sync_to_async(log_response, thread_sensitive=False)(
                 "%s: %s", response.reason_phrase, request.path, response=response, request=request
             )
-        response._handler_class = self.__class__
         return response
 
     async def send_response(self, response, send):

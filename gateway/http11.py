@@ -205,7 +205,10 @@ class LlamaTransport(httpx.AsyncBaseTransport):
     async def handle_async_request(self, request: httpx.Request) -> httpx.Response:
         payload = await request.aread()
         return await self._exchange(
-            request.url, request.method, _head(request, payload) + payload, request.extensions.get("timeout")
+            request.url,
+            request.method,
+            _request_head(request.method, request.url.raw_path, request.headers.raw) + payload,
+            request.extensions.get("timeout"),
         )
 
     async def send(
@@ -214,11 +217,11 @@ class LlamaTransport(httpx.AsyncBaseTransport):
         """`handle_async_request` without an httpx.Request: the same bytes on the wire (httpx adds Host and
         Content-Length to a request built without a client, nothing more), written straight from the
         arguments. Building the httpx.Request and its headers cost more than the rest of the way out."""
-        lines = [f"{method} {url.raw_path.decode('ascii')} HTTP/1.1", f"Host: {url.netloc.decode('ascii')}"]
-        lines += [f"{name}: {value}" for name, value in headers.items()]
+        pairs = [(b"Host", url.netloc)]
+        pairs += [(name.encode("latin-1"), value.encode("latin-1")) for name, value in headers.items()]
         if content or method in ("POST", "PUT", "PATCH"):
-            lines.append(f"Content-Length: {len(content)}")
-        head = ("\r\n".join(lines) + "\r\n\r\n").encode("latin-1")
+            pairs.append((b"Content-Length", str(len(content)).encode("ascii")))
+        head = _request_head(method, url.raw_path, pairs)
         return await self._exchange(url, method, head + content, timeouts)
 
     async def _exchange(
@@ -290,9 +293,10 @@ class LlamaTransport(httpx.AsyncBaseTransport):
         self.idle.clear()
 
 
-def _head(request: httpx.Request, payload: bytes) -> bytes:
-    lines = [f"{request.method} {request.url.raw_path.decode('ascii')} HTTP/1.1".encode()]
-    lines += [name + b": " + value for name, value in request.headers.raw]
+def _request_head(method: str, raw_path: bytes, headers) -> bytes:
+    """A request's head: its line and `headers`, (name, value) pairs of bytes, in their order."""
+    lines = [method.encode("ascii") + b" " + raw_path + b" HTTP/1.1"]
+    lines += [name + b": " + value for name, value in headers]
     return b"\r\n".join(lines) + b"\r\n\r\n"
 
 
