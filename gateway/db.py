@@ -9,6 +9,7 @@ replaced and the call made once more; a database that cannot be had answers 503.
 import asyncio
 import collections
 import contextlib
+import functools
 import logging
 import queue
 import threading
@@ -88,6 +89,7 @@ def _pool_exhausted(exc: Exception) -> bool:
     return type(exc.__cause__).__name__ == "PoolTimeout"
 
 
+@functools.cache  # the settings of a process's database do not change; read after every call
 def _pooled() -> bool:
     return bool(connections["default"].settings_dict.get("OPTIONS", {}).get("pool"))
 

@@ -3,20 +3,22 @@ JSON, NULLs), read what it would (each column converted by its field), change on
 refuse what they cannot write; GpuInstance.objects.by_id reads what select_related would."""
 
 from datetime import UTC, datetime, timedelta
+from decimal import Decimal
 
 import pytest
-from django.db import IntegrityError, connection, transaction
+from django.db import DEFAULT_DB_ALIAS, IntegrityError, connection, connections, transaction
 from django.db.models import F
 from django.db.transaction import TransactionManagementError
 from django.test.utils import CaptureQueriesContext
 from django.utils import timezone
+from django.utils.safestring import SafeString
 
 from gateway.models import UsageRecord
 from gpus.models import Gpu
 from models_app.models import GpuInstance, InstanceEvent, InstanceGpu, ModelConfig
 from models_app.state import transition
 from tests.helpers import running_instance
-from utilities.dbutil import create, execute, insert, now_value, read, select, update
+from utilities.dbutil import _preparer, create, execute, insert, now_value, read, select, update
 
 pytestmark = pytest.mark.django_db
 
@@ -244,3 +246,52 @@ def test_now_value_is_what_the_field_would_write():
         assert before <= parsed <= after
     else:
         assert before <= value <= after
+
+
+_SAMPLES = [
+    None,
+    0,
+    7,
+    -3,
+    2**40,
+    True,
+    False,
+    "",
+    "text",
+    "12",
+    "t",
+    1.5,
+    3.0,
+    Decimal("2.50"),
+    datetime(2026, 12, 7, 13, 5, 9, 123456, tzinfo=UTC),
+    datetime(2026, 12, 7, 14, 5, 9, tzinfo=timezone.get_fixed_timezone(60)),
+    SafeString("safe"),
+    ["a", 1],
+    {"k": 1},
+]
+
+
+@pytest.mark.filterwarnings("ignore::RuntimeWarning")  # a naive datetime given to a DateTimeField
+@pytest.mark.parametrize("model", [UsageRecord, GpuInstance, InstanceEvent, Gpu])
+def test_the_shortcuts_prepare_every_value_as_its_field_does(model):
+    """The preparers `insert` and `update` use give what `field.get_db_prep_save` gives, value by value, for
+    every field of the hot paths' models and values of every kind (or fail as the field fails)."""
+    db = connections[DEFAULT_DB_ALIAS]
+    checked = 0
+    for field in model._meta.concrete_fields:
+        prepare = _preparer(field, db)
+        for value in [*_SAMPLES, datetime(2026, 12, 7, 13, 5, 9)]:
+            try:
+                expected = field.get_db_prep_save(value, connection)
+            except Exception as exc:  # the field refuses it: so must the shortcut, the same way
+                with pytest.raises(type(exc)):
+                    prepare(value)
+                continue
+            got = prepare(value)
+            assert type(got) is type(expected), (field.name, value)
+            assert got == expected or repr(got) == repr(expected), (
+                field.name,
+                value,
+            )  # psycopg's Jsonb: no ==
+            checked += 1
+    assert checked > 50
