@@ -22,8 +22,9 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parent.parent
 
 
-def measure(calls: int, pause: float) -> tuple[float, float]:
-    """(way in, way out): medians of the thread's CPU in microseconds, the first tenth of the calls left out."""
+def serve_steps(pause: float) -> None:
+    """The child's side: set up, then for each line "in" or "out" on stdin, another connection's write, the
+    pause, and that way's work; its CPU (microseconds) printed as one line."""
     import django
 
     django.setup()
@@ -53,24 +54,24 @@ def measure(calls: int, pause: float) -> tuple[float, float]:
                      time_to_first_token_ms=31.2, duration_ms=33.9, client_disconnected=False, throttled="",
                      created_at=timezone.now())  # fmt: skip
 
+    def way_in():
+        keepalive.request_started(instance.pk, port=1, api_key="key")
+
+    def way_out():
+        keepalive.request_finished(instance.pk)
+        record()
+
     for _ in range(2000):  # a table with some history
         record()
     other = _other_connection(connection)
-    ways_in, ways_out = [], []
-    for _ in range(calls):
+    print("ready", flush=True)
+    for line in sys.stdin:
+        work = way_in if line.strip() == "in" else way_out
         other()
         time.sleep(pause)
         started = time.thread_time()
-        keepalive.request_started(instance.pk, port=1, api_key="key")
-        ways_in.append(time.thread_time() - started)
-        other()
-        time.sleep(pause)
-        started = time.thread_time()
-        keepalive.request_finished(instance.pk)
-        record()
-        ways_out.append(time.thread_time() - started)
-    skip = calls // 10
-    return statistics.median(ways_in[skip:]) * 1e6, statistics.median(ways_out[skip:]) * 1e6
+        work()
+        print((time.thread_time() - started) * 1e6, flush=True)
 
 
 def _other_connection(connection):
@@ -89,26 +90,49 @@ def main() -> None:
     )
     parser.add_argument("--calls", type=int, default=150, help="requests' database work (default 150)")
     parser.add_argument("--pause-ms", type=float, default=30.0, help="ms before each way (default 30)")
-    parser.add_argument("--checkout", type=Path, help="measure another checkout's code (e.g. a git worktree)")
+    parser.add_argument("--checkout", type=Path, action="append", default=[],
+                        help="another checkout's code (e.g. a git worktree) measured in turn with this one")  # fmt: skip
     parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args()
-    code = (args.checkout or REPO).resolve()
-    if not args.child:  # a process of its own, on the code of `code`
-        command = [sys.executable, str(Path(__file__).resolve()), "--child", "--calls", str(args.calls),
-                   "--pause-ms", str(args.pause_ms)]  # fmt: skip
-        env = dict(os.environ, PYTHONPATH=f"{code}{os.pathsep}{REPO / 'bench'}")
-        env.pop("DATABASE_URL", None)
-        subprocess.run(command, cwd=code, env=env, check=True)
-        return
-    sys.path.insert(0, str(Path.cwd()))
-    from load import prepare_environment
+    if args.child:
+        sys.path.insert(0, str(Path.cwd()))
+        from load import prepare_environment
 
-    data = Path(tempfile.mkdtemp(prefix="llamacontroller-bench-gateway-db-"))
-    os.environ.setdefault("LLAMACONTROLLER_LLAMA_SERVER", "/bin/true")  # never started here
-    prepare_environment(data)
-    way_in, way_out = measure(args.calls, args.pause_ms / 1000)
-    print(f"{Path.cwd()}: way in {way_in:.0f} us, way out {way_out:.0f} us, together {way_in + way_out:.0f} us "
-          f"of CPU per request ({args.calls} requests, {args.pause_ms:g} ms pauses)")  # fmt: skip
+        data = Path(tempfile.mkdtemp(prefix="llamacontroller-bench-gateway-db-"))
+        os.environ.setdefault("LLAMACONTROLLER_LLAMA_SERVER", "/bin/true")  # never started here
+        prepare_environment(data)
+        serve_steps(args.pause_ms / 1000)
+        return
+    children = {}
+    for code in [REPO, *args.checkout]:  # a process for each checkout, on its own code and database
+        env = dict(os.environ, PYTHONPATH=f"{code.resolve()}{os.pathsep}{REPO / 'bench'}")
+        env.pop("DATABASE_URL", None)
+        child = subprocess.Popen([sys.executable, str(Path(__file__).resolve()), "--child", "--pause-ms",
+                                  str(args.pause_ms)], cwd=code.resolve(), env=env, text=True,
+                                 stdin=subprocess.PIPE, stdout=subprocess.PIPE)  # fmt: skip
+        assert child.stdout.readline().strip() == "ready"
+        children[code.resolve()] = child
+    cpu = {code: {"in": [], "out": []} for code in children}
+    try:
+        for _ in range(args.calls):
+            for way in ("in", "out"):
+                for code, child in children.items():  # in turn: the machine's pace is shared alike
+                    child.stdin.write(way + "\n")
+                    child.stdin.flush()
+                    cpu[code][way].append(float(child.stdout.readline()))
+    finally:
+        for child in children.values():
+            child.stdin.close()
+            child.wait()
+    skip = args.calls // 10
+    print(
+        f"{args.calls} requests per checkout in turn, {args.pause_ms:g} ms pauses; CPU of the calling thread, medians"
+    )
+    for code, ways in cpu.items():
+        way_in, way_out = (statistics.median(ways[w][skip:]) for w in ("in", "out"))
+        print(
+            f"{str(code):40} way in {way_in:6.0f} us   way out {way_out:6.0f} us   together {way_in + way_out:6.0f} us"
+        )
 
 
 if __name__ == "__main__":
