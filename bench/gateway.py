@@ -147,6 +147,18 @@ def ollama_body(prompt: str, tokens: int) -> dict:
     }
 
 
+def wait_running(instance):
+    """The instance once it runs; a load that failed ends the benchmark with its error (its log is in the
+    data folder's logs/)."""
+    while True:
+        instance.refresh_from_db()
+        if instance.status == "running":
+            return instance
+        if instance.status in ("failed", "stopped"):
+            raise SystemExit(f"the model did not load: {instance.error}")
+        time.sleep(0.05)
+
+
 def med(values) -> float:
     return statistics.median(values)
 
@@ -348,12 +360,7 @@ def main() -> None:
         web_worker = psutil.Process(web.pid).children()[0]
 
         if args.rounds:  # --- only the load case ------------------------------------------------------
-            instance = request_load(model_id="gemma3-270m", gpu_spec="0", actor=None)
-            while (
-                GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get() != "running"
-            ):
-                time.sleep(0.05)
-            instance.refresh_from_db()
+            instance = wait_running(request_load(model_id="gemma3-270m", gpu_spec="0", actor=None))
             direct = f"http://127.0.0.1:{instance.port}/v1/chat/completions"
             direct_auth = {"Authorization": f"Bearer {instance.api_key}"}
             print(f"load: {args.streams} concurrent streams of {args.tokens} tokens, {args.rounds} rounds "
@@ -408,10 +415,7 @@ def main() -> None:
             )
 
         # --- the paths, one stream at a time, interleaved ------------------------------------------------
-        instance = request_load(model_id="gemma3-270m", gpu_spec="0", actor=None)
-        while GpuInstance.objects.filter(pk=instance.pk).values_list("status", flat=True).get() != "running":
-            time.sleep(0.05)
-        instance.refresh_from_db()
+        instance = wait_running(request_load(model_id="gemma3-270m", gpu_spec="0", actor=None))
         direct = f"http://127.0.0.1:{instance.port}"
         direct_auth = {"Authorization": f"Bearer {instance.api_key}"}
         relay = proxies.start_relay(port - 1, instance.port, logs)

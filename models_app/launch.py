@@ -30,6 +30,7 @@ from .processes import (
     launch,
     port_is_free,
     scrubbed_env,
+    signal_note,
     tagged_processes,
 )
 from .registry import RegistryError, check_model_path, cli_args
@@ -183,7 +184,8 @@ def wait_until_healthy(instance: GpuInstance, deadline: float) -> None:
                 return
             if not is_alive(instance.pid, instance.process_create_time):
                 code = _wait_exit_code(instance)
-                raise StartError(f"llama-server exited while loading (exit code {code})", exit_code=code)
+                message = f"llama-server exited while loading (exit code {code}{signal_note(code)})"
+                raise StartError(message, exit_code=code)
             next_poll = time.monotonic() + pause
             pause = min(pause * 1.2, HEALTH_POLL_MAX)
         if now >= next_renewal:

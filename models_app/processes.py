@@ -92,6 +92,27 @@ def create_time_of(pid: int) -> float | None:
         return None
 
 
+# What a llama-server killed by these signals most likely met, said beside the signal's name.
+_SIGNAL_HINTS = {
+    "SIGILL": "an instruction this CPU does not allow: the binary was built for another CPU (or for CPU "
+    "features, such as AMX, that this machine or its hypervisor does not enable); use a build for this machine",
+    "SIGKILL": "killed from outside, often by the kernel's out-of-memory killer",
+}
+
+
+def signal_note(code: int | None) -> str:
+    """What to add after an exit code in a message: for a signal (a negative code, as subprocess gives it)
+    ": SIGILL, an instruction this CPU does not allow: ..."; empty for a plain exit code."""
+    if code is None or code >= 0:
+        return ""
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        return ""
+    hint = _SIGNAL_HINTS.get(name)
+    return f": {name}" + (f", {hint}" if hint else "")
+
+
 def exit_code_of(
     pid: int | None, log_path: str, wait: float = 3.0, create_time: float | None = None
 ) -> int | None:

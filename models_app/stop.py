@@ -13,7 +13,15 @@ from . import memory
 from .launch import find_tagged, log_path_for
 from .lease import lease_until
 from .models import GpuInstance, InstanceEvent
-from .processes import create_time_of, exit_code_of, is_alive, log_tail, note_failure, stop_process
+from .processes import (
+    create_time_of,
+    exit_code_of,
+    is_alive,
+    log_tail,
+    note_failure,
+    signal_note,
+    stop_process,
+)
 from .state import transition
 
 logger = logging.getLogger(__name__)
@@ -208,7 +216,7 @@ def record_crash(instance: GpuInstance, expected=(Status.RUNNING,)) -> bool:
     """The instance's process is gone unasked: `crashed` with its exit code and the end of its log."""
     code = exit_code_of(instance.pid, instance.log_path)
     message = f"llama-server (pid {instance.pid}) exited unexpectedly" + (
-        f" with code {code}" if code is not None else ""
+        f" with code {code}{signal_note(code)}" if code is not None else ""
     )
     tail = log_tail(instance.log_path)
     if not transition(

@@ -141,6 +141,25 @@ def test_lifecycle_launch_log_and_exit_code(tmp_path, reap):
         processes.launch([str(tmp_path / "nothing")], env={}, log_path=log)
 
 
+def test_a_signal_is_named_in_the_exit_message_with_what_it_likely_means(tmp_path, reap):
+    """A llama-server built for CPU features the machine does not enable (AMX in a VM, say) dies of SIGILL
+    while loading: the message names the signal and what to do, not only "exit code -4"."""
+    log = tmp_path / "logs" / "ill.log"
+    pid, _ = processes.launch(
+        [sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGILL)"],
+        env=dict(os.environ),
+        log_path=log,
+    )
+    reap.append(pid)
+    code = processes.exit_code_of(pid, str(log), wait=10)
+    assert code == -signal.SIGILL
+    assert processes.signal_note(code).startswith(": SIGILL, an instruction this CPU does not allow")
+    assert processes.signal_note(-signal.SIGKILL).startswith(": SIGKILL, killed from outside")
+    assert processes.signal_note(-signal.SIGTERM) == ": SIGTERM"
+    assert processes.signal_note(1) == processes.signal_note(0) == processes.signal_note(None) == ""
+    assert processes.signal_note(-200) == ""  # no such signal
+
+
 def test_lifecycle_stop_process_group(fake_llama, tmp_path, reap):
     # A process that ignores SIGTERM is killed after the timeout.
     script = "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('R' + 'EADY', flush=True); time.sleep(60)"
