@@ -3,12 +3,13 @@ on the way in, and the count's end and the usage record on the way out, each aft
 llama-server's prompt and answer) in which another connection wrote to the database (another web worker, the
 Celery worker), so that SQLite's page cache and the thread's own caches start cold, as in production.
 
-    .venv/bin/python bench/gateway_db.py [--calls 150] [--pause-ms 30] [--checkout /path/to/another/checkout]
+    .venv/bin/python bench/gateway_db.py [--calls 150] [--pause-ms 30] [--checkout /path/to/another/checkout ...]
 
 CPU is the calling thread's own (time.thread_time), the same functions the gateway's database threads call
 (models_app.keepalive.request_started / request_finished, gateway.usage.record), on a new SQLite database
-(the run command's default). `--checkout` runs another checkout's code instead (its own process), so that a
-change can be compared with the code before it, in turn."""
+(the run command's default). Each checkout (this one, and each `--checkout`) runs in a process of its own on
+its own database, driven request by request in turn, so that a change is compared with the code before it
+at the same pace of the machine."""
 
 import argparse
 import os

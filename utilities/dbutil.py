@@ -427,7 +427,8 @@ def create(instance: Model) -> Model:
     (use it only for models that have no receivers). IntegrityError as the ORM raises it."""
     model = type(instance)
     meta = model._meta
-    key = ("create", connection.vendor, model)
+    db = connections[DEFAULT_DB_ALIAS]
+    key = ("create", db.vendor, model)
     built = _statements.get(key)
     if built is None:
         fields = [
@@ -435,12 +436,13 @@ def create(instance: Model) -> Model:
             for f in meta.concrete_fields
             if not (f.primary_key and f.get_internal_type().endswith("AutoField"))
         ]
-        returning = connection.features.can_return_columns_from_insert
-        built = _statements[key] = (_insert_sql(meta, fields, returning), fields, returning)
-    sql, fields, returning = built
-    params = [f.get_db_prep_save(_plain(f.pre_save(instance, True)), connection) for f in fields]
+        returning = db.features.can_return_columns_from_insert
+        preparers = [(f, _preparer(f, db)) for f in fields]
+        built = _statements[key] = (_insert_sql(meta, fields, returning), preparers, returning)
+    sql, preparers, returning = built
+    params = [prepare(f.pre_save(instance, True)) for f, prepare in preparers]
     if returning:
-        pk = execute(sql, params, returning=True)
+        pk = execute(sql, params, returning=True, db=db)
     else:  # a database without INSERT … RETURNING
         with connection.cursor() as cursor:
             cursor.execute(sql, params)
