@@ -24,4 +24,4 @@ def test_the_floor_patches_apply_to_the_code_as_it_is(patch):
 
 
 def test_there_are_floor_patches():
-    assert {p.name for p in PATCHES} == {"no-statements.diff", "no-django-handler.diff"}
+    assert {p.name for p in PATCHES} == {"no-statements.diff", "no-django-handler.diff", "long-caches.diff"}
