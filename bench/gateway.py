@@ -54,7 +54,7 @@ sys.path.insert(0, str(REPO))
 sys.path.insert(0, str(REPO / "bench"))
 
 import proxies  # noqa: E402  (bench/proxies.py: the relay and LiteLLM beside the gateway)
-from load import gemma_file, prepare_environment, start_broker  # noqa: E402  (bench/load.py: the same set-up)
+from load import gemma_file, prepare_environment, start_broker, wait_running  # noqa: E402  (bench/load.py: the same set-up)
 
 PROMPTS = [
     "Write a short story about a lighthouse keeper.",
@@ -145,18 +145,6 @@ def ollama_body(prompt: str, tokens: int) -> dict:
         "prompt": prompt,
         "options": {"num_predict": tokens, "temperature": 0, "seed": 1},
     }
-
-
-def wait_running(instance):
-    """The instance once it runs; a load that failed ends the benchmark with its error (its log is in the
-    data folder's logs/)."""
-    while True:
-        instance.refresh_from_db()
-        if instance.status == "running":
-            return instance
-        if instance.status in ("failed", "stopped"):
-            raise SystemExit(f"the model did not load: {instance.error}")
-        time.sleep(0.05)
 
 
 def med(values) -> float:
@@ -360,7 +348,8 @@ def main() -> None:
         web_worker = psutil.Process(web.pid).children()[0]
 
         if args.rounds:  # --- only the load case ------------------------------------------------------
-            instance = wait_running(request_load(model_id="gemma3-270m", gpu_spec="0", actor=None))
+            instance = request_load(model_id="gemma3-270m", gpu_spec="0", actor=None)
+            wait_running(instance, poll=0.05)
             direct = f"http://127.0.0.1:{instance.port}/v1/chat/completions"
             direct_auth = {"Authorization": f"Bearer {instance.api_key}"}
             print(f"load: {args.streams} concurrent streams of {args.tokens} tokens, {args.rounds} rounds "
@@ -415,7 +404,8 @@ def main() -> None:
             )
 
         # --- the paths, one stream at a time, interleaved ------------------------------------------------
-        instance = wait_running(request_load(model_id="gemma3-270m", gpu_spec="0", actor=None))
+        instance = request_load(model_id="gemma3-270m", gpu_spec="0", actor=None)
+        wait_running(instance, poll=0.05)
         direct = f"http://127.0.0.1:{instance.port}"
         direct_auth = {"Authorization": f"Bearer {instance.api_key}"}
         relay = proxies.start_relay(port - 1, instance.port, logs)

@@ -177,25 +177,34 @@ def event_times(instance, *kinds: str) -> dict:
     )
 
 
+def wait_running(instance, poll: float = ROW_POLL) -> float:
+    """Until the instance's row says `running` (read every `poll` seconds): perf_counter() when it did, the
+    instance refreshed after that. A load that failed (the row left the active statuses) raises with its
+    error (its llama-server log is in the data folder's logs/)."""
+    from models_app.models import GpuInstance
+
+    while True:
+        status = status_of(instance.pk)
+        if status == GpuInstance.Status.RUNNING:
+            seen = time.perf_counter()
+            instance.refresh_from_db()
+            return seen
+        if status not in GpuInstance.ACTIVE_STATUSES:
+            instance.refresh_from_db()
+            raise RuntimeError(f"load failed: {instance.error}")
+        time.sleep(poll)
+
+
 def controller_load(model_id: str) -> tuple[float, object, dict]:
     """Seconds from the load request to the instance row saying `running` (polled every ROW_POLL), and the
     load as the instance's events time it: requested -> started -> healthy."""
-    from models_app.models import GpuInstance, InstanceEvent
+    from models_app.models import InstanceEvent
     from models_app.services import request_load
 
     started = time.perf_counter()
     instance = request_load(model_id=model_id, gpu_spec="0", actor=None)
     returned = time.perf_counter() - started  # the request's own checks, transaction and send
-    while True:
-        status = status_of(instance.pk)
-        if status == GpuInstance.Status.RUNNING:
-            elapsed = time.perf_counter() - started
-            instance.refresh_from_db()
-            break
-        if status not in GpuInstance.ACTIVE_STATUSES:
-            instance.refresh_from_db()
-            raise RuntimeError(f"load failed: {instance.error}")
-        time.sleep(ROW_POLL)
+    elapsed = wait_running(instance) - started
     Kind = InstanceEvent.Kind
     times = event_times(instance, Kind.REQUESTED, Kind.STARTED, Kind.HEALTHY)
     spans = {
